@@ -1,0 +1,177 @@
+"""All configuration, read once from the environment.
+
+Every variable is documented in the README's settings table; nothing else in the
+project reads ``os.environ`` for configuration. Build one :class:`Settings` with
+:meth:`Settings.from_env` at start-up and pass what each part needs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+DEFAULT_NEGATIVE_LABELS = ("background", "negative", "neg", "exclude", "not object")
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value of the wrong form."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(float(raw))
+    except ValueError as exc:
+        raise SettingsError(f"{name}={raw!r} is not a number") from exc
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name}={raw!r} is not a number") from exc
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise SettingsError(f"{name}={raw!r} is not a boolean (use true/false)")
+
+
+def _list(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _str(env: Mapping[str, str], name: str, default: str = "") -> str:
+    return env.get(name, default).strip()
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- service ---
+    host: str = "0.0.0.0"
+    port: int = 9090
+    workers: int = 1
+    threads: int = 8
+    log_level: str = "INFO"
+    basic_auth_user: str = ""
+    basic_auth_pass: str = ""
+    # --- SAM ---
+    sam_model: str = ""  # empty: sam_huge_sa1b on GPU, sam_base_sa1b on CPU
+    sam_device: str = "auto"  # auto, cpu, cuda, cuda:N
+    sam_half: bool = False
+    embedding_cache_mb: int = 1024
+    # --- images ---
+    label_studio_url: str = ""
+    label_studio_api_key: str = ""
+    max_image_pixels: int = 100_000_000
+    max_download_mb: int = 64
+    download_timeout_s: float = 30.0
+    allowed_hosts: tuple[str, ...] = ()
+    local_files_document_root: str = ""
+    image_cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "sam-trimap-backend" / "images")
+    image_cache_mb: int = 2048
+    # --- labels ---
+    negative_labels: tuple[str, ...] = DEFAULT_NEGATIVE_LABELS
+    brush_label: str = ""  # empty: the prompt's label when the brush tag has it, else the first brush label
+    # --- trimap pre-annotation ---
+    model_dir: Path = Path("models")
+    trimap_include_boundary: bool = True
+    trimap_sam_refine: bool = False
+    # --- retraining ---
+    redis_url: str = ""
+    retrain_min_annotations: int = 10
+    retrain_min_interval_min: float = 10.0
+    retrain_schedule_min: float = 0.0  # 0: no fixed schedule
+    retrain_ground_truth_only: bool = False
+    retrain_epochs: int = 30
+    retrain_image_size: int = 200
+    retrain_batch_size: int = 16
+    retrain_job_timeout_s: int = 6 * 3600
+    promotion_margin: float = 0.0
+    boundary_width: int = 4
+    foreground_labels: tuple[str, ...] = ()  # empty: every brush label that is not background/boundary
+    background_labels: tuple[str, ...] = ("background",)
+    boundary_labels: tuple[str, ...] = ("boundary", "border", "edge")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        d = cls()
+        settings = cls(
+            host=_str(env, "HOST", d.host),
+            port=_int(env, "PORT", d.port),
+            workers=_int(env, "WORKERS", d.workers),
+            threads=_int(env, "THREADS", d.threads),
+            log_level=_str(env, "LOG_LEVEL", d.log_level).upper(),
+            basic_auth_user=_str(env, "BASIC_AUTH_USER"),
+            basic_auth_pass=_str(env, "BASIC_AUTH_PASS"),
+            sam_model=_str(env, "SAM_MODEL"),
+            sam_device=_str(env, "SAM_DEVICE", d.sam_device).lower(),
+            sam_half=_bool(env, "SAM_HALF", d.sam_half),
+            embedding_cache_mb=_int(env, "EMBEDDING_CACHE_MB", d.embedding_cache_mb),
+            label_studio_url=_str(env, "LABEL_STUDIO_URL").rstrip("/"),
+            label_studio_api_key=_str(env, "LABEL_STUDIO_API_KEY"),
+            max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", d.max_image_pixels),
+            max_download_mb=_int(env, "MAX_DOWNLOAD_MB", d.max_download_mb),
+            download_timeout_s=_float(env, "DOWNLOAD_TIMEOUT_S", d.download_timeout_s),
+            allowed_hosts=tuple(h.lower() for h in _list(env, "ALLOWED_HOSTS", d.allowed_hosts)),
+            local_files_document_root=_str(env, "LOCAL_FILES_DOCUMENT_ROOT"),
+            image_cache_dir=Path(_str(env, "IMAGE_CACHE_DIR") or d.image_cache_dir),
+            image_cache_mb=_int(env, "IMAGE_CACHE_MB", d.image_cache_mb),
+            negative_labels=tuple(n.lower() for n in _list(env, "NEGATIVE_LABELS", d.negative_labels)),
+            brush_label=_str(env, "BRUSH_LABEL"),
+            model_dir=Path(_str(env, "MODEL_DIR") or d.model_dir),
+            trimap_include_boundary=_bool(env, "TRIMAP_INCLUDE_BOUNDARY", d.trimap_include_boundary),
+            trimap_sam_refine=_bool(env, "TRIMAP_SAM_REFINE", d.trimap_sam_refine),
+            redis_url=_str(env, "REDIS_URL"),
+            retrain_min_annotations=_int(env, "RETRAIN_MIN_ANNOTATIONS", d.retrain_min_annotations),
+            retrain_min_interval_min=_float(env, "RETRAIN_MIN_INTERVAL_MIN", d.retrain_min_interval_min),
+            retrain_schedule_min=_float(env, "RETRAIN_SCHEDULE_MIN", d.retrain_schedule_min),
+            retrain_ground_truth_only=_bool(env, "RETRAIN_GROUND_TRUTH_ONLY", d.retrain_ground_truth_only),
+            retrain_epochs=_int(env, "RETRAIN_EPOCHS", d.retrain_epochs),
+            retrain_image_size=_int(env, "RETRAIN_IMAGE_SIZE", d.retrain_image_size),
+            retrain_batch_size=_int(env, "RETRAIN_BATCH_SIZE", d.retrain_batch_size),
+            retrain_job_timeout_s=_int(env, "RETRAIN_JOB_TIMEOUT_S", d.retrain_job_timeout_s),
+            promotion_margin=_float(env, "PROMOTION_MARGIN", d.promotion_margin),
+            boundary_width=_int(env, "BOUNDARY_WIDTH", d.boundary_width),
+            foreground_labels=tuple(n.lower() for n in _list(env, "FOREGROUND_LABELS", d.foreground_labels)),
+            background_labels=tuple(n.lower() for n in _list(env, "BACKGROUND_LABELS", d.background_labels)),
+            boundary_labels=tuple(n.lower() for n in _list(env, "BOUNDARY_LABELS", d.boundary_labels)),
+        )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Reject values that are well-formed but meaningless."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+                raise SettingsError(f"{f.name.upper()} must not be negative (got {value})")
+        if self.retrain_image_size % 8:
+            raise SettingsError(f"RETRAIN_IMAGE_SIZE must be a multiple of 8 (got {self.retrain_image_size})")
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise SettingsError("Set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+
+    @property
+    def embedding_cache_bytes(self) -> int:
+        return self.embedding_cache_mb * 1024 * 1024
+
+    @property
+    def max_download_bytes(self) -> int:
+        return self.max_download_mb * 1024 * 1024

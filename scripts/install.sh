@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Idempotent installer: builds .venv in the repository (and, with --test, the test tools).
+# Two packages must go in with --no-deps (see README "Why the installer exists"), so a plain
+# `pip install .` is not enough; this script runs the steps in the order that works.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"   # install torch first: a looser pin pulls a CUDA build on CPU-only hosts
+WITH_TEST=0
+[ "${1:-}" = "--test" ] && WITH_TEST=1
+
+log() { printf '[install] %s\n' "$*" >&2; }
+
+if [ ! -x .venv/bin/python ]; then
+    log "creating .venv with $PYTHON"
+    "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+
+.venv/bin/python -c "import torch" 2>/dev/null || { log "installing $TORCH_SPEC"; "${PIP[@]}" "$TORCH_SPEC"; }
+
+log "installing runtime dependencies"
+"${PIP[@]}" "keras>=3.15" absl-py numpy packaging regex rich "kagglehub!=1.0.1" "kagglesdk==0.1.28" \
+    sentencepiece tokenizers "flask>=3" requests label-studio-tools lxml attrs appdirs colorama \
+    "rq>=1.16" "redis>=5" "gunicorn>=22" "pillow>=10" "matplotlib>=3.8" tqdm
+"${PIP[@]}" --no-deps "keras-hub==0.32.0" "label-studio-ml==1.0.9"
+"${PIP[@]}" --no-deps --no-build-isolation -e .
+
+if [ "$WITH_TEST" = 1 ]; then
+    log "installing test tools"
+    "${PIP[@]}" "pytest>=8" pytest-timeout
+    "${PIP[@]}" --no-deps "segment-anything==1.0"
+    "${PIP[@]}" "label-studio-sdk==2.1.2"
+    if [ ! -x .venv-ls/bin/label-studio ]; then
+        log "installing Label Studio 1.23.2 into .venv-ls (end-to-end tests)"
+        "$PYTHON" -m venv .venv-ls
+        .venv-ls/bin/python -m pip install --disable-pip-version-check -q "label-studio==1.23.2"
+    fi
+    if ! command -v redis-server >/dev/null 2>&1; then
+        log "installing redis-server (Debian package)"
+        if [ "$(id -u)" = 0 ]; then SUDO=(); else SUDO=(sudo); fi
+        "${SUDO[@]}" apt-get update -qq && "${SUDO[@]}" apt-get install -y -qq redis-server >/dev/null
+    fi
+fi
+log "done"

@@ -1,0 +1,33 @@
+"""Shared fixtures: a tiny random-weight SAM saved as a local keras-hub preset."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import ml_backend  # noqa: E402,F401  (selects the torch backend before keras)
+
+
+@pytest.fixture(scope="session")
+def tiny_sam_preset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from sam_factory import save_tiny_preset
+
+    return save_tiny_preset(tmp_path_factory.mktemp("sam") / "tiny-sam")
+
+
+@pytest.fixture(scope="session")
+def tiny_segmenter(tiny_sam_preset: Path):
+    from ml_backend.sam import load_segmenter
+
+    return load_segmenter(str(tiny_sam_preset), converted_root=tiny_sam_preset.parent / "converted")
+
+
+@pytest.fixture
+def tiny_engine(tiny_segmenter):
+    from ml_backend.sam import SamEngine
+
+    return SamEngine(tiny_segmenter, cache_bytes=64 << 20, source="tiny")
