@@ -1,0 +1,213 @@
+"""decode_image: every colour mode to RGB uint8 as SAM's official predictor sees it, and bad input refused."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import ml_backend  # noqa: F401  (sets the Keras backend before anything else)
+from ml_backend.errors import InvalidImageError
+from ml_backend.images import decode_image, load_image_file
+
+LIMIT = 10_000_000
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kwargs)
+    return buf.getvalue()
+
+
+def png(width: int, height: int, bit_depth: int, color_type: int, rows: bytes | None) -> bytes:
+    """A PNG written by hand: lets us claim any size in the header, or store 16-bit RGB."""
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    out = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0))
+    if rows is not None:
+        out += chunk(b"IDAT", zlib.compress(rows))
+    return out + chunk(b"IEND", b"")
+
+
+def decode(data: bytes, **kwargs) -> np.ndarray:
+    out = decode_image(data, max_pixels=kwargs.pop("max_pixels", LIMIT), **kwargs)
+    assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3 and out.flags.c_contiguous
+    return out
+
+
+def test_rgb_png_is_returned_exactly():
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    out = decode(encode(Image.fromarray(pixels)))
+    assert out.shape == (5, 7, 3)
+    np.testing.assert_array_equal(out, pixels)
+
+
+def test_grayscale_is_replicated_to_three_channels():
+    gray = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    out = decode(encode(Image.fromarray(gray, "L")))
+    for channel in range(3):
+        np.testing.assert_array_equal(out[:, :, channel], gray)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_alpha_is_dropped_not_composited(mode):
+    # Fully transparent pixels keep their colour, as OpenCV's IMREAD_COLOR gives them to SAM.
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., 0] = rgba[..., 1] = rgba[..., 2] = 200
+    rgba[..., 3] = 0
+    image = Image.fromarray(rgba, "RGBA")
+    if mode == "LA":
+        image = image.convert("LA")
+    out = decode(encode(image))
+    assert (out == 200).all()
+
+
+def test_palette_with_transparency_keeps_palette_colours():
+    image = Image.new("P", (4, 3))
+    image.putpalette([10, 20, 30, 250, 0, 0] + [0] * 762)
+    image.putpixel((1, 1), 1)
+    data = encode(image, transparency=0)
+    assert Image.open(io.BytesIO(data)).info.get("transparency") == 0  # the file really has it
+    out = decode(data)
+    assert out[0, 0].tolist() == [10, 20, 30]
+    assert out[1, 1].tolist() == [250, 0, 0]
+
+
+def test_cmyk_is_converted():
+    cmyk = np.zeros((2, 3, 4), dtype=np.uint8)
+    cmyk[0, 0] = [255, 0, 0, 0]  # cyan
+    cmyk[1, 2] = [0, 0, 0, 255]  # black
+    out = decode(encode(Image.fromarray(cmyk, "CMYK"), "TIFF"))
+    assert out[0, 0].tolist() == [0, 255, 255]
+    assert out[1, 2].tolist() == [0, 0, 0]
+    assert out[0, 1].tolist() == [255, 255, 255]
+
+
+def test_one_bit_image_becomes_black_and_white():
+    bits = np.zeros((4, 8), dtype=bool)
+    bits[1, 2] = True
+    out = decode(encode(Image.fromarray(bits)))
+    assert out[1, 2].tolist() == [255, 255, 255]
+    assert out[0, 0].tolist() == [0, 0, 0]
+
+
+def test_16_bit_grayscale_keeps_high_byte_not_clipped():
+    values = np.array([[0x0000, 0x1234], [0x8000, 0xFFFF]], dtype=">u2")
+    rows = b"".join(b"\x00" + row.tobytes() for row in values)
+    out = decode(png(2, 2, 16, 0, rows))
+    np.testing.assert_array_equal(out[:, :, 0], [[0x00, 0x12], [0x80, 0xFF]])
+    np.testing.assert_array_equal(out[:, :, 0], out[:, :, 2])
+
+
+def test_16_bit_rgb_keeps_high_byte():
+    values = np.array([[[0x1200, 0x3456, 0xFFFF], [0x0001, 0x8080, 0x7F00]]] * 2, dtype=">u2")
+    rows = b"".join(b"\x00" + row.tobytes() for row in values)
+    out = decode(png(2, 2, 16, 2, rows))
+    assert out[0, 0].tolist() == [0x12, 0x34, 0xFF]
+    assert out[1, 1].tolist() == [0x00, 0x80, 0x7F]
+
+
+def test_32_bit_integer_and_float_images_are_scaled():
+    ints = Image.fromarray(np.array([[0, 256 * 100], [65535, 512]], dtype=np.int32), "I")
+    out = decode(encode(ints, "TIFF"))
+    np.testing.assert_array_equal(out[:, :, 1], [[0, 100], [255, 2]])
+    floats = Image.fromarray(np.array([[0.0, 0.5], [1.0, 0.25]], dtype=np.float32), "F")
+    out = decode(encode(floats, "TIFF"))
+    np.testing.assert_array_equal(out[:, :, 0], [[0, 128], [255, 64]])
+
+
+def _exif_jpeg(orientation: int) -> bytes:
+    # Stored 48 wide, 32 high; a red 16x16 block in the stored top-left corner, rest blue.
+    pixels = np.zeros((32, 48, 3), dtype=np.uint8)
+    pixels[...] = [0, 0, 255]
+    pixels[:16, :16] = [255, 0, 0]
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    return encode(image, "JPEG", quality=95, exif=exif.tobytes())
+
+
+@pytest.mark.parametrize(
+    ("orientation", "shape", "red_block"),
+    [
+        (1, (32, 48), (slice(0, 16), slice(0, 16))),  # as stored
+        (6, (48, 32), (slice(0, 16), slice(16, 32))),  # shown rotated 90 deg clockwise: top-left -> top-right
+        (8, (48, 32), (slice(32, 48), slice(0, 16))),  # shown rotated 90 deg anticlockwise: top-left -> bottom-left
+    ],
+)
+def test_exif_orientation_is_applied(orientation, shape, red_block):
+    out = decode(_exif_jpeg(orientation)).astype(int)
+    assert out.shape[:2] == shape
+    red = np.zeros(shape, dtype=bool)
+    red[red_block] = True
+    inner = np.zeros(shape, dtype=bool)  # away from JPEG ringing at the block edges
+    inner[red_block[0].start + 3 : red_block[0].stop - 3, red_block[1].start + 3 : red_block[1].stop - 3] = True
+    assert (out[inner][:, 0] > 200).all() and (out[inner][:, 2] < 60).all()
+    far = ~red
+    far[max(red_block[0].start - 3, 0) : red_block[0].stop + 3, max(red_block[1].start - 3, 0) : red_block[1].stop + 3] = False
+    assert (out[far][:, 2] > 200).all() and (out[far][:, 0] < 60).all()
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (b"", "empty"),
+        (b"<html>login</html>", "not an image"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 10, "image"),
+    ],
+)
+def test_non_images_are_refused_with_source_named(data, problem):
+    with pytest.raises(InvalidImageError, match=problem) as info:
+        decode_image(data, max_pixels=LIMIT, source="task 7 image")
+    assert "task 7 image" in str(info.value)
+
+
+def test_truncated_jpeg_is_refused():
+    noise = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(noise), "JPEG")
+    with pytest.raises(InvalidImageError, match="truncated"):
+        decode_image(data[: len(data) * 6 // 10], max_pixels=LIMIT, source="x.jpg")
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 50), (50, 1)])
+def test_images_under_two_pixels_a_side_are_refused(size):
+    with pytest.raises(InvalidImageError, match="at least 2"):
+        decode(encode(Image.new("RGB", size)))
+
+
+def test_zero_size_header_is_refused():
+    with pytest.raises(InvalidImageError):
+        decode(png(0, 10, 8, 2, None))
+
+
+def test_pixel_limit_is_checked_from_the_header_before_decoding():
+    # 5000x5000 claimed, no pixel data at all: only a header check can give this message.
+    with pytest.raises(InvalidImageError, match="exceeds the limit of 1,000,000"):
+        decode_image(png(5000, 5000, 8, 2, None), max_pixels=1_000_000, source="bomb.png")
+    small = decode(encode(Image.new("RGB", (40, 25))), max_pixels=1000)
+    assert small.shape == (25, 40, 3)
+    with pytest.raises(InvalidImageError, match="exceeds"):
+        decode(encode(Image.new("RGB", (40, 26))), max_pixels=1000)
+
+
+def test_decompression_bomb_beyond_pillows_own_limit_is_refused():
+    with pytest.raises(InvalidImageError, match="too large|exceeds"):
+        decode_image(png(100_000, 100_000, 1, 0, None), max_pixels=10**11, source="bomb.png")
+
+
+def test_load_image_file_reads_and_names_the_file(tmp_path):
+    path = tmp_path / "a.png"
+    path.write_bytes(encode(Image.new("RGB", (3, 2), (1, 2, 3))))
+    assert load_image_file(path, max_pixels=LIMIT)[1, 2].tolist() == [1, 2, 3]
+    with pytest.raises(InvalidImageError, match="missing.png"):
+        load_image_file(tmp_path / "missing.png", max_pixels=LIMIT)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"nope")
+    with pytest.raises(InvalidImageError, match="bad.png: not an image"):
+        load_image_file(bad, max_pixels=LIMIT)
