@@ -1,0 +1,168 @@
+"""The WSGI application: label-studio-ml's Flask app with our fixes, served by gunicorn.
+
+label-studio-ml 1.0.9 brings the routes Label Studio calls, but answers 500 for
+``/predict`` before ``/setup``, for ``/train`` and ``/is_training`` (outside its V2
+mode), spawns a process per webhook, and returns tracebacks for bad input. We keep
+its app and replace those views on our side instead of forking it.
+
+``gunicorn 'ml_backend.app:create_app()'`` builds one app per worker process.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import BadRequest, HTTPException
+
+from ml_backend.backend import SegmentationBackend
+from ml_backend.errors import BackendError
+from ml_backend.logs import configure_logging
+from ml_backend.runtime import Runtime
+from ml_backend.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+PUBLIC_ROUTES = {"/health", "/"}
+
+
+def _json_body() -> dict:
+    try:
+        data = request.get_json(force=True, silent=False)
+    except BadRequest:
+        raise BackendError("The request body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise BackendError("The request body must be a JSON object.")
+    return data
+
+
+def _error(message: str, status: int) -> tuple[Response, int]:
+    return jsonify({"error": message, "status": status}), status
+
+
+class BackendViews:
+    """The views that replace the library's; each holds the process's runtime."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def _backend(self, label_config: str | None) -> SegmentationBackend:
+        return SegmentationBackend(label_config=label_config, runtime=self.runtime)
+
+    def predict(self) -> Response:
+        data = _json_body()
+        tasks = data.get("tasks")
+        if not isinstance(tasks, list) or not tasks:
+            raise BackendError("'tasks' must be a non-empty list of tasks.")
+        params = data.get("params") or {}
+        if not isinstance(params, dict):
+            raise BackendError("'params' must be an object.")
+        context = params.get("context")
+        if context is not None and not isinstance(context, dict):
+            raise BackendError("'params.context' must be an object.")
+        backend = self._backend(data.get("label_config"))
+        predictions = backend.predict(tasks, context=context)
+        return jsonify({"results": predictions, "model_version": backend.model_version})
+
+    def setup(self) -> Response:
+        data = _json_body()
+        self.runtime.remember_label_studio(data.get("hostname"), data.get("access_token"))
+        backend = self._backend(data.get("schema"))
+        return jsonify({"model_version": backend.model_version})
+
+    def webhook(self) -> tuple[Response, int]:
+        data = _json_body()
+        event = data.get("action")
+        if not isinstance(event, str):
+            raise BackendError("A webhook needs an 'action'.")
+        return jsonify(self.runtime.on_webhook(event, data)), 200
+
+    def train(self) -> tuple[Response, int]:
+        data = _json_body()
+        return jsonify(self.runtime.on_webhook("START_TRAINING", data)), 201
+
+    def is_training(self) -> Response:
+        return jsonify(self.runtime.training_status(request.args.get("project")))
+
+    def health(self) -> Response:
+        return jsonify({
+            "status": "UP",
+            "model_class": SegmentationBackend.__name__,
+            "sam": self.runtime.sam_status(),
+            "trimap_model_version": self.runtime.trimaps.current_version(),
+        })
+
+    def versions(self) -> Response:
+        return jsonify({"versions": self.runtime.trimap_versions()})
+
+    def metrics(self) -> Response:
+        return jsonify({"sam": self.runtime.sam_status()})
+
+
+def _basic_auth_guard(settings: Settings) -> Callable[[], Any]:
+    def guard() -> Any:
+        if not settings.basic_auth_user or request.path in PUBLIC_ROUTES:
+            return None
+        auth = request.authorization
+        ok = (
+            auth is not None
+            and auth.type == "basic"
+            and hmac.compare_digest(auth.username or "", settings.basic_auth_user)
+            and hmac.compare_digest(auth.password or "", settings.basic_auth_pass)
+        )
+        if ok:
+            return None
+        response, status = _error("Authentication required: set the backend's basic-auth user and password "
+                                  "in Label Studio's model settings.", 401)
+        response.headers["WWW-Authenticate"] = 'Basic realm="ml-backend"'
+        return response, status
+
+    return guard
+
+
+def _handle_errors(view: Callable[[], Any]) -> Callable[[], Any]:
+    def wrapped() -> Any:
+        try:
+            return view()
+        except BackendError as exc:
+            logger.info("%s %s -> %d: %s", request.method, request.path, exc.status_code, exc.message)
+            return _error(exc.message, exc.status_code)
+        except HTTPException:
+            raise
+        except Exception as exc:  # never let one request take the worker down or leak a traceback
+            logger.exception("%s %s failed", request.method, request.path)
+            return _error(f"Internal error ({exc.__class__.__name__}); the backend's log has the details.", 500)
+
+    wrapped.__name__ = view.__name__
+    return wrapped
+
+
+def create_app(settings: Settings | None = None, *, runtime: Runtime | None = None) -> Flask:
+    """Build the app for this process (gunicorn calls this in each worker)."""
+    from label_studio_ml import api
+
+    settings = settings or Settings.from_env()
+    configure_logging(settings.log_level)
+    runtime = runtime or Runtime(settings)
+    app = api.init_app(SegmentationBackend, model_dir=str(settings.model_dir), runtime=runtime)
+    views = BackendViews(runtime)
+    for endpoint, view in {
+        "_predict": views.predict,
+        "_setup": views.setup,
+        "webhook": views.webhook,
+        "_train": views.train,
+        "_is_training": views.is_training,
+        "health": views.health,
+        "get_version": views.versions,
+        "metrics": views.metrics,
+    }.items():
+        app.view_functions[endpoint] = _handle_errors(view)
+    # Replaces the library's before-request hook, which logs whole bodies (tokens included) at debug level.
+    app.before_request_funcs[None] = [_basic_auth_guard(settings)]
+    for code in (404, 405):
+        app.register_error_handler(code, lambda exc: _error(exc.description, exc.code))
+    runtime.start_loading_sam()
+    return app

@@ -1,0 +1,139 @@
+"""The ``LabelStudioMLBase`` subclass: interactive SAM masks and batch trimap pre-annotation.
+
+Instances are cheap (Label Studio calls ``/setup`` often and the library builds a
+model object each time): everything heavy lives in the shared :class:`Runtime`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from label_studio_ml.model import LabelStudioMLBase
+
+from ml_backend import labeling
+from ml_backend.errors import BackendError, ImageFetchError, InvalidPromptError, LabelConfigError
+from ml_backend.preannotation import mask_bounding_box
+from ml_backend.runtime import Runtime
+from ml_backend.sam.engine import image_key
+from ml_backend.sam.prompts import Prompts
+
+logger = logging.getLogger(__name__)
+
+NO_TRIMAP_VERSION = "trimap-none"
+
+
+def trimap_model_version(version: str | None) -> str:
+    return f"trimap-{version}" if version else NO_TRIMAP_VERSION
+
+
+class SegmentationBackend(LabelStudioMLBase):
+    """Serves one labeling config; ``runtime`` is passed by the app factory through the library's init kwargs."""
+
+    def __init__(self, label_config: str | None = None, train_output: dict | None = None, *, runtime: Runtime,
+                 **kwargs: Any) -> None:
+        if not label_config:
+            raise LabelConfigError("No labeling config was sent; connect the backend from a Label Studio project.")
+        self.config = labeling.parse_label_config(label_config)  # before the library's parser: clearer errors
+        super().__init__(label_config=label_config, train_output=train_output, **kwargs)
+        self.runtime = runtime
+
+    @property
+    def model_version(self) -> str:
+        return trimap_model_version(self.runtime.trimaps.current_version())
+
+    # --- entry point ---------------------------------------------------------
+    def predict(self, tasks: list[dict], context: dict | None = None, **kwargs: Any) -> list[dict]:
+        if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+            raise BackendError("'tasks' must be a list of task objects.")
+        if context and context.get("result"):
+            if len(tasks) != 1:
+                raise BackendError(f"Interactive annotation works on one task at a time, got {len(tasks)}.")
+            return [self._interactive(tasks[0], context)]
+        return [self._preannotate(task) for task in tasks]
+
+    def _task_image(self, task: dict) -> np.ndarray:
+        data = task.get("data")
+        url = data.get(self.config.image_key) if isinstance(data, dict) else None
+        if not isinstance(url, str) or not url:
+            raise ImageFetchError(
+                f"Task {task.get('id', '?')} has no image under data.{self.config.image_key}; "
+                f"the labeling config's <Image> reads ${self.config.image_key}."
+            )
+        return self.runtime.load_image(url)
+
+    # --- interactive SAM -----------------------------------------------------
+    def _interactive(self, task: dict, context: dict) -> dict:
+        settings = self.runtime.settings
+        regions = labeling.parse_context(context, self.config, negative_labels=settings.negative_labels)
+        if not regions:
+            raise InvalidPromptError("The request carries no keypoint or rectangle prompts for this image.")
+        image = self._task_image(task)
+        engine = self.runtime.sam()
+        height, width = image.shape[:2]
+        key = image_key(image)
+        results, scores = [], []
+        for region in regions:
+            prompts = _rescale(region.prompts, region.original_size, (width, height))
+            history = self._refinement_keys(key, region.label, prompts)
+            previous = self.runtime.refinements.get(history[0]) if history[0] else None
+            prompts = Prompts(prompts.points, prompts.labels, prompts.box, mask_logits=previous)
+            result = engine.decode(engine.embed(image), prompts)
+            self.runtime.refinements.put(history[1], result.low_res_logits)
+            label = labeling.choose_brush_label(self.config, region.label, settings.brush_label or None)
+            results.append(labeling.build_brush_result(result.mask, config=self.config, label=label,
+                                                       score=result.score))
+            scores.append(result.score)
+        return labeling.build_prediction(results, float(np.mean(scores)), f"sam-{engine.source}")
+
+    @staticmethod
+    def _refinement_keys(image: str, label: str | None, prompts: Prompts) -> tuple[tuple | None, tuple]:
+        """(key of the same region one click earlier, key of this state).
+
+        Label Studio resends all clicks of a region each time, in order; the logits of
+        the state without the newest click are the ones to refine.
+        """
+        box = None if prompts.box is None else tuple(round(v, 1) for v in prompts.box)
+        clicks = tuple((round(float(x), 1), round(float(y), 1), int(lab))
+                       for (x, y), lab in zip(prompts.points.tolist(), prompts.labels.tolist()))
+        current = (image, label, box, clicks)
+        earlier = (image, label, box, clicks[:-1]) if clicks and (box is not None or len(clicks) > 1) else None
+        return earlier, current
+
+    # --- batch pre-annotation ------------------------------------------------
+    def _preannotate(self, task: dict) -> dict:
+        settings = self.runtime.settings
+        try:
+            image = self._task_image(task)
+            predicted = self.runtime.trimaps.predict_mask(image, include_boundary=settings.trimap_include_boundary)
+            if predicted is None:
+                logger.info("task %s: no trimap model promoted yet; empty prediction", task.get("id"))
+                return labeling.build_prediction([], 0.0, NO_TRIMAP_VERSION)
+            version, mask = predicted
+            score = 1.0
+            if settings.trimap_sam_refine and (box := mask_bounding_box(mask)) is not None:
+                refined = self.runtime.sam().segment(image, Prompts.from_lists(box=box))
+                mask, score = refined.mask, refined.score
+            label = labeling.choose_brush_label(self.config, None, settings.brush_label or None)
+            result = labeling.build_brush_result(mask, config=self.config, label=label, score=score)
+            return labeling.build_prediction([result], score, trimap_model_version(version))
+        except BackendError as exc:  # one bad image fails only its own task
+            logger.warning("task %s: no prediction: %s", task.get("id"), exc.message)
+            return labeling.build_prediction([], 0.0, self.model_version)
+
+
+def _rescale(prompts: Prompts, expressed_in: tuple[int, int] | None, actual: tuple[int, int]) -> Prompts:
+    """Map prompts from the size Label Studio measured to the size of the image we loaded.
+
+    They differ when a file was replaced or Label Studio read the size before EXIF
+    rotation; percentages stay right, so the pixels are rescaled.
+    """
+    if expressed_in is None or tuple(expressed_in) == tuple(actual):
+        return prompts
+    sx, sy = actual[0] / expressed_in[0], actual[1] / expressed_in[1]
+    logger.warning("prompts given for a %dx%d image, loaded %dx%d; rescaling", *expressed_in, *actual)
+    points = prompts.points * np.array([sx, sy], np.float32)
+    box = None if prompts.box is None else (prompts.box[0] * sx, prompts.box[1] * sy,
+                                            prompts.box[2] * sx, prompts.box[3] * sy)
+    return Prompts(points, prompts.labels, box, prompts.mask_logits)

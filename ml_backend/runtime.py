@@ -1,0 +1,130 @@
+"""What a running backend process holds: settings, the SAM engine, the image loader, the trimap model.
+
+Built once per process by the app factory (never at import). SAM loads in a
+background thread so the server answers ``/health`` and ``/setup`` at once; the
+first click waits for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from ml_backend.errors import BackendError, ModelSourceError
+from ml_backend.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+REFINEMENT_ENTRIES = 256
+
+
+@dataclass
+class LabelStudioAccess:
+    """Where Label Studio is and the token to reach it: from the settings, else from ``/setup``."""
+
+    url: str = ""
+    token: str = ""
+
+
+class RefinementMemory:
+    """The last low-resolution logits per (image, prompt region), fed back to SAM on the next click."""
+
+    def __init__(self, max_entries: int = REFINEMENT_ENTRIES) -> None:
+        self._entries: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._max = max_entries
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        with self._lock:
+            logits = self._entries.get(key)
+            if logits is not None:
+                self._entries.move_to_end(key)
+            return logits
+
+    def put(self, key: tuple, logits: np.ndarray) -> None:
+        with self._lock:
+            self._entries[key] = logits
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._max:
+                self._entries.popitem(last=False)
+
+
+class Runtime:
+    """The long-lived parts of one backend process."""
+
+    def __init__(self, settings: Settings, *, engine=None) -> None:
+        from ml_backend.images import ImageLoader
+        from ml_backend.preannotation import TrimapPredictor
+
+        self.settings = settings
+        self.access = LabelStudioAccess(settings.label_studio_url, settings.label_studio_api_key)
+        self.images = ImageLoader(settings)
+        self.trimaps = TrimapPredictor(settings.model_dir)
+        self.refinements = RefinementMemory()
+        self._engine = engine
+        self._engine_error: BackendError | None = None
+        self._engine_ready = threading.Event()
+        if engine is not None:
+            self._engine_ready.set()
+
+    # --- SAM -----------------------------------------------------------------
+    def start_loading_sam(self) -> None:
+        if self._engine_ready.is_set():
+            return
+        threading.Thread(target=self._load_sam, name="sam-loader", daemon=True).start()
+
+    def _load_sam(self) -> None:
+        from ml_backend.sam.loading import load_engine
+
+        try:
+            self._engine = load_engine(self.settings)
+            logger.info("SAM ready: %s", self._engine.source)
+        except BackendError as exc:
+            logger.error("SAM could not be loaded: %s", exc.message)
+            self._engine_error = exc
+        except Exception as exc:  # keep serving batch predictions and health even without SAM
+            logger.exception("SAM could not be loaded")
+            self._engine_error = ModelSourceError(f"SAM could not be loaded: {exc}")
+        finally:
+            self._engine_ready.set()
+
+    def sam(self, timeout_s: float = 600.0):
+        """The SAM engine, waiting for it to finish loading."""
+        if not self._engine_ready.wait(timeout_s):
+            raise BackendError("SAM is still loading; try again in a minute.", status_code=503)
+        if self._engine is None:
+            raise self._engine_error or ModelSourceError("SAM is not loaded.")
+        return self._engine
+
+    def sam_status(self) -> dict:
+        if not self._engine_ready.is_set():
+            return {"state": "loading", "source": self.settings.sam_model or "default"}
+        if self._engine is None:
+            return {"state": "failed", "error": self._engine_error.message if self._engine_error else "unknown"}
+        return {"state": "ready", "source": self._engine.source, "cached_images": len(self._engine.cache)}
+
+    # --- images --------------------------------------------------------------
+    def remember_label_studio(self, hostname: str | None, token: str | None) -> None:
+        """Use what ``/setup`` tells us where the settings left it open."""
+        if hostname and not self.settings.label_studio_url:
+            self.access.url = hostname.rstrip("/")
+        if token and not self.settings.label_studio_api_key:
+            self.access.token = token
+
+    def load_image(self, url: str) -> np.ndarray:
+        return self.images.load(url, label_studio_url=self.access.url or None, token=self.access.token or None)
+
+    # --- training ------------------------------------------------------------
+    def on_webhook(self, event: str, payload: dict) -> dict:
+        """Label Studio's webhooks; retraining is wired in by :mod:`ml_backend.retrain`."""
+        return {"event": event, "status": "ignored"}
+
+    def training_status(self, project: str | None) -> dict:
+        return {"is_training": False, "project": project}
+
+    def trimap_versions(self) -> list[dict]:
+        return self.trimaps.list_versions()
