@@ -150,7 +150,9 @@ def test_exif_orientation_is_applied(orientation, shape, red_block):
     inner[red_block[0].start + 3 : red_block[0].stop - 3, red_block[1].start + 3 : red_block[1].stop - 3] = True
     assert (out[inner][:, 0] > 200).all() and (out[inner][:, 2] < 60).all()
     far = ~red
-    far[max(red_block[0].start - 3, 0) : red_block[0].stop + 3, max(red_block[1].start - 3, 0) : red_block[1].stop + 3] = False
+    far[
+        max(red_block[0].start - 3, 0) : red_block[0].stop + 3, max(red_block[1].start - 3, 0) : red_block[1].stop + 3
+    ] = False
     assert (out[far][:, 2] > 200).all() and (out[far][:, 0] < 60).all()
 
 

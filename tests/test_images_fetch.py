@@ -67,7 +67,9 @@ class FakeServer:
 
             def _dispatch(self, method):
                 self.body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                server.seen.append(Seen(method, self.path, self.headers.get("Host", ""), self.headers.get("Authorization"), self.body))
+                server.seen.append(
+                    Seen(method, self.path, self.headers.get("Host", ""), self.headers.get("Authorization"), self.body)
+                )
                 route = server.routes.get((method, urlsplit(self.path).path))
                 try:
                     if route is None:
@@ -160,7 +162,11 @@ def test_per_call_label_studio_url_and_token_override_settings(tmp_path, server)
     loader = make_loader(tmp_path, None, label_studio_api_key="")
     with pytest.raises(ImageFetchError, match="LABEL_STUDIO_URL"):
         loader.load("/data/upload/1/a.png")
-    assert loader.load("/data/upload/1/a.png", label_studio_url=server.ls_url + "/", token="from-setup").shape == (4, 6, 3)
+    assert loader.load("/data/upload/1/a.png", label_studio_url=server.ls_url + "/", token="from-setup").shape == (
+        4,
+        6,
+        3,
+    )
 
 
 def test_personal_access_token_is_exchanged_once_and_again_after_401(tmp_path, server):
@@ -223,7 +229,12 @@ def test_expired_or_refused_personal_access_token_gives_clear_error(tmp_path, se
 
 @pytest.mark.parametrize(
     ("status", "message"),
-    [(404, "not found in Label Studio"), (401, "check LABEL_STUDIO_API_KEY"), (403, "check LABEL_STUDIO_API_KEY"), (500, "HTTP 500")],
+    [
+        (404, "not found in Label Studio"),
+        (401, "check LABEL_STUDIO_API_KEY"),
+        (403, "check LABEL_STUDIO_API_KEY"),
+        (500, "HTTP 500"),
+    ],
 )
 def test_http_errors_name_status_url_and_remedy(tmp_path, server, status, message):
     server.routes["GET", "/data/upload/1/gone.png"] = lambda h: reply(h, status, b"error")
@@ -233,7 +244,9 @@ def test_http_errors_name_status_url_and_remedy(tmp_path, server, status, messag
 
 
 def test_redirect_to_login_page_means_bad_credentials(tmp_path, server):
-    server.routes["GET", "/data/upload/1/a.png"] = lambda h: reply(h, 302, headers={"Location": "/user/login/?next=/data/upload/1/a.png"})
+    server.routes["GET", "/data/upload/1/a.png"] = lambda h: reply(
+        h, 302, headers={"Location": "/user/login/?next=/data/upload/1/a.png"}
+    )
     with pytest.raises(ImageFetchError, match="login.*LABEL_STUDIO_API_KEY"):
         make_loader(tmp_path, server).load("/data/upload/1/a.png")
 
@@ -260,7 +273,9 @@ def test_host_allow_list_matching():
 
 
 def test_redirect_to_a_host_not_allowed_is_refused(tmp_path, server):
-    server.routes["GET", "/data/upload/1/moved.png"] = lambda h: reply(h, 302, headers={"Location": f"{server.other_url}/x.png"})
+    server.routes["GET", "/data/upload/1/moved.png"] = lambda h: reply(
+        h, 302, headers={"Location": f"{server.other_url}/x.png"}
+    )
     with pytest.raises(ImageFetchError, match="redirect .* refused"):
         make_loader(tmp_path, server).load("/data/upload/1/moved.png")
     assert not [s for s in server.seen if s.host.startswith("localhost")]
@@ -379,7 +394,13 @@ def test_local_files_url_is_read_from_disk_inside_the_root(tmp_path, server, fil
 
 @pytest.mark.parametrize(
     "url",
-    ["/data/local-files/?d=../secret.png", "/data/local-files/?d=link.png", "file:///{tmp}/secret.png", "{root}/../secret.png", "{root}/link.png"],
+    [
+        "/data/local-files/?d=../secret.png",
+        "/data/local-files/?d=link.png",
+        "file:///{tmp}/secret.png",
+        "{root}/../secret.png",
+        "{root}/link.png",
+    ],
 )
 def test_local_paths_cannot_escape_the_root(tmp_path, server, files, url):
     loader = make_loader(tmp_path, server, local_files_document_root=str(files))
@@ -455,3 +476,50 @@ def test_cache_survives_concurrent_writers(tmp_path):
     assert all(value is None or value == payloads[key] for key, value in stored.items())  # never half a file
     assert sum(p.stat().st_size for p in (tmp_path / "c").iterdir()) <= 10_000
     assert any(value is not None for value in stored.values())
+
+
+def _write_entries(directory: str, worker: int) -> None:
+    cache = DownloadCache(Path(directory), 5_000)
+    for i in range(40):
+        cache.put(f"w{worker}-{i % 12}", bytes([worker]) * (300 + i))
+
+
+def test_cache_is_shared_safely_by_processes(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_write_entries, args=(str(tmp_path / "c"), n)) for n in range(1, 4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    files = list((tmp_path / "c").iterdir())
+    assert files and not [f for f in files if f.name.startswith(".tmp-")]
+    assert sum(f.stat().st_size for f in files) <= 5_000
+    for f in files:  # every file is whole: one worker's byte, at one of the lengths it wrote
+        data = f.read_bytes()
+        assert len(set(data)) == 1 and 300 <= len(data) < 340
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        None,
+        "",
+        "   ",
+        "http://[::1/x.png",
+        "http://127.0.0.1:99999/x.png",
+        "javascript:alert(1)",
+        "relative/x.png",
+        "//evil.example/x.png",
+        "file:///etc/passwd\x00",
+        "/data/local-files/?d=%00",
+        "gs://bucket/key.png",
+    ],
+)
+def test_malformed_urls_get_a_clear_error_never_a_crash(tmp_path, server, files, url):
+    loader = make_loader(tmp_path, server, local_files_document_root=str(files))
+    with pytest.raises(ImageFetchError):
+        loader.load(url)
+    assert server.seen == []

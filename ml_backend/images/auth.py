@@ -85,9 +85,13 @@ class LabelStudioAuth:
             )
         url = self._base_url + REFRESH_PATH
         try:
-            response = self._session.post(url, json={"refresh": self._token}, timeout=self._timeout_s, allow_redirects=False)
+            response = self._session.post(
+                url, json={"refresh": self._token}, timeout=self._timeout_s, allow_redirects=False
+            )
         except requests.RequestException as exc:
-            raise ImageFetchError(f"cannot reach Label Studio at {url} to exchange the personal access token ({exc})") from exc
+            raise ImageFetchError(
+                f"cannot reach Label Studio at {url} to exchange the personal access token ({exc})"
+            ) from exc
         with response:
             if response.status_code != 200:
                 raise ImageFetchError(

@@ -19,7 +19,6 @@ from ml_backend.errors import InvalidImageError
 MIN_SIDE = 2
 
 
-
 def decode_image(data: bytes, *, max_pixels: int, source: str = "image") -> np.ndarray:
     """Decode ``data`` to a C-contiguous (H, W, 3) uint8 RGB array, EXIF orientation applied.
 
@@ -52,7 +51,9 @@ def decode_image(data: bytes, *, max_pixels: int, source: str = "image") -> np.n
                 f"{max_pixels:,} (MAX_IMAGE_PIXELS)"
             )
         if min(width, height) < MIN_SIDE:
-            raise InvalidImageError(f"{source}: image is {width}x{height}; each side must be at least {MIN_SIDE} pixels")
+            raise InvalidImageError(
+                f"{source}: image is {width}x{height}; each side must be at least {MIN_SIDE} pixels"
+            )
         try:
             image.load()
             oriented = ImageOps.exif_transpose(image)

@@ -71,7 +71,9 @@ class ImageLoader:
         self._max_bytes = settings.max_download_bytes
         self._timeout_s = settings.download_timeout_s
         self._cache = (
-            cache if cache is not None else DownloadCache(settings.image_cache_dir, settings.image_cache_mb * 1024 * 1024)
+            cache
+            if cache is not None
+            else DownloadCache(settings.image_cache_dir, settings.image_cache_mb * 1024 * 1024)
         )
         self._session = requests.Session()
         self._session.headers["User-Agent"] = USER_AGENT
@@ -104,18 +106,21 @@ class ImageLoader:
         url = url.strip()
         if url.startswith("data:"):
             return decode_data_uri(url, max_bytes=self._max_bytes)
-        local = self._local_path(url)
-        if local is not None:
-            return self._read_file(local, url)
         ls_url = (label_studio_url or self._settings.label_studio_url).strip().rstrip("/")
-        absolute = self._absolute_url(url, ls_url, task_id)
-        cached = self._cache.get(absolute)
-        if cached is not None:
-            log.debug("image cache hit for %s", describe(absolute))
-            return cached
-        key = token or self._settings.label_studio_api_key
-        auth = self._auth_for(ls_url, key) if ls_url and key else None
-        data = self._download(absolute, ls_url, auth)
+        try:
+            local = self._local_path(url)
+            if local is not None:
+                return self._read_file(local, url)
+            absolute = self._absolute_url(url, ls_url, task_id)
+            cached = self._cache.get(absolute)
+            if cached is not None:
+                log.debug("image cache hit for %s", describe(absolute))
+                return cached
+            key = token or self._settings.label_studio_api_key
+            auth = self._auth_for(ls_url, key) if ls_url and key else None
+            data = self._download(absolute, ls_url, auth)
+        except ValueError as exc:  # urllib's parsers on malformed URLs or redirect targets (bad IPv6, NUL bytes...)
+            raise ImageFetchError(f"{describe(url)}: malformed URL ({exc})") from exc
         self._cache.put(absolute, data)
         return data
 
@@ -152,7 +157,9 @@ class ImageLoader:
                 )
             return ls_url + url
         if scheme not in ("http", "https"):
-            raise ImageFetchError(f"{describe(url)}: unsupported image URL (use http(s), data:, file: or a Label Studio path)")
+            raise ImageFetchError(
+                f"{describe(url)}: unsupported image URL (use http(s), data:, file: or a Label Studio path)"
+            )
         if ls_url and origin(url) == origin(ls_url):
             return url
         host = urlsplit(url).hostname or ""
@@ -190,7 +197,9 @@ class ImageLoader:
             if not path.is_file():
                 raise ImageFetchError(f"{describe(url)}: not a regular file")
             if size > self._max_bytes:
-                raise ImageFetchError(f"{describe(url)}: file of {size:,} bytes exceeds {self._max_bytes:,} (MAX_DOWNLOAD_MB)")
+                raise ImageFetchError(
+                    f"{describe(url)}: file of {size:,} bytes exceeds {self._max_bytes:,} (MAX_DOWNLOAD_MB)"
+                )
             return path.read_bytes()
         except FileNotFoundError as exc:
             raise ImageFetchError(f"{describe(url)}: file not found") from exc
@@ -207,7 +216,10 @@ class ImageLoader:
             status = response.status_code
             if status in _REDIRECTS:
                 response.close()
-                target = urljoin(current, response.headers.get("Location", ""))
+                location = response.headers.get("Location", "")
+                if not location:
+                    raise ImageFetchError(f"{describe(url)}: HTTP {status} redirect without a Location")
+                target = urljoin(current, location)
                 if to_ls and origin(target) == origin(ls_url) and "/user/login" in urlsplit(target).path:
                     raise ImageFetchError(f"{describe(url)}: Label Studio asks for a login: check LABEL_STUDIO_API_KEY")
                 if target == current or not self._redirect_allowed(target, current, ls_url):
@@ -232,7 +244,11 @@ class ImageLoader:
             raise _timeout(url, self._timeout_s)
         try:
             return self._session.get(
-                url, headers=headers, stream=True, allow_redirects=False, timeout=(min(CONNECT_TIMEOUT_S, remaining), remaining)
+                url,
+                headers=headers,
+                stream=True,
+                allow_redirects=False,
+                timeout=(min(CONNECT_TIMEOUT_S, remaining), remaining),
             )
         except requests.Timeout as exc:
             raise _timeout(url, self._timeout_s) from exc
@@ -270,4 +286,6 @@ def _http_error(status: int, what: str, to_label_studio: bool) -> ImageFetchErro
         return ImageFetchError(f"{what}: not found{where} (HTTP 404)")
     if status in (401, 403) and to_label_studio:
         return ImageFetchError(f"{what}: Label Studio refused access (HTTP {status}): check LABEL_STUDIO_API_KEY")
+    if status >= 500 and to_label_studio:
+        return ImageFetchError(f"{what}: Label Studio answered HTTP {status} (it does so for a missing upload too)")
     return ImageFetchError(f"{what}: HTTP {status} while downloading the image")

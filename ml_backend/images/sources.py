@@ -30,9 +30,16 @@ def describe(url: str, *, limit: int = 160) -> str:
     because presigned cloud URLs carry their signature there.
     """
     if url.startswith("data:"):
-        return url.split(",", 1)[0] + ",..."
-    parts = urlsplit(url)
-    if parts.scheme in _DEFAULT_PORTS and parts.query and not parts.path.rstrip("/").endswith(("/local-files", "/presign")):
+        return url.split(",", 1)[0][:limit] + ",..."
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url[:limit]
+    if (
+        parts.scheme in _DEFAULT_PORTS
+        and parts.query
+        and not parts.path.rstrip("/").endswith(("/local-files", "/presign"))
+    ):
         url = f"{parts.scheme}://{parts.netloc}{parts.path}?..."
     return url if len(url) <= limit else url[: limit - 3] + "..."
 
@@ -108,8 +115,11 @@ def contained_path(raw: str, root: str, *, what: str) -> Path:
     """
     if not root:
         raise ImageFetchError(f"{what}: reading local files needs LOCAL_FILES_DOCUMENT_ROOT to be set")
-    base = Path(root).resolve()
-    candidate = (base / raw).resolve()
+    try:
+        base = Path(root).resolve()
+        candidate = (base / raw).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # symlink loops, NUL bytes
+        raise ImageFetchError(f"{what}: unusable local path ({exc})") from exc
     if not candidate.is_relative_to(base):
         raise ImageFetchError(f"{what}: path is outside LOCAL_FILES_DOCUMENT_ROOT ({base}); refused")
     return candidate
@@ -118,6 +128,8 @@ def contained_path(raw: str, root: str, *, what: str) -> Path:
 def cloud_presign_path(uri: str, task_id: int | None) -> str:
     """Label Studio's presign endpoint for a raw cloud URI (``s3://``, ``gs://``, ``azure-blob://``)."""
     if task_id is None:
-        raise ImageFetchError(f"{describe(uri)}: a cloud storage URI needs the task id to ask Label Studio for a presigned URL")
+        raise ImageFetchError(
+            f"{describe(uri)}: a cloud storage URI needs the task id to ask Label Studio for a presigned URL"
+        )
     encoded = base64.urlsafe_b64encode(uri.encode()).decode()
     return f"/tasks/{int(task_id)}/presign/?fileuri={encoded}"
