@@ -39,80 +39,83 @@ class InvalidRLEError(BackendError, ValueError):
     status_code = 422
 
 
+def _token_tables() -> tuple[np.ndarray, np.ndarray]:
+    """For each run length 1..257 (257 standing for longer), its token's leading bits and width.
+
+    The leading bits are the repeat flag and the field-size choice, already shifted into place
+    above the length field and the 8-bit value.
+    """
+    lead = np.zeros(_LONGEST_SHORT_RUN + 2, np.int64)
+    width = np.zeros(_LONGEST_SHORT_RUN + 2, np.int64)
+    for length in range(1, _LONGEST_SHORT_RUN + 2):
+        choice = next(i for i, size in enumerate(_RUN_FIELD_SIZES) if length <= 1 << size)
+        size = _RUN_FIELD_SIZES[choice]
+        lead[length] = (1 << (size + 2 + _WORD_SIZE)) | (choice << (size + _WORD_SIZE))
+        width[length] = size + 3 + _WORD_SIZE
+    return lead, width
+
+
+_LONGEST_SHORT_RUN = 1 << _RUN_FIELD_SIZES[2]
+_TOKEN_LEAD, _TOKEN_WIDTH = _token_tables()
+
+
 def encode_rle(mask: np.ndarray) -> list[int]:
     """Encode a 2-D mask (bool, or numbers where non-zero means inside) as a brush ``rle`` list."""
     mask = np.asarray(mask)
     if mask.ndim != 2 or mask.size == 0:
         raise ValueError(f"A brush mask must be a non-empty 2-D array, got shape {mask.shape}.")
-    flat = mask.ravel() if mask.dtype == np.bool_ else mask.ravel() != 0  # (!= 0 on bools is slow)
+    flat = np.ascontiguousarray(mask).ravel()
+    flat = flat if flat.dtype == np.bool_ else flat != 0  # (!= 0 on bools is slow)
     n_values = flat.size * 4
     if n_values >= 1 << 32:
         raise ValueError(f"A {mask.shape[1]}x{mask.shape[0]} mask is too large for Label Studio's brush format.")
 
     # Pixel runs; every pixel is four equal RGBA bytes, so byte runs are pixel runs times four.
-    run_starts = np.concatenate(([0], _changes(flat.view(np.uint8)) + 1))
-    run_lengths = np.diff(np.append(run_starts, flat.size)) * 4
-    run_values = np.where(flat[run_starts], 255, 0).astype(np.uint64)
+    bounds = np.concatenate(([0], np.flatnonzero(flat[1:] != flat[:-1]) + 1, [flat.size]))
+    lengths = np.diff(bounds) * 4
+    values = flat[bounds[:-1]].astype(np.int64) * 255
+    if lengths.max() > _MAX_RUN:
+        lengths, values = _split_long_runs(lengths, values)
 
-    # A run longer than 2**16 becomes full 2**16 tokens plus one for the rest, as in the SDK.
-    pieces = (run_lengths - 1) // _MAX_RUN + 1
-    piece_run = np.repeat(np.arange(run_lengths.size), pieces)
-    piece_index = np.arange(piece_run.size) - np.repeat(np.cumsum(pieces) - pieces, pieces)
-    is_last = piece_index == pieces[piece_run] - 1
-    lengths = np.where(is_last, run_lengths[piece_run] - piece_index * _MAX_RUN, _MAX_RUN).astype(np.uint64)
-    values = run_values[piece_run]
-
-    size_class = np.searchsorted(np.array([1 << s for s in _RUN_FIELD_SIZES]), lengths).astype(np.uint64)
-    field = np.array(_RUN_FIELD_SIZES, np.uint64)[size_class]
-    codes = (
-        (np.uint64(1) << (field + np.uint64(2 + _WORD_SIZE)))  # repeat flag
-        | (size_class << (field + np.uint64(_WORD_SIZE)))
-        | ((lengths - np.uint64(1)) << np.uint64(_WORD_SIZE))
-        | values
-    )
-    widths = field + np.uint64(3 + _WORD_SIZE)
+    short = np.minimum(lengths, _LONGEST_SHORT_RUN + 1)
+    codes = _TOKEN_LEAD[short] | ((lengths - 1) << _WORD_SIZE) | values
+    words, total_bits = _pack_bits(codes, _TOKEN_WIDTH[short], _HEADER_BITS)
 
     header_rest = (_WORD_SIZE - 1) << 16
     for i, size in enumerate(_RUN_FIELD_SIZES):
         header_rest |= (size - 1) << (12 - 4 * i)
-    codes = np.concatenate((np.array([n_values, header_rest], np.uint64), codes))
-    widths = np.concatenate((np.array([32, _HEADER_BITS - 32], np.uint64), widths))
-    return list(_pack_bits(codes, widths))
+    words[0] = n_values
+    words[1] |= header_rest << (64 - _HEADER_BITS)
+    return list(words.astype(">u4").tobytes()[: total_bits // 8 + 1])  # the SDK's padding
 
 
-def _changes(flat: np.ndarray) -> np.ndarray:
-    """Indices i where ``flat[i] != flat[i + 1]`` for a uint8 array.
+def _split_long_runs(lengths: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split runs longer than 2**16 into full 2**16 tokens plus one for the rest, as the SDK does."""
+    pieces = (lengths - 1) // _MAX_RUN + 1
+    run = np.repeat(np.arange(lengths.size), pieces)
+    index = np.arange(run.size) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    return np.minimum(lengths[run] - index * _MAX_RUN, _MAX_RUN), values[run]
 
-    Compares eight bytes at a time (each 64-bit word against the word one byte later), then
-    looks at single bytes only inside words that hold a change: few, for an object mask.
+
+def _pack_bits(codes: np.ndarray, widths: np.ndarray, first_bit: int) -> tuple[np.ndarray, int]:
+    """Concatenate ``codes`` (each at most 32 bits wide) MSB-first from bit ``first_bit`` on.
+
+    Returns the 32-bit words (as uint64, with one to spare) and the total bit count.
     """
-    n_words = (flat.size - 1) // 8
-    here = np.frombuffer(flat.data, np.uint64, n_words)
-    next_ = np.frombuffer(flat.data, np.uint64, n_words, offset=1)
-    changed_words = np.flatnonzero(here != next_)
-    diff_bytes = (here[changed_words] ^ next_[changed_words]).view(np.uint8).reshape(-1, 8)
-    word_index, byte_index = np.nonzero(diff_bytes)
-    inside = changed_words[word_index] * 8 + byte_index
-    tail_start = n_words * 8
-    tail = np.flatnonzero(flat[tail_start + 1 :] != flat[tail_start:-1]) + tail_start
-    return np.concatenate((inside, tail))
-
-
-def _pack_bits(codes: np.ndarray, widths: np.ndarray) -> bytes:
-    """Concatenate ``codes`` (each at most 32 bits wide) MSB-first; pad like the SDK."""
     ends = np.cumsum(widths)
+    ends += first_bit
     total_bits = int(ends[-1])
-    offsets = ends - widths
+    word = (ends - widths) >> 5
+    next_word = word + 1
+    # Scale each code so that its bits in its first word form the integer part and those that
+    # spill into the next word the fraction. Float64 holds both exactly (codes have <= 32
+    # bits), and codes never overlap, so summing per word is OR-ing.
+    placed = np.ldexp(codes.astype(np.float64), (next_word << 5) - ends)
+    integer = np.floor(placed)
     n_words = total_bits // 32 + 2
-    # Place each code in the 64-bit window starting at its 32-bit word: the high half lands in
-    # that word, the low half in the next. Codes never overlap, so summing halves is OR-ing them.
-    shifts = np.uint64(64) - (offsets & np.uint64(31)) - widths
-    windows = codes << shifts
-    word = (offsets >> np.uint64(5)).astype(np.intp)
-    high = np.bincount(word, weights=(windows >> np.uint64(32)).astype(np.float64), minlength=n_words)
-    low = np.bincount(word + 1, weights=(windows & np.uint64(0xFFFFFFFF)).astype(np.float64), minlength=n_words)
-    words = (high + low).astype(np.uint64).astype(">u4")
-    return words.tobytes()[: total_bits // 8 + 1]
+    high = np.bincount(word, integer, n_words)
+    low = np.bincount(next_word, (placed - integer) * 2.0**32, n_words)
+    return (high + low).astype(np.uint64), total_bits
 
 
 def decode_rle(rle: Sequence[int] | np.ndarray, height: int, width: int) -> np.ndarray:
