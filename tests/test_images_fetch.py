@@ -243,6 +243,13 @@ def test_http_errors_name_status_url_and_remedy(tmp_path, server, status, messag
     assert "/data/upload/1/gone.png" in str(info.value)
 
 
+def test_missing_api_key_is_named(tmp_path, server):
+    server.routes["GET", "/data/upload/1/a.png"] = needs_auth(lambda: f"Token {LEGACY}")
+    with pytest.raises(ImageFetchError, match="none is known: set LABEL_STUDIO_API_KEY"):
+        make_loader(tmp_path, server, label_studio_api_key="").load("/data/upload/1/a.png")
+    assert server.hits("/data/upload/1/a.png")[0].auth is None
+
+
 def test_redirect_to_login_page_means_bad_credentials(tmp_path, server):
     server.routes["GET", "/data/upload/1/a.png"] = lambda h: reply(
         h, 302, headers={"Location": "/user/login/?next=/data/upload/1/a.png"}
@@ -288,12 +295,16 @@ def test_presign_redirect_may_go_to_cloud_host_without_credentials(tmp_path, ser
         reply(handler, 303, headers={"Location": f"{server.other_url}/bucket/k.png?X-Amz-Signature=s3cr3t"})
 
     server.routes["GET", "/tasks/5/presign/"] = presign
+    server.routes["GET", "/tasks/5/resolve/"] = presign
     server.routes["GET", "/bucket/k.png"] = lambda h: reply(h, 200, png_bytes((9, 9, 9)))
     loader = make_loader(tmp_path, server)  # no ALLOWED_HOSTS: the target is trusted because LS chose it
     assert loader.load("s3://bucket/k.png", task_id=5)[0, 0].tolist() == [9, 9, 9]
+    as_sent = f"{server.ls_url}/tasks/5/resolve/?fileuri=" + base64.urlsafe_b64encode(b"s3://bucket/k.png").decode()
+    assert loader.load(as_sent)[0, 0].tolist() == [9, 9, 9]  # the form Label Studio 1.23 puts in tasks
     assert server.hits("/tasks/5/presign/")[0].auth == f"Token {LEGACY}"
-    (cloud,) = server.hits("/bucket/k.png")
-    assert cloud.host.startswith("localhost") and cloud.auth is None
+    assert server.hits("/tasks/5/resolve/")[0].auth == f"Token {LEGACY}"
+    cloud = server.hits("/bucket/k.png")
+    assert len(cloud) == 2 and all(c.host.startswith("localhost") and c.auth is None for c in cloud)
     with pytest.raises(ImageFetchError, match="task id"):
         loader.load("s3://bucket/k.png")
 

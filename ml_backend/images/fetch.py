@@ -7,17 +7,18 @@ Sources, in the order they are recognised:
 * Label Studio local-files URLs (``/data/local-files/?d=...``, relative or absolute):
   read straight from disk when the document root is set and holds the file, otherwise
   fetched from Label Studio;
-* raw cloud URIs (``s3://``, ``gs://``, ``azure-blob://``) with a task id: fetched
-  through Label Studio's ``/tasks/<id>/presign/`` endpoint;
-* paths relative to Label Studio (``/data/upload/...``, ``/tasks/...``, ``/api/...``):
-  prefixed with the Label Studio URL;
+* Label Studio's cloud-storage endpoints (``/tasks/<id>/resolve/?fileuri=...``, as
+  Label Studio 1.23 sends cloud images, or the older ``/presign/``), and raw cloud URIs
+  (``s3://``, ``gs://``, ``azure-blob://``) given with a task id, which are turned into one;
+* paths relative to Label Studio (``/data/upload/...``, ``/tasks/...``, ``/projects/...``,
+  ``/api/...``): prefixed with the Label Studio URL;
 * absolute ``http(s)`` URLs: to Label Studio's origin (sent with its API key), or to a
   host in ``ALLOWED_HOSTS`` (sent without any credentials); anything else is refused.
 
 Redirects are followed by hand (at most ``MAX_REDIRECTS``) and each target is checked
 again: Label Studio's origin, the current origin and allowed hosts are accepted, and
-so is *any* http(s) host when the redirect comes from Label Studio's own presign
-endpoint: Label Studio, which we authenticated to, chose that target, and it is a
+so is *any* http(s) host when the redirect comes from Label Studio's own resolve/presign
+endpoint (a 303): Label Studio, which we authenticated to, chose that target, and it is a
 presigned cloud URL (S3, GCS, Azure) that carries its own signature. Credentials are
 never sent outside Label Studio's origin. Downloads over HTTP are cached on disk.
 """
@@ -234,7 +235,7 @@ class ImageLoader:
             if status >= 400:
                 response.close()
                 what = describe(url) if current == url else f"{describe(url)} (redirected to {describe(current)})"
-                raise _http_error(status, what, to_ls)
+                raise _http_error(status, what, to_ls, with_key=auth is not None)
             return self._read_capped(response, url, deadline)
         raise ImageFetchError(f"{describe(url)}: more than {MAX_REDIRECTS} redirects")
 
@@ -280,10 +281,15 @@ def _timeout(url: str, timeout_s: float) -> ImageFetchError:
     return ImageFetchError(f"{describe(url)}: download took longer than {timeout_s:g} s (DOWNLOAD_TIMEOUT_S)")
 
 
-def _http_error(status: int, what: str, to_label_studio: bool) -> ImageFetchError:
+def _http_error(status: int, what: str, to_label_studio: bool, *, with_key: bool) -> ImageFetchError:
     if status == 404:
         where = " in Label Studio" if to_label_studio else ""
         return ImageFetchError(f"{what}: not found{where} (HTTP 404)")
+    if status in (401, 403) and to_label_studio and not with_key:
+        return ImageFetchError(
+            f"{what}: Label Studio asks for an API key (HTTP {status}) and none is known: set LABEL_STUDIO_API_KEY "
+            "(or connect the backend from Label Studio, whose /setup call provides one)"
+        )
     if status in (401, 403) and to_label_studio:
         return ImageFetchError(f"{what}: Label Studio refused access (HTTP {status}): check LABEL_STUDIO_API_KEY")
     if status >= 500 and to_label_studio:

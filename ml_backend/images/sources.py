@@ -16,10 +16,11 @@ from urllib.request import url2pathname
 from ml_backend.errors import ImageFetchError
 
 # Paths Label Studio serves relative to its own URL (uploads, local files, presign, API).
-LABEL_STUDIO_PREFIXES = ("/data/", "/tasks/", "/api/", "/storage-data/")
+LABEL_STUDIO_PREFIXES = ("/data/", "/tasks/", "/projects/", "/api/", "/storage-data/")
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
 LOCAL_FILES_PATH = re.compile(r"/data/local-files/?$")
-PRESIGN_PATH = re.compile(r"/presign/?$")
+# Label Studio 1.23 sends cloud images as /tasks/<id>/resolve/?fileuri=<base64>; /presign/ is the older alias.
+PRESIGN_PATH = re.compile(r"/(presign|resolve)/?$")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -38,7 +39,7 @@ def describe(url: str, *, limit: int = 160) -> str:
     if (
         parts.scheme in _DEFAULT_PORTS
         and parts.query
-        and not parts.path.rstrip("/").endswith(("/local-files", "/presign"))
+        and not parts.path.rstrip("/").endswith(("/local-files", "/presign", "/resolve"))
     ):
         url = f"{parts.scheme}://{parts.netloc}{parts.path}?..."
     return url if len(url) <= limit else url[: limit - 3] + "..."
