@@ -114,3 +114,25 @@ def test_prompts_change_the_mask(engine):
     image = IMAGES["landscape"]
     masks = [engine.segment(image, Prompts.from_lists(**_in_pixels(p, image))).mask for p in PROMPTS.values()]
     assert any(_iou(masks[0], other) < 0.95 for other in masks[1:])
+
+
+@pytest.mark.parametrize("image_name", list(IMAGES))
+def test_refining_with_previous_logits_matches_the_official_predictor(engine, predictor, image_name):
+    """A second click fed the first result's low-res logits, as interactive annotation does."""
+    image = IMAGES[image_name]
+    first = _in_pixels(PROMPTS["one positive point"], image)
+    second = _in_pixels(PROMPTS["positive and negative points"], image)
+    _, _, previous_logits = _official(predictor, image, first)
+    masks, scores, _ = predictor.predict(
+        point_coords=np.asarray(second["points"], np.float32),
+        point_labels=np.asarray(second["labels"], np.int32),
+        mask_input=previous_logits[None],
+        multimask_output=False,
+    )
+    assert 0.02 < masks[0].mean() < 0.98
+
+    ours_first = engine.segment(image, Prompts.from_lists(**first))
+    result = engine.segment(image, Prompts.from_lists(**second, mask_logits=ours_first.low_res_logits))
+
+    assert _iou(result.mask, masks[0]) >= MIN_IOU
+    assert result.score == pytest.approx(float(scores[0]), abs=SCORE_ATOL)
