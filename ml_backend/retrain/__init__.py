@@ -1,0 +1,48 @@
+"""Periodic retraining of the trimap model from accepted Label Studio annotations.
+
+``policy`` (when to train), ``state`` (shared per-project state), ``jobs`` (what a job does,
+in-process or RQ), ``coordinator`` (the :class:`Retrainer` the backend holds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ml_backend.retrain.coordinator import Retrainer
+from ml_backend.retrain.jobs import QUEUE_NAME, JobSpec
+from ml_backend.retrain.policy import TrainingPolicy
+from ml_backend.settings import Settings
+
+__all__ = ["QUEUE_NAME", "JobSpec", "Retrainer", "TrainingPolicy", "build_retrainer", "spec_factory"]
+
+
+def spec_factory(settings: Settings, access: Callable[[], tuple[str, str]]) -> Callable[[str, str, str], JobSpec]:
+    """Job specs from the settings and Label Studio's (url, token) as known when the job starts."""
+
+    def make(project: str, job_id: str, reason: str) -> JobSpec:
+        url, token = access()
+        return JobSpec(
+            job_id=job_id, project=project, reason=reason, model_dir=str(settings.model_dir.resolve()),
+            label_studio_url=url, token=token, epochs=settings.retrain_epochs,
+            image_size=settings.retrain_image_size, batch_size=settings.retrain_batch_size,
+            promotion_margin=settings.promotion_margin, boundary_width=settings.boundary_width,
+            ground_truth_only=settings.retrain_ground_truth_only, foreground_labels=settings.foreground_labels,
+            background_labels=settings.background_labels, boundary_labels=settings.boundary_labels,
+            redis_url=settings.redis_url, timeout_s=settings.retrain_job_timeout_s,
+        )
+
+    return make
+
+
+def build_retrainer(settings: Settings, access: Callable[[], tuple[str, str]], **kwargs) -> Retrainer:
+    """RQ on Redis when ``REDIS_URL`` is set, else the in-process worker with state in ``MODEL_DIR``."""
+    from ml_backend.retrain.jobs import InProcessExecutor, RQExecutor, redis_connection
+    from ml_backend.retrain.state import FileStateStore, RedisStateStore
+
+    if settings.redis_url:
+        connection = redis_connection(settings.redis_url)
+        store, executor = RedisStateStore(connection), RQExecutor(connection)
+    else:
+        store, executor = FileStateStore(settings.model_dir), InProcessExecutor()
+    return Retrainer(store, executor, spec_factory(settings, access), policy=TrainingPolicy.from_settings(settings),
+                     ground_truth_only=settings.retrain_ground_truth_only, **kwargs)

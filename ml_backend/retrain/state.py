@@ -1,0 +1,155 @@
+"""Per-project retraining state, shared by every thread and process that handles a project.
+
+Two stores with one contract, :meth:`update` being an atomic read-modify-write:
+
+* :class:`FileStateStore` (no Redis): a small JSON file in ``MODEL_DIR`` guarded by ``flock``,
+  so gunicorn's threads and worker processes agree;
+* :class:`RedisStateStore` (``REDIS_URL`` set): one JSON value per project, updated in a
+  ``WATCH``/``MULTI`` transaction, shared with the RQ workers on other machines.
+
+``update``'s function may run more than once (Redis retries on a concurrent write): it must only
+change the state it is given and return a value, never act on the outside world.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+STATE_FILE = "retraining.json"
+REDIS_PREFIX = "sam-trimap:retrain:"
+
+
+@dataclass
+class ProjectState:
+    """What the backend and the workers know about one project's training."""
+
+    changes: int = 0  # accepted annotation changes since the last training started
+    running: bool = False
+    pending: bool = False  # a trigger arrived while running: one follow-up run
+    job_id: str | None = None
+    job_owner: str | None = None  # "pid@host" of an in-process worker; None for RQ
+    started_at: float | None = None
+    reason: str | None = None  # why the running job was started
+    last_finished_at: float | None = None
+    last: dict[str, Any] | None = None  # outcome of the last finished job
+    last_success: dict[str, Any] | None = None
+    trainings: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # last few outcomes, newest last
+
+    @classmethod
+    def from_dict(cls, data: object) -> "ProjectState":
+        if not isinstance(data, dict):
+            return cls()
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class StateStore(Protocol):
+    def get(self, project: str) -> ProjectState: ...
+
+    def projects(self) -> list[str]: ...
+
+    def update(self, project: str, change: Callable[[ProjectState], T]) -> T: ...
+
+
+class FileStateStore:
+    """All projects in one JSON file (``MODEL_DIR/retraining.json``), locked across processes."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        self.path = Path(model_dir) / STATE_FILE
+        self._thread_lock = threading.Lock()  # flock is per open file; this serialises our own threads
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._thread_lock, open(self.path.with_name(f".{STATE_FILE}.lock"), "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            # Losing counters is harmless (the next trigger or START_TRAINING trains); refusing webhooks is not.
+            logger.error("%s is unreadable (%s); starting retraining state afresh", self.path, exc)
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _write(self, data: dict[str, Any]) -> None:
+        tmp = self.path.with_name(f".{STATE_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def get(self, project: str) -> ProjectState:
+        with self._locked():
+            return ProjectState.from_dict(self._read().get(project))
+
+    def projects(self) -> list[str]:
+        with self._locked():
+            return sorted(self._read())
+
+    def update(self, project: str, change: Callable[[ProjectState], T]) -> T:
+        with self._locked():
+            data = self._read()
+            state = ProjectState.from_dict(data.get(project))
+            result = change(state)
+            data[project] = state.to_dict()
+            self._write(data)
+            return result
+
+
+class RedisStateStore:
+    """One JSON value per project under ``sam-trimap:retrain:<project>``."""
+
+    def __init__(self, connection, prefix: str = REDIS_PREFIX) -> None:
+        self.redis = connection
+        self.prefix = prefix
+
+    def _key(self, project: str) -> str:
+        return f"{self.prefix}{project}"
+
+    def _load(self, raw: bytes | None) -> ProjectState:
+        try:
+            return ProjectState.from_dict(json.loads(raw) if raw else None)
+        except ValueError:
+            logger.error("unreadable retraining state in Redis; starting afresh")
+            return ProjectState()
+
+    def get(self, project: str) -> ProjectState:
+        return self._load(self.redis.get(self._key(project)))
+
+    def projects(self) -> list[str]:
+        return sorted(key.decode()[len(self.prefix):] for key in self.redis.scan_iter(match=f"{self.prefix}*"))
+
+    def update(self, project: str, change: Callable[[ProjectState], T]) -> T:
+        key = self._key(project)
+        outcome: list[T] = []
+
+        def transaction(pipe) -> None:
+            state = self._load(pipe.get(key))
+            outcome[:] = [change(state)]
+            pipe.multi()
+            pipe.set(key, json.dumps(state.to_dict()))
+
+        self.redis.transaction(transaction, key)
+        return outcome[0]

@@ -1,0 +1,163 @@
+"""The retraining coordinator with the in-process worker and the JSON state in MODEL_DIR.
+
+The job body (export + fit) is replaced by a gate the test opens, to control when jobs end;
+``test_retrain_rq.py`` and the end-to-end test run the real one.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from ml_backend.retrain import build_retrainer
+from ml_backend.retrain import jobs as jobs_module
+from ml_backend.retrain.state import FileStateStore
+from ml_backend.settings import Settings
+
+BRUSH = [{"type": "brushlabels", "value": {"format": "rle", "rle": [0], "brushlabels": ["Pet"]}}]
+
+
+def created(project: int = 3, **annotation) -> dict:
+    return {"action": "ANNOTATION_CREATED", "project": {"id": project}, "task": {"id": 1},
+            "annotation": {"id": 1, "result": BRUSH, "was_cancelled": False, "ground_truth": False, **annotation}}
+
+
+class GatedJobs:
+    """Stands in for execute_training: each call waits for the test to release it."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.started = threading.Semaphore(0)
+        self.release = threading.Semaphore(0)
+        self.fail_next: str | None = None
+
+    def __call__(self, spec):
+        self.calls.append(spec.reason)
+        self.started.release()
+        assert self.release.acquire(timeout=30), "test never released the job"
+        if self.fail_next:
+            message, self.fail_next = self.fail_next, None
+            raise RuntimeError(message)
+        return {"status": "succeeded", "fit": {"version_id": f"v{len(self.calls)}"}}
+
+
+@pytest.fixture
+def gated(monkeypatch) -> GatedJobs:
+    fake = GatedJobs()
+    monkeypatch.setattr(jobs_module, "execute_training", fake)
+    return fake
+
+
+def make(tmp_path: Path, **env: str):
+    settings = Settings.from_env({"MODEL_DIR": str(tmp_path), "RETRAIN_MIN_ANNOTATIONS": "2",
+                                  "RETRAIN_MIN_INTERVAL_MIN": "0", **env})
+    return build_retrainer(settings, lambda: ("http://ls", "token"), tick_s=0)
+
+
+def settle(retrainer) -> None:
+    retrainer.executor.join(30)
+
+
+def test_threshold_starts_one_job_and_webhook_returns_before_it_ends(tmp_path, gated):
+    retrainer = make(tmp_path)
+    assert retrainer.on_webhook("TASKS_CREATED", {"project": {"id": 3}})["status"] == "ignored"
+    assert retrainer.on_webhook("ANNOTATION_CREATED", created(was_cancelled=True))["status"] == "ignored"
+    assert retrainer.on_webhook("ANNOTATION_CREATED", created())["status"] == "counted"
+    answer = retrainer.on_webhook("ANNOTATION_CREATED", created())
+    assert answer["status"] == "started" and "2 new" in answer["reason"]
+    assert gated.started.acquire(timeout=10)
+    status = retrainer.status("3.1700000000")
+    assert status["is_training"] and status["job_id"] == answer["job_id"]  # the job runs after the answer
+    gated.release.release()
+    settle(retrainer)
+    status = retrainer.status("3")
+    assert not status["is_training"] and status["last"]["status"] == "succeeded"
+    assert status["accepted_changes"] == 0 and status["trainings"] == 1
+
+
+def test_triggers_during_a_run_coalesce_into_one_follow_up(tmp_path, gated):
+    retrainer = make(tmp_path)
+    first = retrainer.on_webhook("START_TRAINING", {"action": "START_TRAINING", "project": {"id": 3}})
+    assert first["status"] == "started"
+    assert gated.started.acquire(timeout=10)
+    for _ in range(3):
+        assert retrainer.on_webhook("START_TRAINING", {"project": {"id": 3}})["status"] == "queued"
+    assert retrainer.on_webhook("ANNOTATION_CREATED", created())["status"] == "counted"
+    assert retrainer.status("3")["follow_up_queued"]
+    gated.release.release()  # first run ends -> exactly one follow-up starts
+    assert gated.started.acquire(timeout=10)
+    status = retrainer.status("3")
+    assert status["is_training"] and status["job_id"] != first["job_id"] and not status["follow_up_queued"]
+    gated.release.release()
+    settle(retrainer)
+    assert gated.calls == ["START_TRAINING", "follow-up of triggers during the last run"]
+    assert retrainer.status("3")["trainings"] == 2
+    other = retrainer.status("4")  # projects are independent
+    assert not other["is_training"] and other["trainings"] == 0
+
+
+def test_failure_is_recorded_with_its_reason_and_training_can_start_again(tmp_path, gated):
+    retrainer = make(tmp_path)
+    gated.fail_next = "out of memory on the GPU"
+    retrainer.on_webhook("START_TRAINING", {"project": 3})
+    gated.release.release()
+    settle(retrainer)
+    last = retrainer.status("3")["last"]
+    assert last["status"] == "failed" and "out of memory on the GPU" in last["error"]
+    assert retrainer.status("3")["last_success"] is None
+    gated.release.release()
+    assert retrainer.on_webhook("START_TRAINING", {"project": 3})["status"] == "started"
+    settle(retrainer)
+    assert retrainer.status("3")["last"]["status"] == "succeeded"
+
+
+def test_interval_waits_and_the_ticker_starts_the_job_later(tmp_path, gated):
+    clock = [1000.0]
+    retrainer = make(tmp_path, RETRAIN_MIN_INTERVAL_MIN="10")
+    retrainer.clock = lambda: clock[0]
+    gated.release.release()
+    retrainer.on_webhook("START_TRAINING", {"project": 3})
+    settle(retrainer)
+    for _ in range(2):
+        assert retrainer.on_webhook("ANNOTATION_CREATED", created())["status"] == "counted"  # interval not over
+    retrainer.tick()
+    assert len(gated.calls) == 1
+    clock[0] += 601
+    gated.release.release()
+    retrainer.tick()
+    settle(retrainer)
+    assert len(gated.calls) == 2 and "2 new" in gated.calls[1]
+
+
+def test_state_is_shared_through_model_dir(tmp_path, gated):
+    make(tmp_path).on_webhook("ANNOTATION_CREATED", created())
+    assert make(tmp_path).status("3")["accepted_changes"] == 1  # another process (or restart) sees the count
+    assert (tmp_path / "retraining.json").is_file()
+
+
+def test_job_of_a_dead_backend_process_is_marked_failed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    owner = f"{dead.stdout.strip()}@{os.uname().nodename}"
+    store = FileStateStore(tmp_path)
+
+    def running(state):
+        state.running, state.job_id, state.job_owner = True, "abc", owner
+
+    store.update("3", running)
+    status = make(tmp_path).status("3")
+    assert not status["is_training"]
+    assert status["last"]["status"] == "failed" and "ended before the job finished" in status["last"]["error"]
+
+
+def test_unknown_label_studio_fails_clearly(tmp_path, monkeypatch):
+    settings = Settings.from_env({"MODEL_DIR": str(tmp_path)})
+    retrainer = build_retrainer(settings, lambda: ("", ""), tick_s=0)
+    retrainer.on_webhook("START_TRAINING", {"project": 3})
+    settle(retrainer)
+    last = retrainer.status("3")["last"]
+    assert last["status"] == "failed" and "LABEL_STUDIO_URL" in last["error"]
