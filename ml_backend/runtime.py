@@ -70,6 +70,7 @@ class Runtime:
         self._engine_ready = threading.Event()
         if engine is not None:
             self._engine_ready.set()
+        self.retrainer = _build_retrainer(settings, lambda: (self.access.url, self.access.token))
 
     # --- SAM -----------------------------------------------------------------
     def start_loading_sam(self) -> None:
@@ -120,11 +121,18 @@ class Runtime:
 
     # --- training ------------------------------------------------------------
     def on_webhook(self, event: str, payload: dict) -> dict:
-        """Label Studio's webhooks; retraining is wired in by :mod:`ml_backend.retrain`."""
-        return {"event": event, "status": "ignored"}
+        """Webhooks and ``/train``: count accepted annotations, maybe start a job; never train inline."""
+        return self.retrainer.on_webhook(event, payload)
 
     def training_status(self, project: str | None) -> dict:
-        return {"is_training": False, "project": project}
+        """One project's training state (``?project=``), or every project's."""
+        return self.retrainer.status(project)
 
     def trimap_versions(self) -> list[dict]:
         return self.trimaps.list_versions()
+
+
+def _build_retrainer(settings: Settings, access):
+    from ml_backend.retrain import build_retrainer
+
+    return build_retrainer(settings, access)
