@@ -30,6 +30,7 @@ _WORD_SIZE = 8
 _RUN_FIELD_SIZES = (3, 4, 8, 16)
 _HEADER_BITS = 32 + 5 + 4 * 4
 _MAX_RUN = 1 << 16  # longest run one token of field size 16 can hold
+_LONGEST_SHORT_RUN = 1 << _RUN_FIELD_SIZES[2]  # runs up to this use the first three field sizes
 _DECODE_BLOCK_BYTES = 1 << 16  # bytes whose windows the token walk converts to Python ints at a time
 
 
@@ -55,7 +56,6 @@ def _token_tables() -> tuple[np.ndarray, np.ndarray]:
     return lead, width
 
 
-_LONGEST_SHORT_RUN = 1 << _RUN_FIELD_SIZES[2]
 _TOKEN_LEAD, _TOKEN_WIDTH = _token_tables()
 
 
@@ -122,8 +122,13 @@ def decode_rle(rle: Sequence[int] | np.ndarray, height: int, width: int) -> np.n
     """Decode a brush ``rle`` list into an (height, width) bool mask (alpha channel non-zero).
 
     Raises :class:`InvalidRLEError` when the list is not bytes, is truncated, or does not
-    describe exactly ``height`` x ``width`` RGBA pixels.
+    describe exactly ``height`` x ``width`` RGBA pixels. Finding where each run starts is a
+    loop over runs (each run's length depends on its own header): a photo-sized object mask
+    takes milliseconds, pure pixel noise (millions of runs) seconds.
     """
+    if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0 for n in (height, width)):
+        raise InvalidRLEError(f"The image size must be positive whole numbers, got {width!r}x{height!r}.")
+    height, width = int(height), int(width)
     data = _as_bytes(rle)
     if len(data) < 7:
         raise InvalidRLEError(f"Brush RLE is too short ({len(data)} numbers) to hold its header.")

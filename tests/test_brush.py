@@ -148,6 +148,12 @@ def test_size_mismatch_is_rejected_with_both_sizes() -> None:
         decode_rle(rle, 4, 6)
 
 
+@pytest.mark.parametrize("height, width", [(0, 5), (4, -5), (4.0, 5), ("4", 5), (True, 5)])
+def test_bad_image_sizes_are_rejected(height, width) -> None:
+    with pytest.raises(InvalidRLEError, match="positive whole numbers"):
+        decode_rle(encode_rle(np.ones((4, 5), bool)), height, width)
+
+
 def test_truncated_stream_is_rejected() -> None:
     rle = encode_rle(make_mask("noise", (30, 30), np.random.default_rng(6)))
     with pytest.raises(InvalidRLEError, match="truncated"):
