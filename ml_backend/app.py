@@ -1,9 +1,10 @@
-"""The WSGI application: label-studio-ml's Flask app with our fixes, served by gunicorn.
+"""The WSGI application serving :class:`SegmentationBackend`, run by gunicorn.
 
-label-studio-ml 1.0.9 brings the routes Label Studio calls, but answers 500 for
-``/predict`` before ``/setup``, for ``/train`` and ``/is_training`` (outside its V2
-mode), spawns a process per webhook, and returns tracebacks for bad input. We keep
-its app and replace those views on our side instead of forking it.
+label-studio-ml 1.0.9 defines the routes Label Studio calls, but its views answer
+500 for ``/predict`` before ``/setup``, for ``/train`` and ``/is_training`` (outside
+its V2 mode), spawn a process per webhook, return tracebacks for bad input, and
+live on one module-global Flask app. Without forking it, we build a Flask app per
+call with the library's route table (same URLs and methods) and our views.
 
 ``gunicorn 'ml_backend.app:create_app()'`` builds one app per worker process.
 """
@@ -147,9 +148,8 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
     runtime = runtime or Runtime(settings)
-    app = api.init_app(SegmentationBackend, model_dir=str(settings.model_dir), runtime=runtime)
     views = BackendViews(runtime)
-    for endpoint, view in {
+    endpoints = {
         "_predict": views.predict,
         "_setup": views.setup,
         "webhook": views.webhook,
@@ -158,10 +158,13 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         "health": views.health,
         "get_version": views.versions,
         "metrics": views.metrics,
-    }.items():
-        app.view_functions[endpoint] = _handle_errors(view)
-    # Replaces the library's before-request hook, which logs whole bodies (tokens included) at debug level.
-    app.before_request_funcs[None] = [_basic_auth_guard(settings)]
+    }
+    ours = {endpoint: _handle_errors(view) for endpoint, view in endpoints.items()}
+    app = Flask("ml_backend")
+    for rule in api._server.url_map.iter_rules():
+        if rule.endpoint in ours:
+            app.add_url_rule(rule.rule, endpoint=rule.endpoint, view_func=ours[rule.endpoint], methods=rule.methods)
+    app.before_request(_basic_auth_guard(settings))
     for code in (404, 405):
         app.register_error_handler(code, lambda exc: _error(exc.description, exc.code))
     runtime.start_loading_sam()

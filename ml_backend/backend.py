@@ -61,7 +61,8 @@ class SegmentationBackend(LabelStudioMLBase):
                 f"Task {task.get('id', '?')} has no image under data.{self.config.image_key}; "
                 f"the labeling config's <Image> reads ${self.config.image_key}."
             )
-        return self.runtime.load_image(url)
+        task_id = task.get("id")
+        return self.runtime.load_image(url, task_id if isinstance(task_id, int) else None)
 
     # --- interactive SAM -----------------------------------------------------
     def _interactive(self, task: dict, context: dict) -> dict:
@@ -75,7 +76,7 @@ class SegmentationBackend(LabelStudioMLBase):
         key = image_key(image)
         results, scores = [], []
         for region in regions:
-            prompts = _rescale(region.prompts, region.original_size, (width, height))
+            prompts = _rescale(region.prompts, (region.original_width, region.original_height), (width, height))
             history = self._refinement_keys(key, region.label, prompts)
             previous = self.runtime.refinements.get(history[0]) if history[0] else None
             prompts = Prompts(prompts.points, prompts.labels, prompts.box, mask_logits=previous)

@@ -116,8 +116,9 @@ class Runtime:
         if token and not self.settings.label_studio_api_key:
             self.access.token = token
 
-    def load_image(self, url: str) -> np.ndarray:
-        return self.images.load(url, label_studio_url=self.access.url or None, token=self.access.token or None)
+    def load_image(self, url: str, task_id: int | None = None) -> np.ndarray:
+        return self.images.load(url, label_studio_url=self.access.url or None, token=self.access.token or None,
+                                task_id=task_id)
 
     # --- training ------------------------------------------------------------
     def on_webhook(self, event: str, payload: dict) -> dict:

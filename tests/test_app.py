@@ -1,0 +1,160 @@
+"""The WSGI app through Flask's test client: routes, errors, auth, the library's faults fixed."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ml_backend.app import create_app
+from ml_backend.brush import decode_rle
+from ml_backend.runtime import Runtime
+from ml_backend.sam import Prompts, SamEngine
+from ml_backend.settings import Settings
+
+CONFIG = """<View><Image name="image" value="$img"/>
+<BrushLabels name="mask" toName="image"><Label value="Cat"/><Label value="Dog"/></BrushLabels>
+<KeyPointLabels name="kp" toName="image" smart="true"><Label value="Dog"/><Label value="Background"/></KeyPointLabels>
+<RectangleLabels name="rect" toName="image" smart="true"><Label value="Cat"/></RectangleLabels></View>"""
+
+
+def data_uri(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture
+def image() -> np.ndarray:
+    return np.random.default_rng(5).integers(0, 256, (60, 100, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return dataclasses.replace(Settings(), model_dir=tmp_path / "models", image_cache_dir=tmp_path / "cache")
+
+
+@pytest.fixture
+def engine(tiny_segmenter) -> SamEngine:
+    return SamEngine(tiny_segmenter, source="tiny")
+
+
+@pytest.fixture
+def client(settings: Settings, engine: SamEngine):
+    return create_app(settings, runtime=Runtime(settings, engine=engine)).test_client()
+
+
+def keypoint(x: float, y: float, label: str = "Dog", positive: bool = True, name: str = "kp") -> dict:
+    return {"original_width": 100, "original_height": 60, "image_rotation": 0, "from_name": name,
+            "to_name": "image", "type": "keypointlabels", "is_positive": positive,
+            "value": {"x": x, "y": y, "width": 1, "keypointlabels": [label]}}
+
+
+def predict(client, tasks: list[dict], context: dict | None = None):
+    return client.post("/predict", json={"tasks": tasks, "label_config": CONFIG, "project": "1.1",
+                                         "params": {"context": context}})
+
+
+def test_predict_before_setup_works_and_places_the_mask(client, image, engine) -> None:
+    response = predict(client, [{"id": 1, "data": {"img": data_uri(image)}}], {"result": [keypoint(30, 40)]})
+    assert response.status_code == 200, response.json
+    [prediction] = response.json["results"]
+    [item] = prediction["result"]
+    assert item["value"]["brushlabels"] == ["Dog"] and item["from_name"] == "mask"
+    assert prediction["model_version"] == "sam-tiny"
+    mask = decode_rle(item["value"]["rle"], 60, 100)
+    np.testing.assert_array_equal(mask, engine.segment(image, Prompts.from_lists([(30, 24)])).mask)
+
+
+def test_batch_predict_gives_one_prediction_per_task_even_when_an_image_fails(client, image) -> None:
+    tasks = [{"id": 1, "data": {"img": data_uri(image)}}, {"id": 2, "data": {"img": "data:image/png;base64,AAAA"}},
+             {"id": 3, "data": {}}]
+    response = predict(client, tasks)
+    assert response.status_code == 200
+    assert [p["result"] for p in response.json["results"]] == [[], [], []]
+    assert response.json["model_version"] == "trimap-none"
+
+
+@pytest.mark.parametrize("body,status,words", [
+    (b"{oops", 400, "JSON"),
+    (b"[1, 2]", 400, "object"),
+    (b'{"tasks": []}', 400, "tasks"),
+    (b'{"tasks": [{"id": 1, "data": {}}], "label_config": "<View/>"}', 422, "Image"),
+    (b'{"tasks": [{"id": 1, "data": {}}]}', 422, "labeling config"),
+])
+def test_malformed_requests_get_4xx_json(client, body: bytes, status: int, words: str) -> None:
+    response = client.post("/predict", data=body, content_type="application/json")
+    assert response.status_code == status
+    assert words in response.json["error"] and "Traceback" not in response.get_data(as_text=True)
+
+
+def test_bad_prompts_get_422_and_the_app_stays_healthy(client, image) -> None:
+    task = {"id": 1, "data": {"img": data_uri(image)}}
+    for context in ({"result": [keypoint(130, 40)]}, {"result": [keypoint(30, 40, name="unknown")]},
+                    {"result": [{**keypoint(30, 40), "value": {"x": "NaN", "y": 3}}]}):
+        response = predict(client, [task], context)
+        assert response.status_code == 422, response.json
+        assert response.json["error"]
+    assert client.get("/health").json["status"] == "UP"
+
+
+def test_an_unexpected_failure_is_a_500_without_traceback(client, image, engine, monkeypatch) -> None:
+    monkeypatch.setattr(engine, "decode", lambda *a, **k: 1 / 0)
+    response = predict(client, [{"id": 1, "data": {"img": data_uri(image)}}], {"result": [keypoint(30, 40)]})
+    assert response.status_code == 500 and "ZeroDivisionError" in response.json["error"]
+    assert "Traceback" not in response.get_data(as_text=True)
+
+
+def test_setup_is_cheap_and_reports_unservable_configs(client) -> None:
+    ok = client.post("/setup", json={"project": "1.1", "schema": CONFIG, "hostname": "http://ls:8080",
+                                     "access_token": "abc"})
+    assert ok.status_code == 200 and ok.json["model_version"] == "trimap-none"
+    bad = client.post("/setup", json={"project": "1.1", "schema": "<View><Image name='i' value='$i'/></View>"})
+    assert bad.status_code == 422 and "BrushLabels" in bad.json["error"]
+
+
+def test_setup_gives_the_image_loader_label_studio_host_and_token(settings, engine) -> None:
+    runtime = Runtime(settings, engine=engine)
+    create_app(settings, runtime=runtime).test_client().post(
+        "/setup", json={"project": "1.1", "schema": CONFIG, "hostname": "http://ls:8080/", "access_token": "abc"})
+    assert (runtime.access.url, runtime.access.token) == ("http://ls:8080", "abc")
+
+
+def test_training_routes_answer_instead_of_500(client) -> None:
+    assert client.get("/is_training?project=1.1").status_code == 200
+    assert "is_training" in client.get("/is_training?project=1.1").json
+    assert client.post("/versions", json={"project": "1.1"}).status_code == 200
+
+
+def test_health_reports_sam_and_trimap_model(client) -> None:
+    health = client.get("/health").json
+    assert health["sam"]["state"] == "ready" and health["sam"]["source"] == "tiny"
+    assert health["trimap_model_version"] is None
+
+
+def test_basic_auth_guards_everything_but_health(settings, engine, image) -> None:
+    guarded = dataclasses.replace(settings, basic_auth_user="u", basic_auth_pass="p")
+    client = create_app(guarded, runtime=Runtime(guarded, engine=engine)).test_client()
+    assert client.get("/health").status_code == 200
+    assert client.post("/setup", json={"schema": CONFIG}).status_code == 401
+    bad = {"Authorization": "Basic " + base64.b64encode(b"u:wrong").decode()}
+    assert client.post("/setup", json={"schema": CONFIG}, headers=bad).status_code == 401
+    good = {"Authorization": "Basic " + base64.b64encode(b"u:p").decode()}
+    assert client.post("/setup", json={"schema": CONFIG}, headers=good).status_code == 200
+
+
+def test_clicks_on_the_same_region_refine_with_the_previous_logits(client, image, engine) -> None:
+    task = {"id": 1, "data": {"img": data_uri(image)}}
+    first = [keypoint(30, 40)]
+    predict(client, [task], {"result": first})
+    response = predict(client, [task], {"result": first + [keypoint(60, 20, positive=False)]})
+    mask = decode_rle(response.json["results"][0]["result"][0]["value"]["rle"], 60, 100)
+    previous = engine.segment(image, Prompts.from_lists([(30, 24)]))
+    expected = engine.segment(image, Prompts.from_lists([(30, 24), (60, 12)], [1, 0],
+                                                        mask_logits=previous.low_res_logits))
+    np.testing.assert_array_equal(mask, expected.mask)
