@@ -1,0 +1,93 @@
+"""The chapter's from-scratch encoder-decoder for three-class trimap segmentation."""
+
+from __future__ import annotations
+
+import keras
+from keras.layers import Conv2D, Conv2DTranspose, Rescaling
+
+NUM_CLASSES = 3
+CLASS_NAMES = ("foreground", "background", "boundary")  # class id = trimap value - 1
+FOREGROUND = 0
+DEFAULT_IMAGE_SIZE = 200
+DOWNSAMPLING = 8  # three stride-2 convolutions: the input size must be a multiple of this
+
+
+def check_image_size(image_size: int) -> int:
+    """Return ``image_size`` or raise ``ValueError`` if the model cannot take it."""
+    if image_size < DOWNSAMPLING or image_size % DOWNSAMPLING:
+        raise ValueError(f"image size must be a positive multiple of {DOWNSAMPLING} (got {image_size})")
+    return image_size
+
+
+def build_model(image_size: int = DEFAULT_IMAGE_SIZE, num_classes: int = NUM_CLASSES) -> keras.Model:
+    """The book's ``get_model`` layer for layer, except the head (see below).
+
+    The book ends with ``Conv2D(num_classes, 3, activation="softmax")`` and trains with
+    ``sparse_categorical_crossentropy``; on the torch backend (keras >= 3.14) that crashes
+    with "grad_input must be contiguous" (shared/NOTES.md). We therefore output linear
+    logits, train with ``from_logits=True`` and apply softmax at prediction time
+    (``training.predict``). The argmax, hence every IoU, is the same either way.
+    """
+    check_image_size(image_size)
+    inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
+    x = Rescaling(1.0 / 255)(inputs)
+    x = Conv2D(64, 3, strides=2, activation="relu", padding="same")(x)
+    x = Conv2D(64, 3, activation="relu", padding="same")(x)
+    x = Conv2D(128, 3, strides=2, activation="relu", padding="same")(x)
+    x = Conv2D(128, 3, activation="relu", padding="same")(x)
+    x = Conv2D(256, 3, strides=2, activation="relu", padding="same")(x)
+    x = Conv2D(256, 3, activation="relu", padding="same")(x)
+
+    x = Conv2DTranspose(256, 3, activation="relu", padding="same")(x)
+    x = Conv2DTranspose(256, 3, strides=2, activation="relu", padding="same")(x)
+    x = Conv2DTranspose(128, 3, activation="relu", padding="same")(x)
+    x = Conv2DTranspose(128, 3, strides=2, activation="relu", padding="same")(x)
+    x = Conv2DTranspose(64, 3, activation="relu", padding="same")(x)
+    x = Conv2DTranspose(64, 3, strides=2, activation="relu", padding="same")(x)
+
+    # Logits, not softmax: see the docstring.
+    outputs = Conv2D(num_classes, 3, padding="same", name="logits")(x)
+    return keras.Model(inputs, outputs, name="trimap_segmenter")
+
+
+def rebuild_at_size(model: keras.Model, image_size: int) -> keras.Model:
+    """The same weights in a model taking ``image_size`` inputs (all layers are size-independent)."""
+    if model_image_size(model) == image_size:
+        return model
+    resized = build_model(image_size, num_classes=int(model.output_shape[-1]))
+    resized.set_weights(model.get_weights())
+    return resized
+
+
+def model_image_size(model: keras.Model) -> int:
+    """The square input size the model was built for, read from the model itself."""
+    shape = model.input_shape
+    height, width = shape[1], shape[2]
+    if height is None or height != width:
+        raise ValueError(f"expected a square fixed-size model input, got {shape}")
+    return int(height)
+
+
+def foreground_iou(name: str = "foreground_iou") -> keras.metrics.IoU:
+    """The chapter's headline metric: IoU of class 0 (foreground).
+
+    ``sparse_y_pred=False`` takes the argmax of the model output, which is the same for
+    logits as for softmax probabilities.
+    """
+    return keras.metrics.IoU(
+        num_classes=NUM_CLASSES,
+        target_class_ids=(FOREGROUND,),
+        name=name,
+        sparse_y_true=True,
+        sparse_y_pred=False,
+    )
+
+
+def compile_model(model: keras.Model, learning_rate: float = 1e-3) -> keras.Model:
+    """Adam, cross-entropy on logits, foreground IoU (a fresh optimizer every time)."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[foreground_iou()],
+    )
+    return model
