@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 
 from fake_label_studio import TOKEN, fake_label_studio
-from ml_backend.retrain import QUEUE_NAME, build_retrainer
+from ml_backend.retrain import build_retrainer
 from ml_backend.retrain.state import RedisStateStore
 from ml_backend.settings import Settings
 from redis_fixture import redis_server  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.redis
-RQ = Path(sys.executable).with_name("rq")
 
 
 def settings_for(redis_url: str, model_dir: Path, **env: str) -> Settings:
@@ -30,8 +29,8 @@ def settings_for(redis_url: str, model_dir: Path, **env: str) -> Settings:
 
 def start_worker(redis_url: str, workdir: Path) -> tuple[subprocess.Popen, Path]:
     log = workdir / f"rq-worker-{time.monotonic_ns()}.log"
-    env = {**os.environ, "IMAGE_CACHE_DIR": str(workdir / "image-cache")}
-    process = subprocess.Popen([str(RQ), "worker", "--url", redis_url, "--job-monitoring-interval", "2", QUEUE_NAME],
+    env = {**os.environ, "IMAGE_CACHE_DIR": str(workdir / "image-cache"), "REDIS_URL": redis_url}
+    process = subprocess.Popen([sys.executable, "-m", "ml_backend.retrain.worker"],  # the image's worker command
                                env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     return process, log
 
@@ -129,6 +128,8 @@ def test_rq_job_trains_and_promotes_a_version(redis_server, tmp_path):
             stop_worker(worker)
     last = status["last"]
     assert last["status"] == "succeeded", last
-    assert last["export"]["written"] == 6
-    current = ModelStore(model_dir).current_version_id()
-    assert current is not None and current in str(last["fit"])
+    assert last["export"]["written"] == 6 and last["train_count"] + last["val_count"] == 6
+    store = ModelStore(model_dir)
+    assert last["promoted"] and last["parent"] is None  # the first version: from scratch, promoted
+    assert store.current_version_id() == last["version"]
+    assert store.current().val_foreground_iou == pytest.approx(last["val_foreground_iou"])

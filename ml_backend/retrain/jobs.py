@@ -23,7 +23,6 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from ml_backend.errors import BackendError
@@ -77,13 +76,6 @@ class JobSpec:
         return {**self.to_dict(), "token": "***" if self.token else ""}
 
 
-def _report_fields(report: object) -> dict[str, Any]:
-    """The fields of ``training.fit``'s report as plain JSON values."""
-    data = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else dict(vars(report))
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()
-            if isinstance(v, (str, int, float, bool, type(None), Path, dict, list))}
-
-
 def execute_training(spec: JobSpec) -> dict[str, Any]:
     """Export, fit, promote; returns the outcome. Raises on failure (the caller records it)."""
     from ml_backend.export import ExportOptions, export_from_label_studio
@@ -104,18 +96,18 @@ def execute_training(spec: JobSpec) -> dict[str, Any]:
                     f"project {spec.project} has no accepted brush annotation to train on "
                     f"({report.not_accepted} without an accepted annotation, {len(report.skipped)} skipped)")
             from training.fit import fit  # deferred: Keras loads only in a job that trains
-            from training.store import ModelStore
 
-            from_version = "current" if ModelStore(spec.model_dir).current_version_id() else None
-            logger.info("project %s: training on %d pair(s) from %s", spec.project, len(report.written),
-                        from_version or "scratch")
-            fitted = fit(data_dir, spec.model_dir, from_version=from_version, epochs=spec.epochs,
+            logger.info("project %s: training on %d pair(s)", spec.project, len(report.written))
+            # "current": fine-tune the current version, from scratch when there is none.
+            fitted = fit(data_dir, spec.model_dir, from_version="current", epochs=spec.epochs,
                          image_size=spec.image_size, batch_size=spec.batch_size,
-                         promotion_margin=spec.promotion_margin)
+                         promotion_margin=spec.promotion_margin, verbose=2)
     finally:
         loader.close()
-    return {"status": "succeeded", "from_version": from_version, "export": report.summary(),
-            "fit": _report_fields(fitted)}
+    return {"status": "succeeded", "version": fitted.version_id, "promoted": fitted.promoted,
+            "val_foreground_iou": fitted.val_foreground_iou, "parent": fitted.parent,
+            "baseline_val_foreground_iou": fitted.baseline_val_foreground_iou, "train_count": fitted.train_count,
+            "val_count": fitted.val_count, "skipped_count": fitted.skipped_count, "export": report.summary()}
 
 
 def _failure(exc: BaseException) -> dict[str, Any]:

@@ -1,0 +1,117 @@
+"""The Docker files: the compose file is accepted by Compose, and the image's entry points exist.
+
+No Docker engine here: images are neither built nor run. ``docker compose config`` (or the
+older ``docker-compose config``) validates and resolves the compose file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILE = REPO / "docker" / "Dockerfile"
+COMPOSE = REPO / "docker" / "docker-compose.yml"
+ENV = {"LABEL_STUDIO_API_KEY": "0123456789abcdef0123456789abcdef01234567", "LABEL_STUDIO_PASSWORD": "secret"}
+
+
+def compose_command() -> list[str] | None:
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+def compose_config(env: dict[str, str]) -> subprocess.CompletedProcess:
+    command = compose_command()
+    if command is None:
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "RETRAIN_"))}
+    return subprocess.run([*command, "-f", str(COMPOSE), "config"], capture_output=True, text=True,
+                          env={**clean, **env}, cwd=REPO / "docker", timeout=120)
+
+
+def test_compose_config_is_accepted_and_wires_the_services():
+    result = compose_config(ENV)
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    services = config["services"]
+    assert set(services) == {"label-studio", "backend", "redis", "worker"}
+    assert services["label-studio"]["image"].endswith(":1.23.2")
+    for name in ("backend", "worker"):
+        service = services[name]
+        devices = service["deploy"]["resources"]["reservations"]["devices"]
+        assert any("gpu" in d["capabilities"] for d in devices), f"{name} reserves no GPU"
+        env = service["environment"]
+        assert env["REDIS_URL"] == "redis://redis:6379/0" and env["MODEL_DIR"] == "/models"
+        assert env["LABEL_STUDIO_URL"] == "http://label-studio:8080"
+        assert env["LABEL_STUDIO_API_KEY"] == ENV["LABEL_STUDIO_API_KEY"]
+        volumes = {str(v).split(":")[-2] if isinstance(v, str) else v["target"]: v for v in service["volumes"]}
+        assert "/models" in volumes and "/cache" in volumes, f"{name}: {service['volumes']}"
+        assert Path(service["build"]["dockerfile"]).name == "Dockerfile"
+    assert services["label-studio"]["environment"]["LABEL_STUDIO_USER_TOKEN"] == ENV["LABEL_STUDIO_API_KEY"]
+
+
+def test_compose_refuses_to_start_without_the_key():
+    result = compose_config({"LABEL_STUDIO_PASSWORD": "secret"})
+    assert result.returncode != 0
+    assert "LABEL_STUDIO_API_KEY" in result.stderr
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip()) for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_dockerfile_runs_as_non_root_with_volumes_and_healthcheck():
+    instructions = dockerfile_instructions()
+    users = [arg for op, arg in instructions if op == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    volumes = " ".join(arg for op, arg in instructions if op == "VOLUME")
+    assert "/models" in volumes and "/cache" in volumes
+    health = [arg for op, arg in instructions if op == "HEALTHCHECK"]
+    assert health and "/health" in health[0]
+    run = " ".join(arg for op, arg in instructions if op == "RUN")
+    assert "scripts/install.sh" in run and "torch>=2.4" in run  # PyPI's CUDA build, not the CPU pin
+    for op, arg in instructions:
+        if op == "COPY":
+            sources = [s for s in shlex.split(arg) if not s.startswith("--")][:-1]
+            for source in sources:
+                assert (REPO / source).exists(), f"COPY {source}: not in the repository"
+
+
+def module_of(command: list[str]) -> tuple[str, list[str]]:
+    assert command[:2] == ["python", "-m"], command
+    return command[2], command[3:]
+
+
+def test_entry_points_exist_in_the_package():
+    cmd = [arg for op, arg in dockerfile_instructions() if op == "CMD"][-1]
+    module, args = module_of(yaml.safe_load(cmd))
+    assert importlib.import_module(module) and args == ["serve"]
+    help_text = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO)
+    assert help_text.returncode == 0 and "serve" in help_text.stdout
+
+    worker = yaml.safe_load(COMPOSE.read_text())["services"]["worker"]["command"]
+    module, args = module_of(worker)
+    assert callable(importlib.import_module(module).main)
+    without_redis = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    result = subprocess.run([sys.executable, "-m", module, "--burst"], capture_output=True, text=True, cwd=REPO,
+                            env=without_redis, timeout=120)
+    assert result.returncode == 2 and "REDIS_URL" in result.stderr
+
+
+def test_dockerignore_keeps_environments_out_of_the_build_context():
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".git", ".venv", ".venv-ls"} <= set(ignored)
