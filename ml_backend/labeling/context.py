@@ -196,8 +196,7 @@ class _ItemReader:
         to_name = item.get("to_name", config.image_name)
         if to_name != config.image_name:
             raise InvalidPromptError(f"{self.name} points at {to_name!r}, not at image {config.image_name!r}.")
-        rotation = item.get("image_rotation", 0)
-        self.number(rotation, "image_rotation")
+        self.number(item.get("image_rotation", 0), "image_rotation")  # checked, not applied: see module doc
         value = item.get("value")
         if not isinstance(value, Mapping):
             raise InvalidPromptError(f"{self.name} has no 'value' object with its coordinates.")
