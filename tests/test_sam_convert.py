@@ -261,3 +261,24 @@ def test_a_tensor_of_the_wrong_shape_is_refused(official, converted):
     state_dict["mask_decoder.iou_token.weight"] = torch.zeros(1, 7)
     with pytest.raises(ModelSourceError, match="mask_decoder.iou_token.weight has shape"):
         port_weights(converted, state_dict)
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def test_convert_command_writes_a_preset(checkpoint, tmp_path, capsys):
+    from ml_backend.sam.__main__ import main
+
+    assert main(["convert", str(checkpoint), str(tmp_path / "cli-preset")]) == 0
+    assert json.loads(capsys.readouterr().out)["preset"] == str(tmp_path / "cli-preset")
+    assert (tmp_path / "cli-preset" / "config.json").is_file()
+
+
+def test_convert_command_rejects_a_bad_file_with_exit_code_2(tmp_path, capsys):
+    from ml_backend.sam.__main__ import main
+
+    bad = tmp_path / "photo.pth"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    assert main(["convert", str(bad), str(tmp_path / "out")]) == 2
+    assert "photo.pth is not a readable PyTorch checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

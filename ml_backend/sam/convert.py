@@ -98,7 +98,8 @@ def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         raise ModelSourceError(
-            f"{path} is not a readable PyTorch checkpoint ({exc.__class__.__name__}: {_first_line(exc)})."
+            f"{path} is not a readable PyTorch checkpoint: the file is damaged, truncated or of another "
+            f"format (torch said {exc.__class__.__name__}: {_first_line(exc)})."
         ) from exc
     state_dict = _unwrap(loaded)
     if state_dict is None:
