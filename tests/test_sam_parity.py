@@ -136,3 +136,19 @@ def test_refining_with_previous_logits_matches_the_official_predictor(engine, pr
 
     assert _iou(result.mask, masks[0]) >= MIN_IOU
     assert result.score == pytest.approx(float(scores[0]), abs=SCORE_ATOL)
+
+
+@pytest.mark.slow
+def test_quick_bench_runs_and_its_masks_agree(capsys):
+    """The benchmark command works end to end; its timings are printed, never asserted."""
+    import json
+
+    from ml_backend.sam.bench import main
+
+    assert main(["--quick", "--repeats", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["median"]) == {
+        "first_click_s", "cached_click_s", "reference_set_image_predict_s", "reference_predict_s"
+    }
+    assert report["parity"]["mask_iou"] >= MIN_IOU
+    assert report["parity"]["score_difference"] <= SCORE_ATOL
