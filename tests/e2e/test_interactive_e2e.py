@@ -71,13 +71,12 @@ def project(label_studio: LabelStudio, backend: Backend) -> dict:
     }
     imported = label_studio.ok(
         "POST", f"/api/projects/{created['id']}/import?return_task_ids=true",
-        files=[("file", (name, data)) for name, data in images.items()],
+        files={name: (name, data) for name, data in images.items()},  # one form field per file
     )
-    tasks = {}
-    for task_id in imported["task_ids"]:
-        task = label_studio.ok("GET", f"/api/tasks/{task_id}")
-        name = next(n for n in images if task["data"]["image"].endswith(n))
-        tasks[name] = task
+    assert len(imported["task_ids"]) == len(images)
+    # Listing (unlike opening a task) does not make Label Studio ask for a prediction.
+    listed = label_studio.ok("GET", f"/api/tasks?project={created['id']}&page_size=100")["tasks"]
+    tasks = {name: next(t for t in listed if t["data"]["image"].endswith("-" + name)) for name in images}
     return {"id": created["id"], "ml": ml["id"], "images": images, "tasks": tasks}
 
 
@@ -231,7 +230,7 @@ def test_basic_auth(label_studio, backend_factory, project) -> None:
     assert refused.status_code >= 400
     ml = label_studio.ok("POST", "/api/ml", json={
         "url": guarded.url, "project": project["id"], "is_interactive": True, "title": "auth",
-        "auth_method": "BASIC", "basic_auth_user": "ls", "basic_auth_pass": "s3cret"})
+        "auth_method": "BASIC_AUTH", "basic_auth_user": "ls", "basic_auth_pass": "s3cret"})
     name = "landscape.png"
     answer = label_studio.ok("POST", f"/api/ml/{ml['id']}/interactive-annotating",
                              json={"task": project["tasks"][name]["id"],
