@@ -7,6 +7,7 @@ model object each time): everything heavy lives in the shared :class:`Runtime`.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,11 @@ NO_TRIMAP_VERSION = "trimap-none"
 
 def trimap_model_version(version: str | None) -> str:
     return f"trimap-{version}" if version else NO_TRIMAP_VERSION
+
+
+def sam_model_version(source: str) -> str:
+    """``sam-<preset name or file/directory name>``: no local paths in Label Studio's UI."""
+    return f"sam-{Path(source).name or source}"
 
 
 class SegmentationBackend(LabelStudioMLBase):
@@ -86,7 +92,7 @@ class SegmentationBackend(LabelStudioMLBase):
             results.append(labeling.build_brush_result(result.mask, config=self.config, label=label,
                                                        score=result.score))
             scores.append(result.score)
-        return labeling.build_prediction(results, float(np.mean(scores)), f"sam-{engine.source}")
+        return labeling.build_prediction(results, float(np.mean(scores)), sam_model_version(engine.source))
 
     @staticmethod
     def _refinement_keys(image: str, label: str | None, prompts: Prompts) -> tuple[tuple | None, tuple]:
