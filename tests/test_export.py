@@ -154,3 +154,26 @@ def test_cli(export, tmp_path, capsys, monkeypatch):
     empty.write_text("[]")
     assert main(["export-dataset", str(empty), "--images", str(images), "--out", str(tmp_path / "y")]) == 2
     assert "no task gave" in capsys.readouterr().err
+
+
+def test_export_from_a_running_label_studio(tmp_path):
+    from fake_label_studio import TOKEN, fake_label_studio, pet_image
+
+    from ml_backend.export import export_from_label_studio
+    from ml_backend.images import ImageLoader
+    from ml_backend.settings import Settings
+
+    loader = ImageLoader(Settings.from_env({"IMAGE_CACHE_DIR": str(tmp_path / "cache")}))
+    with fake_label_studio(n_tasks=3) as ls:
+        ls.tasks[1]["annotations"][0]["was_cancelled"] = True
+        report = export_from_label_studio(tmp_path / "out", url=ls.url, token=TOKEN, project=1, loader=loader,
+                                          options=ExportOptions(boundary_width=0))
+        assert report.written == ["task-1", "task-3"] and report.not_accepted == 1 and not report.skipped
+        trimap = np.asarray(Image.open(tmp_path / "out" / "annotations" / "trimaps" / "task-3.png"))
+        np.testing.assert_array_equal(trimap == 1, pet_image(2)[1])
+        with pytest.raises(ExportError, match="HTTP 401"):
+            export_from_label_studio(tmp_path / "bad", url=ls.url, token="wrong", project=1, loader=loader)
+    with pytest.raises(ExportError, match="cannot reach Label Studio"):
+        export_from_label_studio(tmp_path / "gone", url=ls.url, token=TOKEN, project=1, loader=loader)
+    with pytest.raises(ExportError, match="LABEL_STUDIO_URL"):
+        export_from_label_studio(tmp_path / "unset", url="", token="", project=1, loader=loader)

@@ -161,3 +161,27 @@ def test_unknown_label_studio_fails_clearly(tmp_path, monkeypatch):
     settle(retrainer)
     last = retrainer.status("3")["last"]
     assert last["status"] == "failed" and "LABEL_STUDIO_URL" in last["error"]
+
+
+def test_in_process_jobs_train_then_fine_tune_from_the_current_version(tmp_path):
+    """The real job body: export from a (stand-in) Label Studio, fit, promote; the second run fine-tunes."""
+    pytest.importorskip("training.fit")
+    from fake_label_studio import TOKEN, fake_label_studio
+
+    from training.store import ModelStore
+
+    with fake_label_studio(n_tasks=5) as ls:
+        settings = Settings.from_env({"MODEL_DIR": str(tmp_path / "models"), "RETRAIN_IMAGE_SIZE": "32",
+                                      "RETRAIN_EPOCHS": "1", "RETRAIN_BATCH_SIZE": "4",
+                                      "IMAGE_CACHE_DIR": str(tmp_path / "cache")})
+        retrainer = build_retrainer(settings, lambda: (ls.url, TOKEN), tick_s=0)
+        for _ in range(2):
+            assert retrainer.on_webhook("START_TRAINING", {"project": {"id": 1}})["status"] == "started"
+            settle(retrainer)
+    first, second = (record for record in retrainer.status("1")["history"])
+    assert first["status"] == second["status"] == "succeeded", (first, second)
+    assert first["parent"] is None and first["promoted"]
+    assert second["parent"] == first["version"]  # fine-tuned from what was current
+    store = ModelStore(tmp_path / "models")
+    assert store.current_version_id() == (second["version"] if second["promoted"] else first["version"])
+    assert {v.id for v in store.list_versions()} == {first["version"], second["version"]}

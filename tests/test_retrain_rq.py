@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -133,3 +134,14 @@ def test_rq_job_trains_and_promotes_a_version(redis_server, tmp_path):
     assert last["promoted"] and last["parent"] is None  # the first version: from scratch, promoted
     assert store.current_version_id() == last["version"]
     assert store.current().val_foreground_iou == pytest.approx(last["val_foreground_iou"])
+
+
+def test_unreachable_redis_gives_a_clear_error(tmp_path):
+    from ml_backend.retrain.state import StateStoreError
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    retrainer = build_retrainer(settings_for(f"redis://127.0.0.1:{port}/0", tmp_path), lambda: ("", ""), tick_s=0)
+    with pytest.raises(StateStoreError, match="Redis"):
+        retrainer.on_webhook("START_TRAINING", {"project": {"id": 1}})

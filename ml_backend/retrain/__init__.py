@@ -40,7 +40,7 @@ def build_retrainer(settings: Settings, access: Callable[[], tuple[str, str]], *
     from ml_backend.retrain.state import FileStateStore, RedisStateStore
 
     if settings.redis_url:
-        connection = redis_connection(settings.redis_url)
+        connection = redis_connection(settings.redis_url, fail_fast=True)
         store, executor = RedisStateStore(connection), RQExecutor(connection)
     else:
         store, executor = FileStateStore(settings.model_dir), InProcessExecutor()

@@ -196,9 +196,15 @@ class InProcessExecutor:
             thread.join(timeout_s)
 
 
-def redis_connection(url: str):
+def redis_connection(url: str, *, fail_fast: bool = False):
+    """A client for ``url``; ``fail_fast`` (the backend's webhook path) bounds connecting and each command.
+
+    RQ workers need the defaults: their blocking dequeue waits longer than any short socket timeout.
+    """
     from redis import Redis
 
+    if fail_fast:
+        return Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=2.0)
     return Redis.from_url(url)
 
 

@@ -24,11 +24,27 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from ml_backend.errors import BackendError
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 STATE_FILE = "retraining.json"
 REDIS_PREFIX = "sam-trimap:retrain:"
+
+
+class StateStoreError(BackendError):
+    """The shared state cannot be read or written (Redis unreachable, MODEL_DIR not writable)."""
+
+    status_code = 503
+
+
+@contextlib.contextmanager
+def _reraise(what: str, *errors: type[BaseException]) -> Iterator[None]:
+    try:
+        yield
+    except errors as exc:
+        raise StateStoreError(f"retraining state unavailable ({what}): {exc}") from exc
 
 
 @dataclass
@@ -101,15 +117,15 @@ class FileStateStore:
         os.replace(tmp, self.path)
 
     def get(self, project: str) -> ProjectState:
-        with self._locked():
+        with _reraise(str(self.path), OSError), self._locked():
             return ProjectState.from_dict(self._read().get(project))
 
     def projects(self) -> list[str]:
-        with self._locked():
+        with _reraise(str(self.path), OSError), self._locked():
             return sorted(self._read())
 
     def update(self, project: str, change: Callable[[ProjectState], T]) -> T:
-        with self._locked():
+        with _reraise(str(self.path), OSError), self._locked():
             data = self._read()
             state = ProjectState.from_dict(data.get(project))
             result = change(state)
@@ -122,8 +138,11 @@ class RedisStateStore:
     """One JSON value per project under ``sam-trimap:retrain:<project>``."""
 
     def __init__(self, connection, prefix: str = REDIS_PREFIX) -> None:
+        from redis import RedisError
+
         self.redis = connection
         self.prefix = prefix
+        self._errors = (RedisError, OSError)
 
     def _key(self, project: str) -> str:
         return f"{self.prefix}{project}"
@@ -136,10 +155,12 @@ class RedisStateStore:
             return ProjectState()
 
     def get(self, project: str) -> ProjectState:
-        return self._load(self.redis.get(self._key(project)))
+        with _reraise("Redis", *self._errors):
+            return self._load(self.redis.get(self._key(project)))
 
     def projects(self) -> list[str]:
-        return sorted(key.decode()[len(self.prefix):] for key in self.redis.scan_iter(match=f"{self.prefix}*"))
+        with _reraise("Redis", *self._errors):
+            return sorted(key.decode()[len(self.prefix):] for key in self.redis.scan_iter(match=f"{self.prefix}*"))
 
     def update(self, project: str, change: Callable[[ProjectState], T]) -> T:
         key = self._key(project)
@@ -151,5 +172,6 @@ class RedisStateStore:
             pipe.multi()
             pipe.set(key, json.dumps(state.to_dict()))
 
-        self.redis.transaction(transaction, key)
+        with _reraise("Redis", *self._errors):
+            self.redis.transaction(transaction, key)
         return outcome[0]
