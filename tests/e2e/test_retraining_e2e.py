@@ -2,7 +2,9 @@
 
 Annotations posted to Label Studio reach the backend as webhooks; the third accepted one
 starts a job that the worker runs (export through Label Studio's API, tiny fit, promotion);
-"Retrieve Predictions" then gets predictions from the new version.
+"Retrieve Predictions" then gets predictions from the new version without a restart. Two
+"Start Training" clicks during a run give one run and one coalesced follow-up, fine-tuned
+from the current version.
 """
 
 from __future__ import annotations
@@ -77,11 +79,11 @@ def wait_for(check, timeout_s: float, what: str, log: Path):
     raise AssertionError(f"{what} not within {timeout_s} s\n{log.read_text(errors='replace')[-4000:]}")
 
 
-def test_webhooks_train_promote_and_predictions_carry_the_new_version(label_studio: LabelStudio, setup) -> None:
+def test_webhooks_train_promote_predict_and_coalesce(label_studio: LabelStudio, setup) -> None:
     backend: Backend = setup["backend"]
     project = label_studio.ok("POST", "/api/projects", json={"title": "retraining", "label_config": LABEL_CONFIG})
-    label_studio.ok("POST", "/api/ml", json={"url": backend.url, "project": project["id"], "is_interactive": True,
-                                             "title": "sam-trimap"})
+    ml = label_studio.ok("POST", "/api/ml", json={"url": backend.url, "project": project["id"],
+                                                  "is_interactive": True, "title": "sam-trimap"})
     imported = label_studio.ok("POST", f"/api/projects/{project['id']}/import?return_task_ids=true",
                                files=[(f"file{i}", (f"pet-{i}.png", png(i))) for i in range(5)])
     tasks = sorted(imported["task_ids"])
@@ -116,4 +118,18 @@ def test_webhooks_train_promote_and_predictions_carry_the_new_version(label_stud
     for task_id in tasks:
         predictions = label_studio.ok("GET", f"/api/predictions?task={task_id}")
         assert [p["model_version"] for p in predictions] == [f"trimap-{last['version']}"], predictions
-        assert predictions[0]["result"], "the promoted model predicted no mask"
+
+    # "Start Training" twice while the first of them runs: one run now, one coalesced follow-up.
+    label_studio.ok("POST", f"/api/ml/{ml['id']}/train", json={})
+    label_studio.ok("POST", f"/api/ml/{ml['id']}/train", json={})
+    running = status(backend, project["id"])
+    assert running["is_training"] and running["follow_up_queued"] and running["reason"] == "START_TRAINING"
+    state = wait_for(lambda: (s := status(backend, project["id"]))["trainings"] == 3 and not s["is_training"] and s,
+                     300, "the two further jobs", setup["worker_log"])
+    first, second, third = state["history"]
+    assert [second["reason"], third["status"]] == ["START_TRAINING", "succeeded"] and "follow-up" in third["reason"]
+    assert second["parent"] == first["version"]  # fine-tuned from the current version
+    listed = {v["id"]: v for v in backend.post("/versions", json={}).json()["versions"]}
+    assert set(listed) == {first["version"], second["version"], third["version"]}
+    current = [v for v in listed.values() if v["current"]]
+    assert len(current) == 1
