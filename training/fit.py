@@ -96,7 +96,8 @@ def evaluate_model(
     """
     skipped = skipped if skipped is not None else SkipLog()
     size = model_image_size(model)
-    metric = keras.metrics.IoU(num_classes=NUM_CLASSES, target_class_ids=(FOREGROUND,), sparse_y_pred=True)
+    # A confusion matrix by np.bincount: keras.metrics.IoU.update_state took 2.5 s per 500×375 image.
+    confusion = np.zeros(NUM_CLASSES * NUM_CLASSES, dtype=np.int64)
     progress = keras.utils.Progbar(len(pairs), unit_name="image") if verbose else None
     counted = 0
     for start in range(0, len(pairs), batch_size):
@@ -119,14 +120,14 @@ def evaluate_model(
         if inputs:
             for prob, truth in zip(probabilities(model, np.stack(inputs)), truths):
                 predicted = upsample(prob, truth.shape[1], truth.shape[0]).argmax(axis=-1)
-                metric.update_state(truth.ravel(), predicted.ravel())
+                confusion += np.bincount(truth.ravel().astype(np.int64) * NUM_CLASSES + predicted.ravel(),
+                                         minlength=NUM_CLASSES * NUM_CLASSES)
             counted += len(inputs)
         if progress is not None:
             progress.update(min(len(pairs), start + batch_size))
     if counted == 0:
         raise DatasetError("no validation image could be evaluated; see the warnings above")
-    confusion = keras.ops.convert_to_numpy(metric.total_cm)
-    per_class, accuracy = _confusion_metrics(confusion)
+    per_class, accuracy = _confusion_metrics(confusion.reshape(NUM_CLASSES, NUM_CLASSES))
     return EvalReport(
         foreground_iou=per_class[CLASS_NAMES[FOREGROUND]],
         per_class_iou=per_class,
@@ -289,6 +290,7 @@ def fit(
         epochs_run = len(checkpoint.history.get("loss", []))
 
         best = keras.saving.load_model(checkpoint.path, compile=False)
+        best.save(checkpoint.path)  # uncompiled: drops the optimizer state (2/3 of the file)
         eval_started = time.perf_counter()
         result = evaluate_model(best, split.val, batch_size=batch_size, skipped=skipped, verbose=verbose)
         plot_history(checkpoint.history, staged / "curves.png")

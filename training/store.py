@@ -161,7 +161,9 @@ class ModelStore:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def new_version_id(self) -> str:
-        return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+        """UTC time to the microsecond (ids sort by creation) plus random bits (unique across processes)."""
+        now = time.time()
+        return f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}-{int(now % 1 * 1e6):06d}-{secrets.token_hex(2)}"
 
     @contextlib.contextmanager
     def staging(self, version_id: str) -> Iterator[Path]:

@@ -1,0 +1,41 @@
+"""Fixtures for the ``training`` tests: tiny synthetic data sets and a tiny fitted store.
+
+Import the fixtures you use into the test module (``from conftest_training import ...``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+import training  # noqa: F401  (selects the torch backend before keras)
+from training.data import write_synthetic
+
+TINY_IMAGE = 16  # model input size for tests that only need *a* fitted model
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20 synthetic pairs of about 40 px."""
+    root = tmp_path_factory.mktemp("tiny-data")
+    write_synthetic(root, count=20, size=40, seed=11)
+    return root
+
+
+@pytest.fixture(scope="session")
+def _fitted_store(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
+    from training.fit import fit
+
+    model_dir = tmp_path_factory.mktemp("fitted") / "models"
+    fit(tiny_data, model_dir, epochs=1, image_size=TINY_IMAGE, batch_size=8, verbose=0)
+    return model_dir
+
+
+@pytest.fixture
+def fitted_store(_fitted_store: Path, tmp_path: Path) -> Path:
+    """A private copy of a store holding one promoted version fitted on ``tiny_data``."""
+    copy = tmp_path / "models"
+    shutil.copytree(_fitted_store, copy)
+    return copy
