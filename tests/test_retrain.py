@@ -185,3 +185,10 @@ def test_in_process_jobs_train_then_fine_tune_from_the_current_version(tmp_path)
     store = ModelStore(tmp_path / "models")
     assert store.current_version_id() == (second["version"] if second["promoted"] else first["version"])
     assert {v.id for v in store.list_versions()} == {first["version"], second["version"]}
+
+
+def test_reading_state_creates_nothing(tmp_path):
+    retrainer = make(tmp_path / "models")
+    assert retrainer.status("3")["trainings"] == 0 and retrainer.status(None) == {"is_training": False, "projects": {}}
+    retrainer.tick()
+    assert not (tmp_path / "models").exists()

@@ -72,9 +72,6 @@ class JobSpec:
             values[key] = tuple(values.get(key, ()))
         return cls(**values)
 
-    def redacted(self) -> dict[str, Any]:
-        return {**self.to_dict(), "token": "***" if self.token else ""}
-
 
 def execute_training(spec: JobSpec) -> dict[str, Any]:
     """Export, fit, promote; returns the outcome. Raises on failure (the caller records it)."""

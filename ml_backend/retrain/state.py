@@ -117,10 +117,14 @@ class FileStateStore:
         os.replace(tmp, self.path)
 
     def get(self, project: str) -> ProjectState:
+        if not self.path.exists():  # reading creates nothing (no MODEL_DIR until the first webhook)
+            return ProjectState()
         with _reraise(str(self.path), OSError), self._locked():
             return ProjectState.from_dict(self._read().get(project))
 
     def projects(self) -> list[str]:
+        if not self.path.exists():
+            return []
         with _reraise(str(self.path), OSError), self._locked():
             return sorted(self._read())
 
