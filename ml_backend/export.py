@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 IMAGES_SUBDIR = Path("images")
 TRIMAPS_SUBDIR = Path("annotations") / "trimaps"
 JPEG_QUALITY = 95
-API_TIMEOUT_S = 120.0
+API_CONNECT_TIMEOUT_S = 10.0
+API_READ_TIMEOUT_S = 600.0  # Label Studio builds a large project's export while we wait
 
 # (task, image URL) -> RGB uint8 array; raises BackendError when the image cannot be had.
 ImageSource = Callable[[dict, str], np.ndarray]
@@ -164,10 +165,11 @@ def _api_get(url: str, token: str, path: str, params: dict | None = None):
     from ml_backend.images.auth import LabelStudioAuth
 
     session = requests.Session()
-    auth = LabelStudioAuth(url, token, session, timeout_s=API_TIMEOUT_S)
+    auth = LabelStudioAuth(url, token, session, timeout_s=API_CONNECT_TIMEOUT_S)
     target = url.rstrip("/") + path
     try:
-        response = session.get(target, params=params, headers=auth.header(), timeout=API_TIMEOUT_S)
+        response = session.get(target, params=params, headers=auth.header(),
+                               timeout=(API_CONNECT_TIMEOUT_S, API_READ_TIMEOUT_S))
     except (requests.RequestException, BackendError) as exc:
         raise ExportError(f"cannot reach Label Studio at {target}: {exc}") from exc
     finally:
