@@ -1,7 +1,9 @@
 """Periodic retraining of the trimap model from accepted Label Studio annotations.
 
 ``policy`` (when to train), ``state`` (shared per-project state), ``jobs`` (what a job does,
-in-process or RQ), ``coordinator`` (the :class:`Retrainer` the backend holds).
+in-process or RQ), ``coordinator`` (the :class:`Retrainer` the backend holds), ``worker`` (the
+RQ worker command). All projects share one model store in ``MODEL_DIR``; each job trains on
+its own project's accepted annotations, fine-tuning the store's current version.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 * :class:`InProcessExecutor` (default, needs nothing installed): a daemon thread in the backend.
 * :class:`RQExecutor` (``REDIS_URL`` set): the job goes to an RQ queue on Redis and any number
-  of ``rq worker --url $REDIS_URL sam-trimap-training`` processes (GPU machines sharing
-  ``MODEL_DIR``) run :func:`run_job`.
+  of workers (``python -m ml_backend.retrain.worker``, or ``rq worker --url $REDIS_URL
+  sam-trimap-training``; GPU machines sharing ``MODEL_DIR``) run :func:`run_job`. The job
+  carries Label Studio's URL and token, so Redis must be private to the deployment.
 
 A job exports the project's accepted annotations, fine-tunes from the store's current version
 (from scratch when there is none) and lets ``training`` promote by its rule. It records its
