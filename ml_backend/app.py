@@ -96,6 +96,14 @@ class BackendViews:
             "trimap_model_version": self.runtime.trimaps.current_version(),
         })
 
+    def status(self) -> Response:
+        """Everything an operator wants in one place: SAM, the served trimap version, training per project."""
+        return jsonify({
+            "sam": self.runtime.sam_status(),
+            "trimap_model_version": self.runtime.trimaps.current_version(),
+            "training": self.runtime.training_status(request.args.get("project")),
+        })
+
     def versions(self) -> Response:
         return jsonify({"versions": self.runtime.trimap_versions()})
 
@@ -163,7 +171,11 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     app = Flask("ml_backend")
     for rule in api._server.url_map.iter_rules():
         if rule.endpoint in ours:
-            app.add_url_rule(rule.rule, endpoint=rule.endpoint, view_func=ours[rule.endpoint], methods=rule.methods)
+            methods = set(rule.methods or ())
+            if rule.endpoint == "get_version":
+                methods.add("GET")  # Label Studio 1.23 asks with GET; the library routes POST only
+            app.add_url_rule(rule.rule, endpoint=rule.endpoint, view_func=ours[rule.endpoint], methods=methods)
+    app.add_url_rule("/status", endpoint="status", view_func=_handle_errors(views.status), methods=["GET"])
     app.before_request(_basic_auth_guard(settings))
     for code in (404, 405):
         app.register_error_handler(code, lambda exc: _error(exc.description, exc.code))

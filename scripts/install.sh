@@ -30,7 +30,7 @@ log "installing runtime dependencies"
 
 if [ "$WITH_TEST" = 1 ]; then
     log "installing test tools"
-    "${PIP[@]}" "pytest>=8" pytest-timeout
+    "${PIP[@]}" "pytest>=8" pytest-timeout pyyaml
     "${PIP[@]}" --no-deps "segment-anything==1.0"
     "${PIP[@]}" "label-studio-sdk==2.1.2"
     if [ ! -x .venv-ls/bin/label-studio ]; then
@@ -38,10 +38,14 @@ if [ "$WITH_TEST" = 1 ]; then
         "$PYTHON" -m venv .venv-ls
         .venv-ls/bin/python -m pip install --disable-pip-version-check -q "label-studio==1.23.2"
     fi
-    if ! command -v redis-server >/dev/null 2>&1; then
-        log "installing redis-server (Debian package)"
+    # Debian packages: a real Redis for the queue tests, docker-compose to validate docker/docker-compose.yml.
+    missing=()
+    command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+    docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        log "installing Debian packages: ${missing[*]}"
         if [ "$(id -u)" = 0 ]; then SUDO=(); else SUDO=(sudo); fi
-        "${SUDO[@]}" apt-get update -qq && "${SUDO[@]}" apt-get install -y -qq redis-server >/dev/null
+        "${SUDO[@]}" apt-get update -qq && DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
     fi
 fi
 log "done"
