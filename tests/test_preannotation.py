@@ -1,0 +1,111 @@
+"""Batch pre-annotation with a promoted trimap model: brush results, hot reload, SAM refinement."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ml_backend.app import create_app
+from ml_backend.brush import decode_rle
+from ml_backend.preannotation import mask_bounding_box
+from ml_backend.runtime import Runtime
+from ml_backend.sam import Prompts, SamEngine
+from ml_backend.settings import Settings
+from training.model import build_model
+from training.predict import predict_trimap
+from training.store import MODEL_FILE, ModelStore
+
+CONFIG = """<View><Image name="image" value="$image"/>
+<BrushLabels name="mask" toName="image"><Label value="Pet"/></BrushLabels></View>"""
+
+
+def store_random_model(model_dir: Path, seed: int) -> str:
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    store = ModelStore(model_dir)
+    version = store.new_version_id()
+    with store.staging(version) as staged:
+        build_model(32).save(staged / MODEL_FILE)
+        store.publish(staged, {"val_foreground_iou": 0.5}, make_current=True)
+    return version
+
+
+@pytest.fixture
+def image() -> np.ndarray:
+    pixels = np.full((50, 70, 3), 30, np.uint8)
+    pixels[10:40, 20:55] = (220, 180, 40)
+    return pixels
+
+
+def task(image: np.ndarray, task_id: int = 1) -> dict:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return {"id": task_id, "data": {"image": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()}}
+
+
+def client_for(settings: Settings, engine: SamEngine):
+    return create_app(settings, runtime=Runtime(settings, engine=engine)).test_client()
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return dataclasses.replace(Settings(), model_dir=tmp_path / "models", image_cache_dir=tmp_path / "cache")
+
+
+def batch(client, tasks: list[dict]) -> dict:
+    response = client.post("/predict", json={"tasks": tasks, "label_config": CONFIG, "project": "1.1"})
+    assert response.status_code == 200, response.json
+    return response.json
+
+
+def test_the_promoted_trimap_becomes_a_brush_region_and_reloads_after_promotion(settings, tiny_segmenter, image):
+    client = client_for(settings, SamEngine(tiny_segmenter))
+    first = store_random_model(settings.model_dir, seed=1)
+    answer = batch(client, [task(image, 1), task(image, 2)])
+    assert [p["model_version"] for p in answer["results"]] == [f"trimap-{first}"] * 2
+    classes = predict_trimap(ModelStore(settings.model_dir).load_model(first), image)
+    [item] = answer["results"][0]["result"]
+    assert item["value"]["brushlabels"] == ["Pet"] and (item["original_width"], item["original_height"]) == (70, 50)
+    expected = (classes == 0) | (classes == 2)
+    assert 0 < expected.sum() < expected.size  # a mask with both sides, so the comparison means something
+    np.testing.assert_array_equal(decode_rle(item["value"]["rle"], 50, 70), expected)
+
+    second = store_random_model(settings.model_dir, seed=2)
+    assert batch(client, [task(image)])["results"][0]["model_version"] == f"trimap-{second}"
+    assert client.post("/setup", json={"schema": CONFIG}).json["model_version"] == f"trimap-{second}"
+
+
+def test_foreground_only_when_the_boundary_is_excluded(settings, tiny_segmenter, image):
+    settings = dataclasses.replace(settings, trimap_include_boundary=False)
+    version = store_random_model(settings.model_dir, seed=1)
+    [item] = batch(client_for(settings, SamEngine(tiny_segmenter)), [task(image)])["results"][0]["result"]
+    classes = predict_trimap(ModelStore(settings.model_dir).load_model(version), image)
+    assert 0 < (classes == 0).sum() and (classes == 2).any()  # excluding the boundary changes the mask
+    np.testing.assert_array_equal(decode_rle(item["value"]["rle"], 50, 70), classes == 0)
+
+
+def test_sam_refines_the_trimap_foreground_box(settings, tiny_segmenter, image):
+    settings = dataclasses.replace(settings, trimap_sam_refine=True)
+    engine = SamEngine(tiny_segmenter)
+    version = store_random_model(settings.model_dir, seed=3)
+    [item] = batch(client_for(settings, engine), [task(image)])["results"][0]["result"]
+    classes = predict_trimap(ModelStore(settings.model_dir).load_model(version), image)
+    box = mask_bounding_box((classes == 0) | (classes == 2))
+    assert box is not None
+    expected = engine.segment(image, Prompts.from_lists(box=box))
+    np.testing.assert_array_equal(decode_rle(item["value"]["rle"], 50, 70), expected.mask)
+    assert item["score"] == pytest.approx(expected.score, abs=1e-4)
+
+
+def test_mask_bounding_box_uses_pixel_edges() -> None:
+    mask = np.zeros((10, 12), bool)
+    mask[2:5, 3:9] = True
+    assert mask_bounding_box(mask) == (3.0, 2.0, 9.0, 5.0)
+    assert mask_bounding_box(np.zeros((4, 4), bool)) is None
