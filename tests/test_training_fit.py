@@ -36,7 +36,7 @@ def test_the_model_learns_beyond_constant_predictions(tmp_path):
     # Predicting "all foreground": intersection = foreground pixels, union = every pixel.
     all_foreground = sum((t == 0).sum() for t in truths) / sum(t.size for t in truths)
     all_background = 0.0  # no predicted foreground: intersection 0
-    assert report.val_foreground_iou > max(all_foreground, all_background) + 0.15, (
+    assert report.val_foreground_iou > max(all_foreground, all_background) + 0.3, (
         report.val_foreground_iou, all_foreground)
     metrics = ModelStore(tmp_path / "models").current().metrics
     assert metrics["val_foreground_iou"] == report.val_foreground_iou

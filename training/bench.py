@@ -42,7 +42,7 @@ class BenchConfig:
     def preset(cls, quick: bool) -> BenchConfig:
         if quick:
             return cls(image_size=64, source_size=96, batch_size=8, throughput_images=48, rounds=3, memory_images=16)
-        return cls(image_size=200, source_size=320, batch_size=16, throughput_images=256, rounds=4, memory_images=100)
+        return cls(image_size=200, source_size=320, batch_size=16, throughput_images=96, rounds=3, memory_images=50)
 
 
 class RssSampler:

@@ -30,7 +30,7 @@ from training.model import (
 )
 from training.pipeline import SkipLog, TrimapDataset
 from training.plots import plot_history, plot_predictions
-from training.predict import probabilities, upsample
+from training.predict import predict_trimaps, probabilities, upsample
 from training.store import MODEL_FILE, SPLIT_FILE, ModelStore
 
 log = logging.getLogger(__name__)
@@ -194,18 +194,17 @@ def _device() -> str:
 
 def _preview(model: keras.Model, pairs: Sequence[Pair], path: Path) -> None:
     """A grid of predictions on a few validation images (skipping any that fail to load)."""
-    from training.predict import predict_trimaps
-
     images, truths, titles = [], [], []
     for pair in pairs:
         if len(images) == PREVIEW_IMAGES:
             break
         try:
-            images.append(load_image(pair.image))
-            truths.append(load_trimap(pair.trimap))
-            titles.append(pair.stem)
+            image, truth = load_image(pair.image), load_trimap(pair.trimap)
         except DECODE_ERRORS:
-            images, truths = images[: len(titles)], truths[: len(titles)]
+            continue  # already reported by the evaluation
+        images.append(image)
+        truths.append(truth)
+        titles.append(pair.stem)
     if images:
         plot_predictions(images, truths, predict_trimaps(model, images), path, titles)
 
@@ -231,8 +230,10 @@ def fit(
 
     ``from_version``: ``None`` trains from scratch; ``"current"`` fine-tunes the current version
     if there is one (from scratch otherwise); any other value names the version to fine-tune.
-    ``image_size`` defaults to the parent's input size (200 from scratch). Ctrl-C stops fitting
-    and keeps the best checkpoint so far (the version is then marked ``interrupted``).
+    ``image_size`` defaults to the parent's input size (200 from scratch). ``seed`` fixes the
+    split, the shuffling and the flips (not the initial weights: that would reseed the caller's
+    global random state). Ctrl-C stops fitting and keeps the best checkpoint so far (the
+    version is then marked ``interrupted``).
     """
     started = time.perf_counter()
     if epochs < 1 or batch_size < 1 or patience < 0 or learning_rate < 0:

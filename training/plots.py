@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 from training.predict import overlay  # noqa: E402
@@ -29,6 +30,8 @@ def plot_history(history: dict[str, list[float]], path: Path) -> Path:
     right.set_xlabel("Epoch")
     right.set_ylim(0, 1)
     right.legend()
+    for axis in (left, right):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -23,6 +23,7 @@ import os
 import secrets
 import shutil
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,7 +146,7 @@ class ModelStore:
         path = self.versions_dir / self.resolve(version_id) / MODEL_FILE
         try:
             return keras.saving.load_model(path, compile=False)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
             raise StoreError(f"{path}: cannot load the model ({exc})") from exc
 
     # --- writing -------------------------------------------------------------------------
