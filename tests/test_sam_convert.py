@@ -282,3 +282,23 @@ def test_convert_command_rejects_a_bad_file_with_exit_code_2(tmp_path, capsys):
     assert main(["convert", str(bad), str(tmp_path / "out")]) == 2
     assert "photo.pth is not a readable PyTorch checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_half_precision_checkpoints_convert_to_float32(official):
+    state_dict = {key: value.half() for key, value in official.state_dict().items()}
+    segmenter = convert_state_dict(state_dict)
+    kernel = segmenter.backbone.mask_decoder.iou_token.embeddings
+    assert str(kernel.dtype) == "float32"
+    np.testing.assert_array_equal(
+        kernel.numpy(), state_dict["mask_decoder.iou_token.weight"].float().numpy()
+    )
+
+
+def test_stored_pixel_statistics_must_be_the_standard_ones(official, converted):
+    state_dict = dict(official.state_dict())
+    state_dict["pixel_mean"] = torch.tensor([123.675, 116.28, 103.53]).view(-1, 1, 1)
+    state_dict["pixel_std"] = torch.tensor([58.395, 57.12, 57.375]).view(-1, 1, 1)
+    port_weights(converted, state_dict)  # the standard ones are accepted (and count as used)
+    state_dict["pixel_std"] = torch.tensor([1.0, 1.0, 1.0]).view(-1, 1, 1)
+    with pytest.raises(ModelSourceError, match="pixel_std"):
+        port_weights(converted, state_dict)
