@@ -27,6 +27,7 @@ import logging
 import re
 import shutil
 import tempfile
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -95,7 +96,8 @@ def load_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelSourceError(f"SAM checkpoint {path} does not exist.")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        # Memory-map zip-format files (all official ones): a 2.5 GB vit_h then needs no second copy in RAM.
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         raise ModelSourceError(
             f"{path} is not a readable PyTorch checkpoint: the file is damaged, truncated or of another "
