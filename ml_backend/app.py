@@ -19,8 +19,10 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import BadRequest, HTTPException
 
+from ml_backend import labeling
 from ml_backend.backend import SegmentationBackend
 from ml_backend.errors import BackendError
+from ml_backend.label_studio_api import api_get, iter_project_tasks
 from ml_backend.logs import configure_logging
 from ml_backend.runtime import Runtime
 from ml_backend.settings import Settings
@@ -28,6 +30,7 @@ from ml_backend.settings import Settings
 logger = logging.getLogger(__name__)
 
 PUBLIC_ROUTES = {"/health", "/"}
+DEFAULT_WARMUP_LIMIT = 200
 
 
 def _json_body() -> dict:
@@ -95,6 +98,26 @@ class BackendViews:
             "sam": self.runtime.sam_status(),
             "trimap_model_version": self.runtime.trimaps.current_version(),
         })
+
+    def warmup(self) -> tuple[Response, int]:
+        """Embed a project's images before annotators start: ``{"project": id, "limit": n}`` or
+        ``{"tasks": [...], "label_config": "..."}``; answers at once, the work runs in the background."""
+        data = _json_body()
+        tasks, label_config = data.get("tasks"), data.get("label_config")
+        project = data.get("project")
+        if project is not None:
+            if not isinstance(project, int) or isinstance(project, bool):
+                raise BackendError("'project' must be a Label Studio project id (a number).")
+            limit = data.get("limit", DEFAULT_WARMUP_LIMIT)
+            if not isinstance(limit, int) or limit < 1:
+                raise BackendError("'limit' must be a positive number of tasks.")
+            url, token = self.runtime.access.url, self.runtime.access.token
+            label_config = (api_get(url, token, f"/api/projects/{project}") or {}).get("label_config")
+            tasks = list(iter_project_tasks(url, token, project, limit=limit))
+        if not isinstance(tasks, list):
+            raise BackendError("Give a 'project' id, or 'tasks' with their 'label_config'.")
+        config = labeling.parse_label_config(label_config)
+        return jsonify({"queued": self.runtime.warm(tasks, config.image_key)}), 202
 
     def status(self) -> Response:
         """Everything an operator wants in one place: SAM, the served trimap version, training per project."""
@@ -176,6 +199,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
                 methods.add("GET")  # Label Studio 1.23 asks with GET; the library routes POST only
             app.add_url_rule(rule.rule, endpoint=rule.endpoint, view_func=ours[rule.endpoint], methods=methods)
     app.add_url_rule("/status", endpoint="status", view_func=_handle_errors(views.status), methods=["GET"])
+    app.add_url_rule("/warmup", endpoint="warmup", view_func=_handle_errors(views.warmup), methods=["POST"])
     app.before_request(_basic_auth_guard(settings))
     for code in (404, 405):
         app.register_error_handler(code, lambda exc: _error(exc.description, exc.code))

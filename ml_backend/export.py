@@ -21,11 +21,11 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
-import requests
 from PIL import Image
 
 from ml_backend.errors import BackendError
 from ml_backend.images.decode import load_image_file
+from ml_backend.label_studio_api import LabelStudioAPIError, api_get
 from ml_backend.settings import Settings
 from ml_backend.trimaps import LabelRoles, accepted_annotation, annotation_to_trimap
 
@@ -34,8 +34,6 @@ logger = logging.getLogger(__name__)
 IMAGES_SUBDIR = Path("images")
 TRIMAPS_SUBDIR = Path("annotations") / "trimaps"
 JPEG_QUALITY = 95
-API_CONNECT_TIMEOUT_S = 10.0
-API_READ_TIMEOUT_S = 600.0  # Label Studio builds a large project's export while we wait
 
 # (task, image URL) -> RGB uint8 array; raises BackendError when the image cannot be had.
 ImageSource = Callable[[dict, str], np.ndarray]
@@ -162,32 +160,15 @@ def write_dataset(tasks: Iterable[object], out_dir: str | Path, *, image_source:
 # --- source: a running Label Studio --------------------------------------------------------
 
 def _api_get(url: str, token: str, path: str, params: dict | None = None):
-    from ml_backend.images.auth import LabelStudioAuth
-
-    session = requests.Session()
-    auth = LabelStudioAuth(url, token, session, timeout_s=API_CONNECT_TIMEOUT_S)
-    target = url.rstrip("/") + path
     try:
-        response = session.get(target, params=params, headers=auth.header(),
-                               timeout=(API_CONNECT_TIMEOUT_S, API_READ_TIMEOUT_S))
-    except (requests.RequestException, BackendError) as exc:
-        raise ExportError(f"cannot reach Label Studio at {target}: {exc}") from exc
-    finally:
-        session.close()
-    if response.status_code != 200:
-        raise ExportError(f"Label Studio answered HTTP {response.status_code} for {target}: {response.text[:200]}")
-    try:
-        return response.json()
-    except ValueError as exc:
-        raise ExportError(f"Label Studio's answer from {target} is not JSON") from exc
+        return api_get(url, token, path, params)
+    except LabelStudioAPIError as exc:
+        raise ExportError(exc.message) from exc
 
 
 def export_from_label_studio(out_dir: str | Path, *, url: str, token: str, project: int, loader,
                              options: ExportOptions = ExportOptions()) -> ExportReport:
     """Export project ``project``'s annotated tasks through the API; images through ``loader`` (an ImageLoader)."""
-    if not url or not token:
-        raise ExportError("Label Studio's URL and API token are unknown: set LABEL_STUDIO_URL and "
-                          "LABEL_STUDIO_API_KEY, or connect the backend from the project so /setup tells it.")
     tasks = _api_get(url, token, f"/api/projects/{project}/export", {"exportType": "JSON"})
     if not isinstance(tasks, list):
         raise ExportError(f"Label Studio's export of project {project} is not a list of tasks")

@@ -7,6 +7,7 @@ first click waits for it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import OrderedDict
@@ -119,6 +120,25 @@ class Runtime:
     def load_image(self, url: str, task_id: int | None = None) -> np.ndarray:
         return self.images.load(url, label_studio_url=self.access.url or None, token=self.access.token or None,
                                 task_id=task_id)
+
+    def warm(self, tasks: list[dict], image_key: str) -> int:
+        """Embed the tasks' images in the background, once SAM is loaded; the number queued."""
+        loaders = [
+            functools.partial(self.load_image, task["data"][image_key],
+                              task.get("id") if isinstance(task.get("id"), int) else None)
+            for task in tasks
+            if isinstance(task, dict) and isinstance(task.get("data"), dict)
+            and isinstance(task["data"].get(image_key), str)
+        ]
+
+        def prefetch_when_ready() -> None:
+            try:
+                self.sam().prefetch(loaders)
+            except BackendError as exc:
+                logger.warning("warm-up skipped: %s", exc.message)
+
+        threading.Thread(target=prefetch_when_ready, name="sam-warmup", daemon=True).start()
+        return len(loaders)
 
     # --- training ------------------------------------------------------------
     def on_webhook(self, event: str, payload: dict) -> dict:

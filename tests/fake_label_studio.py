@@ -1,7 +1,8 @@
 """A stand-in for Label Studio's export API and uploads, for job tests without the real server.
 
 Serves ``GET /api/projects/<id>`` (the labeling config), ``GET /api/projects/<id>/export`` (the
-tasks; optionally held until the test releases it) and ``GET /data/upload/...`` images, and
+tasks; optionally held until the test releases it), ``GET /api/tasks`` (paged; a page past the
+end answers 404 as Label Studio does) and ``GET /data/upload/...`` images, and
 checks the ``Authorization: Token`` header as Label Studio does.
 """
 
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs
 
 import numpy as np
 from PIL import Image
@@ -88,6 +90,13 @@ def fake_label_studio(n_tasks: int = 6, size: int = 32, hold_export: bool = Fals
                 return self._send(200, json.dumps(state.tasks).encode())
             if path.startswith("/api/projects/"):
                 return self._send(200, json.dumps({"id": 1, "label_config": LABEL_CONFIG}).encode())
+            if path == "/api/tasks":  # paged like Label Studio's task list
+                query = parse_qs(self.path.split("?", 1)[1] if "?" in self.path else "")
+                page, size = int(query.get("page", ["1"])[0]), int(query.get("page_size", ["100"])[0])
+                listed = [{"id": t["id"], "data": t["data"]} for t in state.tasks[(page - 1) * size: page * size]]
+                if not listed:
+                    return self._send(404, b'{"detail": "Invalid page."}')
+                return self._send(200, json.dumps({"tasks": listed, "total": len(state.tasks)}).encode())
             if path in state.images:
                 return self._send(200, state.images[path], "image/png")
             return self._send(404, b'{"detail": "Not found."}')

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import time
 from pathlib import Path
 
 import numpy as np
@@ -166,3 +167,37 @@ def test_clicks_on_the_same_region_refine_with_the_previous_logits(client, image
     expected = engine.segment(image, Prompts.from_lists([(30, 24), (60, 12)], [1, 0],
                                                         mask_logits=previous.low_res_logits))
     np.testing.assert_array_equal(mask, expected.mask)
+
+
+def test_warmup_embeds_a_projects_images_in_the_background(settings, engine) -> None:
+    from fake_label_studio import TOKEN, fake_label_studio
+
+    from ml_backend.images import decode_image
+    from ml_backend.sam.engine import image_key
+
+    with fake_label_studio(n_tasks=5) as ls:
+        settings = dataclasses.replace(settings, label_studio_url=ls.url, label_studio_api_key=TOKEN)
+        client = create_app(settings, runtime=Runtime(settings, engine=engine)).test_client()
+        answer = client.post("/warmup", json={"project": 1, "limit": 3})
+        assert answer.status_code == 202 and answer.json == {"queued": 3}
+        wanted = [image_key(decode_image(ls.images[t["data"]["image"]], max_pixels=10**6)) for t in ls.tasks]
+        deadline = time.monotonic() + 60
+        while engine.cache.stats.computations < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [key in engine.cache for key in wanted] == [True, True, True, False, False]
+
+
+@pytest.mark.parametrize("body,words", [
+    ({"project": "one"}, "project id"),
+    ({"project": 1, "limit": 0}, "limit"),
+    ({}, "tasks"),
+    ({"tasks": [], "label_config": "<View/>"}, "Image"),
+])
+def test_warmup_refuses_bad_requests(client, body, words) -> None:
+    response = client.post("/warmup", json=body)
+    assert response.status_code in (400, 422) and words in response.json["error"]
+
+
+def test_warmup_without_label_studio_access_says_what_to_set(client) -> None:
+    response = client.post("/warmup", json={"project": 1})
+    assert response.status_code == 502 and "LABEL_STUDIO_URL" in response.json["error"]

@@ -1,0 +1,64 @@
+"""Read-only calls to Label Studio's REST API (exports, project configs, task lists)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import requests
+
+from ml_backend.errors import BackendError
+
+CONNECT_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 600.0  # Label Studio builds a large project's export while we wait
+TASK_PAGE_SIZE = 100
+
+
+class LabelStudioAPIError(BackendError):
+    """Label Studio could not be reached or refused a request."""
+
+    status_code = 502
+
+
+def api_get(url: str, token: str, path: str, params: dict | None = None) -> Any:
+    """GET ``path`` from Label Studio with a legacy token or a personal access token; the JSON answer."""
+    from ml_backend.images.auth import LabelStudioAuth
+
+    if not url or not token:
+        raise LabelStudioAPIError("Label Studio's URL and API token are unknown: set LABEL_STUDIO_URL and "
+                                  "LABEL_STUDIO_API_KEY, or connect the backend from the project so /setup tells it.")
+    target = url.rstrip("/") + path
+    with requests.Session() as session:
+        try:
+            auth = LabelStudioAuth(url, token, session, timeout_s=CONNECT_TIMEOUT_S)
+            response = session.get(target, params=params, headers=auth.header(),
+                                   timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S))
+        except (requests.RequestException, BackendError) as exc:
+            raise LabelStudioAPIError(f"cannot reach Label Studio at {target}: {exc}") from exc
+    if response.status_code != 200:
+        raise LabelStudioAPIError(
+            f"Label Studio answered HTTP {response.status_code} for {target}: {response.text[:200]}")
+    try:
+        return response.json()
+    except ValueError as exc:
+        raise LabelStudioAPIError(f"Label Studio's answer from {target} is not JSON") from exc
+
+
+def iter_project_tasks(url: str, token: str, project: int, *, limit: int | None = None) -> Iterator[dict]:
+    """The project's tasks, page by page, at most ``limit`` of them."""
+    page, served = 1, 0
+    while limit is None or served < limit:
+        answer = api_get(url, token, "/api/tasks", {"project": project, "page": page, "page_size": TASK_PAGE_SIZE})
+        tasks = answer.get("tasks", []) if isinstance(answer, dict) else answer
+        if not isinstance(tasks, list) or not tasks:
+            return
+        for task in tasks:
+            if limit is not None and served >= limit:
+                return
+            served += 1
+            yield task
+        total = answer.get("total") if isinstance(answer, dict) else None
+        # Asking past the last page answers 404, so stop on a short page or at the announced total.
+        if len(tasks) < TASK_PAGE_SIZE or (isinstance(total, int) and page * TASK_PAGE_SIZE >= total):
+            return
+        page += 1
