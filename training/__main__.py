@@ -58,7 +58,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         baseline = report.baseline_val_foreground_iou
         print(f"version {report.version_id}: validation foreground IoU {report.val_foreground_iou:.4f} "
               f"({report.train_count} training, {report.val_count} validation images, "
-              f"{report.epochs_run} epochs{', interrupted' if report.interrupted else ''})")
+              f"{report.epochs_run} epochs, best {report.best_epoch}"
+              f"{', stopped early' if report.early_stopped else ''}{', interrupted' if report.interrupted else ''})")
         print("promoted to current" if report.promoted else
               f"kept, not promoted: current version {report.baseline_version} scores {baseline:.4f}")
         if report.skipped:
@@ -72,7 +73,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.fit import evaluate
 
     report = evaluate(args.data_dir, args.model_dir, version=args.version, subset=args.subset,
-                      batch_size=args.batch_size, verbose=0 if args.json else 1)
+                      batch_size=args.batch_size, verbose=0 if args.json or args.quiet else 1)
     if args.json:
         _print_json(report.to_dict())
     else:

@@ -65,6 +65,8 @@ class FitReport:
     val_count: int
     skipped: list[str]
     epochs_run: int
+    best_epoch: int
+    early_stopped: bool
     interrupted: bool
     path: Path
 
@@ -360,7 +362,8 @@ def fit(
         version_id=version_id, promoted=promoted, val_foreground_iou=result.foreground_iou,
         baseline_version=baseline_id, baseline_val_foreground_iou=baseline_iou, parent=parent,
         train_count=len(split.train), val_count=len(split.val), skipped=metrics["data"]["skipped"],
-        epochs_run=epochs_run, interrupted=interrupted, path=info.path,
+        epochs_run=epochs_run, best_epoch=checkpoint.best_epoch, early_stopped=bool(stopper.stopped_epoch),
+        interrupted=interrupted, path=info.path,
     )
 
 
