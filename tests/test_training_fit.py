@@ -166,3 +166,20 @@ def test_evaluate_reports_consistent_metrics(fitted_store, tiny_data):
     val = evaluate(tiny_data, fitted_store, subset="val")
     assert val.images == 4
     assert val.foreground_iou == pytest.approx(ModelStore(fitted_store).current().val_foreground_iou)
+
+
+def test_from_current_on_an_empty_store_trains_from_scratch(tmp_path, tiny_data):
+    report = fit(tiny_data, tmp_path / "models", from_version="current", epochs=1, image_size=TINY_IMAGE,
+                 batch_size=8, verbose=0)
+    assert report.parent is None and report.promoted
+
+
+def test_a_grown_data_set_keeps_the_old_validation_images(fitted_store, tiny_data, tmp_path):
+    old = ModelStore(fitted_store).current()
+    old_split = json.loads((old.path / SPLIT_FILE).read_text())
+    write_synthetic(tmp_path / "grown", count=30, size=40, seed=11)  # the same 20 pairs plus 10 new ones
+    report = fit(tmp_path / "grown", fitted_store, from_version="current", epochs=1, batch_size=8, verbose=0)
+    new_split = json.loads((report.path / SPLIT_FILE).read_text())
+    assert set(old_split["val"]) <= set(new_split["val"])
+    assert not set(new_split["val"]) & set(old_split["train"])
+    assert report.val_count == 6 and report.train_count == 24

@@ -21,7 +21,8 @@ import keras
 import numpy as np
 
 from training.data import (
-    DECODE_ERRORS, Pair, Problem, dataset_fingerprint, files_fingerprint, load_image, load_trimap, scan_dataset, split_pairs,
+    DECODE_ERRORS, Pair, Problem, dataset_fingerprint, files_fingerprint, load_image, load_trimap, scan_dataset,
+    split_pairs,
 )
 from training.errors import DatasetError, FitInterrupted
 from training.model import (
