@@ -21,6 +21,7 @@ from ml_backend.settings import Settings
 logger = logging.getLogger(__name__)
 
 REFINEMENT_ENTRIES = 256
+SAM_WAIT_S = 80.0  # Label Studio gives /predict 100 s: answer 503 "still loading" before that
 
 
 @dataclass
@@ -94,9 +95,9 @@ class Runtime:
         finally:
             self._engine_ready.set()
 
-    def sam(self, timeout_s: float = 600.0):
-        """The SAM engine, waiting for it to finish loading."""
-        if not self._engine_ready.wait(timeout_s):
+    def sam(self, timeout_s: float | None = None):
+        """The SAM engine, waiting for it to finish loading (less long than Label Studio waits for us)."""
+        if not self._engine_ready.wait(SAM_WAIT_S if timeout_s is None else timeout_s):
             raise BackendError("SAM is still loading; try again in a minute.", status_code=503)
         if self._engine is None:
             raise self._engine_error or ModelSourceError("SAM is not loaded.")

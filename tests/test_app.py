@@ -201,3 +201,21 @@ def test_warmup_refuses_bad_requests(client, body, words) -> None:
 def test_warmup_without_label_studio_access_says_what_to_set(client) -> None:
     response = client.post("/warmup", json={"project": 1})
     assert response.status_code == 502 and "LABEL_STUDIO_URL" in response.json["error"]
+
+
+def test_a_click_while_sam_is_still_loading_gets_503(settings, image, monkeypatch) -> None:
+    import threading
+
+    from ml_backend import runtime as runtime_module
+
+    release = threading.Event()
+    monkeypatch.setattr(runtime_module, "SAM_WAIT_S", 0.2)
+    monkeypatch.setattr("ml_backend.sam.loading.load_engine", lambda settings: release.wait(30))
+    runtime = Runtime(settings)
+    client = create_app(settings, runtime=runtime).test_client()
+    try:
+        assert client.get("/health").json["sam"]["state"] == "loading"
+        response = predict(client, [{"id": 1, "data": {"img": data_uri(image)}}], {"result": [keypoint(30, 40)]})
+        assert response.status_code == 503 and "still loading" in response.json["error"]
+    finally:
+        release.set()
