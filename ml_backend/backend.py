@@ -17,7 +17,6 @@ from ml_backend import labeling
 from ml_backend.errors import BackendError, ImageFetchError, InvalidPromptError, LabelConfigError
 from ml_backend.preannotation import mask_bounding_box
 from ml_backend.runtime import Runtime
-from ml_backend.sam.engine import image_key
 from ml_backend.sam.prompts import Prompts
 
 logger = logging.getLogger(__name__)
@@ -59,7 +58,7 @@ class SegmentationBackend(LabelStudioMLBase):
             return [self._interactive(tasks[0], context)]
         return [self._preannotate(task) for task in tasks]
 
-    def _task_image(self, task: dict) -> np.ndarray:
+    def _task_image_url(self, task: dict) -> tuple[str, int | None]:
         data = task.get("data")
         url = data.get(self.config.image_key) if isinstance(data, dict) else None
         if not isinstance(url, str) or not url:
@@ -68,7 +67,10 @@ class SegmentationBackend(LabelStudioMLBase):
                 f"the labeling config's <Image> reads ${self.config.image_key}."
             )
         task_id = task.get("id")
-        return self.runtime.load_image(url, task_id if isinstance(task_id, int) else None)
+        return url, task_id if isinstance(task_id, int) else None
+
+    def _task_image(self, task: dict) -> np.ndarray:
+        return self.runtime.load_image(*self._task_image_url(task))
 
     # --- interactive SAM -----------------------------------------------------
     def _interactive(self, task: dict, context: dict) -> dict:
@@ -76,17 +78,16 @@ class SegmentationBackend(LabelStudioMLBase):
         regions = labeling.parse_context(context, self.config, negative_labels=settings.negative_labels)
         if not regions:
             raise InvalidPromptError("The request carries no keypoint or rectangle prompts for this image.")
-        image = self._task_image(task)
         engine = self.runtime.sam()
-        height, width = image.shape[:2]
-        key = image_key(image)
+        embedding = self.runtime.task_embedding(*self._task_image_url(task))
+        height, width = embedding.geometry.original_size
         results, scores = [], []
         for region in regions:
             prompts = _rescale(region.prompts, (region.original_width, region.original_height), (width, height))
-            history = self._refinement_keys(key, region.label, prompts)
+            history = self._refinement_keys(embedding.key, region.label, prompts)
             previous = self.runtime.refinements.get(history[0]) if history[0] else None
             prompts = Prompts(prompts.points, prompts.labels, prompts.box, mask_logits=previous)
-            result = engine.decode(engine.embed(image), prompts)
+            result = engine.decode(embedding, prompts)
             self.runtime.refinements.put(history[1], result.low_res_logits)
             label = labeling.choose_brush_label(self.config, region.label, settings.brush_label or None)
             results.append(labeling.build_brush_result(result.mask, config=self.config, label=label,

@@ -10,17 +10,19 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
 from ml_backend.errors import BackendError, ModelSourceError
+from ml_backend.sam.cache import ByteBoundedLRU
+from ml_backend.sam.engine import ImageEmbedding, image_key
 from ml_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-REFINEMENT_ENTRIES = 256
+REFINEMENT_CACHE_BYTES = 64 << 20  # low-resolution logits: 256 KiB each for the official SAM sizes
+URL_KEY_ENTRIES = 100_000
 SAM_WAIT_S = 80.0  # Label Studio gives /predict 100 s: answer 503 "still loading" before that
 
 
@@ -30,29 +32,6 @@ class LabelStudioAccess:
 
     url: str = ""
     token: str = ""
-
-
-class RefinementMemory:
-    """The last low-resolution logits per (image, prompt region), fed back to SAM on the next click."""
-
-    def __init__(self, max_entries: int = REFINEMENT_ENTRIES) -> None:
-        self._entries: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        self._max = max_entries
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple) -> np.ndarray | None:
-        with self._lock:
-            logits = self._entries.get(key)
-            if logits is not None:
-                self._entries.move_to_end(key)
-            return logits
-
-    def put(self, key: tuple, logits: np.ndarray) -> None:
-        with self._lock:
-            self._entries[key] = logits
-            self._entries.move_to_end(key)
-            while len(self._entries) > self._max:
-                self._entries.popitem(last=False)
 
 
 class Runtime:
@@ -66,7 +45,10 @@ class Runtime:
         self.access = LabelStudioAccess(settings.label_studio_url, settings.label_studio_api_key)
         self.images = ImageLoader(settings)
         self.trimaps = TrimapPredictor(settings.model_dir)
-        self.refinements = RefinementMemory()
+        # The last low-resolution logits per (image, prompt region), fed back to SAM on the next click.
+        self.refinements: ByteBoundedLRU[np.ndarray] = ByteBoundedLRU(REFINEMENT_CACHE_BYTES, lambda a: a.nbytes)
+        # Image URL -> pixel-content key of its embedding, so a further click skips download and decoding.
+        self.url_keys: ByteBoundedLRU[str] = ByteBoundedLRU(URL_KEY_ENTRIES, lambda key: 1)
         self._engine = engine
         self._engine_error: BackendError | None = None
         self._engine_ready = threading.Event()
@@ -122,14 +104,30 @@ class Runtime:
         return self.images.load(url, label_studio_url=self.access.url or None, token=self.access.token or None,
                                 task_id=task_id)
 
-    def warm(self, tasks: list[dict], image_key: str) -> int:
+    def task_embedding(self, url: str, task_id: int | None = None) -> ImageEmbedding:
+        """The SAM embedding of the image at ``url``: from the cache without touching the image when
+        a click on it came before, else loaded, decoded and embedded."""
+        engine = self.sam()
+        key = self.url_keys.get(url)
+        if key is not None and (embedding := engine.cache.get(key)) is not None:
+            return embedding
+        embedding = engine.embed(self.load_image(url, task_id))
+        self.url_keys.put(url, embedding.key)
+        return embedding
+
+    def _load_and_remember(self, url: str, task_id: int | None) -> np.ndarray:
+        image = self.load_image(url, task_id)
+        self.url_keys.put(url, image_key(image))
+        return image
+
+    def warm(self, tasks: list[dict], image_key_name: str) -> int:
         """Embed the tasks' images in the background, once SAM is loaded; the number queued."""
         loaders = [
-            functools.partial(self.load_image, task["data"][image_key],
+            functools.partial(self._load_and_remember, task["data"][image_key_name],
                               task.get("id") if isinstance(task.get("id"), int) else None)
             for task in tasks
             if isinstance(task, dict) and isinstance(task.get("data"), dict)
-            and isinstance(task["data"].get(image_key), str)
+            and isinstance(task["data"].get(image_key_name), str)
         ]
 
         def prefetch_when_ready() -> None:

@@ -219,3 +219,32 @@ def test_a_click_while_sam_is_still_loading_gets_503(settings, image, monkeypatc
         assert response.status_code == 503 and "still loading" in response.json["error"]
     finally:
         release.set()
+
+
+def test_further_clicks_on_an_image_skip_download_and_decoding(settings, engine, image, monkeypatch) -> None:
+    runtime = Runtime(settings, engine=engine)
+    client = create_app(settings, runtime=runtime).test_client()
+    loads = []
+    real_load = runtime.images.load
+    monkeypatch.setattr(runtime.images, "load", lambda url, **kw: loads.append(url) or real_load(url, **kw))
+    task = {"id": 1, "data": {"img": data_uri(image)}}
+    first = predict(client, [task], {"result": [keypoint(30, 40)]})
+    second = predict(client, [task], {"result": [keypoint(70, 20)]})
+    assert first.status_code == second.status_code == 200 and len(loads) == 1
+    mask = decode_rle(second.json["results"][0]["result"][0]["value"]["rle"], 60, 100)
+    np.testing.assert_array_equal(mask, engine.segment(image, Prompts.from_lists([(70, 12)])).mask)
+
+    engine.cache.clear()  # an evicted embedding is rebuilt from the image
+    assert predict(client, [task], {"result": [keypoint(70, 20)]}).status_code == 200 and len(loads) == 2
+
+
+def test_a_warmed_image_is_clicked_without_loading_it_again(settings, engine, image, monkeypatch) -> None:
+    runtime = Runtime(settings, engine=engine)
+    client = create_app(settings, runtime=runtime).test_client()
+    task = {"id": 1, "data": {"img": data_uri(image)}}
+    assert client.post("/warmup", json={"tasks": [task], "label_config": CONFIG}).status_code == 202
+    deadline = time.monotonic() + 60
+    while len(engine.cache) < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    monkeypatch.setattr(runtime.images, "load", lambda *a, **k: pytest.fail("image loaded again"))
+    assert predict(client, [task], {"result": [keypoint(30, 40)]}).status_code == 200

@@ -244,3 +244,16 @@ def test_a_preset_name_without_network_names_the_alternatives(monkeypatch, tmp_p
     with pytest.raises(ModelSourceError, match="sam_vit_b_01ec64.pth") as info:
         load_segmenter("sam_base_sa1b", converted_root=tmp_path)
     assert "sam_huge_sa1b" in info.value.message
+
+
+def test_cache_get_and_put_keep_lru_order_and_byte_bound() -> None:
+    from ml_backend.sam.cache import ByteBoundedLRU
+
+    cache: ByteBoundedLRU[bytes] = ByteBoundedLRU(10, len)
+    cache.put("a", b"1234")
+    cache.put("b", b"1234")
+    assert cache.get("a") == b"1234"  # "a" is now the most recently used
+    cache.put("c", b"1234")
+    assert "b" not in cache and cache.get("a") and cache.get("c")
+    cache.put("a", b"12")  # replacing counts the new size only
+    assert cache.current_bytes == 6 and cache.get("missing") is None

@@ -51,6 +51,24 @@ class ByteBoundedLRU(Generic[V]):
         with self._lock:
             return key in self._entries
 
+    def get(self, key: Hashable) -> V | None:
+        """The cached value (now most recently used), or None."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self._entries.move_to_end(key)
+            self.stats.hits += 1
+            return entry[0]
+
+    def put(self, key: Hashable, value: V) -> None:
+        """Store (or replace) a value computed elsewhere."""
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            self._store(key, value)
+
     def get_or_compute(self, key: Hashable, compute: Callable[[], V]) -> V:
         """Return the cached value, or compute it once however many threads ask at the same time."""
         with self._lock:
