@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from fake_label_studio import TOKEN, fake_label_studio
+from processes import free_port, wait_for
 from ml_backend.retrain import build_retrainer
 from ml_backend.retrain.state import RedisStateStore
 from ml_backend.settings import Settings
@@ -44,16 +44,6 @@ def stop_worker(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-def wait_for(check, timeout_s: float, what: str, log: Path | None = None):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"{what} not within {timeout_s} s" + (f"\n{log.read_text()[-3000:]}" if log else ""))
 
 
 def children(pid: int) -> list[int]:
@@ -139,9 +129,7 @@ def test_rq_job_trains_and_promotes_a_version(redis_server, tmp_path):
 def test_unreachable_redis_gives_a_clear_error(tmp_path):
     from ml_backend.retrain.state import StateStoreError
 
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     retrainer = build_retrainer(settings_for(f"redis://127.0.0.1:{port}/0", tmp_path), lambda: ("", ""), tick_s=0)
     with pytest.raises(StateStoreError, match="Redis"):
         retrainer.on_webhook("START_TRAINING", {"project": {"id": 1}})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,11 @@ from pathlib import Path
 
 import requests
 
+from processes import free_port, stop  # noqa: F401  (stop is part of this module's API)
+
 REPO = Path(__file__).resolve().parents[2]
 LABEL_STUDIO_BIN = REPO / ".venv-ls" / "bin" / "label-studio"
 LS_USER, LS_PASSWORD = "annotator@example.com", "e2e-secret-123"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(check, *, timeout_s: float, what: str, process: subprocess.Popen | None = None,
@@ -39,16 +34,6 @@ def wait_until(check, *, timeout_s: float, what: str, process: subprocess.Popen 
         time.sleep(0.5)
     tail = log.read_text(errors="replace")[-3000:] if log else ""
     raise TimeoutError(f"{what} not ready after {timeout_s} s\n{tail}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @dataclass

@@ -13,7 +13,6 @@ import io
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from PIL import Image
 
 from e2e.servers import REPO, Backend, LabelStudio, stop
 from fake_label_studio import brush_result, pet_image
+from processes import wait_for
 from redis_fixture import redis_server  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.redis
@@ -67,16 +67,6 @@ def status(backend: Backend, project: int) -> dict:
     answer = backend.get(f"/is_training?project={project}")
     assert answer.status_code == 200, answer.text
     return answer.json()
-
-
-def wait_for(check, timeout_s: float, what: str, log: Path):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"{what} not within {timeout_s} s\n{log.read_text(errors='replace')[-4000:]}")
 
 
 def test_webhooks_train_promote_predict_and_coalesce(label_studio: LabelStudio, setup) -> None:
