@@ -248,3 +248,13 @@ def test_a_warmed_image_is_clicked_without_loading_it_again(settings, engine, im
         time.sleep(0.05)
     monkeypatch.setattr(runtime.images, "load", lambda *a, **k: pytest.fail("image loaded again"))
     assert predict(client, [task], {"result": [keypoint(30, 40)]}).status_code == 200
+
+
+def test_click_bench_runs_through_the_app(capsys) -> None:
+    import json
+
+    from ml_backend.click_bench import main
+
+    assert main(["--quick", "--clicks", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["first_click_s"] > 0 and report["further_click_median_s"] > 0 and report["image"] == "640x480"
