@@ -34,7 +34,7 @@ def sam_model_version(source: str) -> str:
 
 
 class SegmentationBackend(LabelStudioMLBase):
-    """Serves one labeling config; ``runtime`` is passed by the app factory through the library's init kwargs."""
+    """Serves one labeling config with the process's shared :class:`Runtime` (built per request by the app)."""
 
     def __init__(self, label_config: str | None = None, train_output: dict | None = None, *, runtime: Runtime,
                  **kwargs: Any) -> None:
