@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from pathlib import Path
@@ -100,5 +101,9 @@ def load_engine(settings: "Settings") -> "SamEngine":
             logger.warning("SAM_HALF is set but SAM runs on the CPU; using float32")
     source = settings.sam_model or default_source(gpu)
     logger.info("loading SAM from %s (device %s, dtype %s)", source, device or ("cuda" if gpu else "cpu"), dtype or "float32")
-    segmenter = load_segmenter(source, converted_root=settings.model_dir / "sam-presets", dtype=dtype)
+    import keras
+
+    # Variables are created on the device in scope at load time; the engine computes under the same scope.
+    with keras.device(device) if device else contextlib.nullcontext():
+        segmenter = load_segmenter(source, converted_root=settings.model_dir / "sam-presets", dtype=dtype)
     return SamEngine(segmenter, cache_bytes=settings.embedding_cache_bytes, device=device, source=source)
