@@ -18,6 +18,7 @@ from ml_backend.errors import BackendError, ImageFetchError, InvalidPromptError,
 from ml_backend.preannotation import mask_bounding_box
 from ml_backend.runtime import Runtime
 from ml_backend.sam.prompts import Prompts
+from ml_backend.trimaps import LabelRoles, TrimapValue
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,11 @@ class SegmentationBackend(LabelStudioMLBase):
         return earlier, current
 
     # --- batch pre-annotation ------------------------------------------------
+    def _foreground_label(self) -> str | None:
+        """The first brush label that retraining maps to foreground, so predictions and training agree."""
+        roles = LabelRoles.from_settings(self.runtime.settings)
+        return next((name for name in self.config.brush.labels if roles.role(name) == TrimapValue.FOREGROUND), None)
+
     def _preannotate(self, task: dict) -> dict:
         settings = self.runtime.settings
         try:
@@ -123,7 +129,7 @@ class SegmentationBackend(LabelStudioMLBase):
             if settings.trimap_sam_refine and (box := mask_bounding_box(mask)) is not None:
                 refined = self.runtime.sam().segment(image, Prompts.from_lists(box=box))
                 mask, score = refined.mask, refined.score
-            label = labeling.choose_brush_label(self.config, None, settings.brush_label or None)
+            label = labeling.choose_brush_label(self.config, self._foreground_label(), settings.brush_label or None)
             result = labeling.build_brush_result(mask, config=self.config, label=label, score=score)
             return labeling.build_prediction([result], score, trimap_model_version(version))
         except BackendError as exc:  # one bad image fails only its own task

@@ -109,3 +109,12 @@ def test_mask_bounding_box_uses_pixel_edges() -> None:
     mask[2:5, 3:9] = True
     assert mask_bounding_box(mask) == (3.0, 2.0, 9.0, 5.0)
     assert mask_bounding_box(np.zeros((4, 4), bool)) is None
+
+
+def test_predictions_go_under_the_first_foreground_label(settings, tiny_segmenter, image):
+    config = """<View><Image name="image" value="$image"/><BrushLabels name="mask" toName="image">
+    <Label value="Background"/><Label value="Edge"/><Label value="Cat"/></BrushLabels></View>"""
+    store_random_model(settings.model_dir, seed=1)
+    client = client_for(settings, SamEngine(tiny_segmenter))
+    response = client.post("/predict", json={"tasks": [task(image)], "label_config": config, "project": "1.1"})
+    assert response.json["results"][0]["result"][0]["value"]["brushlabels"] == ["Cat"]
