@@ -85,11 +85,11 @@ class SegmentationBackend(LabelStudioMLBase):
         results, scores = [], []
         for region in regions:
             prompts = _rescale(region.prompts, (region.original_width, region.original_height), (width, height))
-            history = self._refinement_keys(embedding.key, region.label, prompts)
-            previous = self.runtime.refinements.get(history[0]) if history[0] else None
+            earlier, current = self._refinement_keys(embedding.key, region.label, prompts)
+            previous = self.runtime.refinements.get(earlier) if earlier else None
             prompts = Prompts(prompts.points, prompts.labels, prompts.box, mask_logits=previous)
             result = engine.decode(embedding, prompts)
-            self.runtime.refinements.put(history[1], result.low_res_logits)
+            self.runtime.refinements.put(current, result.low_res_logits)
             label = labeling.choose_brush_label(self.config, region.label, settings.brush_label or None)
             results.append(labeling.build_brush_result(result.mask, config=self.config, label=label,
                                                        score=result.score))

@@ -113,6 +113,10 @@ class Retrainer:
             self._mark_started(state, job_id, why, now)
             return Decision("started", job_id, why)
 
+        return self._apply(project, job_id, change)
+
+    def _apply(self, project: str, job_id: str, change: Callable[[ProjectState], Decision]) -> Decision:
+        """Apply ``change`` to the project's shared state atomically; submit ``job_id`` if it started it."""
         decision = self.store.update(project, change)
         if decision.action == "started":
             self._submit(project, job_id, decision.reason or "")
@@ -158,10 +162,7 @@ class Retrainer:
             self._mark_started(state, next_id, why, now)
             return Decision("started", next_id, why)
 
-        decision = self.store.update(project, change)
-        if decision.action == "started":
-            self._submit(project, next_id, decision.reason or "")
-        return decision
+        return self._apply(project, next_id, change)
 
     def reconcile(self, project: str) -> None:
         """Record a failure for a running job that can no longer finish (its worker died)."""
