@@ -108,6 +108,14 @@ class Settings:
     foreground_labels: tuple[str, ...] = ()  # empty: every brush label that is not background/boundary
     background_labels: tuple[str, ...] = ("background",)
     boundary_labels: tuple[str, ...] = ("boundary", "border", "edge")
+    # --- training that cannot run away; per-project models (training-projects) ---
+    retrain_backoff_min: float = 5.0  # first retry after a failed training; doubles per failure
+    retrain_backoff_max_min: float = 360.0
+    retrain_concurrency: int = 1  # in-process fits at a time per backend process
+    retrain_queue_max: int = 16  # in-process jobs waiting for a slot
+    keep_versions: int = 10  # versions kept per store (0: all); current and its parent always stay
+    base_model: str = ""  # a version directory or .keras file serving projects without their own model
+    min_mask_area: int = 16  # a predicted mask with fewer pixels yields no region
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -153,6 +161,14 @@ class Settings:
             foreground_labels=tuple(n.lower() for n in _list(env, "FOREGROUND_LABELS", d.foreground_labels)),
             background_labels=tuple(n.lower() for n in _list(env, "BACKGROUND_LABELS", d.background_labels)),
             boundary_labels=tuple(n.lower() for n in _list(env, "BOUNDARY_LABELS", d.boundary_labels)),
+            # --- training that cannot run away; per-project models (training-projects) ---
+            retrain_backoff_min=_float(env, "RETRAIN_BACKOFF_MIN", d.retrain_backoff_min),
+            retrain_backoff_max_min=_float(env, "RETRAIN_BACKOFF_MAX_MIN", d.retrain_backoff_max_min),
+            retrain_concurrency=_int(env, "RETRAIN_CONCURRENCY", d.retrain_concurrency),
+            retrain_queue_max=_int(env, "RETRAIN_QUEUE_MAX", d.retrain_queue_max),
+            keep_versions=_int(env, "KEEP_VERSIONS", d.keep_versions),
+            base_model=_str(env, "BASE_MODEL"),
+            min_mask_area=_int(env, "MIN_MASK_AREA", d.min_mask_area),
         )
         settings.check()
         return settings
@@ -165,6 +181,8 @@ class Settings:
                 raise SettingsError(f"{f.name.upper()} must not be negative (got {value})")
         if self.retrain_image_size % 8:
             raise SettingsError(f"RETRAIN_IMAGE_SIZE must be a multiple of 8 (got {self.retrain_image_size})")
+        if self.retrain_concurrency < 1:
+            raise SettingsError(f"RETRAIN_CONCURRENCY must be at least 1 (got {self.retrain_concurrency})")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise SettingsError("Set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
 

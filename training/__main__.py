@@ -55,13 +55,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(report.to_dict())
     else:
-        baseline = report.baseline_val_foreground_iou
         print(f"version {report.version_id}: validation foreground IoU {report.val_foreground_iou:.4f} "
               f"({report.train_count} training, {report.val_count} validation images, "
               f"{report.epochs_run} epochs, best {report.best_epoch}"
               f"{', stopped early' if report.early_stopped else ''}{', interrupted' if report.interrupted else ''})")
-        print("promoted to current" if report.promoted else
-              f"kept, not promoted: current version {report.baseline_version} scores {baseline:.4f}")
+        print(f"promoted to current: {report.promotion_reason}" if report.promoted else
+              f"kept, not promoted: {report.promotion_reason}")
         if report.skipped:
             print(f"{report.skipped_count} file(s) skipped:")
             for problem in report.skipped:
