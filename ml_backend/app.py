@@ -43,6 +43,21 @@ def _json_body() -> dict:
     return data
 
 
+def _project_id(value: object) -> int | None:
+    from ml_backend.retrain.policy import project_key
+
+    if value is None or value == "":
+        return None
+    project = project_key(value)
+    if project is None:
+        raise BackendError(f"'project' must be a Label Studio project id (got {str(value)[:40]!r}).")
+    return project
+
+
+def _query_project() -> int | None:
+    return _project_id(request.args.get("project"))
+
+
 def _error(message: str, status: int) -> tuple[Response, int]:
     return jsonify({"error": message, "status": status}), status
 
@@ -53,8 +68,8 @@ class BackendViews:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
-    def _backend(self, label_config: str | None) -> SegmentationBackend:
-        return SegmentationBackend(label_config=label_config, runtime=self.runtime)
+    def _backend(self, label_config: str | None, project: object = None) -> SegmentationBackend:
+        return SegmentationBackend(label_config=label_config, runtime=self.runtime, project=project)
 
     def predict(self) -> Response:
         data = _json_body()
@@ -67,14 +82,14 @@ class BackendViews:
         context = params.get("context")
         if context is not None and not isinstance(context, dict):
             raise BackendError("'params.context' must be an object.")
-        backend = self._backend(data.get("label_config"))
+        backend = self._backend(data.get("label_config"), data.get("project"))
         predictions = backend.predict(tasks, context=context)
         return jsonify({"results": predictions, "model_version": backend.model_version})
 
     def setup(self) -> Response:
         data = _json_body()
         self.runtime.remember_label_studio(data.get("hostname"), data.get("access_token"))
-        backend = self._backend(data.get("schema"))
+        backend = self._backend(data.get("schema"), data.get("project"))
         return jsonify({"model_version": backend.model_version})
 
     def webhook(self) -> tuple[Response, int]:
@@ -123,12 +138,17 @@ class BackendViews:
         """Everything an operator wants in one place: SAM, the served trimap version, training per project."""
         return jsonify({
             "sam": self.runtime.sam_status(),
-            "trimap_model_version": self.runtime.trimaps.current_version(),
+            "trimap_model_version": self.runtime.trimaps.current_version(_query_project()),
             "training": self.runtime.training_status(request.args.get("project")),
         })
 
     def versions(self) -> Response:
-        return jsonify({"versions": self.runtime.trimap_versions()})
+        """A project's versions (``?project=`` or a JSON body's ``project``). Label Studio 1.23's own GET
+        carries no project: it then gets what serves projects without a model of their own."""
+        project = _query_project()
+        if project is None and request.method == "POST" and request.content_length:
+            project = _project_id(_json_body().get("project"))
+        return jsonify(self.runtime.trimap_versions(project))
 
     def metrics(self) -> Response:
         return jsonify({"sam": self.runtime.sam_status()})

@@ -54,7 +54,7 @@ class GatedJobs:
         if self.fail_next:
             message, self.fail_next = self.fail_next, None
             raise RuntimeError(message)
-        return {"status": "succeeded", "usable": 5, "fit": {"version_id": f"v{len(self.calls)}"}}
+        return {"status": "succeeded", "usable": 5, "tasks": [1, 2, 3, 4, 5], "fit": {"version_id": f"v{len(self.calls)}"}}
 
 
 @pytest.fixture

@@ -129,7 +129,7 @@ def test_label_studio_unreachable_during_an_export_fails_cleanly_and_is_retried_
     status = retrainer.status(1)
     assert status["history"][-1]["reason"] == "retry after 1 failed training(s)"
     assert status["last"]["status"] == "not_enough_data" and status["last"]["usable"] == 1
-    assert status["consecutive_failures"] == 0 and "the last export gave 1 task(s)" in status["not_training_because"]
+    assert status["consecutive_failures"] == 0 and "the last export and webhooks since show 1 task(s)" in status["not_training_because"]
 
 
 def _backend(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
@@ -155,20 +155,24 @@ def _backend(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
 def test_sigkill_during_a_training_leaves_current_serving_and_nothing_stuck(fitted_store, tiny_sam_preset, tmp_path):
     from training.store import ModelStore
 
-    store = ModelStore(fitted_store)
+    model_dir = tmp_path / "models"
+    project_dir = model_dir / "projects" / "1"
+    project_dir.parent.mkdir(parents=True)
+    fitted_store.rename(project_dir)  # project 1's own store
+    store = ModelStore(project_dir)
     current = store.current_version_id()
     model_bytes = store.current().model_path.read_bytes()
     temp = tmp_path / "tmp"
     temp.mkdir()
     log = tmp_path / "backend.log"
     with fake_label_studio(n_tasks=6) as ls:
-        env = {"MODEL_DIR": str(fitted_store), "SAM_MODEL": str(tiny_sam_preset), "LABEL_STUDIO_URL": ls.url,
+        env = {"MODEL_DIR": str(model_dir), "SAM_MODEL": str(tiny_sam_preset), "LABEL_STUDIO_URL": ls.url,
                "LABEL_STUDIO_API_KEY": TOKEN, "TMPDIR": str(temp), "IMAGE_CACHE_DIR": str(tmp_path / "cache"),
                "RETRAIN_EPOCHS": "500", "RETRAIN_IMAGE_SIZE": "16", "RETRAIN_BATCH_SIZE": "2"}
         backend, url = _backend(env, log)
         try:
             assert requests.post(url + "/train", json={"project": 1}, timeout=10).json()["status"] == "started"
-            wait_for(lambda: list((fitted_store / ".staging").glob("*/model.keras")), 300,
+            wait_for(lambda: list((project_dir / ".staging").glob("*/model.keras")), 300,
                      "the first checkpoint of the fit", log)
             assert requests.get(url + "/is_training?project=1", timeout=10).json()["is_training"]
         finally:
@@ -178,14 +182,14 @@ def test_sigkill_during_a_training_leaves_current_serving_and_nothing_stuck(fitt
         backend, url = _backend(env, log)
         try:
             status = requests.get(url + "/is_training?project=1", timeout=30).json()
-            versions = requests.get(url + "/versions", timeout=30).json()["versions"]
+            versions = requests.get(url + "/versions?project=1", timeout=30).json()["versions"]
         finally:
             stop(backend)
     assert not status["is_training"] and status["last"]["status"] == "failed"
     assert "ended before the job finished" in status["last"]["error"] or "restarted" in status["last"]["error"]
     assert store.current_version_id() == current and store.current().model_path.read_bytes() == model_bytes
     assert [v["id"] for v in versions if v["current"]] == [current]
-    assert not [p for p in (fitted_store / ".staging").iterdir() if p.is_dir()]
+    assert not [p for p in (project_dir / ".staging").iterdir() if p.is_dir()]
     assert not [p for p in (temp / "sam-trimap-retrain").iterdir() if p.is_dir()]
-    state = json.loads((fitted_store / "retraining.json").read_text())["1"]
+    state = json.loads((model_dir / "retraining.json").read_text())["1"]
     assert not state["running"] and state["failures"] == 1

@@ -32,14 +32,14 @@ def test_no_job_without_data_to_split_and_the_reason_is_shown(tmp_path, gated: G
     status = retrainer.status(3)
     assert not status["is_training"] and "1 task(s)" in status["not_training_because"]
     # Start Training before any export: the export tells how much there is (one job, not three).
-    gated.fail_with = NotEnoughData("project 3 has 1 task(s) with an accepted brush annotation", usable=1)
+    gated.fail_with = NotEnoughData("project 3 has 1 task(s) with an accepted brush annotation", 1, [1])
     assert retrainer.on_webhook("START_TRAINING", START)["status"] == "started"
     gated.release.release()
     settle(retrainer)
     last = retrainer.status(3)["last"]
     assert last["status"] == "not_enough_data" and last["usable"] == 1
     refused = retrainer.on_webhook("START_TRAINING", START)
-    assert refused["status"] == "refused" and "the last export gave 1 task(s)" in refused["reason"]
+    assert refused["status"] == "refused" and "the last export and webhooks since show 1 task(s)" in refused["reason"]
     assert gated.calls == ["START_TRAINING"]
     assert retrainer.status(3)["consecutive_failures"] == 0  # not a failure: nothing to retry
     # A second annotated task makes a split possible: the counted changes start a training.

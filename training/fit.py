@@ -224,11 +224,9 @@ def _preview(model: keras.Model, pairs: Sequence[Pair], path: Path) -> None:
 def load_base_model(path: str | Path) -> keras.Model:
     """A base model: a ``.keras`` file, or a version directory holding ``model.keras``."""
     from training.errors import StoreError
+    from training.layout import base_model_file
 
-    path = Path(path)
-    file = path / MODEL_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise StoreError(f"{path}: no base model here (give a version directory holding {MODEL_FILE}, or a .keras file)")
+    file = base_model_file(path)
     try:
         return keras.saving.load_model(file, compile=False)
     except (OSError, ValueError) as exc:

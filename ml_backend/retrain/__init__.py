@@ -3,7 +3,8 @@
 ``policy`` (when to train), ``state`` (shared per-project state), ``spec`` (what a job is
 given), ``jobs`` (what a job does, in-process or RQ), ``coordinator`` (the :class:`Retrainer`
 the backend holds), ``rq_job`` (RQ's entry point), ``worker`` (the RQ worker command). Each job
-trains on its own project's accepted annotations, fine-tuning the store's current version.
+trains on its own project's accepted annotations in its own store (``MODEL_DIR/projects/<id>``),
+fine-tuning that store's current version, or the base model for a project's first version.
 """
 
 from __future__ import annotations
@@ -21,17 +22,23 @@ __all__ = ["QUEUE_NAME", "JobSpec", "Retrainer", "TrainingPolicy", "build_retrai
 def spec_factory(settings: Settings, access: Callable[[], tuple[str, str]]) -> Callable[[int, str, str], JobSpec]:
     """Job specs from the settings and Label Studio's (url, token) as known when the job starts."""
 
+    from training.layout import project_store_dir
+
+    from ml_backend.preannotation import resolve_base_model
+
     def make(project: int, job_id: str, reason: str) -> JobSpec:
         url, token = access()
+        base = resolve_base_model(settings.model_dir, settings.base_model)  # what a first training starts from
         return JobSpec(
-            job_id=job_id, project=project, reason=reason, model_dir=str(settings.model_dir.resolve()),
+            job_id=job_id, project=project, reason=reason,
+            model_dir=str(project_store_dir(settings.model_dir, project).resolve()),
             label_studio_url=url, token=token, epochs=settings.retrain_epochs,
             image_size=settings.retrain_image_size, batch_size=settings.retrain_batch_size,
             promotion_margin=settings.promotion_margin, boundary_width=settings.boundary_width,
             ground_truth_only=settings.retrain_ground_truth_only, foreground_labels=settings.foreground_labels,
             background_labels=settings.background_labels, boundary_labels=settings.boundary_labels,
             redis_url=settings.redis_url, timeout_s=settings.retrain_job_timeout_s,
-            keep_versions=settings.keep_versions, base_model=settings.base_model,
+            keep_versions=settings.keep_versions, base_model=str(base.resolve()) if base else "",
         )
 
     return make

@@ -195,6 +195,7 @@ class Retrainer:
         state.job_id, state.job_owner, state.reason = job_id, self.executor.owner, reason
         state.started_at = now
         state.started_changes, state.changes = state.changes, 0  # changes during the run count towards the next
+        state.run_tasks = []
 
     def _submit(self, project: int, job_id: str, reason: str) -> None:
         logger.info("project %s: starting training job %s (%s)", project, job_id, reason)
@@ -221,6 +222,9 @@ class Retrainer:
             status = outcome.get("status")
             if isinstance(outcome.get("usable"), int):
                 state.usable = outcome["usable"]
+            if isinstance(outcome.get("tasks"), list):
+                state.exported([t for t in outcome["tasks"] if isinstance(t, int)])
+            state.run_tasks = []
             if status == "succeeded":
                 state.last_success = record
                 state.failures, state.retry = 0, False
@@ -300,7 +304,7 @@ class Retrainer:
             "not_training_because": self.policy.explain(state, now) if self.policy else None,
             "follow_up_queued": state.pending,
             "accepted_changes": state.changes,
-            "annotated_tasks_known": max(len(state.tasks), state.usable or 0),
+            "annotated_tasks_known": len(state.tasks),
             "consecutive_failures": state.failures,
             "retry_after": retry_after if state.retry else None,
             "trainings": state.trainings,

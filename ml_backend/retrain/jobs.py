@@ -96,11 +96,12 @@ def execute_training(spec: JobSpec, cancel: threading.Event | None = None) -> di
             report = export_from_label_studio(data_dir, url=spec.label_studio_url, token=spec.token,
                                               project=spec.project, loader=loader, options=options)
             usable = len(report.written)
+            tasks = _task_ids(report.written)
             if usable < MIN_USABLE_PAIRS:
                 raise NotEnoughData(
                     f"project {spec.project} has {usable} task(s) with an accepted brush annotation; training needs "
                     f"at least {MIN_USABLE_PAIRS} (one to train on, one to validate) "
-                    f"({report.not_accepted} without an accepted annotation, {len(report.skipped)} skipped)", usable)
+                    f"({report.not_accepted} without an accepted annotation, {len(report.skipped)} skipped)", usable, tasks)
             if cancel.is_set():
                 raise JobCancelled("the training job was stopped before fitting")
             from training.fit import fit  # deferred: Keras loads only in a job that trains
@@ -118,13 +119,18 @@ def execute_training(spec: JobSpec, cancel: threading.Event | None = None) -> di
             "val_foreground_iou": fitted.val_foreground_iou, "parent": fitted.parent,
             "baseline_val_foreground_iou": fitted.baseline_val_foreground_iou, "train_count": fitted.train_count,
             "val_count": fitted.val_count, "skipped_count": fitted.skipped_count, "export": report.summary(),
-            "usable": usable, "pruned": pruned, "promotion": fitted.promotion_reason}
+            "usable": usable, "tasks": tasks, "pruned": pruned, "promotion": fitted.promotion_reason}
+
+
+def _task_ids(stems: list[str]) -> list[int]:
+    """Task ids from the export's stems (``task-<id>``)."""
+    return sorted(int(s[5:]) for s in stems if s.startswith("task-") and s[5:].isascii() and s[5:].isdigit())
 
 
 def _failure(exc: BaseException) -> dict[str, Any]:
     message = exc.message if isinstance(exc, BackendError) else f"{exc.__class__.__name__}: {exc}"
     if isinstance(exc, NotEnoughData):
-        return {"status": "not_enough_data", "error": message, "usable": exc.usable}
+        return {"status": "not_enough_data", "error": message, "usable": exc.usable, "tasks": exc.tasks}
     return {"status": "failed", "error": message}
 
 

@@ -120,11 +120,11 @@ class TrainingPolicy:
         """Why no job may start now (None: one may)."""
         if state.running:
             return "a training job is running"
-        known = max(len(state.tasks), state.usable or 0)
+        known = len(state.tasks)
         if known < MIN_USABLE_PAIRS and not (forced and state.usable is None):
-            source = "the last export gave" if state.usable is not None else "webhooks reported"
-            return (f"not enough data: {source} {known} task(s) with an accepted brush annotation; training needs "
-                    f"at least {MIN_USABLE_PAIRS} (one to train on, one to validate)")
+            source = "the last export and webhooks since" if state.usable is not None else "webhooks"
+            return (f"not enough data: {source} show {known} task(s) with an accepted brush annotation; training "
+                    f"needs at least {MIN_USABLE_PAIRS} (one to train on, one to validate)")
         if forced:
             return None
         retry_at = self.retry_after(state)

@@ -21,9 +21,10 @@ class TrainingJobError(BackendError):
 class NotEnoughData(TrainingJobError):
     """The export gave fewer usable pairs than a training/validation split needs: not a failure to retry."""
 
-    def __init__(self, message: str, usable: int) -> None:
+    def __init__(self, message: str, usable: int, tasks: list[int] | None = None) -> None:
         super().__init__(message)
         self.usable = usable
+        self.tasks = tasks or []
 
 
 @dataclass(frozen=True)

@@ -71,15 +71,21 @@ class ProjectState:
     started_changes: int = 0  # changes the running job consumed (given back if it fails)
     failures: int = 0  # consecutive failed jobs (exponential back-off)
     retry: bool = False  # the last job failed: retry when the back-off allows
-    tasks: list[int] = field(default_factory=list)  # tasks known (from webhooks) to hold an accepted brush mask
+    # Tasks known to hold an accepted brush mask: the last export's, and those webhooks reported since.
+    tasks: list[int] = field(default_factory=list)
+    run_tasks: list[int] = field(default_factory=list)  # reported while the running job exports
     usable: int | None = None  # usable pairs the last export gave (None: never exported)
     applied: list[str] = field(default_factory=list)  # ids of the latest applied webhook changes
 
     def add_tasks(self, added: list[int], removed: list[int]) -> None:
-        known = (set(self.tasks) | set(added)) - set(removed)
-        self.tasks = sorted(known)[:KNOWN_TASKS_MAX]
-        if removed and self.usable is not None:
-            self.usable = max(0, self.usable - len(removed))
+        self.tasks = sorted((set(self.tasks) | set(added)) - set(removed))[:KNOWN_TASKS_MAX]
+        if self.running:
+            self.run_tasks = sorted((set(self.run_tasks) | set(added)) - set(removed))[:KNOWN_TASKS_MAX]
+
+    def exported(self, tasks: list[int]) -> None:
+        """What an export found replaces what webhooks said before it started."""
+        self.tasks = sorted(set(tasks) | set(self.run_tasks))[:KNOWN_TASKS_MAX]
+        self.run_tasks = []
 
     def mark_applied(self, change_id: str) -> None:
         self.applied = (self.applied + [change_id])[-APPLIED_MAX:]
