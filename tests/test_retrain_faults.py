@@ -155,7 +155,7 @@ def _backend(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
 def test_sigkill_during_a_training_leaves_current_serving_and_nothing_stuck(fitted_store, tiny_sam_preset, tmp_path):
     from training.store import ModelStore
 
-    model_dir = tmp_path / "models"
+    model_dir = tmp_path / "backend-models"
     project_dir = model_dir / "projects" / "1"
     project_dir.parent.mkdir(parents=True)
     fitted_store.rename(project_dir)  # project 1's own store

@@ -116,7 +116,7 @@ def execute_training(spec: JobSpec, cancel: threading.Event | None = None) -> di
     finally:
         loader.close()
     return {"status": "succeeded", "version": fitted.version_id, "promoted": fitted.promoted,
-            "val_foreground_iou": fitted.val_foreground_iou, "parent": fitted.parent,
+            "val_foreground_iou": fitted.val_foreground_iou, "parent": fitted.parent, "base_model": fitted.base_model,
             "baseline_val_foreground_iou": fitted.baseline_val_foreground_iou, "train_count": fitted.train_count,
             "val_count": fitted.val_count, "skipped_count": fitted.skipped_count, "export": report.summary(),
             "usable": usable, "tasks": tasks, "pruned": pruned, "promotion": fitted.promotion_reason}
