@@ -89,10 +89,13 @@ _MEDIA_ROUTES: tuple[tuple[re.Pattern[str], str | None, bool], ...] = (
 )
 # describe() keeps these query parameters of Label Studio's media forms; nothing else.
 _KEPT_PARAMS = {"local-files": "d", "uploaded": "filepath", "resolve": "fileuri", "presign": "fileuri"}
+_DATA_HEADER = re.compile(r"data:[A-Za-z0-9.+/;=-]*", re.IGNORECASE)
 _SCHEME_AUTHORITY = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)")
 _HOST_NAME = re.compile(r"[a-z0-9_-][a-z0-9._-]*")
 _NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
 _NAT64 = (ipaddress.IPv6Network("64:ff9b::/96"), ipaddress.IPv6Network("64:ff9b:1::/48"))
+# Special-purpose ranges that Python 3.11's is_global still calls global.
+_SPECIAL_IPV4 = (ipaddress.IPv4Network("192.0.0.0/24"), ipaddress.IPv4Network("192.88.99.0/24"))
 _REFUSED_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"}
 
 
@@ -251,6 +254,8 @@ def is_public_address(address: str) -> bool:
             return False
         if ip.is_site_local:
             return False
+    elif any(ip in network for network in _SPECIAL_IPV4):
+        return False
     return ip.is_global and not (
         ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved or ip.is_unspecified
     )
@@ -305,8 +310,8 @@ def describe(url: object, *, limit: int = 160) -> str:
     if not isinstance(url, str):
         return f"<{type(url).__name__}>"
     text = "".join(char if char.isprintable() else char.encode("unicode_escape").decode() for char in url[:4096])
-    if text[:5].lower() == "data:":
-        return text.split(",", 1)[0][:limit] + ",..."
+    if text[:5].lower() == "data:":  # the media type and parameters only, never the payload
+        return _DATA_HEADER.match(text).group(0)[:limit] + ",..."
     text = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*:)?//[^/?#]*@", lambda m: (m.group(1) or "") + "//***@", text)
     try:
         parts = urlsplit(text)
@@ -411,12 +416,14 @@ class UrlPolicy:
         """
         if not isinstance(location, str) or not location:
             raise URLRefused("redirect without a Location")
-        check_characters(location)
         try:
+            check_characters(location)
             absolute = urljoin(current.url, location)
-        except ValueError as exc:
+            origin = Origin.of(parse_http_url(absolute))
+        except URLRefused as exc:
+            raise URLRefused(f"redirect refused: {exc.message}") from exc
+        except ValueError as exc:  # urljoin on a malformed IPv6 literal
             raise URLRefused(f"redirect to {describe(location)} refused: malformed URL") from exc
-        origin = Origin.of(parse_http_url(absolute))
         what = f"redirect to {describe(absolute)} refused"
         if origin == self.label_studio:
             if current.route != LABEL_STUDIO_MEDIA:
