@@ -548,3 +548,16 @@ def test_fuzz_label_studio_urls_only_our_errors(url):
         UrlPolicy(url, ALLOWED)
     except BackendError:
         pass
+
+
+def test_api_request_posts_json_to_label_studio_with_the_token(ls):
+    from ml_backend.label_studio_api import api_request
+
+    def echo(handler):
+        if handler.headers.get("Authorization") != f"Token {LEGACY}":
+            reply(handler, 401)
+        else:
+            reply(handler, 201, json.dumps({"got": json.loads(handler.body)}).encode())
+
+    ls.routes["POST", "/api/webhooks/"] = echo
+    assert api_request(ls.ls_url, LEGACY, "POST", "/api/webhooks/", json={"url": "x"}) == {"got": {"url": "x"}}
