@@ -109,6 +109,8 @@ class Settings:
     foreground_labels: tuple[str, ...] = ()  # empty: every brush label that is not background/boundary
     background_labels: tuple[str, ...] = ("background",)
     boundary_labels: tuple[str, ...] = ("boundary", "border", "edge")
+    # --- image input bounds (trust, issue 9) ---
+    max_image_mb: int = 256  # decoded RGB bytes (width x height x 3), checked before decoding
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -155,6 +157,8 @@ class Settings:
             foreground_labels=tuple(n.lower() for n in _list(env, "FOREGROUND_LABELS", d.foreground_labels)),
             background_labels=tuple(n.lower() for n in _list(env, "BACKGROUND_LABELS", d.background_labels)),
             boundary_labels=tuple(n.lower() for n in _list(env, "BOUNDARY_LABELS", d.boundary_labels)),
+            # image input bounds (trust, issue 9)
+            max_image_mb=_int(env, "MAX_IMAGE_MB", d.max_image_mb),
         )
         settings.check()
         return settings
@@ -173,6 +177,10 @@ class Settings:
     @property
     def embedding_cache_bytes(self) -> int:
         return self.embedding_cache_mb * 1024 * 1024
+
+    @property
+    def max_image_bytes(self) -> int:
+        return self.max_image_mb * 1024 * 1024
 
     @property
     def max_download_bytes(self) -> int:
