@@ -111,6 +111,9 @@ class Settings:
     boundary_labels: tuple[str, ...] = ("boundary", "border", "edge")
     # --- image input bounds (trust, issue 9) ---
     max_image_mb: int = 256  # decoded RGB bytes (width x height x 3), checked before decoding
+    # --- serving reliability: image encodes at once per process, and how long a first click may queue ---
+    encode_concurrency: int = 0  # 0: 1 on CPU, 2 on a GPU
+    encode_queue_timeout_s: float = 45.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -159,6 +162,8 @@ class Settings:
             boundary_labels=tuple(n.lower() for n in _list(env, "BOUNDARY_LABELS", d.boundary_labels)),
             # image input bounds (trust, issue 9)
             max_image_mb=_int(env, "MAX_IMAGE_MB", d.max_image_mb),
+            encode_concurrency=_int(env, "ENCODE_CONCURRENCY", d.encode_concurrency),
+            encode_queue_timeout_s=_float(env, "ENCODE_QUEUE_TIMEOUT_S", d.encode_queue_timeout_s),
         )
         settings.check()
         return settings
