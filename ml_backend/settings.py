@@ -108,6 +108,10 @@ class Settings:
     foreground_labels: tuple[str, ...] = ()  # empty: every brush label that is not background/boundary
     background_labels: tuple[str, ...] = ("background",)
     boundary_labels: tuple[str, ...] = ("boundary", "border", "edge")
+    # --- mask result formats (mask-formats) ---
+    mask_tag: str = ""  # empty: the image's first BrushLabels, else BitmaskLabels, else PolygonLabels
+    polygon_min_area: int = 16  # pixels: smaller components are dropped and smaller holes filled
+    polygon_tolerance: float = 1.0  # pixels: Douglas-Peucker simplification of polygon outlines
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -153,6 +157,9 @@ class Settings:
             foreground_labels=tuple(n.lower() for n in _list(env, "FOREGROUND_LABELS", d.foreground_labels)),
             background_labels=tuple(n.lower() for n in _list(env, "BACKGROUND_LABELS", d.background_labels)),
             boundary_labels=tuple(n.lower() for n in _list(env, "BOUNDARY_LABELS", d.boundary_labels)),
+            mask_tag=_str(env, "MASK_TAG"),
+            polygon_min_area=_int(env, "POLYGON_MIN_AREA", d.polygon_min_area),
+            polygon_tolerance=_float(env, "POLYGON_TOLERANCE", d.polygon_tolerance),
         )
         settings.check()
         return settings
