@@ -75,6 +75,7 @@ class Settings:
     sam_model: str = ""  # empty: sam_huge_sa1b on GPU, sam_base_sa1b on CPU
     sam_device: str = "auto"  # auto, cpu, cuda, cuda:N
     sam_half: bool = False
+    sam_trace_decoder: bool = True  # replay the decoder as a traced torch graph (ml_backend/sam/decoder.py)
     embedding_cache_mb: int = 1024
     # --- images ---
     label_studio_url: str = ""
@@ -128,6 +129,7 @@ class Settings:
             sam_model=_str(env, "SAM_MODEL"),
             sam_device=_str(env, "SAM_DEVICE", d.sam_device).lower(),
             sam_half=_bool(env, "SAM_HALF", d.sam_half),
+            sam_trace_decoder=_bool(env, "SAM_TRACE_DECODER", d.sam_trace_decoder),
             embedding_cache_mb=_int(env, "EMBEDDING_CACHE_MB", d.embedding_cache_mb),
             label_studio_url=_str(env, "LABEL_STUDIO_URL").rstrip("/"),
             label_studio_api_key=_str(env, "LABEL_STUDIO_API_KEY"),
