@@ -114,6 +114,10 @@ class Settings:
     # --- serving reliability: image encodes at once per process, and how long a first click may queue ---
     encode_concurrency: int = 0  # 0: 1 on CPU, 2 on a GPU
     encode_queue_timeout_s: float = 45.0
+    # --- mask result formats (mask-formats) ---
+    mask_tag: str = ""  # empty: the image's first BrushLabels, else BitmaskLabels, else PolygonLabels
+    polygon_min_area: int = 16  # pixels: smaller components are dropped and smaller holes filled
+    polygon_tolerance: float = 1.0  # pixels: Douglas-Peucker simplification of polygon outlines
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -164,6 +168,9 @@ class Settings:
             max_image_mb=_int(env, "MAX_IMAGE_MB", d.max_image_mb),
             encode_concurrency=_int(env, "ENCODE_CONCURRENCY", d.encode_concurrency),
             encode_queue_timeout_s=_float(env, "ENCODE_QUEUE_TIMEOUT_S", d.encode_queue_timeout_s),
+            mask_tag=_str(env, "MASK_TAG"),
+            polygon_min_area=_int(env, "POLYGON_MIN_AREA", d.polygon_min_area),
+            polygon_tolerance=_float(env, "POLYGON_TOLERANCE", d.polygon_tolerance),
         )
         settings.check()
         return settings
