@@ -12,7 +12,6 @@ row is the issue's bomb, a 12 KB 1-bit 10000 x 10000 PNG: refused from its heade
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import subprocess
 import sys
