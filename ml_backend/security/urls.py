@@ -69,6 +69,12 @@ from urllib3.util import Url, parse_url
 
 from ml_backend.errors import ImageFetchError
 
+__all__ = [
+    "LABEL_STUDIO_API", "LABEL_STUDIO_MEDIA", "LISTED_HOST", "MAX_URL_CHARS", "PRESIGNED", "Origin", "Target",
+    "URLRefused", "UrlPolicy", "check_characters", "clean_path", "describe", "failure_reason", "host_allowed",
+    "is_public_address", "literal_address", "parse_http_url", "parse_label_studio_url",
+]
+
 MAX_URL_CHARS = 8192
 DEFAULT_PORTS = {"http": 80, "https": 443}
 USER_AGENT = "sam-trimap-backend (Label Studio ML backend)"
