@@ -386,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(work.annotators, work.images, *workers) < 1 or work.refinements < 1 or work.think_s < 0:
         parser.error("annotators, images, refinements and workers must be at least 1; think time not negative")
     env_extra = {"EMBEDDING_CACHE_MB": str(args.embedding_cache_mb)}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the backend on the way out
     report = run(args.quick, workers, work, env_extra, args.preset_dir)
     if args.json:
         print(json.dumps(report))
