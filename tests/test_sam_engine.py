@@ -126,10 +126,10 @@ def test_concurrent_requests_for_a_new_image_encode_it_once(tiny_engine: SamEngi
     calls = []
     real_encode = tiny_engine._encode
 
-    def slow_encode(key, image):
+    def slow_encode(key, image, *rest):
         calls.append(key)
         time.sleep(0.3)
-        return real_encode(key, image)
+        return real_encode(key, image, *rest)
 
     monkeypatch.setattr(tiny_engine, "_encode", slow_encode)
     image = random_image(70, 50)
@@ -150,11 +150,11 @@ def test_a_failed_encoding_is_not_cached_and_is_retried(tiny_engine: SamEngine, 
     real_encode = tiny_engine._encode
     attempts = []
 
-    def flaky(key, image):
+    def flaky(key, image, *rest):
         attempts.append(key)
         if len(attempts) == 1:
             raise RuntimeError("out of memory")
-        return real_encode(key, image)
+        return real_encode(key, image, *rest)
 
     monkeypatch.setattr(tiny_engine, "_encode", flaky)
     image = random_image(30, 30)
@@ -162,18 +162,6 @@ def test_a_failed_encoding_is_not_cached_and_is_retried(tiny_engine: SamEngine, 
         tiny_engine.embed(image)
     tiny_engine.embed(image)
     assert len(attempts) == 2 and image_key(image) in tiny_engine.cache
-
-
-def test_prefetch_embeds_in_the_background_and_skips_bad_images(tiny_engine: SamEngine) -> None:
-    images = [random_image(50, 60, seed=s) for s in range(3)]
-
-    def broken() -> np.ndarray:
-        raise InvalidImageError("not an image")
-
-    loaders = [lambda i=i: images[i] for i in range(3)]
-    done = tiny_engine.prefetch([loaders[0], broken, loaders[1], loaders[2]]).result(timeout=60)
-    assert done == 3
-    assert all(image_key(image) in tiny_engine.cache for image in images)
 
 
 # --- bad input -----------------------------------------------------------------

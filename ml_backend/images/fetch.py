@@ -127,6 +127,16 @@ class ImageLoader:
 
     # --- where the URL points ---
 
+    def local_file(self, url: str) -> Path | None:
+        """The file on this disk that :meth:`load` reads for ``url``, or None when it downloads.
+
+        Raises ImageFetchError for a URL the loader refuses.
+        """
+        try:
+            return self._local_path(url.strip())
+        except ValueError as exc:
+            raise ImageFetchError(f"{describe(url)}: malformed URL ({exc})") from exc
+
     def _local_path(self, url: str) -> Path | None:
         """The file to read from disk for ``url``, or None when it must be fetched over HTTP."""
         root = self._settings.local_files_document_root
