@@ -21,9 +21,10 @@ def model_identity(image_encoder) -> str:
     """A hex id for ``image_encoder`` (a Keras layer): equal ids mean interchangeable embeddings."""
     digest = hashlib.sha256()
     try:
-        config = image_encoder.get_config()
+        config = dict(image_encoder.get_config())
     except (NotImplementedError, TypeError):
         config = {}
+    config.pop("name", None)  # Keras numbers layer names per process: "backbone_1" is the same model
     header = {
         "class": f"{type(image_encoder).__module__}.{type(image_encoder).__qualname__}",
         "config": config,
@@ -31,10 +32,10 @@ def model_identity(image_encoder) -> str:
         "dtype_policy": str(getattr(getattr(image_encoder, "dtype_policy", None), "name", "")),
     }
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
-    for variable in image_encoder.weights:
+    for index, variable in enumerate(image_encoder.weights):  # in build order; paths carry per-process numbering
         value = np.asarray(_to_numpy(variable))
-        digest.update(f"{variable.path}:{value.dtype}:{value.shape}".encode())
-        digest.update(np.ascontiguousarray(value).data)
+        digest.update(f"{index}:{value.dtype}:{value.shape}".encode())
+        digest.update(np.ascontiguousarray(value).view(np.uint8).data)  # also bfloat16, which has no buffer format
     return digest.hexdigest()[:ID_LENGTH]
 
 
