@@ -61,6 +61,7 @@ class Runtime:
         self._engine_error: BackendError | None = None
         self._engine_ready = threading.Event()
         if engine is not None:
+            self.url_index.store = engine.store
             self._engine_ready.set()
         self.retrainer = _build_retrainer(settings, lambda: (self.access.url, self.access.token))
 
