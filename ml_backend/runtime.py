@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +19,8 @@ from ml_backend.embeddings.scheduler import EncodeJob, PreEncodeScheduler, proje
 from ml_backend.embeddings.urls import UrlIndex
 from ml_backend.errors import BackendError, ModelSourceError
 from ml_backend.sam.cache import ByteBoundedLRU
-from ml_backend.sam.engine import ImageEmbedding
+from ml_backend.sam.encode_gate import EncodeGate, Priority
+from ml_backend.sam.engine import ImageEmbedding, image_key
 from ml_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -52,6 +54,8 @@ class Runtime:
         self.refinements: ByteBoundedLRU[np.ndarray] = ByteBoundedLRU(REFINEMENT_CACHE_BYTES, lambda a: a.nbytes)
         # Image URL -> pixel-content key of its embedding, so a click skips download and decoding.
         self.url_index = UrlIndex(self.images.local_file, ttl_s=settings.url_key_ttl_s)
+        # At most N encodes at once; further first clicks queue briefly, then get 503 + Retry-After.
+        self.encode_gate = EncodeGate(encode_slots(settings), settings.encode_queue_timeout_s)
         self.preencoder = PreEncodeScheduler(self._preencode, lookahead=settings.preencode_lookahead,
                                              log_every=settings.preencode_log_every)
         self._connected: set[int] = set()
@@ -101,7 +105,27 @@ class Runtime:
         if self._engine is None:
             return {"state": "failed", "error": self._engine_error.message if self._engine_error else "unknown"}
         return {"state": "ready", "source": self._engine.source, "cached_images": len(self._engine.cache),
-                "encodes": self._engine.encodes}
+                "encodes": self.encode_gate.status(), "images_encoded": self._engine.encodes}
+
+    def embed(self, image: np.ndarray, priority: Priority = Priority.INTERACTIVE) -> ImageEmbedding:
+        """The SAM embedding of a decoded image: from memory or the embedding store at once, else encoded
+        when the gate admits it (interactive callers may get :class:`EncodeBusyError`, HTTP 503)."""
+        engine = self.sam()
+        key = image_key(image)
+        if (embedding := engine.cached(key)) is not None:
+            return embedding
+        with self.encode_gate.slot(priority) as slot:
+            if engine.is_ready(key):  # encoded (here or by another process) while this caller queued
+                slot.untimed()
+            started = time.perf_counter()
+            encodes = engine.encodes
+            embedding = engine.embed(image)
+            if engine.encodes == encodes:
+                slot.untimed()
+            if slot.timed:
+                logger.info("encoded image %s in %.2f s after queueing %.2f s (%s)", key[:12],
+                            time.perf_counter() - started, slot.waited_s, priority.name.lower())
+        return embedding
 
     # --- images --------------------------------------------------------------
     def remember_label_studio(self, hostname: str | None, token: str | None) -> None:
@@ -123,7 +147,7 @@ class Runtime:
         key = self.url_index.lookup(url, validator)
         if key is not None and (embedding := engine.cached(key)) is not None:
             return embedding
-        embedding = engine.embed(self.load_image(url, task_id))
+        embedding = self.embed(self.load_image(url, task_id))
         self.url_index.remember(url, embedding.key, validator)
         return embedding
 
@@ -138,7 +162,7 @@ class Runtime:
                 engine.cached(key)  # about to be clicked: read it into memory now
             return "ready"
         encodes = engine.encodes
-        embedding = engine.embed(self.load_image(job.url, job.task_id), background=True)
+        embedding = self.embed(self.load_image(job.url, job.task_id), Priority.BACKGROUND)  # after waiting clicks
         self.url_index.remember(job.url, embedding.key, validator)
         return "encoded" if engine.encodes > encodes else "ready"
 
@@ -159,25 +183,25 @@ class Runtime:
 
     def _queue_project(self, project: int, label_config: str | None) -> None:
         try:
-            image_key, images = project_images(self.access.url, self.access.token, project, label_config=label_config,
+            image_field, images = project_images(self.access.url, self.access.token, project, label_config=label_config,
                                                max_tasks=self.settings.preencode_max_tasks)
         except BackendError as exc:
             logger.warning("pre-encoding project %d: cannot list its tasks: %s", project, exc.message)
             with self._connect_lock:
                 self._connected.discard(project)  # try again at the next /setup
             return
-        self._image_keys[project] = image_key
+        self._image_keys[project] = image_field
         self.preencoder.add_project(project, images)
 
-    def task_opened(self, task: dict, image_key: str, project_value: object = None) -> None:
+    def task_opened(self, task: dict, image_field: str, project_value: object = None) -> None:
         """An annotator opened ``task`` (automatic ``/predict`` or a click): its image and the next ones first."""
         if not self.settings.preencode:
             return
         project = project_id(task.get("project")) or project_id(project_value)
-        image = task_image(task, image_key)
+        image = task_image(task, image_field)
         if project is None or image is None:
             return
-        self._image_keys.setdefault(project, image_key)
+        self._image_keys.setdefault(project, image_field)
         self.preencoder.opened(project, image)
         self.project_connected(project, None)
 
@@ -187,16 +211,16 @@ class Runtime:
         tasks = payload.get("tasks")
         if not self.settings.preencode or project is None or not isinstance(tasks, list):
             return 0
-        image_key = self._image_keys.get(project)
-        if image_key is None and isinstance(project_info, dict) and isinstance(project_info.get("label_config"), str):
+        image_field = self._image_keys.get(project)
+        if image_field is None and isinstance(project_info, dict) and isinstance(project_info.get("label_config"), str):
             try:
-                image_key = self._image_keys[project] = image_key_of(project_info["label_config"])
+                image_field = self._image_keys[project] = image_key_of(project_info["label_config"])
             except BackendError:
                 return 0
-        if image_key is None:
+        if image_field is None:
             return 0
         return self.preencoder.add_tasks(project, [image for task in tasks
-                                                   if (image := task_image(task, image_key)) is not None])
+                                                   if (image := task_image(task, image_field)) is not None])
 
     def warm(self, tasks: list[dict], image_key_name: str, project: int | None = None) -> int:
         """``/warmup``: queue the tasks' images (whatever ``PREENCODE`` says); the number queued."""
@@ -228,6 +252,20 @@ class Runtime:
 
     def trimap_versions(self) -> list[dict]:
         return self.trimaps.list_versions()
+
+
+def encode_slots(settings: Settings) -> int:
+    """ENCODE_CONCURRENCY, or by device: 1 on CPU (an encode takes every core), 2 on a GPU (one
+    image's host-side resizing and transfer overlap the other's encode)."""
+    if settings.encode_concurrency:
+        return settings.encode_concurrency
+    if settings.sam_device.startswith("cuda"):
+        return 2
+    if settings.sam_device == "auto":
+        import torch
+
+        return 2 if torch.cuda.is_available() else 1
+    return 1
 
 
 def _build_retrainer(settings: Settings, access):

@@ -75,6 +75,7 @@ class Settings:
     sam_model: str = ""  # empty: sam_huge_sa1b on GPU, sam_base_sa1b on CPU
     sam_device: str = "auto"  # auto, cpu, cuda, cuda:N
     sam_half: bool = False
+    sam_trace_decoder: bool = True  # replay the decoder as a traced torch graph (ml_backend/sam/decoder.py)
     embedding_cache_mb: int = 1024
     # --- images ---
     label_studio_url: str = ""
@@ -108,6 +109,9 @@ class Settings:
     foreground_labels: tuple[str, ...] = ()  # empty: every brush label that is not background/boundary
     background_labels: tuple[str, ...] = ("background",)
     boundary_labels: tuple[str, ...] = ("boundary", "border", "edge")
+    # --- serving reliability: image encodes at once per process, and how long a first click may queue ---
+    encode_concurrency: int = 0  # 0: 1 on CPU, 2 on a GPU
+    encode_queue_timeout_s: float = 45.0
     # --- embedding store and pre-encoding (embedding-store) ---
     embedding_store_dir: Path = field(
         default_factory=lambda: Path.home() / ".cache" / "sam-trimap-backend" / "embeddings")
@@ -135,6 +139,7 @@ class Settings:
             sam_model=_str(env, "SAM_MODEL"),
             sam_device=_str(env, "SAM_DEVICE", d.sam_device).lower(),
             sam_half=_bool(env, "SAM_HALF", d.sam_half),
+            sam_trace_decoder=_bool(env, "SAM_TRACE_DECODER", d.sam_trace_decoder),
             embedding_cache_mb=_int(env, "EMBEDDING_CACHE_MB", d.embedding_cache_mb),
             label_studio_url=_str(env, "LABEL_STUDIO_URL").rstrip("/"),
             label_studio_api_key=_str(env, "LABEL_STUDIO_API_KEY"),
@@ -164,6 +169,8 @@ class Settings:
             foreground_labels=tuple(n.lower() for n in _list(env, "FOREGROUND_LABELS", d.foreground_labels)),
             background_labels=tuple(n.lower() for n in _list(env, "BACKGROUND_LABELS", d.background_labels)),
             boundary_labels=tuple(n.lower() for n in _list(env, "BOUNDARY_LABELS", d.boundary_labels)),
+            encode_concurrency=_int(env, "ENCODE_CONCURRENCY", d.encode_concurrency),
+            encode_queue_timeout_s=_float(env, "ENCODE_QUEUE_TIMEOUT_S", d.encode_queue_timeout_s),
             embedding_store_dir=Path(_str(env, "EMBEDDING_STORE_DIR") or d.embedding_store_dir),
             embedding_store_mb=_int(env, "EMBEDDING_STORE_MB", d.embedding_store_mb),
             embedding_store_dtype=_str(env, "EMBEDDING_STORE_DTYPE", d.embedding_store_dtype).lower(),

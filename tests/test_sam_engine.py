@@ -126,10 +126,10 @@ def test_concurrent_requests_for_a_new_image_encode_it_once(tiny_engine: SamEngi
     calls = []
     real_encode = tiny_engine._encode
 
-    def slow_encode(key, image, *rest):
+    def slow_encode(key, image):
         calls.append(key)
         time.sleep(0.3)
-        return real_encode(key, image, *rest)
+        return real_encode(key, image)
 
     monkeypatch.setattr(tiny_engine, "_encode", slow_encode)
     image = random_image(70, 50)
@@ -150,11 +150,11 @@ def test_a_failed_encoding_is_not_cached_and_is_retried(tiny_engine: SamEngine, 
     real_encode = tiny_engine._encode
     attempts = []
 
-    def flaky(key, image, *rest):
+    def flaky(key, image):
         attempts.append(key)
         if len(attempts) == 1:
             raise RuntimeError("out of memory")
-        return real_encode(key, image, *rest)
+        return real_encode(key, image)
 
     monkeypatch.setattr(tiny_engine, "_encode", flaky)
     image = random_image(30, 30)

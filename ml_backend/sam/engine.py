@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ml_backend.embeddings.priority import EncodePriority
 from ml_backend.errors import InvalidImageError, InvalidPromptError
 from ml_backend.sam.cache import ByteBoundedLRU
+from ml_backend.sam.decoder import PROMPT_KEYS, PromptDecoder
 from ml_backend.sam.prompts import Prompts, SegmentationResult
 from ml_backend.sam.transforms import InputGeometry, logits_to_original, prepare_image
 
@@ -71,7 +71,9 @@ class SamEngine:
     """Segments images with a keras-hub ``SAMImageSegmenter``.
 
     ``device`` pins computation (``"cpu"``, ``"cuda"``, ``"cuda:1"``); ``None`` lets
-    Keras pick the GPU when torch sees one.
+    Keras pick the GPU when torch sees one. ``traced_decoder`` replays the prompt encoder
+    and mask decoder as a traced graph (see :mod:`ml_backend.sam.decoder`); ``False``
+    runs the Keras layers eagerly.
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class SamEngine:
         cache_bytes: int = 1 << 30,
         device: str | None = None,
         source: str = "",
+        traced_decoder: bool = True,
         store: "EmbeddingStore | None" = None,
     ) -> None:
         self.segmenter = segmenter
@@ -90,12 +93,11 @@ class SamEngine:
         backbone = segmenter.backbone
         self._image_encoder = backbone.image_encoder
         self._prompt_encoder = backbone.prompt_encoder
-        self._mask_decoder = backbone.mask_decoder
+        self._decoder = PromptDecoder(self._prompt_encoder, backbone.mask_decoder, traced=traced_decoder)
         self.input_size = int(self._image_encoder.image_shape[0])
         embed_h, embed_w = self._prompt_encoder.image_embedding_size
         self.mask_input_shape = (4 * int(embed_h), 4 * int(embed_w))
         self.cache: ByteBoundedLRU[ImageEmbedding] = ByteBoundedLRU(cache_bytes, lambda e: e.nbytes)
-        self.priority = EncodePriority()
         self.encodes = 0  # images this process ran the encoder on (store and memory hits excluded)
         self._count_lock = threading.Lock()
 
@@ -105,14 +107,11 @@ class SamEngine:
         return keras.device(self.device) if self.device else contextlib.nullcontext()
 
     # --- embedding -------------------------------------------------------------
-    def embed(self, image: np.ndarray, *, background: bool = False) -> ImageEmbedding:
-        """Return the embedding of an (H, W, 3) uint8 RGB image: from memory, the store, or the encoder.
-
-        ``background`` encodes wait while interactive ones run in this process.
-        """
+    def embed(self, image: np.ndarray) -> ImageEmbedding:
+        """Return the embedding of an (H, W, 3) uint8 RGB image: from memory, the store, or the encoder."""
         check_image(image)
         key = image_key(image)
-        return self.cache.get_or_compute(key, lambda: self._stored_or_encoded(key, image, background))
+        return self.cache.get_or_compute(key, lambda: self._stored_or_encoded(key, image))
 
     def cached(self, key: str) -> ImageEmbedding | None:
         """The embedding for a pixel key from memory or the store, without the image; None if neither has it."""
@@ -127,9 +126,9 @@ class SamEngine:
         """Whether ``key`` would be served without encoding (memory or store)."""
         return key in self.cache or (self.store is not None and self.store.contains(key))
 
-    def _stored_or_encoded(self, key: str, image: np.ndarray, background: bool) -> ImageEmbedding:
+    def _stored_or_encoded(self, key: str, image: np.ndarray) -> ImageEmbedding:
         if self.store is None:
-            return self._encode(key, image, background)
+            return self._encode(key, image)
         embedding = self._from_store(key)
         if embedding is not None:
             return embedding
@@ -137,7 +136,7 @@ class SamEngine:
             embedding = self._from_store(key)  # another process may have encoded it while we waited
             if embedding is not None:
                 return embedding
-            embedding = self._encode(key, image, background)
+            embedding = self._encode(key, image)
             height, width = embedding.geometry.original_size
             self.store.put(key, embedding.features.detach().float().cpu().numpy(), (height, width))
         return embedding
@@ -154,20 +153,16 @@ class SamEngine:
         return ImageEmbedding(key=key, geometry=InputGeometry.for_image(height, width, self.input_size),
                               features=features)
 
-    def _encode(self, key: str, image: np.ndarray, background: bool = False) -> ImageEmbedding:
+    def _encode(self, key: str, image: np.ndarray) -> ImageEmbedding:
         from keras import ops
 
-        if background:
-            self.priority.wait_for_interactive()
         geometry = InputGeometry.for_image(image.shape[0], image.shape[1], self.input_size)
         batch = prepare_image(image, geometry)[None]
-        with self.priority.interactive() if not background else contextlib.nullcontext():
-            with torch.no_grad(), self._device_scope():
-                features = self._image_encoder(ops.convert_to_tensor(batch))
+        with torch.no_grad(), self._device_scope():
+            features = self._image_encoder(ops.convert_to_tensor(batch))
         with self._count_lock:
             self.encodes += 1
-        logger.info("encoded image %s (%dx%d%s)", key[:12], image.shape[1], image.shape[0],
-                    ", background" if background else "")
+        logger.debug("encoded image %s (%dx%d)", key[:12], image.shape[1], image.shape[0])
         return ImageEmbedding(key=key, geometry=geometry, features=features)
 
     # --- decoding --------------------------------------------------------------
@@ -175,12 +170,14 @@ class SamEngine:
         """Decode prompts (original-image pixels) against an embedding."""
         height, width = embedding.geometry.original_size
         prompts.validate(width, height)
+        from keras import ops
+
         inputs = self._prompt_inputs(embedding.geometry, prompts)
         with torch.no_grad(), self._device_scope():
-            prompt_embeddings = self._prompt_encoder(**inputs)
-            outputs = self._mask_decoder(image_embeddings=embedding.features, **prompt_embeddings)
-        all_logits = outputs["masks"][0].float()  # (4, h, w)
-        all_scores = outputs["iou_pred"][0].float()
+            tensors = {key: ops.convert_to_tensor(inputs[key]) for key in PROMPT_KEYS}
+            masks, iou_pred = self._decoder(embedding.features, tensors)
+        all_logits = masks[0].float()  # (4, h, w)
+        all_scores = iou_pred[0].float()
         if prompts.is_single_point:
             # One click is ambiguous: take the multimask outputs and keep the best predicted IoU.
             best = 1 + int(torch.argmax(all_scores[1:]))

@@ -108,7 +108,7 @@ def load_engine(settings: "Settings") -> "SamEngine":
     with keras.device(device) if device else contextlib.nullcontext():
         segmenter = load_segmenter(source, converted_root=settings.model_dir / "sam-presets", dtype=dtype)
     return SamEngine(segmenter, cache_bytes=settings.embedding_cache_bytes, device=device, source=source,
-                     store=open_store(settings, segmenter))
+                     traced_decoder=settings.sam_trace_decoder, store=open_store(settings, segmenter))
 
 
 def open_store(settings: "Settings", segmenter) -> "EmbeddingStore | None":

@@ -1,6 +1,6 @@
-"""``python -m ml_backend.click_bench``: clicks through the whole backend, as Label Studio sends them.
+"""``python -m benchmarks.click``: clicks through the whole backend, as Label Studio sends them.
 
-The SAM bench (``python -m ml_backend.sam bench``) measures the engine; this one measures
+The SAM bench (``python -m benchmarks.sam``) measures the engine; this one measures
 what an annotator waits for: the app parsing Label Studio's context, the image loaded from
 local files, SAM, and the brush RLE answer. First click on a new image against further
 clicks on it, side by side in one run (random SAM weights, a synthetic JPEG).
@@ -35,7 +35,7 @@ def run(quick: bool, clicks: int) -> dict:
     from ml_backend.app import create_app
     from ml_backend.runtime import Runtime
     from ml_backend.sam import SamEngine
-    from ml_backend.sam.bench import base_architecture, quick_architecture, synthetic_image
+    from benchmarks.sam import base_architecture, quick_architecture, synthetic_image
     from ml_backend.sam.convert import build_segmenter
     from ml_backend.settings import Settings
 
@@ -70,7 +70,7 @@ def run(quick: bool, clicks: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ml_backend.click_bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.click", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small model and a 640x480 image")
     parser.add_argument("--clicks", type=int, default=5, help="further clicks to time (default 5)")
     parser.add_argument("--json", action="store_true")

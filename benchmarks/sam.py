@@ -1,6 +1,6 @@
 """Benchmark: our SAM clicks against the official ``SamPredictor`` on the same weights, image and prompt.
 
-``python -m ml_backend.sam bench [--quick] [--json]``. A SAM with seeded random
+``python -m benchmarks.sam [--quick] [--json]``. A SAM with seeded random
 weights (base-size vit_b shapes by default; ``--quick``: a small model) is saved as
 an official checkpoint, loaded through our loader (which converts it), and both
 pipelines segment one synthetic image (4000x3000 by default) from one positive click:
@@ -43,7 +43,7 @@ TARGET_CACHED_VS_REFERENCE = 1.2  # our cached click / reference predict, at mos
 
 def base_architecture() -> SamArchitecture:
     """The official vit_b configuration, read from the official builder on the meta device (no weights)."""
-    from ml_backend.sam.reference import segment_anything_module
+    from benchmarks.official_sam import segment_anything_module
 
     with torch.device("meta"):
         state_dict = segment_anything_module().sam_model_registry["vit_b"]().state_dict()
@@ -98,7 +98,7 @@ def run_bench(
     work, one thread avoids thread-pool stalls that hit the op-heavier side harder.
     """
     from ml_backend.sam import Prompts, SamEngine, load_segmenter
-    from ml_backend.sam.reference import (
+    from benchmarks.official_sam import (
         random_official_sam,
         save_official_checkpoint,
         segment_anything_module,
@@ -243,7 +243,7 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ml_backend.sam bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.sam", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small model and a 640x480 image (seconds)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--repeats", type=int, default=None, help="runs per figure (default 3, quick 5)")
