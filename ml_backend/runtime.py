@@ -105,7 +105,7 @@ class Runtime:
         if self._engine is None:
             return {"state": "failed", "error": self._engine_error.message if self._engine_error else "unknown"}
         return {"state": "ready", "source": self._engine.source, "cached_images": len(self._engine.cache),
-                "encodes": self.encode_gate.status(), "images_encoded": self._engine.encodes}
+                "encodes": self.encode_gate.status(), "images_encoded": self._engine.images_encoded}
 
     def embed(self, image: np.ndarray, priority: Priority = Priority.INTERACTIVE) -> ImageEmbedding:
         """The SAM embedding of a decoded image: from memory or the embedding store at once, else encoded
@@ -118,9 +118,9 @@ class Runtime:
             if engine.is_ready(key):  # encoded (here or by another process) while this caller queued
                 slot.untimed()
             started = time.perf_counter()
-            encodes = engine.encodes
+            encodes = engine.images_encoded
             embedding = engine.embed(image)
-            if engine.encodes == encodes:
+            if engine.images_encoded == encodes:
                 slot.untimed()
             if slot.timed:
                 logger.info("encoded image %s in %.2f s after queueing %.2f s (%s)", key[:12],
@@ -161,10 +161,10 @@ class Runtime:
             if job.urgent:
                 engine.cached(key)  # about to be clicked: read it into memory now
             return "ready"
-        encodes = engine.encodes
+        encodes = engine.images_encoded
         embedding = self.embed(self.load_image(job.url, job.task_id), Priority.BACKGROUND)  # after waiting clicks
         self.url_index.remember(job.url, embedding.key, validator)
-        return "encoded" if engine.encodes > encodes else "ready"
+        return "encoded" if engine.images_encoded > encodes else "ready"
 
     def project_connected(self, project_value: object, label_config: str | None) -> None:
         """First ``/setup`` (or first opened task) of a project in this process: queue all its images.

@@ -161,7 +161,7 @@ def test_another_sam_sharing_the_directory_never_reads_these_embeddings(tmp_path
     other = SamEngine(other_segmenter, store=store_for(other_segmenter, tmp_path))
     first.embed(image)
     other.embed(image)
-    assert (first.encodes, other.encodes) == (1, 1)
+    assert (first.images_encoded, other.images_encoded) == (1, 1)
     assert first.store.directory != other.store.directory
 
 
@@ -174,7 +174,7 @@ def test_a_new_process_serves_stored_images_without_encoding(tmp_path: Path, tin
     restarted = SamEngine(tiny_segmenter, store=store_for(tiny_segmenter, tmp_path))  # empty memory
     assert restarted.cached(image_key(image)) is not None
     again = restarted.segment(image, prompts)
-    assert (first.encodes, restarted.encodes) == (1, 0)
+    assert (first.images_encoded, restarted.images_encoded) == (1, 0)
     np.testing.assert_array_equal(again.mask, expected.mask)
     assert again.score == pytest.approx(expected.score, abs=1e-6)
 
@@ -188,7 +188,7 @@ def test_a_corrupt_stored_embedding_is_encoded_again(tmp_path: Path, tiny_segmen
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     restarted = SamEngine(tiny_segmenter, store=store_for(tiny_segmenter, tmp_path))
     result = restarted.segment(image, prompts)
-    assert restarted.encodes == 1
+    assert restarted.images_encoded == 1
     np.testing.assert_array_equal(result.mask, expected.mask)
     assert restarted.store.get(image_key(image)) is not None, "the re-encoded embedding is stored again"
 
@@ -240,7 +240,7 @@ ENCODER_PROCESS = textwrap.dedent("""
     while not Path(go).exists():
         time.sleep(0.01)
     engine.embed(image)
-    print("encodes", engine.encodes)
+    print("encodes", engine.images_encoded)
 """)
 
 

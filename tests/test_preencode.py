@@ -233,14 +233,14 @@ def test_setup_queues_the_project_and_clicks_on_its_images_do_not_encode(setting
         wait_until(lambda: runtime.preencoder.status().get("1", {}).get("done") == 4, what="4 images pre-encoded")
         status = client.get("/status").json
         assert status["preencode"]["projects"]["1"] == {"total": 4, "queued": 0, "running": 0, "done": 4, "failed": 0}
-        assert status["preencode"]["store"]["files"] == 4 and status["sam"]["encodes"] == 4
+        assert status["preencode"]["store"]["files"] == 4 and status["sam"]["images_encoded"] == 4
         assert client.post("/setup", json={"project": "1.1732800099", "schema": LABEL_CONFIG}).status_code == 200
         task = dict(ls.tasks[2], project=1)
         kp = {**keypoint(50, 50), "from_name": "kp", "original_width": 32, "original_height": 32}
         response = client.post("/predict", json={"tasks": [task], "label_config": LABEL_CONFIG,
                                                  "params": {"context": {"result": [kp]}}})
         assert response.status_code == 200 and response.json["results"][0]["result"]
-        assert engine.encodes == 4, "the click used the pre-encoded embedding; a second /setup queued nothing new"
+        assert engine.images_encoded == 4, "the click used the pre-encoded embedding; a second /setup queued nothing new"
 
 
 def test_without_a_token_or_with_preencode_off_setup_queues_nothing(settings, tiny_segmenter) -> None:
@@ -277,7 +277,7 @@ def test_tasks_created_webhook_queues_the_new_tasks(settings, tiny_segmenter) ->
     answer = client.post("/webhook", json=payload)
     assert answer.status_code == 200 and answer.json["preencode_queued"] == 3
     assert runtime.preencoder.wait_idle(60)
-    assert runtime.preencoder.status()["7"]["done"] == 3 and engine.encodes == 3
+    assert runtime.preencoder.status()["7"]["done"] == 3 and engine.images_encoded == 3
     assert all(engine.is_ready(image_key(image)) for image in images)
 
 
@@ -285,7 +285,7 @@ def test_after_a_restart_stored_images_are_served_without_encoding(settings, tin
     task_list, images = local_tasks(settings, 3)
     first = Runtime(settings, engine=engine_with_store(tiny_segmenter, settings))
     first.warm(task_list, "img", 1)
-    assert first.preencoder.wait_idle(60) and first.sam().encodes == 3
+    assert first.preencoder.wait_idle(60) and first.sam().images_encoded == 3
     restarted_engine = engine_with_store(tiny_segmenter, settings)
     restarted = Runtime(settings, engine=restarted_engine)
     client = create_app(settings, runtime=restarted).test_client()
@@ -295,7 +295,7 @@ def test_after_a_restart_stored_images_are_served_without_encoding(settings, tin
     for task, image in zip(task_list, images):
         response = click(client, task)
         assert response.status_code == 200
-    assert restarted_engine.encodes == 0 and loads == [], "served from the store by URL: no download, no encode"
+    assert restarted_engine.images_encoded == 0 and loads == [], "served from the store by URL: no download, no encode"
 
 
 def test_a_replaced_local_file_at_the_same_url_gets_a_fresh_embedding(settings, tiny_segmenter) -> None:
@@ -305,17 +305,17 @@ def test_a_replaced_local_file_at_the_same_url_gets_a_fresh_embedding(settings, 
     runtime = Runtime(settings, engine=engine)
     client = create_app(settings, runtime=runtime).test_client()
     [task], [old] = local_tasks(settings, 1)
-    assert click(client, task).status_code == 200 and engine.encodes == 1
+    assert click(client, task).status_code == 200 and engine.images_encoded == 1
     path = Path(settings.local_files_document_root) / "images" / "0.png"
     new = random_image(100)
     stamp = path.stat().st_mtime_ns
     path.write_bytes(png(new))
     os.utime(path, ns=(stamp + 10**9, stamp + 10**9))  # a replacement within the same clock tick still counts
     response = click(client, task)
-    assert response.status_code == 200 and engine.encodes == 2
+    assert response.status_code == 200 and engine.images_encoded == 2
     mask = decode_rle(response.json["results"][0]["result"][0]["value"]["rle"], 48, 64)
     np.testing.assert_array_equal(mask, engine.segment(new, Prompts.from_lists([(25.6, 24)])).mask)
-    assert click(client, task).status_code == 200 and engine.encodes == 2, "unchanged file: no new encode"
+    assert click(client, task).status_code == 200 and engine.images_encoded == 2, "unchanged file: no new encode"
 
 
 def test_http_url_entries_expire_after_their_ttl(settings, tiny_segmenter, monkeypatch) -> None:

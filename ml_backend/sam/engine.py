@@ -98,7 +98,7 @@ class SamEngine:
         embed_h, embed_w = self._prompt_encoder.image_embedding_size
         self.mask_input_shape = (4 * int(embed_h), 4 * int(embed_w))
         self.cache: ByteBoundedLRU[ImageEmbedding] = ByteBoundedLRU(cache_bytes, lambda e: e.nbytes)
-        self.encodes = 0  # images this process ran the encoder on (store and memory hits excluded)
+        self.images_encoded = 0  # images this process ran the encoder on (store and memory hits excluded)
         self._count_lock = threading.Lock()
 
     def _device_scope(self):
@@ -161,7 +161,7 @@ class SamEngine:
         with torch.no_grad(), self._device_scope():
             features = self._image_encoder(ops.convert_to_tensor(batch))
         with self._count_lock:
-            self.encodes += 1
+            self.images_encoded += 1
         logger.debug("encoded image %s (%dx%d)", key[:12], image.shape[1], image.shape[0])
         return ImageEmbedding(key=key, geometry=geometry, features=features)
 
