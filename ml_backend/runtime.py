@@ -53,7 +53,8 @@ class Runtime:
         # The last low-resolution logits per (image, prompt region), fed back to SAM on the next click.
         self.refinements: ByteBoundedLRU[np.ndarray] = ByteBoundedLRU(REFINEMENT_CACHE_BYTES, lambda a: a.nbytes)
         # Image URL -> pixel-content key of its embedding, so a click skips download and decoding.
-        self.url_index = UrlIndex(self.images.local_file, ttl_s=settings.url_key_ttl_s)
+        self.url_index = UrlIndex(lambda url: self.images.local_file(url, label_studio_url=self.access.url or None),
+                                  ttl_s=settings.url_key_ttl_s)
         # At most N encodes at once; further first clicks queue briefly, then get 503 + Retry-After.
         self.encode_gate = EncodeGate(encode_slots(settings), settings.encode_queue_timeout_s)
         self.preencoder = PreEncodeScheduler(self._preencode, lookahead=settings.preencode_lookahead,

@@ -109,9 +109,15 @@ class Settings:
     foreground_labels: tuple[str, ...] = ()  # empty: every brush label that is not background/boundary
     background_labels: tuple[str, ...] = ("background",)
     boundary_labels: tuple[str, ...] = ("boundary", "border", "edge")
+    # --- image input bounds (trust, issue 9) ---
+    max_image_mb: int = 256  # decoded RGB bytes (width x height x 3), checked before decoding
     # --- serving reliability: image encodes at once per process, and how long a first click may queue ---
     encode_concurrency: int = 0  # 0: 1 on CPU, 2 on a GPU
     encode_queue_timeout_s: float = 45.0
+    # --- mask result formats (mask-formats) ---
+    mask_tag: str = ""  # empty: the image's first BrushLabels, else BitmaskLabels, else PolygonLabels
+    polygon_min_area: int = 16  # pixels: smaller components are dropped and smaller holes filled
+    polygon_tolerance: float = 1.0  # pixels: Douglas-Peucker simplification of polygon outlines
     # --- embedding store and pre-encoding (embedding-store) ---
     embedding_store_dir: Path = field(
         default_factory=lambda: Path.home() / ".cache" / "sam-trimap-backend" / "embeddings")
@@ -169,8 +175,13 @@ class Settings:
             foreground_labels=tuple(n.lower() for n in _list(env, "FOREGROUND_LABELS", d.foreground_labels)),
             background_labels=tuple(n.lower() for n in _list(env, "BACKGROUND_LABELS", d.background_labels)),
             boundary_labels=tuple(n.lower() for n in _list(env, "BOUNDARY_LABELS", d.boundary_labels)),
+            # image input bounds (trust, issue 9)
+            max_image_mb=_int(env, "MAX_IMAGE_MB", d.max_image_mb),
             encode_concurrency=_int(env, "ENCODE_CONCURRENCY", d.encode_concurrency),
             encode_queue_timeout_s=_float(env, "ENCODE_QUEUE_TIMEOUT_S", d.encode_queue_timeout_s),
+            mask_tag=_str(env, "MASK_TAG"),
+            polygon_min_area=_int(env, "POLYGON_MIN_AREA", d.polygon_min_area),
+            polygon_tolerance=_float(env, "POLYGON_TOLERANCE", d.polygon_tolerance),
             embedding_store_dir=Path(_str(env, "EMBEDDING_STORE_DIR") or d.embedding_store_dir),
             embedding_store_mb=_int(env, "EMBEDDING_STORE_MB", d.embedding_store_mb),
             embedding_store_dtype=_str(env, "EMBEDDING_STORE_DTYPE", d.embedding_store_dtype).lower(),
@@ -208,6 +219,10 @@ class Settings:
     @property
     def embedding_store_bytes(self) -> int:
         return self.embedding_store_mb * 1024 * 1024
+
+    @property
+    def max_image_bytes(self) -> int:
+        return self.max_image_mb * 1024 * 1024
 
     @property
     def max_download_bytes(self) -> int:

@@ -148,7 +148,10 @@ def test_quick_bench_runs_and_its_masks_agree(capsys):
     assert main(["--quick", "--repeats", "1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report["median"]) == {
-        "first_click_s", "cached_click_s", "reference_set_image_predict_s", "reference_predict_s"
+        "first_click_s", "reference_first_click_s", "cached_click_s", "reference_predict_multimask_s",
+        "reference_predict_single_s", "decoder_s", "reference_decoder_s", "hash_s",
     }
+    assert all(len(runs) == 1 and runs[0] > 0 for runs in report["runs"].values())
+    assert set(report["met"]) == set(report["ratios"]) == set(report["targets"])
     assert report["parity"]["mask_iou"] >= MIN_IOU
     assert report["parity"]["score_difference"] <= SCORE_ATOL

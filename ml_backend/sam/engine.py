@@ -27,7 +27,7 @@ from ml_backend.errors import InvalidImageError, InvalidPromptError
 from ml_backend.sam.cache import ByteBoundedLRU
 from ml_backend.sam.decoder import PROMPT_KEYS, PromptDecoder
 from ml_backend.sam.prompts import Prompts, SegmentationResult
-from ml_backend.sam.transforms import InputGeometry, logits_to_original, prepare_image
+from ml_backend.sam.transforms import InputGeometry, logits_to_mask, prepare_image
 
 if TYPE_CHECKING:
     from ml_backend.embeddings.store import EmbeddingStore, StoredEmbedding
@@ -184,7 +184,7 @@ class SamEngine:
         else:
             best = 0
         low_res = all_logits[best : best + 1]
-        mask = logits_to_original(low_res, embedding.geometry)[0] > MASK_THRESHOLD
+        mask = logits_to_mask(low_res, embedding.geometry, MASK_THRESHOLD)[0]
         return SegmentationResult(
             mask=mask.cpu().numpy(),
             score=float(all_scores[best]),
