@@ -141,7 +141,7 @@ def test_progress_is_logged_every_n_images(caplog) -> None:
     with caplog.at_level("INFO", logger="ml_backend.embeddings.scheduler"):
         scheduler.add_project(1, tasks(1, 2, 3, 4, 5))
         assert scheduler.wait_idle(30)
-    lines = [r.getMessage() for r in caplog.records if "done" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if "/5 done" in r.getMessage()]
     assert lines[0].startswith("pre-encoding project 1: 2/5 done") and "5/5 done, 0 failed, 0 to go" in lines[-1]
 
 
@@ -156,7 +156,7 @@ def test_project_ids_as_label_studio_sends_them(value, expected) -> None:
 def settings(tmp_path: Path) -> Settings:
     return dataclasses.replace(Settings(), model_dir=tmp_path / "models", image_cache_dir=tmp_path / "cache",
                                embedding_store_dir=tmp_path / "store", local_files_document_root=str(tmp_path / "files"),
-                               preencode_lookahead=2)
+                               label_studio_url="http://127.0.0.1:9", preencode_lookahead=2)  # files read from disk
 
 
 def engine_with_store(segmenter, settings: Settings) -> SamEngine:
@@ -321,7 +321,8 @@ def test_a_replaced_local_file_at_the_same_url_gets_a_fresh_embedding(settings, 
 def test_http_url_entries_expire_after_their_ttl(settings, tiny_segmenter, monkeypatch) -> None:
     from ml_backend.embeddings import urls
 
-    runtime = Runtime(dataclasses.replace(settings, url_key_ttl_s=60), engine=engine_with_store(tiny_segmenter, settings))
+    settings = dataclasses.replace(settings, url_key_ttl_s=60, allowed_hosts=("images.example.com",))
+    runtime = Runtime(settings, engine=engine_with_store(tiny_segmenter, settings))
     index = runtime.url_index
     url = "http://images.example.com/a.png"
     validator = index.validator(url)
