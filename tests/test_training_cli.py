@@ -15,7 +15,7 @@ from training.__main__ import main
 from training.predict import predict_trimap, predict_trimaps, to_trimap_values
 from training.store import METRICS_FILE, ModelStore
 
-COMMANDS = ["synth", "fit", "evaluate", "predict", "versions", "promote", "rollback", "prune", "export-base", "adopt", "bench"]
+COMMANDS = ["synth", "fit", "evaluate", "predict", "versions", "promote", "rollback", "prune", "export-base", "adopt"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -112,24 +112,3 @@ def test_fit_succeeds_and_reports_the_version(tiny_data, tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.startswith("version ") and "validation foreground IoU" in text
     assert ("promoted to current: " in text) != ("kept, not promoted: " in text)
-
-
-@pytest.mark.slow
-def test_bench_quick_succeeds_and_prints_both_pipelines(monkeypatch, capsys):
-    """The success path of ``bench --quick``, with the quick preset shrunk further (the real one takes minutes)."""
-    from training import bench
-
-    tiny = bench.BenchConfig(image_size=16, source_size=24, batch_size=4, throughput_images=8, rounds=2,
-                             memory_images=4)
-    monkeypatch.setattr(bench.BenchConfig, "preset", classmethod(lambda cls, quick: tiny))
-    assert main(["--quiet", "bench", "--quick", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["config"]["image_size"] == 16
-    assert result["throughput"]["streaming_images_per_s"] > 0 and result["throughput"]["in_memory_images_per_s"] > 0
-    memory = result["memory"]
-    assert [memory[f"streaming_{n}"]["images"] for n in ("n", "10n")] == [4, 40]
-    assert all(memory[key]["peak_rss_mb"] > 50 for key in memory)  # a process holding torch and Keras
-    assert result["memory_ratio_streaming_10n_over_n"] == pytest.approx(
-        memory["streaming_10n"]["peak_rss_mb"] / memory["streaming_n"]["peak_rss_mb"], abs=1e-3)
-    assert main(["--quiet", "bench", "--quick"]) == 0
-    assert "throughput on 8 images: streaming" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Command line: ``python -m training {synth,fit,evaluate,predict,versions,promote,rollback,prune,export-base,adopt,bench}``.
+"""Command line: ``python -m training {synth,fit,evaluate,predict,versions,promote,rollback,prune,export-base,adopt}``.
 
 ``--model-dir`` names a store; with ``--project N`` the commands work on project N's store inside
 it (``MODEL_DIR/projects/N``, the backend's layout), without it on ``--model-dir`` itself.
@@ -176,16 +176,6 @@ def cmd_adopt(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from training.bench import format_report, run_bench
-
-    result = run_bench(quick=args.quick)
-    if args.json:
-        _print_json(result)
-    else:
-        print(format_report(result))
-    return 0
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training",
@@ -273,10 +263,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--project", type=_project, required=True, help="the Label Studio project it becomes")
     sub.set_defaults(run=cmd_adopt)
 
-    sub = commands.add_parser("bench", help="streaming pipeline vs in-memory arrays: images/s and peak memory")
-    sub.add_argument("--quick", action="store_true", help="small images and counts (about 2 minutes on a CPU)")
-    sub.add_argument("--json", action="store_true")
-    sub.set_defaults(run=cmd_bench)
     return parser
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ml_backend.retrain.spec import MIN_USABLE_PAIRS
 from ml_backend.retrain.state import ProjectState
 from ml_backend.settings import Settings
-from ml_backend.trimaps import has_brush_result, is_accepted
+from ml_backend.trimaps import has_mask_result, is_accepted
 
 START_TRAINING = "START_TRAINING"
 ANNOTATION_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"})
@@ -67,7 +67,7 @@ class Changes:
 def accepted_changes(event: str, payload: dict, *, ground_truth_only: bool) -> Changes:
     """The accepted annotation changes a webhook brings.
 
-    Created or updated: the annotations that are accepted now and hold a brush mask (an edit of
+    Created or updated: the annotations that are accepted now and hold a mask region (an edit of
     training data). Deleted: every deleted annotation (it may have been training data; the next
     export tells). Cancelling or un-marking ground truth is not counted.
     """
@@ -77,7 +77,7 @@ def accepted_changes(event: str, payload: dict, *, ground_truth_only: bool) -> C
         return Changes(max(1, len(_annotations(payload))), (), removed)
     if event in ANNOTATION_EVENTS:
         accepted = [a for a in annotations
-                    if is_accepted(a, ground_truth_only=ground_truth_only) and has_brush_result(a.get("result"))]
+                    if is_accepted(a, ground_truth_only=ground_truth_only) and has_mask_result(a.get("result"))]
         added = tuple(t for a in accepted if (t := _task_id(payload, a)) is not None)
         return Changes(len(accepted), added, ())
     return Changes()
