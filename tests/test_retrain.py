@@ -6,7 +6,6 @@ The job body (export + fit) is replaced by a gate the test opens, to control whe
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading

@@ -181,7 +181,7 @@ def owner_gone(owner: str | None) -> str | None:
     parts = (owner or "").split(":")
     if len(parts) != 4 or not parts[1].isdigit():
         return f"its owner {owner!r} is not a process this backend knows (state of an older version)"
-    host, pid, ticks, boot = parts[0], int(parts[1]), parts[2], parts[3]
+    host, pid, ticks = parts[0], int(parts[1]), parts[2]
     if host != socket.gethostname():
         return None  # another machine's process: cannot tell (use Redis and RQ across machines)
     if pid == os.getpid():
