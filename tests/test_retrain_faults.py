@@ -31,6 +31,7 @@ WEBHOOK_LIMIT_S = 1.0  # what Label Studio waits for a webhook
 class StubEngine:
     source = "stub"
     cache: dict = {}
+    store = None  # no embedding store
 
 
 def start_redis(port: int, workdir: Path) -> subprocess.Popen:
