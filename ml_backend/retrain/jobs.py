@@ -264,7 +264,7 @@ class InProcessExecutor:
             if job_id in self._ended:
                 return "the training thread ended without recording its outcome"
             if job_id not in self._threads:
-                return "this backend process has no such training job (it restarted)"
+                return None  # recorded as started an instant before this process submits it
             started = self._started.get(job_id)
             if started is not None and self.clock() - started > self.timeout_s:
                 self._cancel[job_id].set()
