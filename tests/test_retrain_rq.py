@@ -97,8 +97,9 @@ def test_killed_worker_leaves_current_version_and_records_failure(redis_server, 
     last = status["last"]
     assert last["job_id"] == started["job_id"] and last["status"] == "failed"
     assert "terminated unexpectedly" in last["error"] and "signal 9" in last["error"]
-    # The coalesced trigger became one follow-up job (no worker left to run it).
-    assert status["is_training"] and status["job_id"] != started["job_id"]
+    # The coalesced trigger is one follow-up, which waits for the back-off after the failure.
+    assert not status["is_training"] and status["follow_up_queued"] and status["consecutive_failures"] == 1
+    assert "backing off after 1 failed training(s)" in status["not_training_because"]
     assert store.current_version_id() == "20260101-000000-aaaaaa"
     assert [v.id for v in store.list_versions()] == before
 
@@ -119,7 +120,7 @@ def test_rq_job_trains_and_promotes_a_version(redis_server, tmp_path):
     last = status["last"]
     assert last["status"] == "succeeded", last
     assert last["export"]["written"] == 6 and last["train_count"] + last["val_count"] == 6
-    store = ModelStore(model_dir)
+    store = ModelStore(project_store_dir(model_dir, 6))  # the project's own store
     assert last["parent"] is None  # the first version: from scratch
     # Promoted only if one epoch beat the trivial baselines; never a version that learned nothing.
     assert last["promoted"] == ("beats all foreground" in last["promotion"])
