@@ -15,6 +15,7 @@ import pytest
 from fake_label_studio import TOKEN, fake_label_studio
 from processes import free_port, wait_for
 from ml_backend.retrain import build_retrainer
+from training.layout import project_store_dir
 from ml_backend.retrain.state import RedisStateStore
 from ml_backend.settings import Settings
 from redis_fixture import redis_server  # noqa: F401  (fixture)

@@ -121,7 +121,8 @@ class TrainingPolicy:
         if state.running:
             return "a training job is running"
         known = len(state.tasks)
-        if known < MIN_USABLE_PAIRS and not (forced and state.usable is None):
+        asked = forced or state.pending or state.retry  # Start Training, its follow-up or its retry
+        if known < MIN_USABLE_PAIRS and not (asked and state.usable is None):  # never exported: let one look
             source = "the last export and webhooks since" if state.usable is not None else "webhooks"
             return (f"not enough data: {source} show {known} task(s) with an accepted brush annotation; training "
                     f"needs at least {MIN_USABLE_PAIRS} (one to train on, one to validate)")
