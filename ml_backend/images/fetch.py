@@ -149,8 +149,8 @@ class ImageLoader:
             route = self._routes.get(ls_url)
             if route is None:
                 policy = UrlPolicy(ls_url, self._settings.allowed_hosts)  # refuses a malformed Label Studio URL
-                if len(self._routes) >= MAX_ROUTES:
-                    self._routes.pop(next(iter(self._routes))).session.close()
+                if len(self._routes) >= MAX_ROUTES:  # dropped, not closed: another thread may be using it
+                    self._routes.pop(next(iter(self._routes)))
                 route = self._routes[ls_url] = _Route(policy, policy.session())
             return route
 
