@@ -144,6 +144,32 @@ class ImageLoader:
         self._cache.put(target.url, data)
         return data
 
+    def local_file(self, url: str, *, label_studio_url: str | None = None) -> Path | None:
+        """The file on this disk that :meth:`fetch_bytes` reads for ``url`` (the same decisions, in the
+        same order), or None when it downloads or decodes a ``data:`` URI. Used to notice a file
+        replaced at the same URL. Raises ImageFetchError for a URL the loader refuses."""
+        url = url.strip()
+        if url[:5].lower() == "data:":
+            return None
+        ls_url = (label_studio_url or self._settings.label_studio_url).strip().rstrip("/")
+        root = self._settings.local_files_document_root
+        try:
+            match = _SCHEME.match(url)
+            scheme = match.group(1).lower() if match else ""
+            if scheme == "file":
+                return contained_path(file_url_path(url), root, what=describe(url))
+            if scheme in CLOUD_SCHEMES or url.startswith("upload/"):
+                return None
+            if url.startswith("/") and not url.startswith(("//", *LABEL_STUDIO_PREFIXES)):
+                return contained_path(url, root, what=describe(url))
+        except ValueError as exc:
+            raise ImageFetchError(f"{describe(url)}: malformed URL ({exc})") from exc
+        target = self._route(ls_url).policy.image_target(url)
+        if target.local_file is not None and root:
+            path = contained_path(target.local_file, root, what=describe(url))
+            return path if path.is_file() else None
+        return None
+
     def _route(self, ls_url: str) -> _Route:
         with self._lock:
             route = self._routes.get(ls_url)
