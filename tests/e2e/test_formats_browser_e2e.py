@@ -47,8 +47,12 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def driver(label_studio: LabelStudio, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("selenium")
     if missing:
-        message = f"{missing} missing: run scripts/install.sh --test (Debian chromium, chromium-driver)"
+        message = f"{missing} missing: run scripts/install.sh --test (Debian chromium, chromium-driver; selenium)"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
