@@ -22,6 +22,7 @@ from ml_backend.runtime import Runtime
 from ml_backend.sam import Prompts, SamEngine
 from ml_backend.sam.engine import image_key
 from ml_backend.settings import Settings
+from redis_fixture import redis_server  # noqa: F401  (fixture)
 
 CONFIG = """<View><Image name="image" value="$img"/>
 <BrushLabels name="mask" toName="image"><Label value="Dog"/></BrushLabels>
@@ -331,3 +332,41 @@ def test_http_url_entries_expire_after_their_ttl(settings, tiny_segmenter, monke
     now = time.time()
     monkeypatch.setattr(urls.time, "time", lambda: now + 61)
     assert index.lookup(url, validator) is None
+
+
+def test_with_rq_the_worker_encodes_and_the_web_process_only_reads_the_store(settings, tiny_segmenter,
+                                                                              redis_server) -> None:  # noqa: F811
+    from rq import Queue, SimpleWorker
+
+    from ml_backend.embeddings import jobs
+    from ml_backend.embeddings.urls import UrlIndex
+    from ml_backend.images import ImageLoader
+    from ml_backend.retrain.jobs import redis_connection
+
+    settings = dataclasses.replace(settings, redis_url=redis_server, preencode_executor="rq")
+    web_engine = engine_with_store(tiny_segmenter, settings)
+    runtime = Runtime(settings, engine=web_engine)
+    worker_engine = engine_with_store(tiny_segmenter, settings)  # another process in production: same store
+    loader = ImageLoader(settings)
+    url_index = UrlIndex(lambda url: loader.local_file(url, label_studio_url=settings.label_studio_url), ttl_s=60)
+    url_index.store = worker_engine.store
+    jobs._context = jobs.WorkerContext(settings, loader, worker_engine, url_index)
+    try:
+        task_list, images = local_tasks(settings, 3)
+        runtime.warm(task_list + [{"id": 9, "data": {"img": "/data/local-files/?d=images/missing.png"}}], "img", 1)
+        connection = redis_connection(redis_server)
+        worker = SimpleWorker([Queue(jobs.QUEUE_NAME, connection=connection)], connection=connection)
+        deadline = time.monotonic() + 120
+        while runtime.preencoder.status()["1"]["done"] + runtime.preencoder.status()["1"]["failed"] < 4:
+            assert time.monotonic() < deadline, runtime.preencoder.status()
+            worker.work(burst=True)
+            time.sleep(0.1)
+        status = runtime.preencoder.status()["1"]
+        assert (status["done"], status["failed"]) == (3, 1) and "missing.png" in status["last_error"]
+        assert worker_engine.images_encoded == 3 and web_engine.images_encoded == 0
+        client = create_app(settings, runtime=runtime).test_client()
+        for task in task_list:
+            assert click(client, task).status_code == 200
+        assert web_engine.images_encoded == 0, "the web process decoded from the worker's embeddings"
+    finally:
+        jobs._context = None

@@ -107,7 +107,8 @@ class RQEncoder:
             if state == JobStatus.FINISHED:
                 return str(queued.return_value())
             if state in (JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED):
-                raise EmbeddingJobError(f"embedding job {queued.id} {state}: "
-                                        f"{(queued.exc_info or '').strip().splitlines()[-1:] or ''}")
+                result = queued.latest_result()
+                lines = ((result.exc_string if result is not None else None) or "").strip().splitlines()
+                raise EmbeddingJobError(f"embedding job {queued.id} {state}: {lines[-1] if lines else 'no details'}")
             time.sleep(POLL_S)
         raise EmbeddingJobError(f"embedding job {queued.id} did not finish in time")
