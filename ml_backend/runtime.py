@@ -112,7 +112,12 @@ class Runtime:
         when the gate admits it (interactive callers may get :class:`EncodeBusyError`, HTTP 503)."""
         engine = self.sam()
         key = image_key(image)
-        if (embedding := engine.cached(key)) is not None:
+        if (embedding := engine.cached(key)) is None:
+            # Another worker or replica encoding this image: wait for it outside the gate, so this
+            # process's other first clicks do not queue behind a slot that only waits.
+            engine.wait_while_encoded_elsewhere(key)
+            embedding = engine.cached(key)
+        if embedding is not None:
             return embedding
         with self.encode_gate.slot(priority) as slot:
             if engine.is_ready(key):  # encoded (here or by another process) while this caller queued

@@ -370,3 +370,22 @@ def test_with_rq_the_worker_encodes_and_the_web_process_only_reads_the_store(set
         assert web_engine.images_encoded == 0, "the web process decoded from the worker's embeddings"
     finally:
         jobs._context = None
+
+
+def test_an_image_another_process_is_encoding_is_awaited_outside_the_encode_gate(settings, tiny_segmenter) -> None:
+    engine = engine_with_store(tiny_segmenter, settings)
+    runtime = Runtime(settings, engine=engine)
+    image = random_image(7)
+    key = image_key(image)
+    other = engine_with_store(tiny_segmenter, settings)  # stands for another worker process
+    answer: list = []
+    with engine.store.lock(key):  # "the other process" holds the image's encode lock (its own descriptor)
+        waiting = threading.Thread(target=lambda: answer.append(runtime.embed(image)))
+        waiting.start()
+        time.sleep(0.5)
+        assert not answer and runtime.encode_gate.status()["active"] == 0, "waits without taking a slot"
+        expected = other._encode(key, image)
+        other.store.put(key, expected.features.detach().float().cpu().numpy(), (48, 64))
+    waiting.join(30)
+    assert answer and engine.images_encoded == 0
+    np.testing.assert_allclose(np.asarray(answer[0].features), np.asarray(expected.features), atol=1e-6)
