@@ -79,9 +79,11 @@ class Runtime:
         from ml_backend.sam.loading import load_engine
 
         try:
-            self._engine = load_engine(self.settings)
-            self.url_index.store = self._engine.store
-            logger.info("SAM ready: %s", self._engine.source)
+            engine = load_engine(self.settings)
+            self._warm_up(engine)
+            self.url_index.store = engine.store
+            self._engine = engine
+            logger.info("SAM ready: %s", engine.source)
         except BackendError as exc:
             logger.error("SAM could not be loaded: %s", exc.message)
             self._engine_error = exc
@@ -90,6 +92,16 @@ class Runtime:
             self._engine_error = ModelSourceError(f"SAM could not be loaded: {exc}")
         finally:
             self._engine_ready.set()
+
+    def _warm_up(self, engine) -> None:
+        """One encode of a blank image and a decode of each prompt kind before SAM counts as ready:
+        torch's first-call costs and the decoder's traces are paid here instead of by annotators'
+        clicks, and the encode gate learns how long an encode takes, so it can refuse an overloaded
+        first click at once rather than after waiting."""
+        started = time.perf_counter()
+        with self.encode_gate.slot(Priority.BACKGROUND):
+            engine.warm_up()
+        logger.info("SAM warm-up (one encode, four decodes) took %.2f s", time.perf_counter() - started)
 
     def sam(self, timeout_s: float | None = None):
         """The SAM engine, waiting for it to finish loading (less long than Label Studio waits for us)."""

@@ -89,7 +89,7 @@ class Settings:
     image_cache_mb: int = 2048
     # --- labels ---
     negative_labels: tuple[str, ...] = DEFAULT_NEGATIVE_LABELS
-    brush_label: str = ""  # empty: the prompt's label when the brush tag has it, else the first brush label
+    brush_label: str = ""  # empty: the prompt's label when the mask tag has it, else its first label
     # --- trimap pre-annotation ---
     model_dir: Path = Path("models")
     trimap_include_boundary: bool = True
@@ -106,7 +106,7 @@ class Settings:
     retrain_job_timeout_s: int = 6 * 3600
     promotion_margin: float = 0.0
     boundary_width: int = 4
-    foreground_labels: tuple[str, ...] = ()  # empty: every brush label that is not background/boundary
+    foreground_labels: tuple[str, ...] = ()  # empty: every mask label that is not background/boundary
     background_labels: tuple[str, ...] = ("background",)
     boundary_labels: tuple[str, ...] = ("boundary", "border", "edge")
     # --- image input bounds (trust, issue 9) ---

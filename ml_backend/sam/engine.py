@@ -164,16 +164,31 @@ class SamEngine:
                               features=features)
 
     def _encode(self, key: str, image: np.ndarray) -> ImageEmbedding:
+        embedding = self._run_encoder(key, image)
+        with self._count_lock:
+            self.images_encoded += 1
+        logger.debug("encoded image %s (%dx%d)", key[:12], image.shape[1], image.shape[0])
+        return embedding
+
+    def _run_encoder(self, key: str, image: np.ndarray) -> ImageEmbedding:
         from keras import ops
 
         geometry = InputGeometry.for_image(image.shape[0], image.shape[1], self.input_size)
         batch = prepare_image(image, geometry)[None]
         with torch.no_grad(), self._device_scope():
             features = self._image_encoder(ops.convert_to_tensor(batch))
-        with self._count_lock:
-            self.images_encoded += 1
-        logger.debug("encoded image %s (%dx%d)", key[:12], image.shape[1], image.shape[0])
         return ImageEmbedding(key=key, geometry=geometry, features=features)
+
+    def warm_up(self) -> None:
+        """Pay torch's first-call costs and build the decoder's traces (each prompt kind) on a blank
+        image, outside the cache, the store and the encode count, so annotators' clicks do not."""
+        from ml_backend.sam.prompts import Prompts
+
+        embedding = self._run_encoder("warm-up", np.full((64, 64, 3), 127, np.uint8))
+        for box in (None, (8.0, 8.0, 40.0, 40.0)):
+            first = self.decode(embedding, Prompts.from_lists(points=[(20.0, 20.0)], box=box))
+            self.decode(embedding, Prompts.from_lists(points=[(20.0, 20.0), (30.0, 30.0)], box=box,
+                                                      mask_logits=first.low_res_logits))
 
     # --- decoding --------------------------------------------------------------
     def decode(self, embedding: ImageEmbedding, prompts: Prompts) -> SegmentationResult:
