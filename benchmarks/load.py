@@ -114,14 +114,14 @@ def build_preset(directory: Path, quick: bool) -> Path:
     return directory
 
 
-def write_images(root: Path, names: list[str], width: int, height: int) -> None:
+def write_images(folder: Path, paths: list[str], width: int, height: int) -> None:
     from PIL import Image
 
     from benchmarks.sam import synthetic_image
 
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    for seed, name in enumerate(names):
-        Image.fromarray(synthetic_image(height, width, seed=seed)).save(root / "images" / name, quality=92)
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, path in enumerate(paths):
+        Image.fromarray(synthetic_image(height, width, seed=seed)).save(path, quality=92)
 
 
 # --- the server ---------------------------------------------------------------------------
@@ -252,8 +252,9 @@ def click(server: Server, task: dict, points: list[dict], record: Recorder, phas
 
 
 def annotate(server: Server, images: list[str], work: Workload, record: Recorder, rng: random.Random) -> None:
+    """One annotator's session; ``images`` are paths under the backend's LOCAL_FILES_DOCUMENT_ROOT."""
     for name in images:
-        task = {"id": abs(hash(name)) % 10**6, "data": {"image": f"/data/local-files/?d=images/{name}"}}
+        task = {"id": abs(hash(name)) % 10**6, "data": {"image": name}}
         points = [_keypoint(rng.uniform(20, 80), rng.uniform(20, 80), work)]
         click(server, task, points, record, "first")
         for _ in range(work.refinements):
@@ -272,10 +273,11 @@ def summary(values: list[float]) -> dict:
 
 
 def run_config(workdir: Path, preset: Path, workers: int, work: Workload, env_extra: dict[str, str]) -> dict:
-    single_image = f"w{workers}-single.jpg"
-    team_images = [[f"w{workers}-a{a}-{i}.jpg" for i in range(work.images)] for a in range(work.annotators)]
-    write_images(workdir / "files", [single_image, *(n for names in team_images for n in names)],
-                 work.width, work.height)
+    folder = workdir / "files" / "images"
+    single_image = str(folder / f"w{workers}-single.jpg")
+    team_images = [[str(folder / f"w{workers}-a{a}-{i}.jpg") for i in range(work.images)]
+                   for a in range(work.annotators)]
+    write_images(folder, [single_image, *(n for names in team_images for n in names)], work.width, work.height)
     with serve(workdir, preset, workers, env_extra) as server, RssSampler(server) as rss:
         rss_ready_mb = rss.sample()[1]
         single = Recorder()
@@ -372,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--think", type=float, help="mean think time between clicks in seconds (2)")
     parser.add_argument("--embedding-cache-mb", type=int, default=64,
                         help="EMBEDDING_CACHE_MB for the run (64: small enough that the cache evicts)")
+    parser.add_argument("--encode-queue-timeout", type=float,
+                        help="ENCODE_QUEUE_TIMEOUT_S for the run (default: the backend's, 45)")
     parser.add_argument("--preset-dir", type=Path, help="keep the random SAM preset here and reuse it")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -386,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     if min(work.annotators, work.images, *workers) < 1 or work.refinements < 1 or work.think_s < 0:
         parser.error("annotators, images, refinements and workers must be at least 1; think time not negative")
     env_extra = {"EMBEDDING_CACHE_MB": str(args.embedding_cache_mb)}
+    if args.encode_queue_timeout is not None:
+        env_extra["ENCODE_QUEUE_TIMEOUT_S"] = str(args.encode_queue_timeout)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the backend on the way out
     report = run(args.quick, workers, work, env_extra, args.preset_dir)
     if args.json:
