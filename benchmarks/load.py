@@ -363,6 +363,16 @@ def print_report(report: dict) -> None:
             print(f"  [{'ok' if ok else 'MISSED'}] {name}")
 
 
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT") from None
+    if min(width, height) < 16:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least 16x16")
+    return width, height
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -372,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, help="images per annotator (2)")
     parser.add_argument("--refinements", type=int, help="further clicks per image (10)")
     parser.add_argument("--think", type=float, help="mean think time between clicks in seconds (2)")
+    parser.add_argument("--image", type=_size, help="WIDTHxHEIGHT of the images (4000x3000; --quick: 640x480)")
     parser.add_argument("--embedding-cache-mb", type=int, default=64,
                         help="EMBEDDING_CACHE_MB for the run (64: small enough that the cache evicts)")
     parser.add_argument("--encode-queue-timeout", type=float,
@@ -384,9 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--workers {args.workers!r}: give numbers such as 1,2")
     defaults = (3, 2, 3, 0.05, 640, 480) if args.quick else (8, 2, 10, 2.0, 4000, 3000)
-    given = (args.annotators, args.images, args.refinements, args.think)
-    work = Workload(*(default if value is None else value for value, default in zip(given, defaults)),
-                    *defaults[4:])
+    given = (args.annotators, args.images, args.refinements, args.think, *(args.image or (None, None)))
+    work = Workload(*(default if value is None else value for value, default in zip(given, defaults)))
     if min(work.annotators, work.images, *workers) < 1 or work.refinements < 1 or work.think_s < 0:
         parser.error("annotators, images, refinements and workers must be at least 1; think time not negative")
     env_extra = {"EMBEDDING_CACHE_MB": str(args.embedding_cache_mb)}
