@@ -157,12 +157,19 @@ def serve(workdir: Path, preset: Path, workers: int, env_extra: dict[str, str]) 
             time.sleep(0.5)
         yield server
     finally:
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the backend's process group (master and workers), SIGKILL if it lingers."""
+    try:
         os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        process.wait(30)
+    except ProcessLookupError:  # already gone (a worker that failed to boot takes the master along)
+        process.wait()
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def _all_ready(server: Server, workers: int) -> bool:
