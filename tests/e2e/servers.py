@@ -89,7 +89,7 @@ def start_label_studio(workdir: Path) -> LabelStudio:
     server = LabelStudio(url=url, token=token, document_root=document_root, process=process)
     try:  # first start migrates a fresh database: minutes on a loaded machine
         wait_until(lambda: server.api("GET", "/api/projects", timeout=5).status_code == 200,
-                   timeout_s=600, what="Label Studio", process=process, log=log)
+                   timeout_s=900, what="Label Studio", process=process, log=log)
     except BaseException:
         stop(process)  # no fixture will: the caller never gets the server
         raise
