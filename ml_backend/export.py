@@ -50,10 +50,12 @@ class ExportOptions:
     roles: LabelRoles = LabelRoles()
     boundary_width: int = 4
     ground_truth_only: bool = False
+    max_pixels: int = Settings.max_image_pixels  # the largest mask size an annotation may declare
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ExportOptions":
-        return cls(LabelRoles.from_settings(settings), settings.boundary_width, settings.retrain_ground_truth_only)
+        return cls(LabelRoles.from_settings(settings), settings.boundary_width, settings.retrain_ground_truth_only,
+                   settings.max_image_pixels)
 
 
 @dataclass
@@ -124,7 +126,7 @@ def _save_pair(out_dir: Path, stem: str, image: np.ndarray, trimap: np.ndarray) 
 
 def write_dataset(tasks: Iterable[object], out_dir: str | Path, *, image_source: ImageSource,
                   options: ExportOptions = ExportOptions(), label_config: str | None = None) -> ExportReport:
-    """Write one image/trimap pair per task with an accepted brush annotation."""
+    """Write one image/trimap pair per task with an accepted mask annotation (brush, bitmask or polygon)."""
     out = Path(out_dir)
     (out / IMAGES_SUBDIR).mkdir(parents=True, exist_ok=True)
     (out / TRIMAPS_SUBDIR).mkdir(parents=True, exist_ok=True)
@@ -145,7 +147,7 @@ def write_dataset(tasks: Iterable[object], out_dir: str | Path, *, image_source:
             image = image_source(task, url)
             height, width = image.shape[:2]
             trimap = annotation_to_trimap(result, size=(width, height), roles=options.roles,
-                                          boundary_width=options.boundary_width)
+                                          boundary_width=options.boundary_width, max_pixels=options.max_pixels)
         except BackendError as exc:
             report.skipped[label] = exc.message
             logger.warning("export: skipped %s: %s", label, exc.message)

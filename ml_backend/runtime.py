@@ -10,12 +10,14 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from ml_backend.errors import BackendError, ModelSourceError
 from ml_backend.sam.cache import ByteBoundedLRU
+from ml_backend.sam.encode_gate import EncodeGate, Priority
 from ml_backend.sam.engine import ImageEmbedding, image_key
 from ml_backend.settings import Settings
 
@@ -49,6 +51,8 @@ class Runtime:
         self.refinements: ByteBoundedLRU[np.ndarray] = ByteBoundedLRU(REFINEMENT_CACHE_BYTES, lambda a: a.nbytes)
         # Image URL -> pixel-content key of its embedding, so a further click skips download and decoding.
         self.url_keys: ByteBoundedLRU[str] = ByteBoundedLRU(URL_KEY_ENTRIES, lambda key: 1)
+        # At most N encodes at once; further first clicks queue briefly, then get 503 + Retry-After.
+        self.encode_gate = EncodeGate(encode_slots(settings), settings.encode_queue_timeout_s)
         self._engine = engine
         self._engine_error: BackendError | None = None
         self._engine_ready = threading.Event()
@@ -90,7 +94,25 @@ class Runtime:
             return {"state": "loading", "source": self.settings.sam_model or "default"}
         if self._engine is None:
             return {"state": "failed", "error": self._engine_error.message if self._engine_error else "unknown"}
-        return {"state": "ready", "source": self._engine.source, "cached_images": len(self._engine.cache)}
+        return {"state": "ready", "source": self._engine.source, "cached_images": len(self._engine.cache),
+                "encodes": self.encode_gate.status()}
+
+    def embed(self, image: np.ndarray, priority: Priority = Priority.INTERACTIVE) -> ImageEmbedding:
+        """The SAM embedding of a decoded image: from the cache at once, else encoded when the gate
+        admits it (interactive callers may get :class:`EncodeBusyError`, HTTP 503)."""
+        engine = self.sam()
+        key = image_key(image)
+        if (embedding := engine.cache.get(key)) is not None:
+            return embedding
+        with self.encode_gate.slot(priority) as slot:
+            if key in engine.cache:  # encoded while this caller queued
+                slot.untimed()
+            started = time.perf_counter()
+            embedding = engine.embed(image)
+            if slot.timed:
+                logger.info("encoded image %s in %.2f s after queueing %.2f s (%s)", key[:12],
+                            time.perf_counter() - started, slot.waited_s, priority.name.lower())
+        return embedding
 
     # --- images --------------------------------------------------------------
     def remember_label_studio(self, hostname: str | None, token: str | None) -> None:
@@ -111,7 +133,7 @@ class Runtime:
         key = self.url_keys.get(url)
         if key is not None and (embedding := engine.cache.get(key)) is not None:
             return embedding
-        embedding = engine.embed(self.load_image(url, task_id))
+        embedding = self.embed(self.load_image(url, task_id))
         self.url_keys.put(url, embedding.key)
         return embedding
 
@@ -130,13 +152,21 @@ class Runtime:
             and isinstance(task["data"].get(image_key_name), str)
         ]
 
-        def prefetch_when_ready() -> None:
+        def embed_all() -> None:
             try:
-                self.sam().prefetch(loaders)
+                self.sam()
             except BackendError as exc:
                 logger.warning("warm-up skipped: %s", exc.message)
+                return
+            for load in loaders:
+                try:
+                    self.embed(load(), Priority.BACKGROUND)  # after any waiting first click
+                except BackendError as exc:
+                    logger.warning("warm-up: skipping an image: %s", exc.message)
+                except Exception:  # one bad image must not stop warming the rest
+                    logger.warning("warm-up: skipping an image that could not be embedded", exc_info=True)
 
-        threading.Thread(target=prefetch_when_ready, name="sam-warmup", daemon=True).start()
+        threading.Thread(target=embed_all, name="sam-warmup", daemon=True).start()
         return len(loaders)
 
     # --- training ------------------------------------------------------------
@@ -150,6 +180,20 @@ class Runtime:
 
     def trimap_versions(self) -> list[dict]:
         return self.trimaps.list_versions()
+
+
+def encode_slots(settings: Settings) -> int:
+    """ENCODE_CONCURRENCY, or by device: 1 on CPU (an encode takes every core), 2 on a GPU (one
+    image's host-side resizing and transfer overlap the other's encode)."""
+    if settings.encode_concurrency:
+        return settings.encode_concurrency
+    if settings.sam_device.startswith("cuda"):
+        return 2
+    if settings.sam_device == "auto":
+        import torch
+
+        return 2 if torch.cuda.is_available() else 1
+    return 1
 
 
 def _build_retrainer(settings: Settings, access):

@@ -75,6 +75,7 @@ class Settings:
     sam_model: str = ""  # empty: sam_huge_sa1b on GPU, sam_base_sa1b on CPU
     sam_device: str = "auto"  # auto, cpu, cuda, cuda:N
     sam_half: bool = False
+    sam_trace_decoder: bool = True  # replay the decoder as a traced torch graph (ml_backend/sam/decoder.py)
     embedding_cache_mb: int = 1024
     # --- images ---
     label_studio_url: str = ""
@@ -108,6 +109,15 @@ class Settings:
     foreground_labels: tuple[str, ...] = ()  # empty: every brush label that is not background/boundary
     background_labels: tuple[str, ...] = ("background",)
     boundary_labels: tuple[str, ...] = ("boundary", "border", "edge")
+    # --- image input bounds (trust, issue 9) ---
+    max_image_mb: int = 256  # decoded RGB bytes (width x height x 3), checked before decoding
+    # --- serving reliability: image encodes at once per process, and how long a first click may queue ---
+    encode_concurrency: int = 0  # 0: 1 on CPU, 2 on a GPU
+    encode_queue_timeout_s: float = 45.0
+    # --- mask result formats (mask-formats) ---
+    mask_tag: str = ""  # empty: the image's first BrushLabels, else BitmaskLabels, else PolygonLabels
+    polygon_min_area: int = 16  # pixels: smaller components are dropped and smaller holes filled
+    polygon_tolerance: float = 1.0  # pixels: Douglas-Peucker simplification of polygon outlines
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -124,6 +134,7 @@ class Settings:
             sam_model=_str(env, "SAM_MODEL"),
             sam_device=_str(env, "SAM_DEVICE", d.sam_device).lower(),
             sam_half=_bool(env, "SAM_HALF", d.sam_half),
+            sam_trace_decoder=_bool(env, "SAM_TRACE_DECODER", d.sam_trace_decoder),
             embedding_cache_mb=_int(env, "EMBEDDING_CACHE_MB", d.embedding_cache_mb),
             label_studio_url=_str(env, "LABEL_STUDIO_URL").rstrip("/"),
             label_studio_api_key=_str(env, "LABEL_STUDIO_API_KEY"),
@@ -153,6 +164,13 @@ class Settings:
             foreground_labels=tuple(n.lower() for n in _list(env, "FOREGROUND_LABELS", d.foreground_labels)),
             background_labels=tuple(n.lower() for n in _list(env, "BACKGROUND_LABELS", d.background_labels)),
             boundary_labels=tuple(n.lower() for n in _list(env, "BOUNDARY_LABELS", d.boundary_labels)),
+            # image input bounds (trust, issue 9)
+            max_image_mb=_int(env, "MAX_IMAGE_MB", d.max_image_mb),
+            encode_concurrency=_int(env, "ENCODE_CONCURRENCY", d.encode_concurrency),
+            encode_queue_timeout_s=_float(env, "ENCODE_QUEUE_TIMEOUT_S", d.encode_queue_timeout_s),
+            mask_tag=_str(env, "MASK_TAG"),
+            polygon_min_area=_int(env, "POLYGON_MIN_AREA", d.polygon_min_area),
+            polygon_tolerance=_float(env, "POLYGON_TOLERANCE", d.polygon_tolerance),
         )
         settings.check()
         return settings
@@ -171,6 +189,10 @@ class Settings:
     @property
     def embedding_cache_bytes(self) -> int:
         return self.embedding_cache_mb * 1024 * 1024
+
+    @property
+    def max_image_bytes(self) -> int:
+        return self.max_image_mb * 1024 * 1024
 
     @property
     def max_download_bytes(self) -> int:

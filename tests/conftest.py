@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # the benchmarks/ package
 
 import ml_backend  # noqa: E402,F401  (selects the torch backend before keras)
 

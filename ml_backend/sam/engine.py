@@ -21,8 +21,9 @@ import torch
 
 from ml_backend.errors import InvalidImageError, InvalidPromptError
 from ml_backend.sam.cache import ByteBoundedLRU
+from ml_backend.sam.decoder import PROMPT_KEYS, PromptDecoder
 from ml_backend.sam.prompts import Prompts, SegmentationResult
-from ml_backend.sam.transforms import InputGeometry, logits_to_original, prepare_image
+from ml_backend.sam.transforms import InputGeometry, logits_to_mask, prepare_image
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,9 @@ class SamEngine:
     """Segments images with a keras-hub ``SAMImageSegmenter``.
 
     ``device`` pins computation (``"cpu"``, ``"cuda"``, ``"cuda:1"``); ``None`` lets
-    Keras pick the GPU when torch sees one.
+    Keras pick the GPU when torch sees one. ``traced_decoder`` replays the prompt encoder
+    and mask decoder as a traced graph (see :mod:`ml_backend.sam.decoder`); ``False``
+    runs the Keras layers eagerly.
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class SamEngine:
         cache_bytes: int = 1 << 30,
         device: str | None = None,
         source: str = "",
+        traced_decoder: bool = True,
     ) -> None:
         self.segmenter = segmenter
         self.source = source
@@ -80,7 +84,7 @@ class SamEngine:
         backbone = segmenter.backbone
         self._image_encoder = backbone.image_encoder
         self._prompt_encoder = backbone.prompt_encoder
-        self._mask_decoder = backbone.mask_decoder
+        self._decoder = PromptDecoder(self._prompt_encoder, backbone.mask_decoder, traced=traced_decoder)
         self.input_size = int(self._image_encoder.image_shape[0])
         embed_h, embed_w = self._prompt_encoder.image_embedding_size
         self.mask_input_shape = (4 * int(embed_h), 4 * int(embed_w))
@@ -136,19 +140,21 @@ class SamEngine:
         """Decode prompts (original-image pixels) against an embedding."""
         height, width = embedding.geometry.original_size
         prompts.validate(width, height)
+        from keras import ops
+
         inputs = self._prompt_inputs(embedding.geometry, prompts)
         with torch.no_grad(), self._device_scope():
-            prompt_embeddings = self._prompt_encoder(**inputs)
-            outputs = self._mask_decoder(image_embeddings=embedding.features, **prompt_embeddings)
-        all_logits = outputs["masks"][0].float()  # (4, h, w)
-        all_scores = outputs["iou_pred"][0].float()
+            tensors = {key: ops.convert_to_tensor(inputs[key]) for key in PROMPT_KEYS}
+            masks, iou_pred = self._decoder(embedding.features, tensors)
+        all_logits = masks[0].float()  # (4, h, w)
+        all_scores = iou_pred[0].float()
         if prompts.is_single_point:
             # One click is ambiguous: take the multimask outputs and keep the best predicted IoU.
             best = 1 + int(torch.argmax(all_scores[1:]))
         else:
             best = 0
         low_res = all_logits[best : best + 1]
-        mask = logits_to_original(low_res, embedding.geometry)[0] > MASK_THRESHOLD
+        mask = logits_to_mask(low_res, embedding.geometry, MASK_THRESHOLD)[0]
         return SegmentationResult(
             mask=mask.cpu().numpy(),
             score=float(all_scores[best]),

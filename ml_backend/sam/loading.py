@@ -106,4 +106,5 @@ def load_engine(settings: "Settings") -> "SamEngine":
     # Variables are created on the device in scope at load time; the engine computes under the same scope.
     with keras.device(device) if device else contextlib.nullcontext():
         segmenter = load_segmenter(source, converted_root=settings.model_dir / "sam-presets", dtype=dtype)
-    return SamEngine(segmenter, cache_bytes=settings.embedding_cache_bytes, device=device, source=source)
+    return SamEngine(segmenter, cache_bytes=settings.embedding_cache_bytes, device=device, source=source,
+                     traced_decoder=settings.sam_trace_decoder)
