@@ -116,3 +116,18 @@ def test_every_correction_is_needed(checkpoint, reference, engine, monkeypatch: 
             if type(layer).__name__ == "LayerNormalization":
                 monkeypatch.setattr(layer, "epsilon", 1e-6)
     assert np.abs(engine.predict_raw(image, ["cat"]).scores - scores).max() > 1e-5
+
+
+def test_segment_keeps_instances_above_the_threshold_best_first(engine) -> None:
+    image = np.random.default_rng(11).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    raw = engine.predict_raw(image, ["cat", "dog"])
+    threshold = float(np.median(raw.scores))
+    found = engine.segment(image, ["cat", "dog"], threshold=threshold)
+    for row, instances in enumerate(found):
+        expected = np.sort(raw.scores[row][raw.scores[row] > threshold])[::-1]
+        np.testing.assert_allclose([i.score for i in instances], expected, atol=1e-6)
+        for instance in instances:
+            query = int(np.argmin(np.abs(raw.scores[row] - instance.score)))
+            assert instance.mask.shape == (60, 90)
+            assert np.array_equal(instance.mask, raw.mask_probabilities[row, query] > 0.5)
+            np.testing.assert_allclose(instance.box, raw.boxes[row, query], atol=1e-4)
