@@ -94,7 +94,13 @@ class ProjectPreannotationJobs:
         return answer
 
     def resume(self) -> list[int]:
-        """Queue again the projects a previous process left queued or running."""
+        """Queue again the projects a previous process left queued or running.
+
+        Under gunicorn with several workers every worker starts up; only the one holding the lock file next
+        to the state file resumes, so a project is not pre-annotated twice at once.
+        """
+        if not self._hold_resume_lock():
+            return []
         try:
             pending = json.loads(self.state_file.read_text()).get("pending", [])
         except FileNotFoundError:
@@ -107,6 +113,17 @@ class ProjectPreannotationJobs:
             logger.info("resuming SAM 3 pre-annotation of project %s", project)
             self.start(project)
         return projects
+
+    def _hold_resume_lock(self) -> bool:
+        import fcntl
+
+        try:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_file = open(self.state_file.with_suffix(".lock"), "a")  # held for the process's life
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            return False
 
     def status(self) -> dict:
         with self._lock:
