@@ -142,6 +142,6 @@ def test_preannotate_rejects_bad_input(backend_factory, checkpoint, e2e_dir) -> 
     backend = backend_factory(**SAM3_ENV, SAM3_MODEL=str(checkpoint), MODEL_DIR=str(e2e_dir / "models-sam3-bad"))
     for body in ({}, {"project": "3"}, {"project": True}, {"project": -1}, [1]):
         answer = backend.post("/preannotate", json=body)
-        assert answer.status_code == 400 and "project" in answer.json().get("message", answer.text)
+        assert answer.status_code == 400 and "project" in answer.json()["error"]
     status = backend.get("/status").json()
     assert status["preannotate"] == "sam3" and status["sam3"]["state"] in ("loading", "ready")
