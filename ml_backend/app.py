@@ -75,6 +75,7 @@ class BackendViews:
         data = _json_body()
         self.runtime.remember_label_studio(data.get("hostname"), data.get("access_token"))
         backend = self._backend(data.get("schema"))
+        self.runtime.project_connected(data.get("project"), data.get("schema"))  # queues pre-encoding once
         return jsonify({"model_version": backend.model_version})
 
     def webhook(self) -> tuple[Response, int]:
@@ -114,7 +115,8 @@ class BackendViews:
 
     def warmup(self) -> tuple[Response, int]:
         """Embed a project's images before annotators start: ``{"project": id, "limit": n}`` or
-        ``{"tasks": [...], "label_config": "..."}``; answers at once, the work runs in the background."""
+        ``{"tasks": [...], "label_config": "..."}``; answers at once, the work runs in the background
+        (progress in ``/status`` under ``preencode``)."""
         data = _json_body()
         tasks, label_config = data.get("tasks"), data.get("label_config")
         project = data.get("project")
@@ -130,7 +132,7 @@ class BackendViews:
         if not isinstance(tasks, list):
             raise BackendError("Give a 'project' id, or 'tasks' with their 'label_config'.")
         config = labeling.parse_label_config(label_config)
-        return jsonify({"queued": self.runtime.warm(tasks, config.image_key)}), 202
+        return jsonify({"queued": self.runtime.warm(tasks, config.image_key, project)}), 202
 
     def preannotate(self) -> tuple[Response, int]:
         """Pre-annotate a whole project in the background: ``{"project": id}``; progress on ``/status``."""
@@ -140,9 +142,10 @@ class BackendViews:
         return jsonify(self.runtime.preannotation_jobs.start(project)), 202
 
     def status(self) -> Response:
-        """Everything an operator wants in one place: SAM, the served trimap version, training per project."""
+        """Everything an operator wants in one place: SAM, pre-encoding, the served trimap version, training."""
         return jsonify({
             "sam": self.runtime.sam_status(),
+            "preencode": self.runtime.preencode_status(),
             "trimap_model_version": self.runtime.trimaps.current_version(),
             "training": self.runtime.training_status(request.args.get("project")),
             "preannotate": self.runtime.settings.preannotate,

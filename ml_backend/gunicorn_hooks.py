@@ -1,9 +1,10 @@
-"""gunicorn server hooks (``--config python:ml_backend.gunicorn_hooks``, set by ``python -m ml_backend serve``).
+"""gunicorn settings and hooks (``--config python:ml_backend.gunicorn_hooks``, set by ``python -m ml_backend serve``).
 
-A worker whose master was SIGKILLed (by the OOM killer, an operator, a crashed supervisor)
-would otherwise finish its graceful shutdown first: it keeps the listening socket for up to
-the graceful timeout while a click downloads or encodes, so the restarted master cannot bind
-the port and gives up. Nothing supervises an orphaned worker, so it goes at once instead.
+Workers die with their master. A worker whose master was SIGKILLed (by the OOM killer, an
+operator, a crashed supervisor) otherwise runs on unsupervised through its graceful shutdown:
+it keeps the listening socket and holds the click in flight until that click finishes or the
+graceful timeout passes, so the click hangs and the restarted master competes for the port.
+With no master to report to, the orphan goes at once instead (tests/test_faults_serving.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ import sys
 logger = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+# gunicorn >= 25.1 opens a control socket at one path per user ($XDG_RUNTIME_DIR or ~/.gunicorn/gunicorn.ctl):
+# backends (or test servers) on one host would overwrite each other's, and nothing here uses it.
+# A setting in a config module, not a flag: older gunicorn ignores unknown names here but refuses unknown flags.
+control_socket_disable = True
 
 
 def post_fork(server, worker) -> None:

@@ -206,6 +206,7 @@ def test_sigkill_of_the_worker_during_a_click_is_survived(backends: Backends, la
     assert_a_mask(click(server))  # and the further (cached) click
     assert server.process.poll() is None
     assert get(server, "/health").status_code == 200
+    assert "Control socket listening" not in server.log.read_text()  # per-user path: servers would share it
 
 
 def test_sigkill_of_the_master_during_a_click_restarts_cleanly_on_the_same_port(

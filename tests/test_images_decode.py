@@ -335,7 +335,7 @@ def _assert_decodes_within_limits_or_refuses(data: bytes) -> None:
 
 # Pillow warns (once per place) about the corrupt files it reads leniently: expected here.
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(SEEDS), EDITS)
 def test_fuzz_mutated_images(seed, edits):
     _assert_decodes_within_limits_or_refuses(_mutate(seed, edits))

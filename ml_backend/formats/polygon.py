@@ -61,7 +61,7 @@ def mask_to_polygons(mask: np.ndarray, options: PolygonOptions = PolygonOptions(
     mask = np.asarray(mask)
     if mask.ndim != 2 or mask.size == 0:
         raise ValueError(f"A mask must be a non-empty 2-D array, got shape {mask.shape}.")
-    mask = (mask != 0).view(np.uint8) if mask.dtype == np.bool_ else (mask != 0).astype(np.uint8)
+    mask = (mask != 0).view(np.uint8)
     left, top, width, height = cv2.boundingRect(mask)
     if width == 0:
         return []
@@ -98,7 +98,8 @@ def polygon_to_percent(polygon: np.ndarray, width: int, height: int) -> list[lis
 def polygon_to_mask(points: object, width: int, height: int) -> np.ndarray:
     """The (height, width) bool mask of one Label Studio ``points`` list (pixels whose centre is inside or on it).
 
-    Vertices outside the image are moved onto its edge. Raises :class:`MaskFormatError` when
+    Vertices outside the image are moved onto its edge. ``closed`` is not consulted: like Label
+    Studio's COCO export, an unfinished outline counts as closed. Raises :class:`MaskFormatError` when
     ``points`` is not a list of at least three [x, y] pairs of finite numbers.
     """
     vertices = _percent_points(points) * np.array([width / 100.0, height / 100.0]) - 0.5
