@@ -11,12 +11,13 @@ encode gate at background priority, so annotators' first clicks go first.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ml_backend.errors import BackendError
@@ -48,15 +49,7 @@ class JobContext:
     access: Callable[[], tuple[str, str]]
     predict: Callable[[dict, str], dict]  # (task, label_config) -> {result, score, model_version}
     model_version: Callable[[], str]
-    background_slot: Callable[[], object] = field(default=lambda: _nullcontext())
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    background_slot: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
 def existing_prediction_tasks(url: str, token: str, project: int, model_version: str) -> set[int]:

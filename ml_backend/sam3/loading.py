@@ -49,6 +49,7 @@ def _tokenizer_dir(source: str) -> Path:
         return path
     from keras_hub.src.utils.preset_utils import get_file
 
+    get_file(source, "assets/tokenizer/merges.txt")
     return Path(get_file(source, "assets/tokenizer/vocabulary.json")).parent.parent.parent
 
 
@@ -58,7 +59,7 @@ def resolve_source(source: str) -> str:
     if path.is_dir():
         _source_kind(path)
         return str(path)
-    if "/" in source and not source.startswith(("kaggle://", "hf://")) or source.startswith("."):
+    if ("/" in source and not source.startswith(("kaggle://", "hf://"))) or source.startswith("."):
         raise ModelSourceError(f"SAM 3 model directory {source} does not exist.")
     if source not in KNOWN_PRESETS and not source.startswith(("kaggle://", "hf://")):
         raise ModelSourceError(f"Unknown SAM 3 model {source!r}: use {', '.join(KNOWN_PRESETS)}, a local keras-hub "
