@@ -11,8 +11,6 @@ import torch
 
 from ml_backend.sam3.engine import Sam3Engine
 
-pytest.importorskip("transformers")
-
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:

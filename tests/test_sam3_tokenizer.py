@@ -10,7 +10,6 @@ import pytest
 from ml_backend.errors import ModelSourceError
 from ml_backend.sam3.tokenizer import Sam3Tokenizer, read_vocabulary
 
-pytest.importorskip("transformers")
 
 PHRASES = [
     "cat", "Cat", "CAT", "tabby cat", "  yellow   school\tbus ", "traffic-light", "dog's toy", "t-shirt (red)",

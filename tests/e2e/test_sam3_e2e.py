@@ -23,7 +23,6 @@ from ml_backend.sam3.preannotate import ConceptPreannotator
 from ml_backend.settings import Settings
 from processes import wait_for
 
-pytest.importorskip("transformers")
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>
