@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ml_backend.errors import BackendError, ModelSourceError
+from ml_backend.prompt_state import PromptMemory
 from ml_backend.sam.cache import ByteBoundedLRU
 from ml_backend.sam.engine import ImageEmbedding, image_key
 from ml_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-REFINEMENT_CACHE_BYTES = 64 << 20  # low-resolution logits: 256 KiB each for the official SAM sizes
 URL_KEY_ENTRIES = 100_000
 SAM_WAIT_S = 80.0  # Label Studio gives /predict 100 s: answer 503 "still loading" before that
 
@@ -45,8 +45,8 @@ class Runtime:
         self.access = LabelStudioAccess(settings.label_studio_url, settings.label_studio_api_key)
         self.images = ImageLoader(settings)
         self.trimaps = TrimapPredictor(settings.model_dir)
-        # The last low-resolution logits per (image, prompt region), fed back to SAM on the next click.
-        self.refinements: ByteBoundedLRU[np.ndarray] = ByteBoundedLRU(REFINEMENT_CACHE_BYTES, lambda a: a.nbytes)
+        # The object being segmented on each task (prompts and last logits), between clicks.
+        self.prompt_state = PromptMemory.from_settings(settings)
         # Image URL -> pixel-content key of its embedding, so a further click skips download and decoding.
         self.url_keys: ByteBoundedLRU[str] = ByteBoundedLRU(URL_KEY_ENTRIES, lambda key: 1)
         self._engine = engine

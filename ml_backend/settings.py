@@ -112,6 +112,10 @@ class Settings:
     mask_tag: str = ""  # empty: the image's first BrushLabels, else BitmaskLabels, else PolygonLabels
     polygon_min_area: int = 16  # pixels: smaller components are dropped and smaller holes filled
     polygon_tolerance: float = 1.0  # pixels: Douglas-Peucker simplification of polygon outlines
+    # --- prompt state per task (editor-prompts) ---
+    prompt_state_mb: int = 64  # its previous low-resolution logits: 256 KiB per region for SAM
+    prompt_state_entries: int = 1000  # tasks remembered at once
+    prompt_state_ttl_s: float = 900.0  # forgotten this long after its last click
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -160,6 +164,9 @@ class Settings:
             mask_tag=_str(env, "MASK_TAG"),
             polygon_min_area=_int(env, "POLYGON_MIN_AREA", d.polygon_min_area),
             polygon_tolerance=_float(env, "POLYGON_TOLERANCE", d.polygon_tolerance),
+            prompt_state_mb=_int(env, "PROMPT_STATE_MB", d.prompt_state_mb),
+            prompt_state_entries=_int(env, "PROMPT_STATE_ENTRIES", d.prompt_state_entries),
+            prompt_state_ttl_s=_float(env, "PROMPT_STATE_TTL_S", d.prompt_state_ttl_s),
         )
         settings.check()
         return settings
