@@ -31,7 +31,7 @@ log "installing runtime dependencies"
 
 if [ "$WITH_TEST" = 1 ]; then
     log "installing test tools (pip's complaint that keras-hub lacks tensorflow-text is expected: we never use it)"
-    "${PIP[@]}" "pytest>=8" pytest-timeout pyyaml
+    "${PIP[@]}" "pytest>=8" pytest-timeout pyyaml "selenium>=4.20"
     "${PIP[@]}" --no-deps "segment-anything==1.0"
     "${PIP[@]}" "label-studio-sdk==2.1.2"
     if [ ! -x .venv-ls/bin/label-studio ]; then
@@ -39,14 +39,23 @@ if [ "$WITH_TEST" = 1 ]; then
         "$PYTHON" -m venv .venv-ls
         .venv-ls/bin/python -m pip install --disable-pip-version-check -q "label-studio==1.23.2"
     fi
-    # Debian packages: a real Redis for the queue tests, docker-compose to validate docker/docker-compose.yml.
+    # Debian packages: a real Redis for the queue tests, docker-compose to validate docker/docker-compose.yml,
+    # Chromium and its driver for the browser test (selenium drives /usr/bin/chromedriver: nothing downloads one).
     missing=()
     command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
     docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+    [ -x /usr/bin/chromium ] || missing+=(chromium)
+    [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
     if [ "${#missing[@]}" -gt 0 ]; then
         log "installing Debian packages: ${missing[*]}"
         if [ "$(id -u)" = 0 ]; then SUDO=(); else SUDO=(sudo); fi
-        "${SUDO[@]}" apt-get update -qq && DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+        if ! { "${SUDO[@]}" apt-get update -qq && DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null; }; then
+            log "ERROR: could not install the Debian packages the tests need: ${missing[*]}"
+            exit 1
+        fi
     fi
+    for tool in /usr/bin/chromium /usr/bin/chromedriver; do
+        [ -x "$tool" ] || { log "ERROR: $tool is missing after installing chromium and chromium-driver"; exit 1; }
+    done
 fi
 log "done"
