@@ -1,5 +1,6 @@
 """The prompt-state rules (ml_backend/prompt_state.py), each from the exact bodies the real editor made
-Label Studio 1.23.2 send to /predict (tests/fixtures/editor, recorded by tests/e2e/test_browser_e2e.py).
+Label Studio 1.23.2 send to /predict (tests/fixtures/editor, recorded by the recording proxy of
+tests/e2e/test_browser_e2e.py between Label Studio and the backend, in headless Chromium).
 
 The editor session behind the fixtures: a smart "Cat" keypoint (01), an Alt-click (02), a click under
 "Background" (03, arrives alone), a third "Cat" click (04); the suggestion accepted; a smart "Dog"
