@@ -6,6 +6,7 @@ given explicitly, and ``SE_AVOID_BROWSER_DOWNLOAD``/``SE_OFFLINE`` forbid it sho
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -23,9 +24,7 @@ def missing_browser() -> str | None:
     for path in (CHROMIUM, CHROMEDRIVER):
         if not path.exists():
             return f"{path} is missing: run scripts/install.sh --test (Debian packages chromium, chromium-driver)"
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("selenium") is None:
         return "selenium is not installed: run scripts/install.sh --test"
     return None
 
