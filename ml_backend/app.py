@@ -29,7 +29,7 @@ from ml_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-PUBLIC_ROUTES = {"/health", "/"}
+PUBLIC_ROUTES = {"/health", "/ready", "/"}
 DEFAULT_WARMUP_LIMIT = 200
 
 
@@ -75,6 +75,7 @@ class BackendViews:
         data = _json_body()
         self.runtime.remember_label_studio(data.get("hostname"), data.get("access_token"))
         backend = self._backend(data.get("schema"))
+        self.runtime.project_connected(data.get("project"), data.get("schema"))  # queues pre-encoding once
         return jsonify({"model_version": backend.model_version})
 
     def webhook(self) -> tuple[Response, int]:
@@ -99,9 +100,18 @@ class BackendViews:
             "trimap_model_version": self.runtime.trimaps.current_version(),
         })
 
+    def ready(self) -> tuple[Response, int]:
+        """Readiness (container healthchecks, load balancers): 503 while SAM is loading or failed.
+
+        ``/health`` stays 200 while the process is up: Label Studio calls it when connecting.
+        """
+        state = self.runtime.sam_status()["state"]  # loading, failed, ready: details are on /status
+        return jsonify({"ready": state == "ready", "sam": state}), 200 if state == "ready" else 503
+
     def warmup(self) -> tuple[Response, int]:
         """Embed a project's images before annotators start: ``{"project": id, "limit": n}`` or
-        ``{"tasks": [...], "label_config": "..."}``; answers at once, the work runs in the background."""
+        ``{"tasks": [...], "label_config": "..."}``; answers at once, the work runs in the background
+        (progress in ``/status`` under ``preencode``)."""
         data = _json_body()
         tasks, label_config = data.get("tasks"), data.get("label_config")
         project = data.get("project")
@@ -117,12 +127,13 @@ class BackendViews:
         if not isinstance(tasks, list):
             raise BackendError("Give a 'project' id, or 'tasks' with their 'label_config'.")
         config = labeling.parse_label_config(label_config)
-        return jsonify({"queued": self.runtime.warm(tasks, config.image_key)}), 202
+        return jsonify({"queued": self.runtime.warm(tasks, config.image_key, project)}), 202
 
     def status(self) -> Response:
-        """Everything an operator wants in one place: SAM, the served trimap version, training per project."""
+        """Everything an operator wants in one place: SAM, pre-encoding, the served trimap version, training."""
         return jsonify({
             "sam": self.runtime.sam_status(),
+            "preencode": self.runtime.preencode_status(),
             "trimap_model_version": self.runtime.trimaps.current_version(),
             "training": self.runtime.training_status(request.args.get("project")),
         })
@@ -161,7 +172,10 @@ def _handle_errors(view: Callable[[], Any]) -> Callable[[], Any]:
             return view()
         except BackendError as exc:
             logger.info("%s %s -> %d: %s", request.method, request.path, exc.status_code, exc.message)
-            return _error(exc.message, exc.status_code)
+            response, status = _error(exc.message, exc.status_code)
+            if (retry_after := getattr(exc, "retry_after_s", None)) is not None:  # busy: EncodeBusyError
+                response.headers["Retry-After"] = str(retry_after)
+            return response, status
         except HTTPException:
             raise
         except Exception as exc:  # never let one request take the worker down or leak a traceback
@@ -199,6 +213,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
                 methods.add("GET")  # Label Studio 1.23 asks with GET; the library routes POST only
             app.add_url_rule(rule.rule, endpoint=rule.endpoint, view_func=ours[rule.endpoint], methods=methods)
     app.add_url_rule("/status", endpoint="status", view_func=_handle_errors(views.status), methods=["GET"])
+    app.add_url_rule("/ready", endpoint="ready", view_func=_handle_errors(views.ready), methods=["GET"])
     app.add_url_rule("/warmup", endpoint="warmup", view_func=_handle_errors(views.warmup), methods=["POST"])
     app.before_request(_basic_auth_guard(settings))
     for code in (404, 405):

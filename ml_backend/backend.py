@@ -61,7 +61,11 @@ class SegmentationBackend(LabelStudioMLBase):
         if context and context.get("result"):
             if len(tasks) != 1:
                 raise BackendError(f"Interactive annotation works on one task at a time, got {len(tasks)}.")
-            return [self._interactive(tasks[0], context, project)]
+            prediction = self._interactive(tasks[0], context, project)
+            self.runtime.task_opened(tasks[0], self.config.image_key)  # its look-ahead, once this one is served
+            return [prediction]
+        if len(tasks) == 1:  # Label Studio's automatic /predict when an annotator opens a task
+            self.runtime.task_opened(tasks[0], self.config.image_key)
         return [self._preannotate(task) for task in tasks]
 
     def _task_image_url(self, task: dict) -> tuple[str, int | None]:

@@ -12,6 +12,7 @@ WITH_TEST=0
 [ "${1:-}" = "--test" ] && WITH_TEST=1
 
 log() { printf '[install] %s\n' "$*" >&2; }
+die() { printf '[install] ERROR: %s\n' "$*" >&2; exit 1; }
 
 if [ ! -x .venv/bin/python ]; then
     log "creating .venv with $PYTHON"
@@ -31,7 +32,7 @@ log "installing runtime dependencies"
 
 if [ "$WITH_TEST" = 1 ]; then
     log "installing test tools (pip's complaint that keras-hub lacks tensorflow-text is expected: we never use it)"
-    "${PIP[@]}" "pytest>=8" pytest-timeout pyyaml "selenium>=4.20"
+    "${PIP[@]}" "pytest>=8" pytest-timeout pyyaml "hypothesis>=6.100" "selenium>=4.20"
     "${PIP[@]}" --no-deps "segment-anything==1.0"
     "${PIP[@]}" "label-studio-sdk==2.1.2"
     if [ ! -x .venv-ls/bin/label-studio ]; then
@@ -49,13 +50,22 @@ if [ "$WITH_TEST" = 1 ]; then
     if [ "${#missing[@]}" -gt 0 ]; then
         log "installing Debian packages: ${missing[*]}"
         if [ "$(id -u)" = 0 ]; then SUDO=(); else SUDO=(sudo); fi
-        if ! { "${SUDO[@]}" apt-get update -qq && DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null; }; then
-            log "ERROR: could not install the Debian packages the tests need: ${missing[*]}"
-            exit 1
-        fi
+        # --error-on=any: without it apt-get update exits 0 when it could not fetch the package lists.
+        "${SUDO[@]}" apt-get update -qq --error-on=any \
+            || die "apt-get update failed, so ${missing[*]} cannot be installed (the tests need them)"
+        DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null \
+            || die "apt-get install ${missing[*]} failed (the tests need them)"
     fi
+    # The tests that need these fail under CI=true when they are missing: say so here, first.
+    command -v redis-server >/dev/null 2>&1 || die "redis-server is still missing"
+    docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1 \
+        || die "neither docker compose nor docker-compose is available"
+    .venv/bin/python -c "import label_studio_sdk.converter.brush, segment_anything" \
+        || die "the test oracles (label-studio-sdk, segment-anything) do not import"
+    [ -x .venv-ls/bin/label-studio ] || die ".venv-ls/bin/label-studio is missing (end-to-end tests)"
     for tool in /usr/bin/chromium /usr/bin/chromedriver; do
-        [ -x "$tool" ] || { log "ERROR: $tool is missing after installing chromium and chromium-driver"; exit 1; }
+        [ -x "$tool" ] || die "$tool is missing after installing chromium and chromium-driver (browser test)"
     done
+    .venv/bin/python -c "import selenium" || die "selenium does not import (browser test)"
 fi
 log "done"

@@ -306,6 +306,17 @@ def test_mixed_forms_paint_in_order_and_resize_to_the_image() -> None:
     assert iou(trimap == TrimapValue.FOREGROUND, expected) > 0.9  # bitmask stretched, polygon drawn at 50x40
 
 
+@pytest.mark.parametrize("result_type", [BRUSH, BITMASK, POLYGON])
+def test_annotations_in_every_form_count_towards_retraining(result_type) -> None:
+    from ml_backend.retrain.policy import accepted_changes
+
+    annotation = {"result": [region(result_type, np.ones((8, 8), bool))], "was_cancelled": False}
+    keypoints_only = {"result": [{"type": "keypointlabels", "value": {"x": 1, "y": 1}}], "was_cancelled": False}
+    payload = {"annotation": annotation}
+    assert accepted_changes("ANNOTATION_CREATED", payload, ground_truth_only=False) == 1
+    assert accepted_changes("ANNOTATION_CREATED", {"annotation": keypoints_only}, ground_truth_only=False) == 0
+
+
 @pytest.mark.parametrize("result_type", [BRUSH, BITMASK])
 def test_declared_sizes_beyond_max_image_pixels_are_refused_before_allocating(result_type, monkeypatch) -> None:
     item = region(result_type, np.ones((4, 4), bool))
@@ -329,3 +340,17 @@ def test_check_mask_size_rejects_what_is_not_a_size(width, height) -> None:
 
 def test_check_mask_size_accepts_whole_floats() -> None:
     assert check_mask_size(4.0, 5, max_pixels=20) == (4, 5)
+
+
+def test_the_benchmark_reports_every_form_with_brush_as_reference(capsys) -> None:
+    from benchmarks.mask_formats import main
+
+    assert main(["--size", "96x64", "--repeat", "1", "--json"]) == 0
+    [result] = json.loads(capsys.readouterr().out)
+    assert set(result["forms"]) == {BRUSH, BITMASK, POLYGON}
+    assert result["forms"][BRUSH]["iou"] == result["forms"][BITMASK]["iou"] == 1.0
+    assert 0.9 < result["forms"][POLYGON]["iou"] < 1.0
+    tolerances = result["polygon_tolerances"]
+    assert tolerances[0]["tolerance"] == 0 and tolerances[0]["iou"] == 1.0
+    assert tolerances[-1]["vertices"] < tolerances[0]["vertices"]
+    assert result["holes_filled_iou"] < 0.97  # the object has a hole: filling it would cost

@@ -61,8 +61,14 @@ def mask_to_polygons(mask: np.ndarray, options: PolygonOptions = PolygonOptions(
     mask = np.asarray(mask)
     if mask.ndim != 2 or mask.size == 0:
         raise ValueError(f"A mask must be a non-empty 2-D array, got shape {mask.shape}.")
-    cleaned = _drop_small_parts(mask != 0, options.min_area).astype(np.uint8)
-    contours, hierarchy = cv2.findContours(cleaned, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    mask = (mask != 0).view(np.uint8)
+    left, top, width, height = cv2.boundingRect(mask)
+    if width == 0:
+        return []
+    # Work on the object's bounding box with a one-pixel margin: the outside is then one background part.
+    crop = np.pad(mask[top:top + height, left:left + width], 1)
+    _drop_small_parts(crop, options.min_area)
+    contours, hierarchy = cv2.findContours(crop, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE, offset=(left - 1, top - 1))
     if hierarchy is None:
         return []
     links = hierarchy[0]  # per contour: next, previous, first child, parent
@@ -92,7 +98,8 @@ def polygon_to_percent(polygon: np.ndarray, width: int, height: int) -> list[lis
 def polygon_to_mask(points: object, width: int, height: int) -> np.ndarray:
     """The (height, width) bool mask of one Label Studio ``points`` list (pixels whose centre is inside or on it).
 
-    Vertices outside the image are moved onto its edge. Raises :class:`MaskFormatError` when
+    Vertices outside the image are moved onto its edge. ``closed`` is not consulted: like Label
+    Studio's COCO export, an unfinished outline counts as closed. Raises :class:`MaskFormatError` when
     ``points`` is not a list of at least three [x, y] pairs of finite numbers.
     """
     vertices = _percent_points(points) * np.array([width / 100.0, height / 100.0]) - 0.5
@@ -115,23 +122,44 @@ def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _drop_small_parts(mask: np.ndarray, min_area: int) -> np.ndarray:
-    """``mask`` without 8-connected components under ``min_area`` pixels and with holes under it filled."""
+def _drop_small_parts(crop: np.ndarray, min_area: int) -> None:
+    """Clear 8-connected components under ``min_area`` pixels and fill holes under it, in place.
+
+    ``crop`` (uint8 0/1) has an empty one-pixel margin, so the background that reaches it is
+    one 4-connected part and every other background part is a hole.
+    """
     if min_area <= 1:
-        return mask
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    keep = stats[:, cv2.CC_STAT_AREA] >= min_area
-    keep[0] = False  # label 0: the background
-    mask = keep[labels]
-    # Holes are the 4-connected background parts that do not touch the image border.
-    _, labels, stats, _ = cv2.connectedComponentsWithStats((~mask).astype(np.uint8), connectivity=4)
-    height, width = mask.shape
-    left, top = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
-    inner = (left > 0) & (top > 0) & (left + stats[:, cv2.CC_STAT_WIDTH] < width) & \
-        (top + stats[:, cv2.CC_STAT_HEIGHT] < height)
-    fill = inner & (stats[:, cv2.CC_STAT_AREA] < min_area)
-    fill[0] = False  # label 0: the object pixels
-    return mask | fill[labels]
+        return
+    specks = _small_parts(crop, 8, min_area)
+    if specks is not None:
+        crop[specks] = 0
+    holes = _small_parts(1 - crop, 4, min_area)
+    if holes is not None:
+        crop[holes] = 1
+
+
+_LOOP_LIMIT = 64  # up to this many small parts are picked out box by box; more: one pass over the image
+
+
+def _small_parts(image: np.ndarray, connectivity: int, min_area: int) -> np.ndarray | None:
+    """The pixels of ``image``'s non-zero components under ``min_area`` pixels, None when there are none.
+
+    The component at the corner (the margin, when ``image`` is the background) is never one.
+    """
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(image, connectivity=connectivity)
+    small = stats[:, cv2.CC_STAT_AREA] < min_area
+    small[0] = small[labels[0, 0]] = False  # label 0: the zero pixels
+    found = np.flatnonzero(small)
+    if found.size == 0:
+        return None
+    if found.size > _LOOP_LIMIT:
+        return small[labels]
+    selected = np.zeros(image.shape, bool)
+    for k in found:
+        x, y, w, h = stats[k, :4]
+        box = (slice(y, y + h), slice(x, x + w))
+        selected[box] |= labels[box] == k
+    return selected
 
 
 def _simplify(contour: np.ndarray, tolerance: float) -> np.ndarray:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -67,9 +66,7 @@ def png(seed: int) -> bytes:
 def browser_ready() -> None:
     reason = missing_browser()
     if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        pytest.skip(reason)  # a failure under CI=true (tests/ci_policy.py)
 
 
 @pytest.fixture(scope="module")
