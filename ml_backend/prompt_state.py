@@ -269,12 +269,12 @@ def _near(current: ObjectState, items: tuple[Item, ...]) -> bool:
 
 
 def _label_of(groups: Mapping[GroupKey, tuple[Item, ...]]) -> str | None:
-    """The object's label: its rectangles' label, else its first positive keypoint's."""
+    """The object's label (lower case): its rectangles', else its first positive keypoint's, else that of
+    its first keypoint with a label that is not a negative one (an Alt-click)."""
     items = [i for items in groups.values() for i in items]
-    for item in sorted(items, key=lambda i: not isinstance(i, Rectangle)):
-        if isinstance(item, Rectangle) or item.positive:
-            return item.label.lower() if item.label else None
-    return None
+    ranked = sorted(items, key=lambda i: 0 if isinstance(i, Rectangle) else 1 if i.positive else 2)
+    label = next((item.label for item in ranked if item.label), None)
+    return label.lower() if label else None
 
 
 def _identity(item: Item) -> object:

@@ -159,6 +159,18 @@ def test_a_positive_keypoint_out_of_the_rectangles_reach_starts_a_new_object() -
         assert (plan.regions[0].prompts.box is not None) == expected.startswith("same")
 
 
+def test_an_alt_click_after_a_rectangle_refines_it() -> None:
+    session = Session()
+    _, [box_logits] = session.send(body("rectangle"))
+    alt = body("keypoint_after_rectangle")
+    alt["params"]["context"]["result"][0]["is_positive"] = False
+    plan, _ = session.send(alt)
+    assert plan.reason == "same object: same label, within reach"
+    [region] = plan.regions
+    assert region.prompts.box is not None and region.prompts.labels.tolist() == [NEGATIVE]
+    np.testing.assert_array_equal(region.prompts.mask_logits, box_logits)
+
+
 def test_a_keypoint_under_another_label_starts_a_new_object() -> None:
     session = Session()
     session.send(body("rectangle"))

@@ -14,6 +14,10 @@ transform by it.
 A rectangle's ``x``/``y`` is its top-left corner before rotation and ``rotation`` turns it
 clockwise (y points down) about that corner, in pixel space. SAM takes axis-aligned boxes,
 so a rotated rectangle becomes the bounding box of its four corners, clipped to the image.
+
+This module reads one request (:func:`read_context`) and groups prompts into regions
+(:func:`group_regions`); each item keeps its editor *group* (tag and labels), which
+``ml_backend.prompt_state`` uses to combine requests, since the editor sends one group at a time.
 """
 
 from __future__ import annotations
