@@ -12,6 +12,7 @@ from pathlib import Path
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
+SCRIPT_TIMEOUT_S = 120  # the default 30 s ran out while the editor drew suggestions on a busy 2-core machine
 FLAGS = (
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
     "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -43,4 +44,6 @@ def start_chromium(profile_dir: Path, log: Path):
     options.add_argument(f"--user-data-dir={profile_dir}")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     service = Service(executable_path=str(CHROMEDRIVER), log_output=str(log))
-    return webdriver.Chrome(service=service, options=options)
+    driver = webdriver.Chrome(service=service, options=options)
+    driver.set_script_timeout(SCRIPT_TIMEOUT_S)
+    return driver
