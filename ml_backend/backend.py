@@ -17,6 +17,7 @@ from ml_backend import labeling
 from ml_backend.errors import BackendError, ImageFetchError, InvalidPromptError, LabelConfigError
 from ml_backend.formats import PolygonOptions
 from ml_backend.preannotation import mask_bounding_box
+from ml_backend.prompt_state import task_key
 from ml_backend.runtime import Runtime
 from ml_backend.sam.prompts import Prompts
 from ml_backend.trimaps import LabelRoles, TrimapValue
@@ -88,40 +89,28 @@ class SegmentationBackend(LabelStudioMLBase):
 
     # --- interactive SAM -----------------------------------------------------
     def _interactive(self, task: dict, context: dict) -> dict:
+        """Parse this request, add what earlier clicks on the task said, embed, decode, answer."""
         settings = self.runtime.settings
-        regions = labeling.parse_context(context, self.config, negative_labels=settings.negative_labels)
-        if not regions:
+        request = labeling.read_context(context, self.config, negative_labels=settings.negative_labels)
+        if request is None:
             raise InvalidPromptError("The request carries no keypoint or rectangle prompts for this image.")
+        url, task_id = self._task_image_url(task)
+        memory = self.runtime.prompt_state
+        plan = memory.plan(task_key(self.project, task, url), request, task)
         engine = self.runtime.sam()
-        embedding = self.runtime.task_embedding(*self._task_image_url(task))
+        embedding = self.runtime.task_embedding(url, task_id)
         height, width = embedding.geometry.original_size
-        results, scores = [], []
-        for region in regions:
-            prompts = _rescale(region.prompts, (region.original_width, region.original_height), (width, height))
-            earlier, current = self._refinement_keys(embedding.key, region.label, prompts)
-            previous = self.runtime.refinements.get(earlier) if earlier else None
-            prompts = Prompts(prompts.points, prompts.labels, prompts.box, mask_logits=previous)
-            result = engine.decode(embedding, prompts)
-            self.runtime.refinements.put(current, result.low_res_logits)
+        results, scores, answered = [], [], []
+        for region in plan.regions:
+            decoded = engine.decode(embedding, _rescale(region.prompts, region.original_size, (width, height)))
             label = labeling.choose_brush_label(self.config, region.label, settings.brush_label or None)
-            results += labeling.build_mask_results(result.mask, config=self.config, label=label, score=result.score,
+            results += labeling.build_mask_results(decoded.mask, config=self.config, label=label,
+                                                   score=decoded.score,
                                                    polygon=PolygonOptions.from_settings(settings))
-            scores.append(result.score)
+            scores.append(decoded.score)
+            answered.append(decoded.low_res_logits)
+        memory.remember(plan, answered, [result["id"] for result in results])
         return labeling.build_prediction(results, float(np.mean(scores)), sam_model_version(engine.source))
-
-    @staticmethod
-    def _refinement_keys(image: str, label: str | None, prompts: Prompts) -> tuple[tuple | None, tuple]:
-        """(key of the same region one click earlier, key of this state).
-
-        Label Studio resends all clicks of a region each time, in order; the logits of
-        the state without the newest click are the ones to refine.
-        """
-        box = None if prompts.box is None else tuple(round(v, 1) for v in prompts.box)
-        clicks = tuple((round(float(x), 1), round(float(y), 1), int(lab))
-                       for (x, y), lab in zip(prompts.points.tolist(), prompts.labels.tolist()))
-        current = (image, label, box, clicks)
-        earlier = (image, label, box, clicks[:-1]) if clicks and (box is not None or len(clicks) > 1) else None
-        return earlier, current
 
     # --- batch pre-annotation ------------------------------------------------
     def _foreground_label(self) -> str | None:

@@ -19,14 +19,13 @@ from ml_backend.embeddings.projects import image_key_of, project_images, task_im
 from ml_backend.embeddings.scheduler import EncodeJob, PreEncodeScheduler, project_id
 from ml_backend.embeddings.urls import UrlIndex
 from ml_backend.errors import BackendError, ModelSourceError
-from ml_backend.sam.cache import ByteBoundedLRU
+from ml_backend.prompt_state import PromptMemory
 from ml_backend.sam.encode_gate import EncodeGate, Priority
 from ml_backend.sam.engine import ImageEmbedding, image_key
 from ml_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-REFINEMENT_CACHE_BYTES = 64 << 20  # low-resolution logits: 256 KiB each for the official SAM sizes
 SAM_WAIT_S = 80.0  # Label Studio gives /predict 100 s: answer 503 "still loading" before that
 PREENCODE_SAM_WAIT_S = 3600.0  # background work waits for SAM to load
 WARMUP_PROJECT = 0  # /warmup with bare tasks: their progress shows under project "0"
@@ -51,8 +50,8 @@ class Runtime:
         self.access = LabelStudioAccess(settings.label_studio_url, settings.label_studio_api_key)
         self.images = ImageLoader(settings)
         self.trimaps = TrimapPredictor(settings.model_dir, settings.base_model, min_area=settings.min_mask_area)
-        # The last low-resolution logits per (image, prompt region), fed back to SAM on the next click.
-        self.refinements: ByteBoundedLRU[np.ndarray] = ByteBoundedLRU(REFINEMENT_CACHE_BYTES, lambda a: a.nbytes)
+        # The object being segmented on each task (prompts and last logits), between clicks.
+        self.prompt_state = PromptMemory.from_settings(settings)
         # Image URL -> pixel-content key of its embedding, so a click skips download and decoding.
         self.url_index = UrlIndex(lambda url: self.images.local_file(url, label_studio_url=self.access.url or None),
                                   ttl_s=settings.url_key_ttl_s)

@@ -162,6 +162,10 @@ class Settings:
     sam3_phrases: tuple[tuple[str, str], ...] = ()  # (lower-case label, phrase)
     sam3_trimap_min_overlap: float = 0.5
     sam3_on_import: bool = True  # TASKS_CREATED queues the project's pre-annotation job
+    # --- prompt state per task (editor-prompts) ---
+    prompt_state_mb: int = 64  # its previous low-resolution logits: 256 KiB per region for SAM
+    prompt_state_entries: int = 1000  # tasks remembered at once
+    prompt_state_ttl_s: float = 900.0  # forgotten this long after its last click
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -243,6 +247,9 @@ class Settings:
             sam3_phrases=_phrases(env, "SAM3_PHRASES"),
             sam3_trimap_min_overlap=_float(env, "SAM3_TRIMAP_MIN_OVERLAP", d.sam3_trimap_min_overlap),
             sam3_on_import=_bool(env, "SAM3_ON_IMPORT", d.sam3_on_import),
+            prompt_state_mb=_int(env, "PROMPT_STATE_MB", d.prompt_state_mb),
+            prompt_state_entries=_int(env, "PROMPT_STATE_ENTRIES", d.prompt_state_entries),
+            prompt_state_ttl_s=_float(env, "PROMPT_STATE_TTL_S", d.prompt_state_ttl_s),
         )
         settings.check()
         return settings

@@ -32,7 +32,7 @@ log "installing runtime dependencies"
 
 if [ "$WITH_TEST" = 1 ]; then
     log "installing test tools (pip's complaint that keras-hub lacks tensorflow-text is expected: we never use it)"
-    "${PIP[@]}" "pytest>=8" pytest-timeout pyyaml "hypothesis>=6.100"
+    "${PIP[@]}" "pytest>=8" pytest-timeout pyyaml "hypothesis>=6.100" "selenium>=4.20"
     "${PIP[@]}" --no-deps "segment-anything==1.0"
     "${PIP[@]}" "label-studio-sdk==2.1.2"
     # SAM 3 parity reference (test only); needs neither TensorFlow nor a newer torch (checked: pip keeps 2.13.0)
@@ -42,10 +42,13 @@ if [ "$WITH_TEST" = 1 ]; then
         "$PYTHON" -m venv .venv-ls
         .venv-ls/bin/python -m pip install --disable-pip-version-check -q "label-studio==1.23.2"
     fi
-    # Debian packages: a real Redis for the queue tests, docker-compose to validate docker/docker-compose.yml.
+    # Debian packages: a real Redis for the queue tests, docker-compose to validate docker/docker-compose.yml,
+    # Chromium and its driver for the browser test (selenium drives /usr/bin/chromedriver: nothing downloads one).
     missing=()
     command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
     docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+    [ -x /usr/bin/chromium ] || missing+=(chromium)
+    [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
     if [ "${#missing[@]}" -gt 0 ]; then
         log "installing Debian packages: ${missing[*]}"
         if [ "$(id -u)" = 0 ]; then SUDO=(); else SUDO=(sudo); fi
@@ -62,5 +65,9 @@ if [ "$WITH_TEST" = 1 ]; then
     .venv/bin/python -c "import label_studio_sdk.converter.brush, segment_anything" \
         || die "the test oracles (label-studio-sdk, segment-anything) do not import"
     [ -x .venv-ls/bin/label-studio ] || die ".venv-ls/bin/label-studio is missing (end-to-end tests)"
+    for tool in /usr/bin/chromium /usr/bin/chromedriver; do
+        [ -x "$tool" ] || die "$tool is missing after installing chromium and chromium-driver (browser test)"
+    done
+    .venv/bin/python -c "import selenium" || die "selenium does not import (browser test)"
 fi
 log "done"
