@@ -98,7 +98,12 @@ class BackendViews:
         event = data.get("action")
         if not isinstance(event, str):
             raise BackendError("A webhook needs an 'action'.")
-        return jsonify(self.runtime.on_webhook(event, data)), 200
+        answer = self.runtime.on_webhook(event, data)
+        if event == "TASKS_CREATED" and self.runtime.settings.sam3_on_import:
+            project = data.get("project", {}).get("id") if isinstance(data.get("project"), dict) else None
+            if isinstance(project, int) and not isinstance(project, bool) and self.runtime.concepts is not None:
+                self.runtime.preannotation_jobs.start(project)  # new tasks get SAM 3 predictions in the background
+        return jsonify(answer), 200
 
     def train(self) -> tuple[Response, int]:
         data = _json_body()
@@ -144,6 +149,13 @@ class BackendViews:
         config = labeling.parse_label_config(label_config)
         return jsonify({"queued": self.runtime.warm(tasks, config.image_key, project)}), 202
 
+    def preannotate(self) -> tuple[Response, int]:
+        """Pre-annotate a whole project in the background: ``{"project": id}``; progress on ``/status``."""
+        project = _json_body().get("project")
+        if not isinstance(project, int) or isinstance(project, bool) or project < 1:
+            raise BackendError("'project' must be a Label Studio project id (a positive number).")
+        return jsonify(self.runtime.preannotation_jobs.start(project)), 202
+
     def status(self) -> Response:
         """Everything an operator wants in one place: SAM, pre-encoding, the served trimap version, training."""
         return jsonify({
@@ -151,6 +163,9 @@ class BackendViews:
             "preencode": self.runtime.preencode_status(),
             "trimap_model_version": self.runtime.trimaps.current_version(_query_project()),
             "training": self.runtime.training_status(request.args.get("project")),
+            "preannotate": self.runtime.settings.preannotate,
+            "sam3": self.runtime.sam3.status() if self.runtime.sam3 else {"state": "off"},
+            "preannotation_jobs": self.runtime.preannotation_jobs.status(),
         })
 
     def versions(self) -> Response:
@@ -235,8 +250,11 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     app.add_url_rule("/status", endpoint="status", view_func=_handle_errors(views.status), methods=["GET"])
     app.add_url_rule("/ready", endpoint="ready", view_func=_handle_errors(views.ready), methods=["GET"])
     app.add_url_rule("/warmup", endpoint="warmup", view_func=_handle_errors(views.warmup), methods=["POST"])
+    app.add_url_rule("/preannotate", endpoint="preannotate", view_func=_handle_errors(views.preannotate),
+                     methods=["POST"])
     app.before_request(_basic_auth_guard(settings))
     for code in (404, 405):
         app.register_error_handler(code, lambda exc: _error(exc.description, exc.code))
     runtime.start_loading_sam()
+    runtime.start_background_work()
     return app

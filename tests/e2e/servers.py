@@ -87,11 +87,11 @@ def start_label_studio(workdir: Path) -> LabelStudio:
         env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=workdir,
     )
     server = LabelStudio(url=url, token=token, document_root=document_root, process=process)
-    try:  # first start migrates a fresh database: minutes on a loaded machine
+    try:
         wait_until(lambda: server.api("GET", "/api/projects", timeout=5).status_code == 200,
-                   timeout_s=900, what="Label Studio", process=process, log=log)
+                   timeout_s=900, what="Label Studio", process=process, log=log)  # ~30 s; >10 min seen when busy
     except BaseException:
-        stop(process)  # no fixture will: the caller never gets the server
+        stop(process)  # a server that did not come up in time must not outlive the test run
         raise
     return server
 
@@ -128,7 +128,7 @@ def start_backend(workdir: Path, env_overrides: dict[str, str]) -> Backend:
         return health["sam"]["state"] == "ready"
 
     try:
-        wait_until(sam_ready, timeout_s=300, what="backend", process=process, log=log)
+        wait_until(sam_ready, timeout_s=180, what="backend", process=process, log=log)
     except BaseException:
         stop(process)
         raise
