@@ -2,11 +2,13 @@
 
 Annotations posted to Label Studio reach the backend as webhooks; the eighth accepted one in a project
 starts a job that the worker runs (export through Label Studio's API, a small fit into that project's
-own store, promotion by the rule). "Retrieve Predictions" then gets what serves each project, checked by
-content: a promoted version gives non-empty brush masks under the project's foreground label that overlap
-the annotated objects better than predicting all foreground, a version that learned nothing is never
-served, and a project without annotations is served by the base model. Training one project leaves the
-other's store byte-identical. Two "Start Training" clicks during a run give one run and one follow-up.
+own store, promotion by the rule). Each project's first version must learn enough to be promoted (beat
+all background, all foreground and the random base model on its validation images); "Retrieve
+Predictions" on tasks nobody annotated is then checked by content: non-empty brush masks under the
+project's foreground label that overlap the drawn objects better than predicting all foreground. A project
+without annotations is served by the base model. Training one project leaves the other's store
+byte-identical. Two "Start Training" clicks during a run give one run and one follow-up.
+(That a version which learned nothing is never served is proven by tests/test_training_fit.py.)
 """
 
 from __future__ import annotations
