@@ -68,7 +68,7 @@ class BackendViews:
         if context is not None and not isinstance(context, dict):
             raise BackendError("'params.context' must be an object.")
         backend = self._backend(data.get("label_config"))
-        predictions = backend.predict(tasks, context=context)
+        predictions = backend.predict(tasks, context=context, project=data.get("project"))
         return jsonify({"results": predictions, "model_version": backend.model_version})
 
     def setup(self) -> Response:
