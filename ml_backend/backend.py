@@ -17,6 +17,7 @@ from ml_backend import labeling
 from ml_backend.errors import BackendError, ImageFetchError, InvalidPromptError, LabelConfigError
 from ml_backend.formats import PolygonOptions
 from ml_backend.preannotation import mask_bounding_box
+from ml_backend.prompt_state import task_key
 from ml_backend.runtime import Runtime
 from ml_backend.sam.prompts import Prompts
 from ml_backend.trimaps import LabelRoles, TrimapValue
@@ -39,17 +40,24 @@ class SegmentationBackend(LabelStudioMLBase):
     """Serves one labeling config with the process's shared :class:`Runtime` (built per request by the app)."""
 
     def __init__(self, label_config: str | None = None, train_output: dict | None = None, *, runtime: Runtime,
-                 **kwargs: Any) -> None:
+                 project: object = None, **kwargs: Any) -> None:
+        from ml_backend.retrain.policy import project_key
+
         if not label_config:
             raise LabelConfigError("No labeling config was sent; connect the backend from a Label Studio project.")
         # before the library's parser: clearer errors
         self.config = labeling.parse_label_config(label_config, mask_tag=runtime.settings.mask_tag or None)
         super().__init__(label_config=label_config, train_output=train_output, **kwargs)
         self.runtime = runtime
+        # Label Studio sends "<id>.<created timestamp>"; batch predictions and versions are per project.
+        self.project = project_key(project)
 
     @property
     def model_version(self) -> str:
-        return trimap_model_version(self.runtime.trimaps.current_version())
+        trimap_version = self.runtime.trimaps.current_version(self.project)
+        if self.runtime.concepts is not None:  # PREANNOTATE=sam3|both
+            return self.runtime.concepts.model_version(trimap_version)
+        return trimap_model_version(trimap_version)
 
     # --- entry point ---------------------------------------------------------
     def predict(self, tasks: list[dict], context: dict | None = None, **kwargs: Any) -> list[dict]:
@@ -82,40 +90,28 @@ class SegmentationBackend(LabelStudioMLBase):
 
     # --- interactive SAM -----------------------------------------------------
     def _interactive(self, task: dict, context: dict) -> dict:
+        """Parse this request, add what earlier clicks on the task said, embed, decode, answer."""
         settings = self.runtime.settings
-        regions = labeling.parse_context(context, self.config, negative_labels=settings.negative_labels)
-        if not regions:
+        request = labeling.read_context(context, self.config, negative_labels=settings.negative_labels)
+        if request is None:
             raise InvalidPromptError("The request carries no keypoint or rectangle prompts for this image.")
+        url, task_id = self._task_image_url(task)
+        memory = self.runtime.prompt_state
+        plan = memory.plan(task_key(self.project, task, url), request, task)
         engine = self.runtime.sam()
-        embedding = self.runtime.task_embedding(*self._task_image_url(task))
+        embedding = self.runtime.task_embedding(url, task_id)
         height, width = embedding.geometry.original_size
-        results, scores = [], []
-        for region in regions:
-            prompts = _rescale(region.prompts, (region.original_width, region.original_height), (width, height))
-            earlier, current = self._refinement_keys(embedding.key, region.label, prompts)
-            previous = self.runtime.refinements.get(earlier) if earlier else None
-            prompts = Prompts(prompts.points, prompts.labels, prompts.box, mask_logits=previous)
-            result = engine.decode(embedding, prompts)
-            self.runtime.refinements.put(current, result.low_res_logits)
+        results, scores, answered = [], [], []
+        for region in plan.regions:
+            decoded = engine.decode(embedding, _rescale(region.prompts, region.original_size, (width, height)))
             label = labeling.choose_brush_label(self.config, region.label, settings.brush_label or None)
-            results += labeling.build_mask_results(result.mask, config=self.config, label=label, score=result.score,
+            results += labeling.build_mask_results(decoded.mask, config=self.config, label=label,
+                                                   score=decoded.score,
                                                    polygon=PolygonOptions.from_settings(settings))
-            scores.append(result.score)
+            scores.append(decoded.score)
+            answered.append(decoded.low_res_logits)
+        memory.remember(plan, answered, [result["id"] for result in results])
         return labeling.build_prediction(results, float(np.mean(scores)), sam_model_version(engine.source))
-
-    @staticmethod
-    def _refinement_keys(image: str, label: str | None, prompts: Prompts) -> tuple[tuple | None, tuple]:
-        """(key of the same region one click earlier, key of this state).
-
-        Label Studio resends all clicks of a region each time, in order; the logits of
-        the state without the newest click are the ones to refine.
-        """
-        box = None if prompts.box is None else tuple(round(v, 1) for v in prompts.box)
-        clicks = tuple((round(float(x), 1), round(float(y), 1), int(lab))
-                       for (x, y), lab in zip(prompts.points.tolist(), prompts.labels.tolist()))
-        current = (image, label, box, clicks)
-        earlier = (image, label, box, clicks[:-1]) if clicks and (box is not None or len(clicks) > 1) else None
-        return earlier, current
 
     # --- batch pre-annotation ------------------------------------------------
     def _foreground_label(self) -> str | None:
@@ -124,25 +120,44 @@ class SegmentationBackend(LabelStudioMLBase):
         return next((name for name in self.config.mask.labels if roles.role(name) == TrimapValue.FOREGROUND), None)
 
     def _preannotate(self, task: dict) -> dict:
-        settings = self.runtime.settings
         try:
-            image = self._task_image(task)
-            predicted = self.runtime.trimaps.predict_mask(image, include_boundary=settings.trimap_include_boundary)
-            if predicted is None:
-                logger.info("task %s: no trimap model promoted yet; empty prediction", task.get("id"))
-                return labeling.build_prediction([], 0.0, NO_TRIMAP_VERSION)
-            version, mask = predicted
-            score = 1.0
-            if settings.trimap_sam_refine and (box := mask_bounding_box(mask)) is not None:
-                refined = self.runtime.sam().segment(image, Prompts.from_lists(box=box))
-                mask, score = refined.mask, refined.score
-            label = labeling.choose_brush_label(self.config, self._foreground_label(), settings.brush_label or None)
-            results = labeling.build_mask_results(mask, config=self.config, label=label, score=score,
-                                                  polygon=PolygonOptions.from_settings(settings))
-            return labeling.build_prediction(results, score, trimap_model_version(version))
+            return self.preannotation(task)
         except BackendError as exc:  # one bad image fails only its own task
             logger.warning("task %s: no prediction: %s", task.get("id"), exc.message)
             return labeling.build_prediction([], 0.0, self.model_version)
+
+    def preannotation(self, task: dict) -> dict:
+        """The task's batch prediction by ``PREANNOTATE``: the trimap model, SAM 3 concepts, or both (see
+        :mod:`ml_backend.sam3.concepts`). Raises :class:`BackendError` (the project job counts it as failed)."""
+        settings = self.runtime.settings
+        image = self._task_image(task)
+        if self.runtime.concepts is not None:
+            trimap = None
+            if self.runtime.concepts.with_trimap:
+                trimap = self.runtime.trimaps.predict_mask(image, include_boundary=settings.trimap_include_boundary,
+                                                           project=self.project)
+                if trimap is not None and trimap[1] is None:  # below MIN_MASK_AREA: no trimap foreground
+                    trimap = (trimap[0], np.zeros(image.shape[:2], bool))
+            return self.runtime.concepts.predict(image, self.label_config, self.config, trimap,
+                                                 trimap_label=self._foreground_label())
+        predicted = self.runtime.trimaps.predict_mask(image, include_boundary=settings.trimap_include_boundary,
+                                                      project=self.project)
+        if predicted is None:
+            logger.info("task %s: no trimap model for project %s and no base model; empty prediction",
+                        task.get("id"), self.project)
+            return labeling.build_prediction([], 0.0, NO_TRIMAP_VERSION)
+        version, mask = predicted
+        if mask is None:  # an empty region would only be noise for the annotator
+            logger.info("task %s: the predicted object is smaller than MIN_MASK_AREA; no region", task.get("id"))
+            return labeling.build_prediction([], 0.0, trimap_model_version(version))
+        score = 1.0
+        if settings.trimap_sam_refine and (box := mask_bounding_box(mask)) is not None:
+            refined = self.runtime.sam().segment(image, Prompts.from_lists(box=box))
+            mask, score = refined.mask, refined.score
+        label = labeling.choose_brush_label(self.config, self._foreground_label(), settings.brush_label or None)
+        results = labeling.build_mask_results(mask, config=self.config, label=label, score=score,
+                                              polygon=PolygonOptions.from_settings(settings))
+        return labeling.build_prediction(results, score, trimap_model_version(version))
 
 
 def _rescale(prompts: Prompts, expressed_in: tuple[int, int] | None, actual: tuple[int, int]) -> Prompts:

@@ -7,6 +7,7 @@ first click waits for it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -18,14 +19,13 @@ from ml_backend.embeddings.projects import image_key_of, project_images, task_im
 from ml_backend.embeddings.scheduler import EncodeJob, PreEncodeScheduler, project_id
 from ml_backend.embeddings.urls import UrlIndex
 from ml_backend.errors import BackendError, ModelSourceError
-from ml_backend.sam.cache import ByteBoundedLRU
+from ml_backend.prompt_state import PromptMemory
 from ml_backend.sam.encode_gate import EncodeGate, Priority
 from ml_backend.sam.engine import ImageEmbedding, image_key
 from ml_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-REFINEMENT_CACHE_BYTES = 64 << 20  # low-resolution logits: 256 KiB each for the official SAM sizes
 SAM_WAIT_S = 80.0  # Label Studio gives /predict 100 s: answer 503 "still loading" before that
 PREENCODE_SAM_WAIT_S = 3600.0  # background work waits for SAM to load
 WARMUP_PROJECT = 0  # /warmup with bare tasks: their progress shows under project "0"
@@ -42,16 +42,16 @@ class LabelStudioAccess:
 class Runtime:
     """The long-lived parts of one backend process."""
 
-    def __init__(self, settings: Settings, *, engine=None) -> None:
+    def __init__(self, settings: Settings, *, engine=None, sam3_engine=None) -> None:
         from ml_backend.images import ImageLoader
         from ml_backend.preannotation import TrimapPredictor
 
         self.settings = settings
         self.access = LabelStudioAccess(settings.label_studio_url, settings.label_studio_api_key)
         self.images = ImageLoader(settings)
-        self.trimaps = TrimapPredictor(settings.model_dir)
-        # The last low-resolution logits per (image, prompt region), fed back to SAM on the next click.
-        self.refinements: ByteBoundedLRU[np.ndarray] = ByteBoundedLRU(REFINEMENT_CACHE_BYTES, lambda a: a.nbytes)
+        self.trimaps = TrimapPredictor(settings.model_dir, settings.base_model, min_area=settings.min_mask_area)
+        # The object being segmented on each task (prompts and last logits), between clicks.
+        self.prompt_state = PromptMemory.from_settings(settings)
         # Image URL -> pixel-content key of its embedding, so a click skips download and decoding.
         self.url_index = UrlIndex(lambda url: self.images.local_file(url, label_studio_url=self.access.url or None),
                                   ttl_s=settings.url_key_ttl_s)
@@ -68,6 +68,7 @@ class Runtime:
             self.url_index.store = engine.store
             self._engine_ready.set()
         self.retrainer = _build_retrainer(settings, lambda: (self.access.url, self.access.token))
+        self._build_concept_preannotation(sam3_engine)
 
     # --- SAM -----------------------------------------------------------------
     def start_loading_sam(self) -> None:
@@ -164,6 +165,9 @@ class Runtime:
         key = self.url_index.lookup(url, validator)
         if key is not None and (embedding := engine.cached(key)) is not None:
             return embedding
+        # Most likely a new image: when the queue is already too long, refuse before spending seconds on
+        # downloading, decoding and hashing it, so an overloaded backend answers at once.
+        self.encode_gate.check()
         embedding = self.embed(self.load_image(url, task_id))
         self.url_index.remember(url, embedding.key, validator)
         return embedding
@@ -272,6 +276,44 @@ class Runtime:
                                "bytes": usage.bytes, "max_bytes": usage.max_bytes}
         return status
 
+    # --- SAM 3 concept pre-annotation (sam3) ------------------------------------
+    def _build_concept_preannotation(self, sam3_engine) -> None:
+        from ml_backend.sam3.job import JobContext, ProjectPreannotationJobs
+        from ml_backend.sam3.preannotate import ConceptPreannotator
+        from ml_backend.sam3.service import Sam3Service
+
+        self.sam3 = Sam3Service(self.settings, sam3_engine) if self.settings.preannotate != "trimap" else None
+        self.concepts = ConceptPreannotator(self.settings, self.sam3.engine) if self.sam3 else None
+        self.preannotation_jobs = ProjectPreannotationJobs(
+            JobContext(access=lambda: (self.access.url, self.access.token), predict=self._job_prediction,
+                       model_version=self.batch_model_version, background_slot=self._background_slot),
+            self.settings.model_dir / "sam3-jobs.json")
+
+    def batch_model_version(self, project: int | None = None) -> str:
+        """The model version of a project's batch predictions under PREANNOTATE and its trimap version."""
+        from ml_backend.backend import trimap_model_version
+
+        trimap_version = self.trimaps.current_version(project)
+        return self.concepts.model_version(trimap_version) if self.concepts else trimap_model_version(trimap_version)
+
+    def _job_prediction(self, task: dict, label_config: str, project: int) -> dict:
+        from ml_backend.backend import SegmentationBackend
+
+        return SegmentationBackend(label_config, runtime=self, project=project).preannotation(task)
+
+    @contextlib.contextmanager
+    def _background_slot(self):
+        """Project jobs run one image at a time behind annotators' first clicks (the SAM encode gate)."""
+        with self.encode_gate.slot(Priority.BACKGROUND) as slot:
+            slot.untimed()  # a SAM 3 image is not a SAM encode: keep the gate's wait estimate clean
+            yield
+
+    def start_background_work(self) -> None:
+        """Load SAM 3 (when pre-annotation uses it) and resume the project jobs a previous process left."""
+        if self.sam3 is not None:
+            self.sam3.start_loading()
+        self.preannotation_jobs.resume()
+
     # --- training ------------------------------------------------------------
     def on_webhook(self, event: str, payload: dict) -> dict:
         """Webhooks and ``/train``: count accepted annotations, maybe start a job; never train inline.
@@ -285,8 +327,10 @@ class Runtime:
         """One project's training state (``?project=``), or every project's."""
         return self.retrainer.status(project)
 
-    def trimap_versions(self) -> list[dict]:
-        return self.trimaps.list_versions()
+    def trimap_versions(self, project: int | None) -> dict:
+        """A project's versions and what serves it; without a project, what serves projects without a model."""
+        return {"project": project, "serving": self.trimaps.current_version(project),
+                "versions": self.trimaps.list_versions(project)}
 
 
 def encode_slots(settings: Settings) -> int:

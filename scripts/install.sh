@@ -25,25 +25,30 @@ PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 log "installing runtime dependencies"
 "${PIP[@]}" "keras>=3.15" absl-py numpy packaging regex rich "kagglehub!=1.0.1" "kagglesdk==0.1.28" \
     sentencepiece tokenizers "flask>=3" requests label-studio-tools lxml attrs appdirs colorama \
-    "rq>=1.16" "redis>=5" "gunicorn>=22" "pillow>=10" "matplotlib>=3.8" tqdm \
+    "rq>=1.16" "redis>=5" "gunicorn>=22" "pillow>=10" "matplotlib>=3.8" tqdm safetensors \
     "opencv-python-headless>=4.12,<4.13"  # what the tests run with; label-studio-sdk pins the same
 "${PIP[@]}" --no-deps "keras-hub==0.32.0" "label-studio-ml==1.0.9"
 "${PIP[@]}" --no-deps --no-build-isolation -e .
 
 if [ "$WITH_TEST" = 1 ]; then
     log "installing test tools (pip's complaint that keras-hub lacks tensorflow-text is expected: we never use it)"
-    "${PIP[@]}" "pytest>=8" pytest-timeout pyyaml "hypothesis>=6.100"
+    "${PIP[@]}" "pytest>=8" pytest-timeout pyyaml "hypothesis>=6.100" "selenium>=4.20"
     "${PIP[@]}" --no-deps "segment-anything==1.0"
     "${PIP[@]}" "label-studio-sdk==2.1.2"
+    # SAM 3 parity reference (test only); needs neither TensorFlow nor a newer torch (checked: pip keeps 2.13.0)
+    "${PIP[@]}" "transformers>=5.24,<6"
     if [ ! -x .venv-ls/bin/label-studio ]; then
         log "installing Label Studio 1.23.2 into .venv-ls (end-to-end tests)"
         "$PYTHON" -m venv .venv-ls
         .venv-ls/bin/python -m pip install --disable-pip-version-check -q "label-studio==1.23.2"
     fi
-    # Debian packages: a real Redis for the queue tests, docker-compose to validate docker/docker-compose.yml.
+    # Debian packages: a real Redis for the queue tests, docker-compose to validate docker/docker-compose.yml,
+    # Chromium and its driver for the browser test (selenium drives /usr/bin/chromedriver: nothing downloads one).
     missing=()
     command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
     docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+    [ -x /usr/bin/chromium ] || missing+=(chromium)
+    [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
     if [ "${#missing[@]}" -gt 0 ]; then
         log "installing Debian packages: ${missing[*]}"
         if [ "$(id -u)" = 0 ]; then SUDO=(); else SUDO=(sudo); fi
@@ -60,5 +65,9 @@ if [ "$WITH_TEST" = 1 ]; then
     .venv/bin/python -c "import label_studio_sdk.converter.brush, segment_anything" \
         || die "the test oracles (label-studio-sdk, segment-anything) do not import"
     [ -x .venv-ls/bin/label-studio ] || die ".venv-ls/bin/label-studio is missing (end-to-end tests)"
+    for tool in /usr/bin/chromium /usr/bin/chromedriver; do
+        [ -x "$tool" ] || die "$tool is missing after installing chromium and chromium-driver (browser test)"
+    done
+    .venv/bin/python -c "import selenium" || die "selenium does not import (browser test)"
 fi
 log "done"

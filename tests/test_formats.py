@@ -313,8 +313,8 @@ def test_annotations_in_every_form_count_towards_retraining(result_type) -> None
     annotation = {"result": [region(result_type, np.ones((8, 8), bool))], "was_cancelled": False}
     keypoints_only = {"result": [{"type": "keypointlabels", "value": {"x": 1, "y": 1}}], "was_cancelled": False}
     payload = {"annotation": annotation}
-    assert accepted_changes("ANNOTATION_CREATED", payload, ground_truth_only=False) == 1
-    assert accepted_changes("ANNOTATION_CREATED", {"annotation": keypoints_only}, ground_truth_only=False) == 0
+    assert accepted_changes("ANNOTATION_CREATED", payload, ground_truth_only=False).count == 1
+    assert accepted_changes("ANNOTATION_CREATED", {"annotation": keypoints_only}, ground_truth_only=False).count == 0
 
 
 @pytest.mark.parametrize("result_type", [BRUSH, BITMASK])

@@ -18,6 +18,7 @@ from ml_backend.labeling import (
     choose_brush_label,
     parse_context,
     parse_label_config,
+    read_context,
 )
 from ml_backend.sam.prompts import NEGATIVE, POSITIVE
 
@@ -234,6 +235,31 @@ def test_keypoints_inside_a_rectangle_refine_it_and_others_form_their_own_region
     assert free.prompts.box is None
     np.testing.assert_allclose(free.prompts.points, [[180, 50]])
     assert free.label == "Cat" and free.item_ids == ("out",)
+
+
+def test_a_keypoint_refines_a_rectangle_up_to_a_quarter_of_its_size_beyond_each_side(config: LabelConfig) -> None:
+    # (20, 20)-(80, 80) px: the reach is 15 px beyond each side, (5, 5)-(95, 95).
+    regions = parse(config, rectangle(10, 20, 30, 60), keypoint(47, 50, id="near"), keypoint(48, 50, id="far"),
+                    keypoint(30, 6, id="near-top"))
+    boxed, free = regions
+    assert boxed.item_ids == ("near", "near-top") and free.item_ids == ("far",)
+    np.testing.assert_allclose(boxed.prompts.points, [[94, 50], [60, 6]])
+    np.testing.assert_allclose(free.prompts.points, [[96, 50]])
+
+
+def test_read_context_keeps_each_item_with_its_editor_group(config: LabelConfig) -> None:
+    prompts = read_context({"result": [rectangle(10, 20, 30, 40, id="r"), keypoint(50, 25, id="a"),
+                                       keypoint(5, 5, labels=["Background"], id="b"),
+                                       keypoint(9, 9, positive=False, id="c")]}, config)
+    assert prompts.size == (W, H)
+    assert [r.group for r in prompts.rectangles] == [("rect", ("dog",))]
+    assert [(p.item_id, p.group, p.positive, p.negative_label) for p in prompts.points] == [
+        ("a", ("kp", ("cat",)), True, False),
+        ("b", ("kp", ("background",)), False, True),
+        ("c", ("kp", ("cat",)), False, False),
+    ]
+    assert prompts.groups == {("rect", ("dog",)), ("kp", ("cat",)), ("kp", ("background",))}
+    assert read_context({"result": []}, config) is None and read_context(None, config) is None
 
 
 def test_a_point_in_a_rotated_rectangles_bounding_box_but_outside_the_rectangle_is_not_inside(

@@ -14,6 +14,10 @@ transform by it.
 A rectangle's ``x``/``y`` is its top-left corner before rotation and ``rotation`` turns it
 clockwise (y points down) about that corner, in pixel space. SAM takes axis-aligned boxes,
 so a rotated rectangle becomes the bounding box of its four corners, clipped to the image.
+
+This module reads one request (:func:`read_context`) and groups prompts into regions
+(:func:`group_regions`); each item keeps its editor *group* (tag and labels), which
+``ml_backend.prompt_state`` uses to combine requests, since the editor sends one group at a time.
 """
 
 from __future__ import annotations
@@ -51,65 +55,94 @@ class PromptRegion:
         return self.original_width, self.original_height
 
 
+RECTANGLE_REACH = 0.25  # a keypoint refines a rectangle up to this fraction of its size beyond each side
+
+GroupKey = tuple[str, tuple[str, ...]]  # (from_name, lower-cased labels): how the editor batches regions
+
+
 @dataclass(frozen=True)
-class _Point:
+class KeyPoint:
+    """One smart keypoint in pixels. ``positive`` folds ``is_positive`` and negative label names together;
+    ``label`` is its first label that is not a negative one."""
+
     x: float
     y: float
     positive: bool
     label: str | None
     item_id: str | None
+    group: GroupKey
+    negative_label: bool = False  # labelled e.g. "Background" (the editor sends such clicks alone)
 
 
 @dataclass(frozen=True)
-class _Rectangle:
+class Rectangle:
+    """One smart rectangle: its top-left ``anchor``, ``size`` and clockwise ``angle`` in pixels, and the
+    axis-aligned ``box`` SAM gets."""
+
     anchor: tuple[float, float]
     size: tuple[float, float]
     angle: float  # radians, clockwise on screen
     box: tuple[float, float, float, float]
     label: str | None
     item_id: str | None
+    group: GroupKey
 
-    def contains(self, x: float, y: float) -> bool:
+    def contains(self, x: float, y: float, reach: float = 0.0) -> bool:
+        """Whether (x, y) lies in the rectangle grown by ``reach`` times its size beyond each side."""
         dx, dy = x - self.anchor[0], y - self.anchor[1]
         cos, sin = math.cos(self.angle), math.sin(self.angle)
         u, v = dx * cos + dy * sin, -dx * sin + dy * cos
-        eps = 1e-6
-        return -eps <= u <= self.size[0] + eps and -eps <= v <= self.size[1] + eps
+        mu, mv = reach * self.size[0] + 1e-6, reach * self.size[1] + 1e-6
+        return -mu <= u <= self.size[0] + mu and -mv <= v <= self.size[1] + mv
+
+    def reaches(self, x: float, y: float) -> bool:
+        """Whether a keypoint at (x, y) refines this rectangle (see ``RECTANGLE_REACH``)."""
+        return self.contains(x, y, RECTANGLE_REACH)
 
     @property
     def area(self) -> float:
         return self.size[0] * self.size[1]
 
 
-def parse_context(
+@dataclass(frozen=True)
+class ContextPrompts:
+    """The validated prompts of one request, in pixels of a ``size`` = (width, height) image."""
+
+    points: tuple[KeyPoint, ...]
+    rectangles: tuple[Rectangle, ...]
+    size: tuple[int, int]
+
+    @property
+    def groups(self) -> set[GroupKey]:
+        return {p.group for p in self.points} | {r.group for r in self.rectangles}
+
+
+def read_context(
     context: Mapping[str, Any] | None,
     config: LabelConfig,
     *,
     negative_labels: Iterable[str] = DEFAULT_NEGATIVE_LABELS,
-) -> list[PromptRegion]:
-    """One :class:`PromptRegion` per rectangle (with the keypoints inside it), plus one for the other keypoints.
+) -> ContextPrompts | None:
+    """The keypoints and rectangles of Label Studio's interactive context; None when it has none.
 
     A keypoint is negative when ``is_positive`` is false or one of its labels is in
-    ``negative_labels`` (case-insensitive). A keypoint inside several rectangles refines the
-    smallest. Negative keypoints outside every rectangle, with no positive one beside them,
-    are given to every rectangle (they can only remove area); with no rectangle either, there
-    is nothing to segment and that is an error. No context, or an empty ``result``, gives [].
-    Raises :class:`InvalidPromptError` naming the offending item.
+    ``negative_labels`` (case-insensitive). Raises :class:`InvalidPromptError` naming the
+    offending item.
     """
     if context is None:
-        return []
+        return None
     if not isinstance(context, Mapping):
         raise InvalidPromptError(f"The interactive context must be a JSON object, got {type(context).__name__}.")
     items = context.get("result")
     if items is None:
-        return []
+        return None
     if not isinstance(items, list):
         raise InvalidPromptError(f"context.result must be a list of regions, got {type(items).__name__}.")
 
     negatives = {name.lower() for name in negative_labels}
     size: tuple[int, int] | None = None
-    points: list[_Point] = []
-    rectangles: list[_Rectangle] = []
+    points: list[KeyPoint] = []
+    rectangles: list[Rectangle] = []
     for index, item in enumerate(items):
         reader = _ItemReader(index, item, config)
         item_size = reader.original_size()
@@ -125,15 +158,37 @@ def parse_context(
         else:
             rectangles.append(reader.rectangle(item_size))
     if size is None:
-        return []
-    return _regions(points, rectangles, size)
+        return None
+    return ContextPrompts(tuple(points), tuple(rectangles), size)
 
 
-def _regions(points: list[_Point], rectangles: list[_Rectangle], size: tuple[int, int]) -> list[PromptRegion]:
-    inside: list[list[_Point]] = [[] for _ in rectangles]
-    outside: list[_Point] = []
+def parse_context(
+    context: Mapping[str, Any] | None,
+    config: LabelConfig,
+    *,
+    negative_labels: Iterable[str] = DEFAULT_NEGATIVE_LABELS,
+) -> list[PromptRegion]:
+    """The request's prompts on their own (no memory of earlier requests): see :func:`group_regions`.
+    No context, or an empty ``result``, gives []."""
+    prompts = read_context(context, config, negative_labels=negative_labels)
+    return [] if prompts is None else group_regions(prompts.points, prompts.rectangles, prompts.size)
+
+
+def group_regions(
+    points: Iterable[KeyPoint], rectangles: Iterable[Rectangle], size: tuple[int, int]
+) -> list[PromptRegion]:
+    """One :class:`PromptRegion` per rectangle (with the keypoints it reaches), plus one for the other keypoints.
+
+    A keypoint refines the smallest rectangle that reaches it (the rectangle grown by
+    ``RECTANGLE_REACH`` of its size beyond each side). Negative keypoints outside every
+    rectangle, with no positive one beside them, are given to every rectangle (they can only
+    remove area); with no rectangle either, there is nothing to segment and that is an error.
+    """
+    points, rectangles = list(points), list(rectangles)
+    inside: list[list[KeyPoint]] = [[] for _ in rectangles]
+    outside: list[KeyPoint] = []
     for point in points:
-        holders = [i for i, rect in enumerate(rectangles) if rect.contains(point.x, point.y)]
+        holders = [i for i, rect in enumerate(rectangles) if rect.reaches(point.x, point.y)]
         if holders:
             inside[min(holders, key=lambda i: rectangles[i].area)].append(point)
         else:
@@ -156,7 +211,7 @@ def _regions(points: list[_Point], rectangles: list[_Rectangle], size: tuple[int
 
 
 def _region(
-    points: list[_Point],
+    points: list[KeyPoint],
     box: tuple[float, float, float, float] | None,
     label: str | None,
     item_ids: list[str | None],
@@ -235,18 +290,22 @@ class _ItemReader:
             raise InvalidPromptError(f"{self.name}: value.{self.tag.result_type} must be a list of label names.")
         return raw
 
-    def point(self, size: tuple[int, int], negative_labels: set[str]) -> _Point:
+    def group(self, labels: list[str]) -> GroupKey:
+        return str(self.item.get("from_name")), tuple(label.lower() for label in labels)
+
+    def point(self, size: tuple[int, int], negative_labels: set[str]) -> KeyPoint:
         x = self.percent("x") * size[0] / 100
         y = self.percent("y") * size[1] / 100
         is_positive = self.item.get("is_positive", True)
         if not isinstance(is_positive, bool):
             raise InvalidPromptError(f"{self.name}: is_positive must be true or false, got {is_positive!r}.")
         labels = self.labels()
-        negative = not is_positive or any(label.lower() in negative_labels for label in labels)
+        negative_label = any(label.lower() in negative_labels for label in labels)
         label = next((lab for lab in labels if lab.lower() not in negative_labels), None)
-        return _Point(x=x, y=y, positive=not negative, label=label, item_id=self.item_id)
+        return KeyPoint(x=x, y=y, positive=is_positive and not negative_label, label=label, item_id=self.item_id,
+                        group=self.group(labels), negative_label=negative_label)
 
-    def rectangle(self, size: tuple[int, int]) -> _Rectangle:
+    def rectangle(self, size: tuple[int, int]) -> Rectangle:
         width, height = size
         ax = self.percent("x") * width / 100
         ay = self.percent("y") * height / 100
@@ -262,7 +321,7 @@ class _ItemReader:
         if box[2] - box[0] < 1e-6 or box[3] - box[1] < 1e-6:
             raise InvalidPromptError(f"{self.name}: the rectangle lies outside the image.")
         labels = self.labels()
-        return _Rectangle(
+        return Rectangle(
             anchor=(ax, ay), size=(w, h), angle=angle, box=box, label=labels[0] if labels else None,
-            item_id=self.item_id,
+            item_id=self.item_id, group=self.group(labels),
         )

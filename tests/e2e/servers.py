@@ -87,8 +87,12 @@ def start_label_studio(workdir: Path) -> LabelStudio:
         env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=workdir,
     )
     server = LabelStudio(url=url, token=token, document_root=document_root, process=process)
-    wait_until(lambda: server.api("GET", "/api/projects", timeout=5).status_code == 200,
-               timeout_s=240, what="Label Studio", process=process, log=log)
+    try:
+        wait_until(lambda: server.api("GET", "/api/projects", timeout=5).status_code == 200,
+                   timeout_s=480, what="Label Studio", process=process, log=log)  # ~30 s; minutes when busy
+    except BaseException:
+        stop(process)  # a server that did not come up in time must not outlive the test run
+        raise
     return server
 
 
@@ -123,5 +127,9 @@ def start_backend(workdir: Path, env_overrides: dict[str, str]) -> Backend:
             raise RuntimeError(f"backend could not load SAM: {health}")
         return health["sam"]["state"] == "ready"
 
-    wait_until(sam_ready, timeout_s=180, what="backend", process=process, log=log)
+    try:
+        wait_until(sam_ready, timeout_s=180, what="backend", process=process, log=log)
+    except BaseException:
+        stop(process)
+        raise
     return backend

@@ -1,0 +1,331 @@
+"""Prompt state per image: the object an annotator is segmenting on a task, remembered between clicks.
+
+Label Studio's editor (1.23.2) sends, each time a smart region is drawn, only the smart
+regions of the same type and label as that one (a *group*: e.g. all "Cat" keypoints). A
+"Background" click arrives alone; keypoints never arrive with the rectangle they are meant
+to refine; accepting or rejecting a suggestion sends nothing. So what SAM must get -- every
+prompt of the object and its previous low-resolution logits -- is put together here, from
+what this request says (``labeling.read_context``) and what earlier requests on the same
+task said. The rules (the README repeats them):
+
+1. **Key.** One object per (project id, task id, image URL). Label Studio 1.23.2 does not
+   say which annotator is clicking (the task's ``drafts`` name the user, but only after the
+   editor's first autosave, so keying by it would split an object), so two annotators on
+   the same task at the same time share it. A request without a task id is stateless.
+2. **Same group again** (a request whose group the object already has): when it shares at
+   least one region id with what that group held, the group is replaced (clicks accumulate,
+   Alt-clicks, deletions); when it shares none, the earlier regions are gone -- the
+   annotator accepted or rejected the suggestion, or deleted them -- and a new object starts.
+3. **Negative-label keypoints** (a label in ``NEGATIVE_LABELS`` such as "Background", which
+   arrive with ``is_positive: true`` and alone) join the current object. With no current
+   object they are an error that says to click the object first.
+4. **Another group with the same label** joins the current object when it is near it:
+   keypoints after a rectangle join when every positive keypoint lies within the reach of
+   one of the object's rectangles (the rectangle grown by ``RECTANGLE_REACH`` = 25 % of its
+   size beyond each side); a rectangle after keypoints joins when it reaches every positive
+   keypoint of the object. A positive keypoint out of reach starts a new object.
+5. **Another label** (not a negative one) starts a new object.
+6. **Accepted suggestion.** When the task sent with the request holds, in a draft or an
+   annotation, a region id we answered for the current object, the annotator accepted it:
+   the next request starts a new object.
+7. **A request that carries several groups** (an API client sending every prompt at once)
+   is taken as complete: it replaces the object.
+8. **Previous logits.** A region's previous low-resolution logits go back to SAM when the
+   region has the same box and its keypoints are a strict superset of the ones SAM answered
+   before (the next click); the same prompts again get the logits they were first given, so
+   the answer repeats. Objects live ``PROMPT_STATE_TTL_S`` after their last click, at most
+   ``PROMPT_STATE_ENTRIES`` tasks and ``PROMPT_STATE_MB`` of logits (least recently used go).
+
+The state lives in the worker process: with ``WORKERS`` > 1 consecutive clicks may reach
+different processes and the earlier ones are then not known (rule 3's error, or a click
+that starts over).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Union
+
+import numpy as np
+
+from ml_backend.errors import InvalidPromptError
+from ml_backend.labeling.context import ContextPrompts, GroupKey, KeyPoint, PromptRegion, Rectangle, group_regions
+from ml_backend.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+Item = Union[KeyPoint, Rectangle]
+Signature = tuple  # (box rounded or None, frozenset of (x, y, label) rounded)
+MAX_RESULT_IDS = 256  # region ids answered for one object that rule 6 looks for
+
+
+@dataclass(frozen=True)
+class TaskKey:
+    """Whose object: ``project`` is the id in Label Studio's ``"<id>.<timestamp>"``."""
+
+    project: str
+    task: str
+    image: str
+
+
+def task_key(project: Any, task: Mapping[str, Any], image_url: str) -> TaskKey | None:
+    """The key of a request's object, or None when the task has no id (then nothing is remembered)."""
+    task_id = task.get("id")
+    if isinstance(task_id, bool) or not isinstance(task_id, (int, str)) or task_id == "":
+        return None
+    project_id = project.split(".", 1)[0] if isinstance(project, str) else str(project) if isinstance(project, int) \
+        else ""
+    return TaskKey(project=project_id[:64], task=str(task_id)[:64], image=image_url)
+
+
+@dataclass(frozen=True)
+class RegionMemory:
+    """What SAM was given for one region of the object and what it answered."""
+
+    signature: Signature
+    given: np.ndarray | None
+    answered: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.answered.nbytes + (0 if self.given is None else self.given.nbytes)
+
+
+@dataclass(frozen=True)
+class ObjectState:
+    """The object being segmented on one task."""
+
+    groups: Mapping[GroupKey, tuple[Item, ...]]  # the latest items of each editor group
+    label: str | None  # lower-cased positive label of the object (None: unlabelled)
+    size: tuple[int, int]
+    regions: tuple[RegionMemory, ...] = ()
+    result_ids: frozenset[str] = frozenset()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(region.nbytes for region in self.regions)
+
+    @property
+    def rectangles(self) -> list[Rectangle]:
+        return [item for items in self.groups.values() for item in items if isinstance(item, Rectangle)]
+
+    @property
+    def positive_points(self) -> list[KeyPoint]:
+        return [item for items in self.groups.values() for item in items if isinstance(item, KeyPoint)
+                and item.positive]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to decode for one request: ``regions`` carry their previous logits; ``reason`` says which rule."""
+
+    key: TaskKey | None
+    state: ObjectState
+    regions: list[PromptRegion]
+    reason: str
+
+
+class PromptMemory:
+    """Per-task object state, bounded by entries, bytes and age; thread-safe."""
+
+    def __init__(self, *, max_bytes: int, max_entries: int, ttl_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_bytes, self.max_entries, self.ttl_s = max_bytes, max_entries, ttl_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._objects: OrderedDict[TaskKey, tuple[ObjectState, float]] = OrderedDict()
+        self._bytes = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "PromptMemory":
+        return cls(max_bytes=settings.prompt_state_mb << 20, max_entries=settings.prompt_state_entries,
+                   ttl_s=settings.prompt_state_ttl_s)
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+    @property
+    def current_bytes(self) -> int:
+        return self._bytes
+
+    # --- reading -------------------------------------------------------------
+    def get(self, key: TaskKey | None) -> ObjectState | None:
+        """The live object for ``key`` (None when unknown or expired)."""
+        if key is None:
+            return None
+        with self._lock:
+            self._expire()
+            entry = self._objects.get(key)
+            if entry is None:
+                return None
+            self._objects.move_to_end(key)
+            return entry[0]
+
+    def plan(self, key: TaskKey | None, request: ContextPrompts, task: Mapping[str, Any] | None = None) -> Plan:
+        """Apply the rules to this request; raise :class:`InvalidPromptError` when there is nothing to segment."""
+        current = self.get(key)
+        if current is not None and current.size != request.size:
+            current = None  # the image changed under the same URL
+        if current is not None and _accepted(current, task):
+            current, accepted = None, True
+        else:
+            accepted = False
+        groups, label, reason = _decide(current, request)
+        if accepted:
+            reason = "new object: the last suggestion was accepted"
+        state = ObjectState(groups=groups, label=label, size=request.size,
+                            regions=current.regions if current and not reason.startswith("new") else ())
+        points = [item for items in groups.values() for item in items if isinstance(item, KeyPoint)]
+        rectangles = [item for items in groups.values() for item in items if isinstance(item, Rectangle)]
+        if not rectangles and not any(p.positive for p in points):
+            raise InvalidPromptError(
+                "This click only removes area (Alt-click, or a label such as 'Background'), but no object is being "
+                "segmented on this image yet (or it was forgotten): click the object with its own label, or draw a "
+                "rectangle around it, first."
+            )
+        regions = [_with_previous_logits(region, state.regions) for region in
+                   group_regions(points, rectangles, request.size)]
+        logger.debug("prompt state %s: %s", key, reason)
+        return Plan(key=key, state=state, regions=regions, reason=reason)
+
+    # --- writing -------------------------------------------------------------
+    def remember(self, plan: Plan, answered: Iterable[np.ndarray], result_ids: Iterable[str]) -> None:
+        """Store the plan's object with the logits SAM answered for each of its regions."""
+        if plan.key is None:
+            return
+        regions = tuple(
+            RegionMemory(signature=_signature(region), given=region.prompts.mask_logits,
+                         answered=np.asarray(logits, np.float32))
+            for region, logits in zip(plan.regions, answered)
+        )
+        state = replace(plan.state, regions=regions, result_ids=frozenset(list(result_ids)[:MAX_RESULT_IDS]))
+        with self._lock:
+            self._drop(plan.key)
+            if state.nbytes > self.max_bytes:
+                logger.warning("prompt state of %s (%d bytes) exceeds PROMPT_STATE_MB; not kept", plan.key,
+                               state.nbytes)
+                return
+            self._objects[plan.key] = (state, self._clock() + self.ttl_s)
+            self._bytes += state.nbytes
+            while self._objects and (len(self._objects) > self.max_entries or self._bytes > self.max_bytes):
+                self._drop(next(iter(self._objects)))
+
+    def forget(self, key: TaskKey) -> None:
+        with self._lock:
+            self._drop(key)
+
+    def _drop(self, key: TaskKey) -> None:
+        entry = self._objects.pop(key, None)
+        if entry is not None:
+            self._bytes -= entry[0].nbytes
+
+    def _expire(self) -> None:
+        now = self._clock()
+        for key in [k for k, (_, expires) in self._objects.items() if expires <= now]:
+            self._drop(key)
+
+
+def _decide(current: ObjectState | None, request: ContextPrompts) -> tuple[dict[GroupKey, tuple[Item, ...]],
+                                                                             str | None, str]:
+    """(the object's groups, its label, the rule that decided) for this request."""
+    incoming: dict[GroupKey, list[Item]] = {}
+    for item in (*request.rectangles, *request.points):
+        incoming.setdefault(item.group, []).append(item)
+    fresh = {group: tuple(items) for group, items in incoming.items()}
+    if len(fresh) > 1:
+        return fresh, _label_of(fresh), "complete request: it carries several groups"
+    [(group, items)] = fresh.items()
+    if current is None:
+        return fresh, _label_of(fresh), "new object: none on this task"
+    if group in current.groups:
+        if {_identity(i) for i in items} & {_identity(i) for i in current.groups[group]}:
+            return {**current.groups, group: items}, current.label, "same object: its group again"
+        return fresh, _label_of(fresh), "new object: the earlier regions of this group are gone"
+    if all(isinstance(i, KeyPoint) and i.negative_label for i in items):
+        return {**current.groups, group: items}, current.label, "same object: negative-label keypoints"
+    label = _label_of(fresh)
+    if label != current.label:
+        return fresh, label, "new object: another label"
+    if _near(current, items):
+        return {**current.groups, group: items}, current.label, "same object: same label, within reach"
+    return fresh, label, "new object: same label, out of reach"
+
+
+def _near(current: ObjectState, items: tuple[Item, ...]) -> bool:
+    """Rule 4: keypoints within reach of the object's rectangles, or a rectangle reaching its keypoints."""
+    rectangles = current.rectangles
+    if all(isinstance(i, KeyPoint) for i in items):
+        positives = [p for p in items if isinstance(p, KeyPoint) and p.positive]
+        if not rectangles:
+            return True  # keypoints of the same label from another keypoint tag
+        return all(any(r.reaches(p.x, p.y) for r in rectangles) for p in positives)
+    new_rectangles = [r for r in items if isinstance(r, Rectangle)]
+    return not rectangles and all(any(r.reaches(p.x, p.y) for r in new_rectangles) for p in current.positive_points)
+
+
+def _label_of(groups: Mapping[GroupKey, tuple[Item, ...]]) -> str | None:
+    """The object's label (lower case): its rectangles', else its first positive keypoint's, else that of
+    its first keypoint with a label that is not a negative one (an Alt-click)."""
+    items = [i for items in groups.values() for i in items]
+    ranked = sorted(items, key=lambda i: 0 if isinstance(i, Rectangle) else 1 if i.positive else 2)
+    label = next((item.label for item in ranked if item.label), None)
+    return label.lower() if label else None
+
+
+def _identity(item: Item) -> object:
+    if item.item_id is not None:
+        return item.item_id
+    if isinstance(item, Rectangle):
+        return tuple(round(v, 1) for v in item.box)
+    return round(item.x, 1), round(item.y, 1), item.positive
+
+
+def _signature(region: PromptRegion) -> Signature:
+    prompts = region.prompts
+    box = None if prompts.box is None else tuple(round(float(v), 1) for v in prompts.box)
+    points = frozenset((round(float(x), 1), round(float(y), 1), int(label))
+                       for (x, y), label in zip(prompts.points.tolist(), prompts.labels.tolist()))
+    return box, points
+
+
+def _with_previous_logits(region: PromptRegion, memories: tuple[RegionMemory, ...]) -> PromptRegion:
+    """Rule 8: the logits to feed back for this region, if an earlier answer is its previous state."""
+    box, points = _signature(region)
+    logits = None
+    for memory in memories:
+        earlier_box, earlier_points = memory.signature
+        if earlier_box != box:
+            continue
+        if earlier_points < points:
+            logits = memory.answered
+        elif earlier_points == points:
+            logits = memory.given
+        else:
+            continue
+        break
+    if logits is None:
+        return region
+    return replace(region, prompts=replace(region.prompts, mask_logits=logits))
+
+
+def _accepted(current: ObjectState, task: Mapping[str, Any] | None) -> bool:
+    """Rule 6: a draft or annotation of the task holds a region we answered for this object."""
+    if not current.result_ids or not isinstance(task, Mapping):
+        return False
+    for kind in ("drafts", "annotations"):
+        records = task.get(kind)
+        if not isinstance(records, list):
+            continue
+        for record in records:
+            results = record.get("result") if isinstance(record, Mapping) else None
+            if isinstance(results, list) and any(
+                isinstance(r, Mapping) and isinstance(r.get("id"), str) and r["id"] in current.result_ids
+                for r in results
+            ):
+                return True
+    return False

@@ -1,0 +1,391 @@
+"""Label Studio 1.23.2's own editor, in Debian's headless Chromium, against our backend under gunicorn.
+
+An annotator's session per mask format (brush, bitmask, polygon config): log in, open a task,
+switch Auto-Annotation on, a smart "Dog" rectangle, then a "Dog" keypoint inside it, accept; a
+smart "Cat" keypoint, an Alt-click, a click under "Background", a third click, accept; submit. The submitted
+annotation is read back through the API and each region's mask is compared with what the engine
+computes for the prompts the editor really sent (recorded by a proxy between Label Studio and
+the backend), combined as the prompt-state rules say.
+
+Artefacts in the test's output folder (``tmp_path``): a screenshot per step, the recorded
+``/predict`` bodies (``requests.json``, the same form as tests/fixtures/editor) and the browser
+console.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from e2e.browser import missing_browser, start_chromium
+from e2e.recording_proxy import RecordingProxy
+from e2e.servers import LS_PASSWORD, LS_USER, Backend, LabelStudio
+from ml_backend.formats import (
+    PolygonOptions,
+    mask_to_polygons,
+    polygon_to_mask,
+    polygon_to_percent,
+    region_mask,
+)
+from ml_backend.sam import Prompts, SamEngine, load_segmenter
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+WIDTH, HEIGHT = 400, 300
+WAIT_S = 60
+MASK_TAGS = {"brush": "BrushLabels", "bitmask": "BitmaskLabels", "polygon": "PolygonLabels"}
+POLYGON_SETTINGS = {"POLYGON_MIN_AREA": "400", "POLYGON_TOLERANCE": "2"}
+
+
+def readme_config() -> str:
+    """The labeling config the README tells users to paste."""
+    return re.search(r"```xml\n(.*?)```", README.read_text(), re.S).group(1)
+
+
+def config_for(mask_format: str) -> str:
+    return readme_config().replace("BrushLabels", MASK_TAGS[mask_format])
+
+
+def png(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+    pixels[60:200, 80:260] = (230, 30, 30)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def browser_ready() -> None:
+    reason = missing_browser()
+    if reason:
+        pytest.skip(reason)  # a failure under CI=true (tests/ci_policy.py)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_sam_preset: Path) -> SamEngine:
+    return SamEngine(load_segmenter(str(tiny_sam_preset), converted_root=tiny_sam_preset.parent / "browser"))
+
+
+@pytest.fixture(scope="module")
+def proxy(browser_ready, backend_factory: Callable[..., Backend]) -> Iterator[RecordingProxy]:
+    """Label Studio talks to the backend through this recorder. A random-weight SAM's masks are dozens of
+    blobs: only the larger ones become polygons, so that the editor is not drowned in suggestions."""
+    backend = backend_factory(**POLYGON_SETTINGS)
+    recording = RecordingProxy(backend.url).start()
+    yield recording
+    recording.stop()
+
+
+@pytest.fixture(scope="module")
+def driver(browser_ready, label_studio: LabelStudio, tmp_path_factory: pytest.TempPathFactory):
+    from selenium.webdriver.common.by import By
+
+    folder = tmp_path_factory.mktemp("chromium")
+    chrome = start_chromium(folder / "profile", folder / "chromedriver.log")
+    try:
+        chrome.get(label_studio.url + "/user/login/")
+        wait(chrome, lambda d: d.find_elements(By.NAME, "email"), "the login form")
+        chrome.find_element(By.NAME, "email").send_keys(LS_USER)
+        chrome.find_element(By.NAME, "password").send_keys(LS_PASSWORD)
+        chrome.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        wait(chrome, lambda d: "/user/login" not in d.current_url, "logging in")
+        yield chrome
+    finally:
+        chrome.quit()
+
+
+def wait(driver, condition: Callable, what: str, timeout_s: float = WAIT_S):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout_s, poll_frequency=0.1).until(condition, f"waiting for {what}")
+
+
+class Editor:
+    """The annotator's hands: labels, smart tools, clicks at image pixels; a screenshot after each step."""
+
+    def __init__(self, driver, folder: Path, proxy: RecordingProxy, config: str) -> None:
+        self.driver, self.folder, self.proxy, self.config = driver, folder, proxy, config
+        self.steps: list[tuple[str, dict, int, dict]] = []
+        self.accepted = np.zeros((HEIGHT, WIDTH), bool)  # what the accepted suggestions cover
+        self._shots = 0
+
+    def shot(self, name: str) -> None:
+        self._shots += 1
+        self.driver.save_screenshot(str(self.folder / f"{self._shots:02d}-{name}.png"))
+
+    def js(self, script: str):
+        return self.driver.execute_script(script)
+
+    def find(self, css: str):
+        from selenium.webdriver.common.by import By
+
+        return self.driver.find_elements(By.CSS_SELECTOR, css)
+
+    def open_task(self, url: str) -> None:
+        self.driver.get(url)
+        wait(self.driver, lambda d: self.find(".konvajs-content") and self.find(
+            "[data-testid=bottombar-auto-annotation-toggle]") and self.js(
+            "return !!(window.Htx && Htx.annotationStore.selected) && Array.from(document.images).some("
+            f"i => i.complete && i.naturalWidth === {WIDTH} && i.getBoundingClientRect().width > 200)"),
+            "the editor and its image")
+        self.shot("task-open")
+
+    def auto_annotation(self) -> None:
+        [toggle] = self.find("[data-testid=bottombar-auto-annotation-toggle]")
+        if not self.js("return Htx.autoAnnotation"):  # the editor keeps it on in localStorage between tasks
+            toggle.click()
+        wait(self.driver, lambda d: self.js("return Htx.autoAnnotation"), "Auto-Annotation on")
+        self.shot("auto-annotation")
+
+    def smart_tool(self, name: str) -> None:
+        """The editor's Auto-Detect button cycles through the smart tools: press it until ``name`` is on."""
+        for _ in range(6):
+            if self.find(f"button.lsf-tool_smart.lsf-tool_active[aria-label={name}]"):
+                return
+            shown = [b for b in self.find(f"button.lsf-tool_smart[aria-label={name}]") if b.is_displayed()]
+            if shown:  # the Auto-Detect button's menu is open (the pointer rests on it)
+                shown[0].click()
+                continue
+            [auto_detect] = [b for b in self.find("button.lsf-tool_smart:not([aria-label])") if b.is_displayed()]
+            auto_detect.click()
+        raise AssertionError(f"the smart {name} could not be selected")
+
+    def label(self, text: str, control: str) -> None:
+        """Select label ``text`` of the control tag named ``control``: tags share label names, and the
+        editor lists each tag's labels in the config's order."""
+        holders = [tag.get("name") for tag in ET.fromstring(self.config).iter()
+                   if any(label.get("value") == text for label in tag.findall("Label"))]
+        element = [e for e in self.find(".lsf-label") if e.text.split("\n")[0] == text][holders.index(control)]
+        if "lsf-label_selected" not in element.get_attribute("class"):
+            element.click()
+        wait(self.driver, lambda d: "lsf-label_selected" in element.get_attribute("class"), f"label {text}")
+
+    def _offset(self, x: float, y: float) -> tuple[float, float]:
+        [stage] = self.find(".konvajs-content")
+        rect = stage.rect
+        return x * rect["width"] / WIDTH - rect["width"] / 2, y * rect["height"] / HEIGHT - rect["height"] / 2
+
+    def _answered(self, name: str, action: Callable[[], None]) -> dict:
+        """Do ``action``, wait for its /predict and for the editor to show the answer; record the step."""
+        before = len(self.proxy.interactive())
+        action()
+        recorded = self.proxy.wait_for_count(before + 1, WAIT_S)
+        assert len(recorded) == before + 1, f"{name}: the editor sent {len(recorded) - before} requests, not 1"
+        request, status, answer = recorded[-1]
+        self.steps.append((name, request, status, answer))
+        assert status == 200, f"{name}: the backend answered {status}: {answer}"
+        wait(self.driver, lambda d: self.js(
+            "return !Htx.awaitingSuggestions && Htx.annotationStore.selected.suggestions.size > 0"),
+            f"the suggestion after {name}")
+        self.shot(name)
+        return request
+
+    def click(self, name: str, x: float, y: float, *, alt: bool = False) -> dict:
+        from selenium.webdriver.common.action_chains import ActionChains
+        from selenium.webdriver.common.keys import Keys
+
+        def act() -> None:
+            [stage] = self.find(".konvajs-content")
+            chain = ActionChains(self.driver)
+            if alt:
+                chain.key_down(Keys.ALT)
+            chain.move_to_element_with_offset(stage, *self._offset(*self.free(x, y))).click()
+            if alt:
+                chain.key_up(Keys.ALT)
+            chain.perform()
+
+        return self._answered(name, act)
+
+    def drag(self, name: str, start: tuple[float, float], end: tuple[float, float]) -> dict:
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        def act() -> None:
+            [stage] = self.find(".konvajs-content")
+            middle = ((start[0] + end[0]) / 2, (start[1] + end[1]) / 2)
+            (ActionChains(self.driver)
+             .move_to_element_with_offset(stage, *self._offset(*start)).click_and_hold()
+             .move_to_element_with_offset(stage, *self._offset(*middle))
+             .move_to_element_with_offset(stage, *self._offset(*end)).release().perform())
+
+        return self._answered(name, act)
+
+    def hotkey(self, *keys: str) -> None:
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        chain = ActionChains(self.driver)
+        for key in keys[:-1]:
+            chain.key_down(key)
+        chain.send_keys(keys[-1])
+        for key in keys[:-1]:
+            chain.key_up(key)
+        chain.perform()
+
+    def regions(self) -> list[dict]:
+        return self.js("return Htx.annotationStore.selected.regions.map(r => "
+                       "({id: r.id, type: r.type, label: r.labelName, dynamic: r.dynamic, hidden: r.hidden}))")
+
+    def hide_pending_rectangles(self) -> None:
+        """Hide the smart rectangles (the eye in the Regions panel does the same): a click inside a pending
+        one selects it instead of placing a keypoint."""
+        self.hotkey("u")
+        self.js("Htx.annotationStore.selected.regions.forEach(r => { "
+                "if (r.dynamic && r.type === 'rectangleregion' && !r.hidden) r.toggleHidden(); })")
+        wait(self.driver, lambda d: all(r["hidden"] for r in self.regions() if r["type"] == "rectangleregion"),
+             "the rectangles hidden")
+
+    def free(self, x: float, y: float) -> tuple[float, float]:
+        """The nearest pixel to (x, y) that no accepted region covers (with a margin): a click on a region
+        selects it instead of placing a keypoint."""
+        taken = cv2.dilate(self.accepted.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+        if not taken[int(y), int(x)]:
+            return x, y
+        ys, xs = np.nonzero(~taken)
+        assert len(xs), "no free pixel left to click"
+        nearest = int(np.argmin((xs - x) ** 2 + (ys - y) ** 2))
+        return float(xs[nearest]) + 0.5, float(ys[nearest]) + 0.5
+
+    def accept(self, name: str) -> None:
+        for item in self.steps[-1][3]["results"][0]["result"]:
+            self.accepted |= region_mask(item, (WIDTH, HEIGHT), max_pixels=10**7)
+        [button] = self.find("[data-testid=bottombar-accept-suggestions-button]")
+        button.click()
+        wait(self.driver, lambda d: self.js("return Htx.annotationStore.selected.suggestions.size === 0 && "
+                                            "!Htx.annotationStore.selected.regions.some(r => r.dynamic)"),
+             f"{name} accepted")
+        self.shot(f"accept-{name}")
+
+    def submit(self) -> None:
+        [button] = self.find("[data-testid=bottombar-submit-button]")
+        button.click()
+        self.shot("submit")
+
+
+def pixels(item: dict) -> tuple[float, float]:
+    return item["value"]["x"] * item["original_width"] / 100, item["value"]["y"] * item["original_height"] / 100
+
+
+def expected_masks(engine: SamEngine, image: np.ndarray, steps: dict[str, dict]) -> dict[str, np.ndarray]:
+    """The engine's masks for the recorded prompts, combined as the prompt-state rules say.
+
+    Cat: keypoint, then + the Alt-click (previous logits), then + the Background click (previous
+    logits), then + the third click (previous logits). Dog: the rectangle's box, then box + the
+    keypoint inside it (previous logits).
+    """
+    def items(step: str) -> list[dict]:
+        return steps[step]["params"]["context"]["result"]
+
+    def labels(step: str) -> list[int]:
+        return [int(i["is_positive"]) for i in items(step)]
+
+    background = [pixels(i) for i in items("background_alone")]
+    first = engine.segment(image, Prompts.from_lists([pixels(i) for i in items("keypoint")]))
+    second = engine.segment(image, Prompts.from_lists([pixels(i) for i in items("alt_click")], labels("alt_click"),
+                                                      mask_logits=first.low_res_logits))
+    third = engine.segment(image, Prompts.from_lists([pixels(i) for i in items("alt_click")] + background,
+                                                     labels("alt_click") + [0], mask_logits=second.low_res_logits))
+    cat = engine.segment(image, Prompts.from_lists([pixels(i) for i in items("keypoint_after_background")] + background,
+                                                   labels("keypoint_after_background") + [0],
+                                                   mask_logits=third.low_res_logits))
+    [rect] = items("rectangle")
+    x, y = pixels(rect)
+    box = (x, y, x + rect["value"]["width"] * WIDTH / 100, y + rect["value"]["height"] * HEIGHT / 100)
+    boxed = engine.segment(image, Prompts.from_lists(box=box))
+    dog = engine.segment(image, Prompts.from_lists([pixels(i) for i in items("keypoint_after_rectangle")], box=box,
+                                                   mask_logits=boxed.low_res_logits))
+    return {"Cat": cat.mask, "Dog": dog.mask}
+
+
+def as_polygons(mask: np.ndarray) -> np.ndarray:
+    """What the backend makes of a mask in a polygon config: its larger parts' simplified outlines."""
+    options = PolygonOptions(min_area=int(POLYGON_SETTINGS["POLYGON_MIN_AREA"]),
+                             tolerance=float(POLYGON_SETTINGS["POLYGON_TOLERANCE"]))
+    outlines = np.zeros_like(mask)
+    for polygon in mask_to_polygons(mask, options):
+        outlines |= polygon_to_mask(polygon_to_percent(polygon, WIDTH, HEIGHT), WIDTH, HEIGHT)
+    return outlines
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.logical_and(a, b).sum() / max(np.logical_or(a, b).sum(), 1))
+
+
+@pytest.mark.parametrize("mask_format", ["brush", "bitmask", "polygon"])
+def test_an_annotator_segments_two_objects_in_the_editor(
+    mask_format: str, driver, proxy: RecordingProxy, label_studio: LabelStudio, engine: SamEngine, tmp_path: Path,
+) -> None:
+    data = png(seed=len(mask_format))
+    project = label_studio.ok("POST", "/api/projects", json={"title": f"browser {mask_format}",
+                                                            "label_config": config_for(mask_format)})
+    label_studio.ok("POST", "/api/ml", json={"url": proxy.url, "project": project["id"], "is_interactive": True,
+                                             "title": "sam"})
+    [task_id] = label_studio.ok("POST", f"/api/projects/{project['id']}/import?return_task_ids=true",
+                                files={"image": ("objects.png", data)})["task_ids"]
+    config = config_for(mask_format)
+    editor = Editor(driver, tmp_path, proxy, config)
+    try:
+        editor.open_task(f"{label_studio.url}/projects/{project['id']}/data?task={task_id}")
+        editor.auto_annotation()
+        mask_tag = "mask"
+
+        # The rectangle first: in 1.23.2 the rectangle tool draws nothing once a bitmask region exists.
+        editor.smart_tool("rectangle-tool")
+        editor.label("Dog", "box")
+        editor.drag("rectangle", (90, 70), (250, 190))
+        editor.hide_pending_rectangles()
+        editor.smart_tool("key-point-tool")
+        editor.label("Dog", "click")
+        editor.click("keypoint_after_rectangle", 170, 130)
+        editor.accept("dog")
+
+        editor.label("Cat", "click")
+        editor.click("keypoint", 170, 130)
+        editor.label("Cat", "click")
+        editor.click("alt_click", 300, 250, alt=True)
+        editor.label("Background", "click")
+        editor.click("background_alone", 100, 50)
+        editor.label("Cat", "click")
+        editor.click("keypoint_after_background", 200, 150)
+        editor.accept("cat")
+        editor.submit()
+
+        def submitted() -> list | None:
+            annotations = label_studio.ok("GET", f"/api/tasks/{task_id}/annotations")
+            return annotations[0]["result"] if annotations else None
+
+        result = wait(driver, lambda d: submitted(), "the submitted annotation")
+    except Exception:
+        editor.shot("failure")
+        raise
+    finally:
+        (tmp_path / "console.json").write_text(json.dumps(driver.get_log("browser"), indent=1))
+        (tmp_path / "requests.json").write_text(json.dumps([
+            {"step": name, "request": request, "status": status} for name, request, status, _ in editor.steps
+        ], indent=1))
+
+    steps = {name: request for name, request, _, _ in editor.steps}
+    assert [request["project"].split(".")[0] for request in steps.values()] == [str(project["id"])] * len(steps)
+    mask_type = MASK_TAGS[mask_format].lower()
+    regions = [item for item in result if item["type"] == mask_type and item["from_name"] == mask_tag]
+    assert {label for item in regions for label in item["value"][mask_type]} == {"Cat", "Dog"}, result
+    assert not [item for item in result if item["type"] in ("keypointlabels", "rectanglelabels")], \
+        "smart prompts must not be submitted"
+
+    image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    expected = expected_masks(engine, image, steps)
+    if mask_format == "polygon":
+        expected = {label: as_polygons(mask) for label, mask in expected.items()}
+    threshold = 0.9 if mask_format == "polygon" else 0.99  # polygon outlines are rasterised again
+    for label, wanted in expected.items():
+        parts = [region_mask(item, (WIDTH, HEIGHT), max_pixels=10**7) for item in regions
+                 if item["value"][mask_type] == [label]]
+        got = np.logical_or.reduce(parts)
+        assert wanted.any(), f"{label}: the engine's mask is empty; the test image proves nothing"
+        assert iou(got, wanted) >= threshold, f"{label}: IoU {iou(got, wanted):.3f}; screenshots in {tmp_path}"
