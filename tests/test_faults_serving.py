@@ -108,6 +108,7 @@ class Backends:
             **os.environ, "PYTHONPATH": str(REPO), "HOST": "127.0.0.1", "THREADS": "4", "LOG_LEVEL": "INFO",
             "SAM_MODEL": str(tiny_sam_preset), "MODEL_DIR": str(tmp_path / "models"),
             "IMAGE_CACHE_DIR": str(tmp_path / "image-cache"), "LABEL_STUDIO_URL": label_studio.url,
+            "EMBEDDING_STORE_DIR": str(tmp_path / "embeddings"),  # not the user's: a known image would skip the click
             "LABEL_STUDIO_API_KEY": "0123456789abcdef0123456789abcdef01234567", "DOWNLOAD_TIMEOUT_S": "60",
         }
 
