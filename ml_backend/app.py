@@ -43,6 +43,21 @@ def _json_body() -> dict:
     return data
 
 
+def _project_id(value: object) -> int | None:
+    from ml_backend.retrain.policy import project_key
+
+    if value is None or value == "":
+        return None
+    project = project_key(value)
+    if project is None:
+        raise BackendError(f"'project' must be a Label Studio project id (got {str(value)[:40]!r}).")
+    return project
+
+
+def _query_project() -> int | None:
+    return _project_id(request.args.get("project"))
+
+
 def _error(message: str, status: int) -> tuple[Response, int]:
     return jsonify({"error": message, "status": status}), status
 
@@ -53,8 +68,8 @@ class BackendViews:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
-    def _backend(self, label_config: str | None) -> SegmentationBackend:
-        return SegmentationBackend(label_config=label_config, runtime=self.runtime)
+    def _backend(self, label_config: str | None, project: object = None) -> SegmentationBackend:
+        return SegmentationBackend(label_config=label_config, runtime=self.runtime, project=project)
 
     def predict(self) -> Response:
         data = _json_body()
@@ -67,14 +82,14 @@ class BackendViews:
         context = params.get("context")
         if context is not None and not isinstance(context, dict):
             raise BackendError("'params.context' must be an object.")
-        backend = self._backend(data.get("label_config"))
+        backend = self._backend(data.get("label_config"), data.get("project"))
         predictions = backend.predict(tasks, context=context)
         return jsonify({"results": predictions, "model_version": backend.model_version})
 
     def setup(self) -> Response:
         data = _json_body()
         self.runtime.remember_label_studio(data.get("hostname"), data.get("access_token"))
-        backend = self._backend(data.get("schema"))
+        backend = self._backend(data.get("schema"), data.get("project"))
         self.runtime.project_connected(data.get("project"), data.get("schema"))  # queues pre-encoding once
         return jsonify({"model_version": backend.model_version})
 
@@ -83,7 +98,12 @@ class BackendViews:
         event = data.get("action")
         if not isinstance(event, str):
             raise BackendError("A webhook needs an 'action'.")
-        return jsonify(self.runtime.on_webhook(event, data)), 200
+        answer = self.runtime.on_webhook(event, data)
+        if event == "TASKS_CREATED" and self.runtime.settings.sam3_on_import:
+            project = data.get("project", {}).get("id") if isinstance(data.get("project"), dict) else None
+            if isinstance(project, int) and not isinstance(project, bool) and self.runtime.concepts is not None:
+                self.runtime.preannotation_jobs.start(project)  # new tasks get SAM 3 predictions in the background
+        return jsonify(answer), 200
 
     def train(self) -> tuple[Response, int]:
         data = _json_body()
@@ -129,17 +149,32 @@ class BackendViews:
         config = labeling.parse_label_config(label_config)
         return jsonify({"queued": self.runtime.warm(tasks, config.image_key, project)}), 202
 
+    def preannotate(self) -> tuple[Response, int]:
+        """Pre-annotate a whole project in the background: ``{"project": id}``; progress on ``/status``."""
+        project = _json_body().get("project")
+        if not isinstance(project, int) or isinstance(project, bool) or project < 1:
+            raise BackendError("'project' must be a Label Studio project id (a positive number).")
+        return jsonify(self.runtime.preannotation_jobs.start(project)), 202
+
     def status(self) -> Response:
         """Everything an operator wants in one place: SAM, pre-encoding, the served trimap version, training."""
         return jsonify({
             "sam": self.runtime.sam_status(),
             "preencode": self.runtime.preencode_status(),
-            "trimap_model_version": self.runtime.trimaps.current_version(),
+            "trimap_model_version": self.runtime.trimaps.current_version(_query_project()),
             "training": self.runtime.training_status(request.args.get("project")),
+            "preannotate": self.runtime.settings.preannotate,
+            "sam3": self.runtime.sam3.status() if self.runtime.sam3 else {"state": "off"},
+            "preannotation_jobs": self.runtime.preannotation_jobs.status(),
         })
 
     def versions(self) -> Response:
-        return jsonify({"versions": self.runtime.trimap_versions()})
+        """A project's versions (``?project=`` or a JSON body's ``project``). Label Studio 1.23's own GET
+        carries no project: it then gets what serves projects without a model of their own."""
+        project = _query_project()
+        if project is None and request.method == "POST" and request.content_length:
+            project = _project_id(_json_body().get("project"))
+        return jsonify(self.runtime.trimap_versions(project))
 
     def metrics(self) -> Response:
         return jsonify({"sam": self.runtime.sam_status()})
@@ -215,8 +250,11 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     app.add_url_rule("/status", endpoint="status", view_func=_handle_errors(views.status), methods=["GET"])
     app.add_url_rule("/ready", endpoint="ready", view_func=_handle_errors(views.ready), methods=["GET"])
     app.add_url_rule("/warmup", endpoint="warmup", view_func=_handle_errors(views.warmup), methods=["POST"])
+    app.add_url_rule("/preannotate", endpoint="preannotate", view_func=_handle_errors(views.preannotate),
+                     methods=["POST"])
     app.before_request(_basic_auth_guard(settings))
     for code in (404, 405):
         app.register_error_handler(code, lambda exc: _error(exc.description, exc.code))
     runtime.start_loading_sam()
+    runtime.start_background_work()
     return app

@@ -39,17 +39,24 @@ class SegmentationBackend(LabelStudioMLBase):
     """Serves one labeling config with the process's shared :class:`Runtime` (built per request by the app)."""
 
     def __init__(self, label_config: str | None = None, train_output: dict | None = None, *, runtime: Runtime,
-                 **kwargs: Any) -> None:
+                 project: object = None, **kwargs: Any) -> None:
+        from ml_backend.retrain.policy import project_key
+
         if not label_config:
             raise LabelConfigError("No labeling config was sent; connect the backend from a Label Studio project.")
         # before the library's parser: clearer errors
         self.config = labeling.parse_label_config(label_config, mask_tag=runtime.settings.mask_tag or None)
         super().__init__(label_config=label_config, train_output=train_output, **kwargs)
         self.runtime = runtime
+        # Label Studio sends "<id>.<created timestamp>"; batch predictions and versions are per project.
+        self.project = project_key(project)
 
     @property
     def model_version(self) -> str:
-        return trimap_model_version(self.runtime.trimaps.current_version())
+        trimap_version = self.runtime.trimaps.current_version(self.project)
+        if self.runtime.concepts is not None:  # PREANNOTATE=sam3|both
+            return self.runtime.concepts.model_version(trimap_version)
+        return trimap_model_version(trimap_version)
 
     # --- entry point ---------------------------------------------------------
     def predict(self, tasks: list[dict], context: dict | None = None, **kwargs: Any) -> list[dict]:
@@ -123,25 +130,44 @@ class SegmentationBackend(LabelStudioMLBase):
         return next((name for name in self.config.mask.labels if roles.role(name) == TrimapValue.FOREGROUND), None)
 
     def _preannotate(self, task: dict) -> dict:
-        settings = self.runtime.settings
         try:
-            image = self._task_image(task)
-            predicted = self.runtime.trimaps.predict_mask(image, include_boundary=settings.trimap_include_boundary)
-            if predicted is None:
-                logger.info("task %s: no trimap model promoted yet; empty prediction", task.get("id"))
-                return labeling.build_prediction([], 0.0, NO_TRIMAP_VERSION)
-            version, mask = predicted
-            score = 1.0
-            if settings.trimap_sam_refine and (box := mask_bounding_box(mask)) is not None:
-                refined = self.runtime.sam().segment(image, Prompts.from_lists(box=box))
-                mask, score = refined.mask, refined.score
-            label = labeling.choose_brush_label(self.config, self._foreground_label(), settings.brush_label or None)
-            results = labeling.build_mask_results(mask, config=self.config, label=label, score=score,
-                                                  polygon=PolygonOptions.from_settings(settings))
-            return labeling.build_prediction(results, score, trimap_model_version(version))
+            return self.preannotation(task)
         except BackendError as exc:  # one bad image fails only its own task
             logger.warning("task %s: no prediction: %s", task.get("id"), exc.message)
             return labeling.build_prediction([], 0.0, self.model_version)
+
+    def preannotation(self, task: dict) -> dict:
+        """The task's batch prediction by ``PREANNOTATE``: the trimap model, SAM 3 concepts, or both (see
+        :mod:`ml_backend.sam3.concepts`). Raises :class:`BackendError` (the project job counts it as failed)."""
+        settings = self.runtime.settings
+        image = self._task_image(task)
+        if self.runtime.concepts is not None:
+            trimap = None
+            if self.runtime.concepts.with_trimap:
+                trimap = self.runtime.trimaps.predict_mask(image, include_boundary=settings.trimap_include_boundary,
+                                                           project=self.project)
+                if trimap is not None and trimap[1] is None:  # below MIN_MASK_AREA: no trimap foreground
+                    trimap = (trimap[0], np.zeros(image.shape[:2], bool))
+            return self.runtime.concepts.predict(image, self.label_config, self.config, trimap,
+                                                 trimap_label=self._foreground_label())
+        predicted = self.runtime.trimaps.predict_mask(image, include_boundary=settings.trimap_include_boundary,
+                                                      project=self.project)
+        if predicted is None:
+            logger.info("task %s: no trimap model for project %s and no base model; empty prediction",
+                        task.get("id"), self.project)
+            return labeling.build_prediction([], 0.0, NO_TRIMAP_VERSION)
+        version, mask = predicted
+        if mask is None:  # an empty region would only be noise for the annotator
+            logger.info("task %s: the predicted object is smaller than MIN_MASK_AREA; no region", task.get("id"))
+            return labeling.build_prediction([], 0.0, trimap_model_version(version))
+        score = 1.0
+        if settings.trimap_sam_refine and (box := mask_bounding_box(mask)) is not None:
+            refined = self.runtime.sam().segment(image, Prompts.from_lists(box=box))
+            mask, score = refined.mask, refined.score
+        label = labeling.choose_brush_label(self.config, self._foreground_label(), settings.brush_label or None)
+        results = labeling.build_mask_results(mask, config=self.config, label=label, score=score,
+                                              polygon=PolygonOptions.from_settings(settings))
+        return labeling.build_prediction(results, score, trimap_model_version(version))
 
 
 def _rescale(prompts: Prompts, expressed_in: tuple[int, int] | None, actual: tuple[int, int]) -> Prompts:

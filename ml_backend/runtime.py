@@ -7,6 +7,7 @@ first click waits for it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -42,14 +43,14 @@ class LabelStudioAccess:
 class Runtime:
     """The long-lived parts of one backend process."""
 
-    def __init__(self, settings: Settings, *, engine=None) -> None:
+    def __init__(self, settings: Settings, *, engine=None, sam3_engine=None) -> None:
         from ml_backend.images import ImageLoader
         from ml_backend.preannotation import TrimapPredictor
 
         self.settings = settings
         self.access = LabelStudioAccess(settings.label_studio_url, settings.label_studio_api_key)
         self.images = ImageLoader(settings)
-        self.trimaps = TrimapPredictor(settings.model_dir)
+        self.trimaps = TrimapPredictor(settings.model_dir, settings.base_model, min_area=settings.min_mask_area)
         # The last low-resolution logits per (image, prompt region), fed back to SAM on the next click.
         self.refinements: ByteBoundedLRU[np.ndarray] = ByteBoundedLRU(REFINEMENT_CACHE_BYTES, lambda a: a.nbytes)
         # Image URL -> pixel-content key of its embedding, so a click skips download and decoding.
@@ -57,8 +58,7 @@ class Runtime:
                                   ttl_s=settings.url_key_ttl_s)
         # At most N encodes at once; further first clicks queue briefly, then get 503 + Retry-After.
         self.encode_gate = EncodeGate(encode_slots(settings), settings.encode_queue_timeout_s)
-        self.preencoder = PreEncodeScheduler(self._preencode, lookahead=settings.preencode_lookahead,
-                                             log_every=settings.preencode_log_every)
+        self.preencoder = self._build_preencoder(settings)
         self._connected: set[int] = set()
         self._image_keys: dict[int, str] = {}  # project -> its config's image field
         self._connect_lock = threading.Lock()
@@ -69,6 +69,7 @@ class Runtime:
             self.url_index.store = engine.store
             self._engine_ready.set()
         self.retrainer = _build_retrainer(settings, lambda: (self.access.url, self.access.token))
+        self._build_concept_preannotation(sam3_engine)
 
     # --- SAM -----------------------------------------------------------------
     def start_loading_sam(self) -> None:
@@ -125,7 +126,12 @@ class Runtime:
         when the gate admits it (interactive callers may get :class:`EncodeBusyError`, HTTP 503)."""
         engine = self.sam()
         key = image_key(image)
-        if (embedding := engine.cached(key)) is not None:
+        if (embedding := engine.cached(key)) is None:
+            # Another worker or replica encoding this image: wait for it outside the gate, so this
+            # process's other first clicks do not queue behind a slot that only waits.
+            engine.wait_while_encoded_elsewhere(key)
+            embedding = engine.cached(key)
+        if embedding is not None:
             return embedding
         with self.encode_gate.slot(priority) as slot:
             if engine.is_ready(key):  # encoded (here or by another process) while this caller queued
@@ -168,15 +174,33 @@ class Runtime:
         return embedding
 
     # --- pre-encoding ----------------------------------------------------------
+    def _build_preencoder(self, settings: Settings) -> PreEncodeScheduler:
+        """Encode here (one thread, through the encode gate) or on RQ workers (several jobs in flight)."""
+        encode, threads = self._preencode, 1
+        if settings.preencode_executor == "rq":
+            from ml_backend.embeddings.jobs import IN_FLIGHT, RQEncoder
+
+            on_workers = RQEncoder(settings.redis_url, lambda: (self.access.url, self.access.token))
+            encode, threads = (lambda job: self._already_ready(job) or on_workers(job)), IN_FLIGHT
+        return PreEncodeScheduler(encode, lookahead=settings.preencode_lookahead,
+                                  log_every=settings.preencode_log_every, threads=threads)
+
+    def _already_ready(self, job: EncodeJob) -> str | None:
+        """"ready" when the URL's embedding is known and stored, without loading the image; else None."""
+        engine = self.sam(PREENCODE_SAM_WAIT_S)
+        key = self.url_index.lookup(job.url, self.url_index.validator(job.url))
+        if key is None or not engine.is_ready(key):
+            return None
+        if job.urgent:
+            engine.cached(key)  # about to be clicked: read it into memory now
+        return "ready"
+
     def _preencode(self, job: EncodeJob) -> str:
         """Make one queued image ready: "ready" when it already was, "encoded" otherwise; raises on failure."""
+        if self._already_ready(job):
+            return "ready"
         engine = self.sam(PREENCODE_SAM_WAIT_S)
         validator = self.url_index.validator(job.url)
-        key = self.url_index.lookup(job.url, validator)
-        if key is not None and engine.is_ready(key):
-            if job.urgent:
-                engine.cached(key)  # about to be clicked: read it into memory now
-            return "ready"
         encodes = engine.images_encoded
         embedding = self.embed(self.load_image(job.url, job.task_id), Priority.BACKGROUND)  # after waiting clicks
         self.url_index.remember(job.url, embedding.key, validator)
@@ -253,6 +277,44 @@ class Runtime:
                                "bytes": usage.bytes, "max_bytes": usage.max_bytes}
         return status
 
+    # --- SAM 3 concept pre-annotation (sam3) ------------------------------------
+    def _build_concept_preannotation(self, sam3_engine) -> None:
+        from ml_backend.sam3.job import JobContext, ProjectPreannotationJobs
+        from ml_backend.sam3.preannotate import ConceptPreannotator
+        from ml_backend.sam3.service import Sam3Service
+
+        self.sam3 = Sam3Service(self.settings, sam3_engine) if self.settings.preannotate != "trimap" else None
+        self.concepts = ConceptPreannotator(self.settings, self.sam3.engine) if self.sam3 else None
+        self.preannotation_jobs = ProjectPreannotationJobs(
+            JobContext(access=lambda: (self.access.url, self.access.token), predict=self._job_prediction,
+                       model_version=self.batch_model_version, background_slot=self._background_slot),
+            self.settings.model_dir / "sam3-jobs.json")
+
+    def batch_model_version(self, project: int | None = None) -> str:
+        """The model version of a project's batch predictions under PREANNOTATE and its trimap version."""
+        from ml_backend.backend import trimap_model_version
+
+        trimap_version = self.trimaps.current_version(project)
+        return self.concepts.model_version(trimap_version) if self.concepts else trimap_model_version(trimap_version)
+
+    def _job_prediction(self, task: dict, label_config: str, project: int) -> dict:
+        from ml_backend.backend import SegmentationBackend
+
+        return SegmentationBackend(label_config, runtime=self, project=project).preannotation(task)
+
+    @contextlib.contextmanager
+    def _background_slot(self):
+        """Project jobs run one image at a time behind annotators' first clicks (the SAM encode gate)."""
+        with self.encode_gate.slot(Priority.BACKGROUND) as slot:
+            slot.untimed()  # a SAM 3 image is not a SAM encode: keep the gate's wait estimate clean
+            yield
+
+    def start_background_work(self) -> None:
+        """Load SAM 3 (when pre-annotation uses it) and resume the project jobs a previous process left."""
+        if self.sam3 is not None:
+            self.sam3.start_loading()
+        self.preannotation_jobs.resume()
+
     # --- training ------------------------------------------------------------
     def on_webhook(self, event: str, payload: dict) -> dict:
         """Webhooks and ``/train``: count accepted annotations, maybe start a job; never train inline.
@@ -266,8 +328,10 @@ class Runtime:
         """One project's training state (``?project=``), or every project's."""
         return self.retrainer.status(project)
 
-    def trimap_versions(self) -> list[dict]:
-        return self.trimaps.list_versions()
+    def trimap_versions(self, project: int | None) -> dict:
+        """A project's versions and what serves it; without a project, what serves projects without a model."""
+        return {"project": project, "serving": self.trimaps.current_version(project),
+                "versions": self.trimaps.list_versions(project)}
 
 
 def encode_slots(settings: Settings) -> int:

@@ -61,6 +61,20 @@ def _str(env: Mapping[str, str], name: str, default: str = "") -> str:
     return env.get(name, default).strip()
 
 
+def _phrases(env: Mapping[str, str], name: str) -> tuple[tuple[str, str], ...]:
+    """``"Cat=tabby cat;Car=car"`` -> ``(("cat", "tabby cat"), ("car", "car"))``."""
+    pairs = []
+    for item in env.get(name, "").split(";"):
+        if not item.strip():
+            continue
+        label, sep, phrase = item.partition("=")
+        if not sep or not label.strip() or not phrase.strip() or len(phrase.strip()) > 200:
+            raise SettingsError(f"{name} item {item.strip()!r} is not 'Label=phrase' (phrase of at most 200 "
+                                "characters; items separated by ';')")
+        pairs.append((label.strip().lower(), phrase.strip()))
+    return tuple(pairs)
+
+
 @dataclass(frozen=True)
 class Settings:
     # --- service ---
@@ -129,6 +143,25 @@ class Settings:
     preencode_log_every: int = 10  # a progress line per project every N images
     preencode_executor: str = "local"  # local: a thread of each backend process; rq: RQ workers (REDIS_URL)
     url_key_ttl_s: float = 600.0  # an http(s) image URL is re-read after this long (local files: by mtime/size)
+    # --- training that cannot run away; per-project models (training-projects) ---
+    retrain_backoff_min: float = 5.0  # first retry after a failed training; doubles per failure
+    retrain_backoff_max_min: float = 360.0
+    retrain_concurrency: int = 1  # in-process fits at a time per backend process
+    retrain_queue_max: int = 16  # in-process jobs waiting for a slot
+    keep_versions: int = 10  # versions kept per store (0: all); current and its parent always stay
+    base_model: str = ""  # a version directory or .keras file serving projects without their own model
+    min_mask_area: int = 16  # a predicted mask with fewer pixels yields no region
+    # --- SAM 3 concept pre-annotation (sam3) ---
+    preannotate: str = "trimap"  # trimap, sam3, both; from_env: sam3 when SAM3_MODEL is set and this is not
+    sam3_model: str = ""  # sam3_pcs, a keras-hub preset directory or a Hugging Face SAM 3 checkpoint directory
+    sam3_device: str = "auto"
+    sam3_half: bool = False
+    sam3_score_threshold: float = 0.5
+    sam3_dedup_iou: float = 0.7
+    sam3_max_instances: int = 50
+    sam3_phrases: tuple[tuple[str, str], ...] = ()  # (lower-case label, phrase)
+    sam3_trimap_min_overlap: float = 0.5
+    sam3_on_import: bool = True  # TASKS_CREATED queues the project's pre-annotation job
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -191,6 +224,25 @@ class Settings:
             preencode_log_every=_int(env, "PREENCODE_LOG_EVERY", d.preencode_log_every),
             preencode_executor=_str(env, "PREENCODE_EXECUTOR", d.preencode_executor).lower(),
             url_key_ttl_s=_float(env, "URL_KEY_TTL_S", d.url_key_ttl_s),
+            # --- training that cannot run away; per-project models (training-projects) ---
+            retrain_backoff_min=_float(env, "RETRAIN_BACKOFF_MIN", d.retrain_backoff_min),
+            retrain_backoff_max_min=_float(env, "RETRAIN_BACKOFF_MAX_MIN", d.retrain_backoff_max_min),
+            retrain_concurrency=_int(env, "RETRAIN_CONCURRENCY", d.retrain_concurrency),
+            retrain_queue_max=_int(env, "RETRAIN_QUEUE_MAX", d.retrain_queue_max),
+            keep_versions=_int(env, "KEEP_VERSIONS", d.keep_versions),
+            base_model=_str(env, "BASE_MODEL"),
+            min_mask_area=_int(env, "MIN_MASK_AREA", d.min_mask_area),
+            # SAM 3 concept pre-annotation (sam3)
+            preannotate=(_str(env, "PREANNOTATE") or ("sam3" if _str(env, "SAM3_MODEL") else d.preannotate)).lower(),
+            sam3_model=_str(env, "SAM3_MODEL"),
+            sam3_device=_str(env, "SAM3_DEVICE", d.sam3_device).lower(),
+            sam3_half=_bool(env, "SAM3_HALF", d.sam3_half),
+            sam3_score_threshold=_float(env, "SAM3_SCORE_THRESHOLD", d.sam3_score_threshold),
+            sam3_dedup_iou=_float(env, "SAM3_DEDUP_IOU", d.sam3_dedup_iou),
+            sam3_max_instances=_int(env, "SAM3_MAX_INSTANCES", d.sam3_max_instances),
+            sam3_phrases=_phrases(env, "SAM3_PHRASES"),
+            sam3_trimap_min_overlap=_float(env, "SAM3_TRIMAP_MIN_OVERLAP", d.sam3_trimap_min_overlap),
+            sam3_on_import=_bool(env, "SAM3_ON_IMPORT", d.sam3_on_import),
         )
         settings.check()
         return settings
@@ -203,6 +255,8 @@ class Settings:
                 raise SettingsError(f"{f.name.upper()} must not be negative (got {value})")
         if self.retrain_image_size % 8:
             raise SettingsError(f"RETRAIN_IMAGE_SIZE must be a multiple of 8 (got {self.retrain_image_size})")
+        if self.retrain_concurrency < 1:
+            raise SettingsError(f"RETRAIN_CONCURRENCY must be at least 1 (got {self.retrain_concurrency})")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise SettingsError("Set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
         if self.embedding_store_dtype not in ("float32", "float16"):
@@ -211,6 +265,15 @@ class Settings:
             raise SettingsError(f"PREENCODE_EXECUTOR must be local or rq (got {self.preencode_executor!r})")
         if self.preencode_executor == "rq" and not self.redis_url:
             raise SettingsError("PREENCODE_EXECUTOR=rq needs REDIS_URL")
+        if self.preannotate not in ("trimap", "sam3", "both"):
+            raise SettingsError(f"PREANNOTATE must be trimap, sam3 or both (got {self.preannotate!r})")
+        if self.preannotate != "trimap" and not self.sam3_model:
+            raise SettingsError(f"PREANNOTATE={self.preannotate} needs SAM3_MODEL (sam3_pcs or a local directory)")
+        for name in ("sam3_score_threshold", "sam3_dedup_iou", "sam3_trimap_min_overlap"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise SettingsError(f"{name.upper()} must be between 0 and 1 (got {getattr(self, name)})")
+        if self.sam3_max_instances < 1:
+            raise SettingsError("SAM3_MAX_INSTANCES must be at least 1")
 
     @property
     def embedding_cache_bytes(self) -> int:

@@ -25,7 +25,7 @@ PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 log "installing runtime dependencies"
 "${PIP[@]}" "keras>=3.15" absl-py numpy packaging regex rich "kagglehub!=1.0.1" "kagglesdk==0.1.28" \
     sentencepiece tokenizers "flask>=3" requests label-studio-tools lxml attrs appdirs colorama \
-    "rq>=1.16" "redis>=5" "gunicorn>=22" "pillow>=10" "matplotlib>=3.8" tqdm \
+    "rq>=1.16" "redis>=5" "gunicorn>=22" "pillow>=10" "matplotlib>=3.8" tqdm safetensors \
     "opencv-python-headless>=4.12,<4.13"  # what the tests run with; label-studio-sdk pins the same
 "${PIP[@]}" --no-deps "keras-hub==0.32.0" "label-studio-ml==1.0.9"
 "${PIP[@]}" --no-deps --no-build-isolation -e .
@@ -35,6 +35,8 @@ if [ "$WITH_TEST" = 1 ]; then
     "${PIP[@]}" "pytest>=8" pytest-timeout pyyaml "hypothesis>=6.100"
     "${PIP[@]}" --no-deps "segment-anything==1.0"
     "${PIP[@]}" "label-studio-sdk==2.1.2"
+    # SAM 3 parity reference (test only); needs neither TensorFlow nor a newer torch (checked: pip keeps 2.13.0)
+    "${PIP[@]}" "transformers>=5.24,<6"
     if [ ! -x .venv-ls/bin/label-studio ]; then
         log "installing Label Studio 1.23.2 into .venv-ls (end-to-end tests)"
         "$PYTHON" -m venv .venv-ls

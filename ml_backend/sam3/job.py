@@ -1,0 +1,198 @@
+"""Whole-project SAM 3 pre-annotation in the background, written into Label Studio through its API.
+
+One daemon thread works through a queue of projects. For each: read the project's labeling config, list
+the predictions Label Studio already holds (``GET /api/predictions?project=``), and for every task without
+one from the current model version, predict and ``POST /api/predictions {task, result, score,
+model_version}``. Restarting is safe by construction: the projects still queued or running are kept in a
+small JSON file (``MODEL_DIR/sam3-jobs.json``) and resumed at start-up, and what Label Studio already holds
+is skipped. The thread is the only SAM 3 user besides ``/predict`` and takes each image through the SAM
+encode gate at background priority, so annotators' first clicks go first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ml_backend.errors import BackendError
+from ml_backend.label_studio_api import api_get, api_request, iter_project_tasks
+
+logger = logging.getLogger(__name__)
+
+PREDICTIONS_PAGE_SIZE = 1000
+
+
+@dataclass
+class ProjectProgress:
+    project: int
+    state: str = "queued"  # queued, running, done, failed
+    model_version: str = ""
+    total: int = 0
+    written: int = 0
+    skipped: int = 0  # already had a prediction from this model version
+    failed: int = 0  # tasks whose image or prediction failed (logged); the rest continue
+    error: str = ""
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+@dataclass
+class JobContext:
+    """What a job needs from the process: Label Studio's address and token, the predictor, the version."""
+
+    access: Callable[[], tuple[str, str]]
+    predict: Callable[[dict, str, int], dict]  # (task, label_config, project) -> {result, score, model_version}
+    model_version: Callable[[int], str]  # (project) -> the version its predictions are stamped with
+    background_slot: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+def existing_prediction_tasks(url: str, token: str, project: int, model_version: str) -> set[int]:
+    """Ids of the project's tasks that already hold a prediction from ``model_version``."""
+    answer = api_get(url, token, "/api/predictions", {"project": project})
+    items = answer.get("results", []) if isinstance(answer, dict) else answer
+    return {p["task"] for p in items or [] if isinstance(p, dict) and p.get("model_version") == model_version
+            and isinstance(p.get("task"), int)}
+
+
+class ProjectPreannotationJobs:
+    """A queue of projects and the one thread that works through it."""
+
+    def __init__(self, context: JobContext, state_file: Path) -> None:
+        self.context = context
+        self.state_file = state_file
+        self._lock = threading.Lock()
+        self._queue: list[int] = []
+        self._progress: dict[int, ProjectProgress] = {}
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- control ---------------------------------------------------------------
+    def start(self, project: int) -> dict:
+        """Queue ``project`` (again); a project already queued or running is not queued twice."""
+        with self._lock:
+            current = self._progress.get(project)
+            if not (current and current.state in ("queued", "running")):
+                self._progress[project] = ProjectProgress(project)
+                self._queue.append(project)
+                self._save_locked()
+            answer = asdict(self._progress[project])
+        self._ensure_thread()
+        self._wake.set()
+        return answer
+
+    def resume(self) -> list[int]:
+        """Queue again the projects a previous process left queued or running.
+
+        Under gunicorn with several workers every worker starts up; only the one holding the lock file next
+        to the state file resumes, so a project is not pre-annotated twice at once.
+        """
+        if not self._hold_resume_lock():
+            return []
+        try:
+            pending = json.loads(self.state_file.read_text()).get("pending", [])
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            logger.warning("SAM 3 job state %s unreadable (%s); nothing resumed", self.state_file, exc)
+            return []
+        projects = [p for p in pending if isinstance(p, int) and not isinstance(p, bool)]
+        for project in projects:
+            logger.info("resuming SAM 3 pre-annotation of project %s", project)
+            self.start(project)
+        return projects
+
+    def _hold_resume_lock(self) -> bool:
+        import fcntl
+
+        try:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_file = open(self.state_file.with_suffix(".lock"), "a")  # held for the process's life
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            return False
+
+    def status(self) -> dict:
+        with self._lock:
+            return {"queue": list(self._queue),
+                    "projects": {str(p): asdict(progress) for p, progress in self._progress.items()}}
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """For tests and the benchmark: True once nothing is queued or running."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._queue and all(p.state not in ("queued", "running") for p in self._progress.values()):
+                    return True
+            time.sleep(0.05)
+        return False
+
+    # --- the worker ------------------------------------------------------------
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._work, name="sam3-preannotate", daemon=True)
+                self._thread.start()
+
+    def _save_locked(self) -> None:
+        pending = [p for p, progress in self._progress.items() if progress.state in ("queued", "running")]
+        try:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"pending": pending}))
+            tmp.replace(self.state_file)
+        except OSError as exc:
+            logger.warning("cannot save SAM 3 job state to %s: %s", self.state_file, exc)
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                project = self._queue.pop(0) if self._queue else None
+            if project is None:
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            progress = self._progress[project]
+            progress.state, progress.started_at = "running", time.time()
+            try:
+                self._run(progress)
+                progress.state = "done"
+            except BackendError as exc:
+                progress.state, progress.error = "failed", exc.message
+                logger.warning("SAM 3 pre-annotation of project %s failed: %s", project, exc.message)
+            except Exception as exc:  # the thread must survive anything one project throws
+                progress.state, progress.error = "failed", f"{exc.__class__.__name__}: {exc}"
+                logger.exception("SAM 3 pre-annotation of project %s failed", project)
+            progress.finished_at = time.time()
+            with self._lock:
+                self._save_locked()
+
+    def _run(self, progress: ProjectProgress) -> None:
+        url, token = self.context.access()
+        project = progress.project
+        label_config = (api_get(url, token, f"/api/projects/{project}") or {}).get("label_config")
+        version = progress.model_version = self.context.model_version(project)
+        done = existing_prediction_tasks(url, token, project, version)
+        tasks = list(iter_project_tasks(url, token, project))
+        progress.total = len(tasks)
+        for task in tasks:
+            if task.get("id") in done:
+                progress.skipped += 1
+                continue
+            try:
+                with self.context.background_slot():
+                    prediction = self.context.predict(task, label_config, project)
+            except BackendError as exc:
+                progress.failed += 1
+                logger.warning("project %s task %s: no SAM 3 prediction: %s", project, task.get("id"), exc.message)
+                continue
+            api_request(url, token, "POST", "/api/predictions", json={
+                "task": task["id"], "result": prediction["result"], "score": prediction["score"],
+                "model_version": prediction["model_version"]})
+            progress.written += 1

@@ -1,0 +1,68 @@
+"""One image to one Label Studio prediction with SAM 3 concepts (and, with ``PREANNOTATE=both``, the trimap model).
+
+The rules are in :mod:`ml_backend.sam3.concepts`; this joins them to the engine and the result builder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ml_backend import labeling
+from ml_backend.formats import PolygonOptions
+from ml_backend.labeling.config import LabelConfig
+from ml_backend.sam3 import concepts
+from ml_backend.settings import Settings
+
+
+def sam3_model_version(source: str, trimap_version: str | None = None, *, with_trimap: bool = False) -> str:
+    """``sam3-<preset or directory name>``, plus ``+trimap-<version>`` when the trimap model filters."""
+    name = f"sam3-{Path(source).name or source}"
+    return f"{name}+trimap-{trimap_version or 'none'}" if with_trimap else name
+
+
+class ConceptPreannotator:
+    def __init__(self, settings: Settings, engine: Callable[[], object]) -> None:
+        self.settings = settings
+        self._engine = engine  # waits for SAM 3 to load
+
+    @property
+    def with_trimap(self) -> bool:
+        return self.settings.preannotate == "both"
+
+    def model_version(self, trimap_version: str | None) -> str:
+        return sam3_model_version(self.settings.sam3_model, trimap_version, with_trimap=self.with_trimap)
+
+    def prompts(self, label_config: str, config: LabelConfig) -> list[concepts.ConceptPrompt]:
+        s = self.settings
+        return concepts.concept_prompts(label_config, config.mask.labels, config.mask.name,
+                                        phrases=dict(s.sam3_phrases), skip=s.background_labels + s.boundary_labels)
+
+    def predict(self, image: np.ndarray, label_config: str, config: LabelConfig,
+                trimap: tuple[str, np.ndarray] | None, trimap_label: str | None = None) -> dict:
+        """The prediction for one image; ``trimap`` is (version, foreground) when the trimap model ran, and
+        ``trimap_label`` the label its mask goes under when it is the prediction."""
+        s = self.settings
+        prompts = self.prompts(label_config, config)
+        version = self.model_version(trimap[0] if trimap else None)
+        if not prompts:
+            return labeling.build_prediction([], 0.0, version)
+        found = self._engine().segment(image, [p.phrase for p in prompts], threshold=s.sam3_score_threshold)
+        kept = concepts.select_instances([(p.label, f) for p, f in zip(prompts, found)],
+                                         iou_threshold=s.sam3_dedup_iou, max_instances=s.sam3_max_instances)
+        polygon = PolygonOptions.from_settings(s)
+        if self.with_trimap and trimap is not None:
+            kept = concepts.filter_by_trimap(kept, trimap[1], s.sam3_trimap_min_overlap)
+            if not kept and trimap[1].any():
+                label = labeling.choose_brush_label(config, trimap_label, s.brush_label or None)
+                results = labeling.build_mask_results(trimap[1], config=config, label=label, score=1.0,
+                                                      polygon=polygon)
+                return labeling.build_prediction(results, 1.0, version)
+        results = [item for kept_item in kept
+                   for item in labeling.build_mask_results(kept_item.instance.mask, config=config,
+                                                           label=kept_item.label, score=kept_item.instance.score,
+                                                           polygon=polygon)]
+        score = float(np.mean([k.instance.score for k in kept])) if kept else 0.0
+        return labeling.build_prediction(results, score, version)
