@@ -26,6 +26,7 @@ from PIL import Image
 from ml_backend.errors import BackendError
 from ml_backend.images.decode import load_image_file
 from ml_backend.label_studio_api import LabelStudioAPIError, api_get
+from ml_backend.security.limits import DEFAULT_MAX_MASK_PIXELS
 from ml_backend.settings import Settings
 from ml_backend.trimaps import LabelRoles, accepted_annotation, annotation_to_trimap
 
@@ -50,10 +51,12 @@ class ExportOptions:
     roles: LabelRoles = LabelRoles()
     boundary_width: int = 4
     ground_truth_only: bool = False
+    max_pixels: int = DEFAULT_MAX_MASK_PIXELS  # largest brush mask an annotation may declare
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ExportOptions":
-        return cls(LabelRoles.from_settings(settings), settings.boundary_width, settings.retrain_ground_truth_only)
+        return cls(LabelRoles.from_settings(settings), settings.boundary_width, settings.retrain_ground_truth_only,
+                   settings.max_image_pixels)
 
 
 @dataclass
@@ -94,7 +97,7 @@ def _image_url(task: dict, result: list, image_keys: dict[str, str]) -> str:
     data = task.get("data")
     if not isinstance(data, dict):
         raise BackendError("the task has no 'data' object")
-    to_names = [item.get("to_name") for item in result if isinstance(item, dict)]
+    to_names = [item.get("to_name") for item in result if isinstance(item, dict) and isinstance(item.get("to_name"), str)]
     candidates = [image_keys.get(name) for name in to_names] + to_names + ["image"]
     for key in candidates:
         if isinstance(key, str) and isinstance(data.get(key), str) and data[key]:
@@ -145,7 +148,7 @@ def write_dataset(tasks: Iterable[object], out_dir: str | Path, *, image_source:
             image = image_source(task, url)
             height, width = image.shape[:2]
             trimap = annotation_to_trimap(result, size=(width, height), roles=options.roles,
-                                          boundary_width=options.boundary_width)
+                                          boundary_width=options.boundary_width, max_pixels=options.max_pixels)
         except BackendError as exc:
             report.skipped[label] = exc.message
             logger.warning("export: skipped %s: %s", label, exc.message)

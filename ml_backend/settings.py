@@ -64,7 +64,7 @@ def _str(env: Mapping[str, str], name: str, default: str = "") -> str:
 @dataclass(frozen=True)
 class Settings:
     # --- service ---
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # loopback: see check_exposure for the rule on any other address
     port: int = 9090
     workers: int = 1
     threads: int = 8
@@ -108,6 +108,14 @@ class Settings:
     foreground_labels: tuple[str, ...] = ()  # empty: every brush label that is not background/boundary
     background_labels: tuple[str, ...] = ("background",)
     boundary_labels: tuple[str, ...] = ("boundary", "border", "edge")
+    # --- trust: who may call, what a request may hold (SECURITY.md) ---
+    allow_unauthenticated: bool = False  # serve a non-loopback HOST without basic auth, deliberately
+    webhook_secret: str = ""  # empty: derived from BASIC_AUTH_USER/BASIC_AUTH_PASS
+    max_request_mb: int = 32
+    max_tasks_per_request: int = 100  # Label Studio's default ML batch size
+    max_prompt_regions: int = 16  # rectangles (plus the keypoint group): one SAM decode each
+    max_prompt_points: int = 64
+    max_warmup_tasks: int = 1000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -153,6 +161,13 @@ class Settings:
             foreground_labels=tuple(n.lower() for n in _list(env, "FOREGROUND_LABELS", d.foreground_labels)),
             background_labels=tuple(n.lower() for n in _list(env, "BACKGROUND_LABELS", d.background_labels)),
             boundary_labels=tuple(n.lower() for n in _list(env, "BOUNDARY_LABELS", d.boundary_labels)),
+            allow_unauthenticated=_bool(env, "ALLOW_UNAUTHENTICATED", d.allow_unauthenticated),
+            webhook_secret=_str(env, "WEBHOOK_SECRET"),
+            max_request_mb=_int(env, "MAX_REQUEST_MB", d.max_request_mb),
+            max_tasks_per_request=_int(env, "MAX_TASKS_PER_REQUEST", d.max_tasks_per_request),
+            max_prompt_regions=_int(env, "MAX_PROMPT_REGIONS", d.max_prompt_regions),
+            max_prompt_points=_int(env, "MAX_PROMPT_POINTS", d.max_prompt_points),
+            max_warmup_tasks=_int(env, "MAX_WARMUP_TASKS", d.max_warmup_tasks),
         )
         settings.check()
         return settings
@@ -167,10 +182,19 @@ class Settings:
             raise SettingsError(f"RETRAIN_IMAGE_SIZE must be a multiple of 8 (got {self.retrain_image_size})")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise SettingsError("Set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        for name in ("max_request_mb", "max_tasks_per_request", "max_prompt_regions", "max_prompt_points",
+                     "max_warmup_tasks"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name.upper()} must be at least 1")
 
     @property
     def embedding_cache_bytes(self) -> int:
         return self.embedding_cache_mb * 1024 * 1024
+
+    @property
+    def basic_auth(self) -> bool:
+        """Whether callers must authenticate (HTTP basic auth) on every route but ``/health``."""
+        return bool(self.basic_auth_user)
 
     @property
     def max_download_bytes(self) -> int:

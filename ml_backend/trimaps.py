@@ -25,6 +25,7 @@ from PIL import Image
 
 from ml_backend.brush import decode_rle
 from ml_backend.errors import BackendError
+from ml_backend.security.limits import DEFAULT_MAX_MASK_PIXELS, RequestLimitError, declared_mask_size
 from ml_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -113,22 +114,34 @@ def _is_brush(item: object) -> bool:
 
 # --- regions to a trimap -------------------------------------------------------------------
 
-def _region_size(item: dict) -> tuple[int, int]:
+def _region_size(item: dict, max_pixels: int) -> tuple[int, int]:
     try:
-        width, height = int(item["original_width"]), int(item["original_height"])
-    except (KeyError, TypeError, ValueError):
-        raise TrimapError(f"Brush region {item.get('id', '?')} has no original_width/original_height.") from None
-    if width <= 0 or height <= 0:
-        raise TrimapError(f"Brush region {item.get('id', '?')} has an empty size {width}x{height}.")
-    return width, height
+        return declared_mask_size(item.get("original_width"), item.get("original_height"), max_pixels=max_pixels,
+                                  what=f"Brush region {_region_name(item)}")
+    except RequestLimitError as exc:
+        raise TrimapError(exc.message) from None
 
 
-def _region_mask(item: dict, size: tuple[int, int]) -> np.ndarray:
+def _region_name(item: dict) -> str:
+    region_id = item.get("id", "?")
+    return repr(region_id)[:40] if not isinstance(region_id, str) else region_id[:40]
+
+
+def _region_labels(item: dict) -> list[str | None]:
+    labels = item["value"].get("brushlabels")
+    if labels is None or labels == []:
+        return [None]
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise TrimapError(f"Brush region {_region_name(item)}: brushlabels must be a list of label names.")
+    return labels
+
+
+def _region_mask(item: dict, size: tuple[int, int], max_pixels: int) -> np.ndarray:
     value = item["value"]
     if value.get("format", "rle") != "rle" or not isinstance(value.get("rle"), list):
-        raise TrimapError(f"Brush region {item.get('id', '?')} is not in Label Studio's RLE format.")
-    width, height = _region_size(item)
-    mask = decode_rle(value["rle"], height, width)
+        raise TrimapError(f"Brush region {_region_name(item)} is not in Label Studio's RLE format.")
+    width, height = _region_size(item, max_pixels)
+    mask = decode_rle(value["rle"], height, width, max_pixels=max_pixels)
     if (width, height) != size:
         # Label Studio measured the image differently (EXIF rotation, replaced file): percentages hold.
         logger.warning("brush mask of %dx%d for a %dx%d image; resizing", width, height, *size)
@@ -172,12 +185,13 @@ def boundary_band(foreground: np.ndarray, width: int) -> np.ndarray:
 
 def annotation_to_trimap(
     result: Sequence[dict], *, size: tuple[int, int] | None = None, roles: LabelRoles = LabelRoles(),
-    boundary_width: int = 4,
+    boundary_width: int = 4, max_pixels: int = DEFAULT_MAX_MASK_PIXELS,
 ) -> np.ndarray:
     """A (height, width) uint8 trimap from an annotation's ``result`` list.
 
     ``size`` is the (width, height) of the image the trimap must match (default: the brush
-    regions' ``original_width``/``original_height``). Raises :class:`TrimapError` (or the brush
+    regions' ``original_width``/``original_height``); no region may declare more than ``max_pixels``
+    (checked before decoding). Raises :class:`TrimapError` (or the brush
     codec's ``InvalidRLEError``) when there is no usable brush region or one is malformed.
     """
     if not isinstance(result, list):
@@ -186,7 +200,7 @@ def annotation_to_trimap(
     if not brushes:
         raise TrimapError("The annotation has no brush region (only keypoints/rectangles or nothing).")
     if size is None:
-        sizes = {_region_size(item) for item in brushes}
+        sizes = {_region_size(item, max_pixels) for item in brushes}
         if len(sizes) > 1:
             raise TrimapError(f"Brush regions disagree about the image size: {sorted(sizes)}.")
         size = sizes.pop()
@@ -194,12 +208,12 @@ def annotation_to_trimap(
     trimap = np.full((height, width), TrimapValue.BACKGROUND, np.uint8)
     used, boundary_painted = 0, False
     for item in brushes:
-        labels = item["value"].get("brushlabels") or [None]
+        labels = _region_labels(item)
         role = next((r for r in map(roles.role, labels) if r is not None), None)
         if role is None:
             logger.debug("ignoring brush region with labels %s", labels)
             continue
-        trimap[_region_mask(item, size)] = role
+        trimap[_region_mask(item, size, max_pixels)] = role
         boundary_painted |= role == TrimapValue.BOUNDARY
         used += 1
     if not used:
@@ -211,4 +225,4 @@ def annotation_to_trimap(
 
 
 def _labels_seen(brushes: Iterable[dict]) -> list[str]:
-    return sorted({str(label) for item in brushes for label in item["value"].get("brushlabels") or []})
+    return sorted({str(label) for item in brushes for label in _region_labels(item) if label is not None})

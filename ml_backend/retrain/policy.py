@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ml_backend.retrain.state import ProjectState
+from ml_backend.security.limits import project_id
 from ml_backend.settings import Settings
 from ml_backend.trimaps import has_brush_result, is_accepted
 
@@ -17,17 +18,8 @@ DELETION_EVENTS = frozenset({"ANNOTATION_DELETED", "ANNOTATIONS_DELETED"})
 
 
 def project_key(value: object) -> str | None:
-    """A project's id as a string from a webhook's ``project`` (object or id) or ``/setup``'s ``"<id>.<ts>"``."""
-    if isinstance(value, dict):
-        value = value.get("id")
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return str(value) if value >= 0 else None
-    if isinstance(value, str):
-        head = value.strip().split(".", 1)[0]
-        return head if head.isdigit() else None
-    return None
+    """A project's canonical id from a webhook's ``project`` (object or id) or ``/setup``'s ``"<id>.<ts>"``."""
+    return project_id(value)
 
 
 def _annotations(payload: dict) -> list:
