@@ -73,7 +73,18 @@ def webhook_secret(settings: Settings) -> str | None:
 
 
 def _equal(given: bytes, expected: str) -> bool:
-    return hmac.compare_digest(given, expected.encode())
+    """Constant-time comparison with ``expected`` as UTF-8 or as Latin-1 bytes.
+
+    requests (and so Label Studio) encodes basic-auth credentials as Latin-1, curl and browsers
+    as UTF-8: a non-ASCII password must work from both.
+    """
+    encodings = [expected.encode("utf-8")]
+    try:
+        encodings.append(expected.encode("latin-1"))
+    except UnicodeEncodeError:
+        pass
+    matches = [hmac.compare_digest(given, candidate) for candidate in encodings]
+    return any(matches)
 
 
 def basic_credentials(header: str | None) -> tuple[bytes, bytes] | None:
