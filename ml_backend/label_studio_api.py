@@ -1,4 +1,8 @@
-"""Read-only calls to Label Studio's REST API (exports, project configs, task lists)."""
+"""Read-only calls to Label Studio's REST API (exports, project configs, task lists).
+
+Every call goes through :class:`~ml_backend.security.urls.UrlPolicy`: only to Label Studio's
+own origin, only ``/api/`` paths built here, never following a redirect.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import Any
 import requests
 
 from ml_backend.errors import BackendError
+from ml_backend.security.urls import UrlPolicy, URLRefused, failure_reason
 
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 600.0  # Label Studio builds a large project's export while we wait
@@ -27,21 +32,27 @@ def api_get(url: str, token: str, path: str, params: dict | None = None) -> Any:
     if not url or not token:
         raise LabelStudioAPIError("Label Studio's URL and API token are unknown: set LABEL_STUDIO_URL and "
                                   "LABEL_STUDIO_API_KEY, or connect the backend from the project so /setup tells it.")
-    target = url.rstrip("/") + path
-    with requests.Session() as session:
+    try:
+        policy = UrlPolicy(url)
+        target = policy.api_target(path)
+    except URLRefused as exc:
+        raise LabelStudioAPIError(exc.message) from exc
+    with policy.session() as session:
         try:
-            auth = LabelStudioAuth(url, token, session, timeout_s=CONNECT_TIMEOUT_S)
-            response = session.get(target, params=params, headers=auth.header(),
+            auth = LabelStudioAuth(policy, token, session, timeout_s=CONNECT_TIMEOUT_S)
+            response = policy.send(session, "GET", target, authorization=auth.header, params=params,
                                    timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S))
-        except (requests.RequestException, BackendError) as exc:
-            raise LabelStudioAPIError(f"cannot reach Label Studio at {target}: {exc}") from exc
+        except requests.RequestException as exc:
+            raise LabelStudioAPIError(f"cannot reach Label Studio at {target.url}: {failure_reason(exc)}") from exc
+        except BackendError as exc:
+            raise LabelStudioAPIError(f"cannot reach Label Studio at {target.url}: {exc.message}") from exc
     if response.status_code != 200:
         raise LabelStudioAPIError(
-            f"Label Studio answered HTTP {response.status_code} for {target}: {response.text[:200]}")
+            f"Label Studio answered HTTP {response.status_code} for {target.url}: {response.text[:200]}")
     try:
         return response.json()
     except ValueError as exc:
-        raise LabelStudioAPIError(f"Label Studio's answer from {target} is not JSON") from exc
+        raise LabelStudioAPIError(f"Label Studio's answer from {target.url} is not JSON") from exc
 
 
 def iter_project_tasks(url: str, token: str, project: int, *, limit: int | None = None) -> Iterator[dict]:

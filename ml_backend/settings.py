@@ -108,6 +108,8 @@ class Settings:
     foreground_labels: tuple[str, ...] = ()  # empty: every brush label that is not background/boundary
     background_labels: tuple[str, ...] = ("background",)
     boundary_labels: tuple[str, ...] = ("boundary", "border", "edge")
+    # --- image input bounds (trust, issue 9) ---
+    max_image_mb: int = 256  # decoded RGB bytes (width x height x 3), checked before decoding
     # --- trust: who may call, what a request may hold (SECURITY.md) ---
     allow_unauthenticated: bool = False  # serve a non-loopback HOST without basic auth, deliberately
     webhook_secret: str = ""  # empty: derived from BASIC_AUTH_USER/BASIC_AUTH_PASS
@@ -161,6 +163,8 @@ class Settings:
             foreground_labels=tuple(n.lower() for n in _list(env, "FOREGROUND_LABELS", d.foreground_labels)),
             background_labels=tuple(n.lower() for n in _list(env, "BACKGROUND_LABELS", d.background_labels)),
             boundary_labels=tuple(n.lower() for n in _list(env, "BOUNDARY_LABELS", d.boundary_labels)),
+            # image input bounds (trust, issue 9)
+            max_image_mb=_int(env, "MAX_IMAGE_MB", d.max_image_mb),
             allow_unauthenticated=_bool(env, "ALLOW_UNAUTHENTICATED", d.allow_unauthenticated),
             webhook_secret=_str(env, "WEBHOOK_SECRET"),
             max_request_mb=_int(env, "MAX_REQUEST_MB", d.max_request_mb),
@@ -190,6 +194,10 @@ class Settings:
     @property
     def embedding_cache_bytes(self) -> int:
         return self.embedding_cache_mb * 1024 * 1024
+
+    @property
+    def max_image_bytes(self) -> int:
+        return self.max_image_mb * 1024 * 1024
 
     @property
     def basic_auth(self) -> bool:

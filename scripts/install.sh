@@ -30,7 +30,7 @@ log "installing runtime dependencies"
 
 if [ "$WITH_TEST" = 1 ]; then
     log "installing test tools (pip's complaint that keras-hub lacks tensorflow-text is expected: we never use it)"
-    "${PIP[@]}" "pytest>=8" pytest-timeout pyyaml hypothesis
+    "${PIP[@]}" "pytest>=8" pytest-timeout pyyaml "hypothesis>=6.100"
     "${PIP[@]}" --no-deps "segment-anything==1.0"
     "${PIP[@]}" "label-studio-sdk==2.1.2"
     if [ ! -x .venv-ls/bin/label-studio ]; then

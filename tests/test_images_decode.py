@@ -8,11 +8,14 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image, ImageFile
 
 import ml_backend  # noqa: F401  (sets the Keras backend before anything else)
 from ml_backend.errors import InvalidImageError
 from ml_backend.images import decode_image, load_image_file
+from ml_backend.images.decode import FORMATS
 
 LIMIT = 10_000_000
 
@@ -213,3 +216,136 @@ def test_load_image_file_reads_and_names_the_file(tmp_path):
     bad.write_bytes(b"nope")
     with pytest.raises(InvalidImageError, match="bad.png: not an image"):
         load_image_file(bad, max_pixels=LIMIT)
+
+
+# --- decoded bytes and formats (issue 9) ---
+
+
+@pytest.fixture
+def no_decoding(monkeypatch):
+    """Fail the test if any pixel data is decoded."""
+
+    def load(self):
+        raise AssertionError("pixel data was decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+
+
+def test_decoded_bytes_are_bounded_from_the_header(no_decoding):
+    one_bit = encode(Image.new("1", (10_000, 10_000)))  # the issue's 12 KB PNG that became GiBs
+    assert len(one_bit) < 16_000
+    for data in (one_bit, png(10_000, 10_000, 1, 0, None)):  # real pixel data, or none at all
+        with pytest.raises(InvalidImageError, match=r"10000x10000 would decode to 286 MiB .* 256 MiB \(MAX_IMAGE_MB\)"):
+            decode_image(data, max_pixels=10**8, max_bytes=256 * 2**20, source="bomb.png")
+
+
+def test_decoded_byte_limit_admits_what_fits_and_defaults_to_the_pixel_limit():
+    assert decode(encode(Image.new("RGB", (20, 10))), max_bytes=600).shape == (10, 20, 3)
+    with pytest.raises(InvalidImageError, match="MAX_IMAGE_MB"):
+        decode(encode(Image.new("RGB", (20, 10))), max_bytes=599)
+    assert decode(encode(Image.new("L", (20, 10))), max_pixels=200).shape == (10, 20, 3)  # 600 bytes implied
+
+
+def _saved(fmt: str, mode: str = "RGB", **kwargs) -> bytes:
+    return encode(Image.new(mode, (8, 6), (200, 100, 50) if mode == "RGB" else 1), fmt, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        _saved("PNG"), _saved("JPEG"), _saved("WEBP", lossless=True), _saved("GIF"), _saved("BMP"), _saved("TIFF"),
+        _saved("TIFF", compression="tiff_lzw"), _saved("MPO"),  # a phone's multi-picture JPEG
+    ],
+)
+def test_common_raster_formats_are_decoded(data):
+    out = decode(data)
+    assert out.shape == (6, 8, 3)
+    assert np.abs(out.astype(int) - [200, 100, 50]).max() <= 8 or Image.open(io.BytesIO(data)).format == "GIF"
+
+
+def test_multi_frame_files_give_their_first_frame():
+    frames = [Image.new("RGB", (4, 4), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    for fmt, options in (("GIF", {}), ("TIFF", {}), ("WEBP", {"lossless": True})):
+        buf = io.BytesIO()
+        frames[0].save(buf, fmt, save_all=True, append_images=frames[1:], **options)
+        assert decode(buf.getvalue())[0, 0].tolist() == [255, 0, 0], fmt
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "TGA", "ICO", "PCX", "SGI", "IM", "DDS", "QOI", "EPS", "ICNS", "XBM", "SPIDER", "PDF"])
+def test_other_formats_are_refused(fmt):
+    data = _saved(fmt, "1" if fmt == "XBM" else "RGB")
+    with pytest.raises(InvalidImageError, match="not an image in a supported format"):
+        decode_image(data, max_pixels=LIMIT, source="x")
+    assert fmt not in FORMATS
+
+
+# --- fuzzing: only InvalidImageError ever escapes, and what is returned is within the limits ---
+
+FUZZ_PIXELS = 64 * 64
+FUZZ_BYTES = FUZZ_PIXELS * 3
+
+
+def _seed_images() -> list[bytes]:
+    rng = np.random.default_rng(7)
+    rgb = Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8))
+    seeds = [encode(rgb, fmt) for fmt in ("PNG", "JPEG", "BMP", "TIFF", "GIF")]
+    seeds += [encode(rgb, "WEBP", lossless=True), encode(rgb.convert("RGBA"), "PNG"), encode(rgb.convert("P"), "GIF")]
+    seeds += [encode(rgb.convert("CMYK"), "JPEG"), encode(rgb.convert("L"), "TIFF", compression="tiff_lzw")]
+    seeds += [encode(Image.fromarray(rng.integers(0, 2**16, (6, 5), dtype=np.uint16)), "TIFF")]
+    seeds += [encode(Image.fromarray(rng.random((6, 5), dtype=np.float32), "F"), "TIFF")]
+    seeds += [encode(Image.new("1", (9, 7)), "PNG"), _exif_jpeg(6), png(3, 3, 16, 2, b"\x00" + b"\x12" * 18 * 3)]
+    seeds += [png(70_000, 3, 8, 2, None), png(3, 3, 8, 6, b"\x00" * 40)]  # huge claim; short data
+    return seeds
+
+
+SEEDS = _seed_images()
+EDITS = st.lists(
+    st.tuples(st.sampled_from(["set", "insert", "delete", "truncate", "int32"]), st.integers(0, 4096),
+              st.binary(min_size=1, max_size=4)),
+    max_size=4,
+)
+
+
+def _mutate(data: bytes, edits) -> bytes:
+    out = bytearray(data)
+    for op, position, payload in edits:
+        at = position % (len(out) + 1)
+        if op == "set":
+            out[at : at + len(payload)] = payload
+        elif op == "insert":
+            out[at:at] = payload
+        elif op == "delete":
+            del out[at : at + len(payload) * 8]
+        elif op == "truncate":
+            del out[at:]
+        else:  # a size or offset field set to something large
+            out[at : at + 4] = struct.pack(">I", 0x7FFF0000 | int.from_bytes(payload, "big") & 0xFFFF)
+    return bytes(out)
+
+
+def _assert_decodes_within_limits_or_refuses(data: bytes) -> None:
+    try:
+        out = decode_image(data, max_pixels=FUZZ_PIXELS, max_bytes=FUZZ_BYTES, source="fuzz")
+    except InvalidImageError as exc:
+        assert exc.message.startswith("fuzz: ")
+        return
+    assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3 and out.flags.c_contiguous
+    assert out.nbytes <= FUZZ_BYTES and min(out.shape[:2]) >= 2
+
+
+# Pillow warns (once per place) about the corrupt files it reads leniently: expected here.
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(SEEDS), EDITS)
+def test_fuzz_mutated_images(seed, edits):
+    _assert_decodes_within_limits_or_refuses(_mutate(seed, edits))
+
+
+MAGICS = [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"RIFF\x00\x00\x00\x00WEBPVP8 ", b""]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@settings(max_examples=600, deadline=None)
+@given(st.sampled_from(MAGICS), st.binary(max_size=300))
+def test_fuzz_random_bytes_behind_a_magic_number(magic, tail):
+    _assert_decodes_within_limits_or_refuses(magic + tail)

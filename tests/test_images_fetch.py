@@ -20,7 +20,7 @@ from PIL import Image
 import ml_backend  # noqa: F401  (sets the Keras backend before anything else)
 from ml_backend.errors import ImageFetchError, InvalidImageError
 from ml_backend.images import DownloadCache, ImageLoader
-from ml_backend.images.sources import host_allowed
+from ml_backend.security.urls import host_allowed
 from ml_backend.settings import Settings
 
 MiB = 1024 * 1024
@@ -288,7 +288,7 @@ def test_redirect_to_a_host_not_allowed_is_refused(tmp_path, server):
     assert not [s for s in server.seen if s.host.startswith("localhost")]
 
 
-def test_presign_redirect_may_go_to_cloud_host_without_credentials(tmp_path, server):
+def test_presign_redirect_may_go_to_cloud_host_without_credentials(tmp_path, server, monkeypatch):
     def presign(handler):
         fileuri = parse_qs(urlsplit(handler.path).query)["fileuri"][0]
         assert base64.urlsafe_b64decode(fileuri).decode() == "s3://bucket/k.png"
@@ -297,16 +297,36 @@ def test_presign_redirect_may_go_to_cloud_host_without_credentials(tmp_path, ser
     server.routes["GET", "/tasks/5/presign/"] = presign
     server.routes["GET", "/tasks/5/resolve/"] = presign
     server.routes["GET", "/bucket/k.png"] = lambda h: reply(h, 200, png_bytes((9, 9, 9)))
-    loader = make_loader(tmp_path, server)  # no ALLOWED_HOSTS: the target is trusted because LS chose it
+    # No ALLOWED_HOSTS: the target is trusted because Label Studio chose it, but it must be a public
+    # address, and "localhost" is loopback: refused at connection time, before any byte is sent.
+    loader = make_loader(tmp_path, server)
+    with pytest.raises(ImageFetchError, match="127.0.0.1, which is not a public address") as info:
+        loader.load("s3://bucket/k.png", task_id=5)
+    assert "s3cr3t" not in str(info.value)
+    assert server.hits("/bucket/k.png") == []
+    # Pretend loopback is public (a cloud host here would be): the chain completes, without the token.
+    monkeypatch.setattr("ml_backend.security.urls.is_public_address", lambda address: True)
     assert loader.load("s3://bucket/k.png", task_id=5)[0, 0].tolist() == [9, 9, 9]
     as_sent = f"{server.ls_url}/tasks/5/resolve/?fileuri=" + base64.urlsafe_b64encode(b"s3://bucket/k.png").decode()
     assert loader.load(as_sent)[0, 0].tolist() == [9, 9, 9]  # the form Label Studio 1.23 puts in tasks
-    assert server.hits("/tasks/5/presign/")[0].auth == f"Token {LEGACY}"
+    assert all(hit.auth == f"Token {LEGACY}" for hit in server.hits("/tasks/5/presign/"))
     assert server.hits("/tasks/5/resolve/")[0].auth == f"Token {LEGACY}"
     cloud = server.hits("/bucket/k.png")
     assert len(cloud) == 2 and all(c.host.startswith("localhost") and c.auth is None for c in cloud)
     with pytest.raises(ImageFetchError, match="task id"):
         loader.load("s3://bucket/k.png")
+
+
+def test_presign_redirect_to_a_listed_private_host(tmp_path, server):
+    """A private object store (e.g. MinIO next to Label Studio) is reached when listed in ALLOWED_HOSTS."""
+    server.routes["GET", "/tasks/5/resolve/"] = lambda h: reply(
+        h, 303, headers={"Location": f"{server.other_url}/bucket/k.png?X-Amz-Signature=s3cr3t"}
+    )
+    server.routes["GET", "/bucket/k.png"] = lambda h: reply(h, 200, png_bytes((9, 9, 9)))
+    loader = make_loader(tmp_path, server, allowed_hosts=("localhost",))
+    assert loader.load("/tasks/5/resolve/?fileuri=czM6Ly9idWNrZXQvay5wbmc=")[0, 0].tolist() == [9, 9, 9]
+    (cloud,) = server.hits("/bucket/k.png")
+    assert cloud.auth is None
 
 
 # --- limits ---

@@ -5,6 +5,8 @@ Label Studio 1.23 has two kinds of API key. A legacy token is sent as
 token: it is exchanged at ``POST /api/token/refresh/`` (``{"refresh": pat}`` ->
 ``{"access": jwt}``) for a short-lived access token sent as ``Bearer``; we exchange
 again shortly before the access token's ``exp`` and whenever Label Studio answers 401.
+The exchange goes only to Label Studio's own origin, through :class:`UrlPolicy`, which
+also decides which requests :meth:`LabelStudioAuth.header` is attached to.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from datetime import datetime, timezone
 import requests
 
 from ml_backend.errors import ImageFetchError
+from ml_backend.security.urls import UrlPolicy, failure_reason
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +46,14 @@ def jwt_claims(token: str) -> dict | None:
 
 
 class LabelStudioAuth:
-    """The ``Authorization`` header for one Label Studio server and one API key; thread-safe."""
+    """The ``Authorization`` header for one Label Studio server and one API key; thread-safe.
 
-    def __init__(self, base_url: str, token: str, session: requests.Session, *, timeout_s: float) -> None:
-        self._base_url = base_url.rstrip("/")
+    Pass :meth:`header` to :meth:`UrlPolicy.send` as ``authorization``: the policy calls it only
+    for requests that may carry the token.
+    """
+
+    def __init__(self, policy: UrlPolicy, token: str, session: requests.Session, *, timeout_s: float) -> None:
+        self._policy = policy
         self._token = token
         self._session = session
         self._timeout_s = timeout_s
@@ -83,14 +90,15 @@ class LabelStudioAuth:
             raise ImageFetchError(
                 f"the Label Studio personal access token expired at {expired}: create a new one and set LABEL_STUDIO_API_KEY"
             )
-        url = self._base_url + REFRESH_PATH
+        target = self._policy.api_target(REFRESH_PATH)
+        url = target.url
         try:
-            response = self._session.post(
-                url, json={"refresh": self._token}, timeout=self._timeout_s, allow_redirects=False
+            response = self._policy.send(
+                self._session, "POST", target, json={"refresh": self._token}, timeout=self._timeout_s
             )
         except requests.RequestException as exc:
             raise ImageFetchError(
-                f"cannot reach Label Studio at {url} to exchange the personal access token ({exc})"
+                f"cannot reach Label Studio at {url} to exchange the personal access token ({failure_reason(exc)})"
             ) from exc
         with response:
             if response.status_code != 200:

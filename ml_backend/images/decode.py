@@ -3,6 +3,13 @@
 The official predictor reads images with OpenCV (``cv2.imread`` + BGR->RGB): alpha is
 dropped (not composited), 16-bit samples are reduced to 8 bits by their high byte, and
 we add what OpenCV does not do but Label Studio's display does: EXIF orientation.
+
+Only the common raster formats are opened (:data:`FORMATS`: PNG, JPEG, WebP, GIF, BMP,
+TIFF); Pillow's other parsers (PSD, EPS via Ghostscript, ICNS, PCX, SGI, FITS...) are
+never reached with outside bytes. Multi-frame files (GIF, animated WebP/PNG, multi-page
+TIFF) give their first frame. Before any pixel is decoded, the header's size is checked
+against ``max_pixels`` and the RGB result's size (width x height x 3 bytes) against
+``max_bytes``, so a few kilobytes declaring a huge image cost nothing.
 """
 
 from __future__ import annotations
@@ -17,27 +24,38 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ml_backend.errors import InvalidImageError
 
 MIN_SIDE = 2
+# Pillow format ids (JPEG also opens phones' MPO files, whose first picture is the photo).
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+RGB_BYTES_PER_PIXEL = 3
 
 
-def decode_image(data: bytes, *, max_pixels: int, source: str = "image") -> np.ndarray:
+def decode_image(
+    data: bytes, *, max_pixels: int, max_bytes: int | None = None, source: str = "image"
+) -> np.ndarray:
     """Decode ``data`` to a C-contiguous (H, W, 3) uint8 RGB array, EXIF orientation applied.
 
-    The pixel count is checked from the header, before any pixel is decoded, so a small
-    file claiming a huge size (a decompression bomb) costs nothing.
+    The pixel count and the RGB result's byte size are checked from the header, before any
+    pixel is decoded, so a small file claiming a huge size (a decompression bomb) costs
+    nothing. ``max_bytes`` defaults to what ``max_pixels`` implies (3 bytes a pixel).
 
     Raises:
         InvalidImageError: naming ``source`` and the problem, for empty bytes, non-images,
-            truncated or corrupt files, images under 2 pixels a side or over ``max_pixels``.
+            formats outside :data:`FORMATS`, truncated or corrupt files, images under 2 pixels
+            a side, over ``max_pixels`` or over ``max_bytes``.
     """
+    if max_bytes is None:
+        max_bytes = max_pixels * RGB_BYTES_PER_PIXEL
     if not data:
         raise InvalidImageError(f"{source}: empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             # Our own max_pixels check replaces Pillow's warning; its hard error is caught below.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError as exc:
-        raise InvalidImageError(f"{source}: not an image (unrecognised format, {len(data)} bytes)") from exc
+        raise InvalidImageError(
+            f"{source}: not an image in a supported format ({', '.join(FORMATS)}; {len(data):,} bytes)"
+        ) from exc
     except Image.DecompressionBombError as exc:
         raise InvalidImageError(f"{source}: image too large, refused as a decompression bomb ({exc})") from exc
     except Exception as exc:  # Pillow's header parsers raise many types on malformed input
@@ -49,6 +67,11 @@ def decode_image(data: bytes, *, max_pixels: int, source: str = "image") -> np.n
             raise InvalidImageError(
                 f"{source}: {width}x{height} = {width * height:,} pixels exceeds the limit of "
                 f"{max_pixels:,} (MAX_IMAGE_PIXELS)"
+            )
+        if width * height * RGB_BYTES_PER_PIXEL > max_bytes:
+            raise InvalidImageError(
+                f"{source}: {width}x{height} would decode to {width * height * RGB_BYTES_PER_PIXEL / 2**20:,.0f} MiB "
+                f"of RGB, over the limit of {max_bytes / 2**20:,.0f} MiB (MAX_IMAGE_MB)"
             )
         if min(width, height) < MIN_SIDE:
             raise InvalidImageError(
@@ -65,14 +88,14 @@ def decode_image(data: bytes, *, max_pixels: int, source: str = "image") -> np.n
             raise InvalidImageError(f"{source}: unsupported colour mode {oriented.mode!r} ({exc})") from exc
 
 
-def load_image_file(path: str | Path, *, max_pixels: int) -> np.ndarray:
+def load_image_file(path: str | Path, *, max_pixels: int, max_bytes: int | None = None) -> np.ndarray:
     """Read and decode an image file (for the CLI); errors name the file."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise InvalidImageError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
-    return decode_image(data, max_pixels=max_pixels, source=str(path))
+    return decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes, source=str(path))
 
 
 def _to_rgb_array(image: Image.Image) -> np.ndarray:

@@ -1,36 +1,31 @@
-"""Image bytes from wherever Label Studio keeps them, under size, time and host limits.
+"""Image bytes from wherever Label Studio keeps them, under size and time limits.
 
 Sources, in the order they are recognised:
 
 * ``data:`` URIs (base64 or percent-encoded);
 * ``file:`` URLs and bare absolute paths, only inside ``LOCAL_FILES_DOCUMENT_ROOT``;
-* Label Studio local-files URLs (``/data/local-files/?d=...``, relative or absolute):
-  read straight from disk when the document root is set and holds the file, otherwise
-  fetched from Label Studio;
-* Label Studio's cloud-storage endpoints (``/tasks/<id>/resolve/?fileuri=...``, as
-  Label Studio 1.23 sends cloud images, or the older ``/presign/``), and raw cloud URIs
-  (``s3://``, ``gs://``, ``azure-blob://``) given with a task id, which are turned into one;
-* paths relative to Label Studio (``/data/upload/...``, ``/tasks/...``, ``/projects/...``,
-  ``/api/...``): prefixed with the Label Studio URL;
-* absolute ``http(s)`` URLs: to Label Studio's origin (sent with its API key), or to a
-  host in ``ALLOWED_HOSTS`` (sent without any credentials); anything else is refused.
+* raw cloud URIs (``s3://``, ``gs://``, ``azure-blob://``) given with a task id, turned into
+  Label Studio's ``/tasks/<id>/presign/?fileuri=...``;
+* everything else is an http(s) URL, absolute or relative to Label Studio, and goes through
+  :class:`~ml_backend.security.urls.UrlPolicy`, which alone decides whether it may be
+  requested, whether it carries the API key (only Label Studio's media paths on its own
+  origin do) and where each redirect may go. A Label Studio local-files URL
+  (``/data/local-files/?d=...``) is read straight from disk when the document root is set
+  and holds the file.
 
-Redirects are followed by hand (at most ``MAX_REDIRECTS``) and each target is checked
-again: Label Studio's origin, the current origin and allowed hosts are accepted, and
-so is *any* http(s) host when the redirect comes from Label Studio's own resolve/presign
-endpoint (a 303): Label Studio, which we authenticated to, chose that target, and it is a
-presigned cloud URL (S3, GCS, Azure) that carries its own signature. Credentials are
-never sent outside Label Studio's origin. Downloads over HTTP are cached on disk.
+Redirects are followed here, one hop at a time (at most ``MAX_REDIRECTS``), each re-checked
+by the policy. Downloads over HTTP are cached on disk under the checked URL; only what the
+policy admitted is ever fetched, so only media is cached.
 """
 
 from __future__ import annotations
 
-import http.cookiejar
 import logging
+import re
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
 
 import numpy as np
 import requests
@@ -45,13 +40,9 @@ from ml_backend.images.sources import (
     cloud_presign_path,
     contained_path,
     decode_data_uri,
-    describe,
     file_url_path,
-    host_allowed,
-    is_presign_endpoint,
-    local_files_param,
-    origin,
 )
+from ml_backend.security.urls import Target, UrlPolicy, URLRefused, describe, failure_reason
 from ml_backend.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,9 +50,17 @@ log = logging.getLogger(__name__)
 MAX_REDIRECTS = 5
 CONNECT_TIMEOUT_S = 10.0
 CHUNK_BYTES = 64 * 1024
-MAX_AUTH_ENTRIES = 16
-USER_AGENT = "sam-trimap-backend (Label Studio ML backend)"
+MAX_ROUTES = 16  # Label Studio URLs (and API keys) remembered at once
 _REDIRECTS = {301, 302, 303, 307, 308}
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+
+
+@dataclass(frozen=True)
+class _Route:
+    """The URL policy for one Label Studio URL and the session that enforces it."""
+
+    policy: UrlPolicy
+    session: requests.Session
 
 
 class ImageLoader:
@@ -76,15 +75,16 @@ class ImageLoader:
             if cache is not None
             else DownloadCache(settings.image_cache_dir, settings.image_cache_mb * 1024 * 1024)
         )
-        self._session = requests.Session()
-        self._session.headers["User-Agent"] = USER_AGENT
-        # No cookie state: each request stands alone, and nothing leaks between hosts or threads.
-        self._session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+        self._routes: dict[str, _Route] = {}
         self._auths: dict[tuple[str, str], LabelStudioAuth] = {}
-        self._auth_lock = threading.Lock()
+        self._lock = threading.Lock()
 
     def close(self) -> None:
-        self._session.close()
+        with self._lock:
+            for route in self._routes.values():
+                route.session.close()
+            self._routes.clear()
+            self._auths.clear()
 
     def load(
         self, url: str, *, label_studio_url: str | None = None, token: str | None = None, task_id: int | None = None
@@ -96,99 +96,73 @@ class ImageLoader:
         raw cloud URIs. Raises ImageFetchError or InvalidImageError, nothing else.
         """
         data = self.fetch_bytes(url, label_studio_url=label_studio_url, token=token, task_id=task_id)
-        return decode_image(data, max_pixels=self._settings.max_image_pixels, source=describe(url))
+        return decode_image(
+            data,
+            max_pixels=self._settings.max_image_pixels,
+            max_bytes=self._settings.max_image_bytes,
+            source=describe(url),
+        )
 
     def fetch_bytes(
         self, url: str, *, label_studio_url: str | None = None, token: str | None = None, task_id: int | None = None
     ) -> bytes:
         """The raw bytes at ``url`` (same arguments and errors as :meth:`load`)."""
         if not isinstance(url, str) or not url.strip():
-            raise ImageFetchError(f"no image URL in the task (got {url!r})")
+            raise ImageFetchError(f"no image URL in the task (got {describe(url) if url else url!r})")
         url = url.strip()
-        if url.startswith("data:"):
+        if url[:5].lower() == "data:":
             return decode_data_uri(url, max_bytes=self._max_bytes)
         ls_url = (label_studio_url or self._settings.label_studio_url).strip().rstrip("/")
+        root = self._settings.local_files_document_root
         try:
-            local = self._local_path(url)
-            if local is not None:
-                return self._read_file(local, url)
-            absolute = self._absolute_url(url, ls_url, task_id)
-            cached = self._cache.get(absolute)
-            if cached is not None:
-                log.debug("image cache hit for %s", describe(absolute))
-                return cached
-            key = token or self._settings.label_studio_api_key
-            auth = self._auth_for(ls_url, key) if ls_url and key else None
-            data = self._download(absolute, ls_url, auth)
-        except ValueError as exc:  # urllib's parsers on malformed URLs or redirect targets (bad IPv6, NUL bytes...)
+            match = _SCHEME.match(url)
+            scheme = match.group(1).lower() if match else ""
+            if scheme == "file":
+                return self._read_file(contained_path(file_url_path(url), root, what=describe(url)), url)
+            if scheme in CLOUD_SCHEMES:
+                url = cloud_presign_path(url, task_id)
+            elif url.startswith("upload/"):  # label-studio-tools accepts this legacy form
+                url = "/data/" + url
+            if url.startswith("/") and not url.startswith(("//", *LABEL_STUDIO_PREFIXES)):
+                return self._read_file(contained_path(url, root, what=describe(url)), url)
+        except ValueError as exc:  # urllib's parsers on malformed file URLs (NUL bytes, bad hosts...)
             raise ImageFetchError(f"{describe(url)}: malformed URL ({exc})") from exc
-        self._cache.put(absolute, data)
+        route = self._route(ls_url)
+        target = route.policy.image_target(url)
+        if target.local_file is not None and root:
+            path = contained_path(target.local_file, root, what=describe(url))
+            if path.is_file():
+                return self._read_file(path, url)
+            # not on this disk: ask Label Studio
+        cached = self._cache.get(target.url)
+        if cached is not None:
+            log.debug("image cache hit for %s", describe(target.url))
+            return cached
+        key = token or self._settings.label_studio_api_key
+        auth = self._auth_for(route, ls_url, key) if route.policy.label_studio and key else None
+        data = self._download(route, target, auth, url)
+        self._cache.put(target.url, data)
         return data
 
-    # --- where the URL points ---
+    def _route(self, ls_url: str) -> _Route:
+        with self._lock:
+            route = self._routes.get(ls_url)
+            if route is None:
+                policy = UrlPolicy(ls_url, self._settings.allowed_hosts)  # refuses a malformed Label Studio URL
+                if len(self._routes) >= MAX_ROUTES:
+                    self._routes.pop(next(iter(self._routes))).session.close()
+                route = self._routes[ls_url] = _Route(policy, policy.session())
+            return route
 
-    def _local_path(self, url: str) -> Path | None:
-        """The file to read from disk for ``url``, or None when it must be fetched over HTTP."""
-        root = self._settings.local_files_document_root
-        scheme = urlsplit(url).scheme.lower()
-        if scheme == "file":
-            return contained_path(file_url_path(url), root, what=describe(url))
-        if url.startswith("/") or scheme in ("http", "https"):
-            relative = local_files_param(url)
-            if relative is not None:
-                if not root:
-                    return None
-                path = contained_path(relative, root, what=describe(url))
-                return path if path.is_file() else None  # not on this disk: ask Label Studio
-        if url.startswith("/") and not url.startswith(LABEL_STUDIO_PREFIXES):
-            return contained_path(url, root, what=describe(url))
-        return None
-
-    def _absolute_url(self, url: str, ls_url: str, task_id: int | None) -> str:
-        if url.startswith("upload/"):  # label-studio-tools accepts this legacy form
-            url = "/data/" + url
-        scheme = urlsplit(url).scheme.lower()
-        if scheme in CLOUD_SCHEMES:
-            url, scheme = cloud_presign_path(url, task_id), ""
-        if url.startswith("/"):
-            if not ls_url:
-                raise ImageFetchError(
-                    f"{describe(url)}: a Label Studio path, but the Label Studio URL is unknown: set LABEL_STUDIO_URL "
-                    "(or connect the backend from Label Studio, whose /setup call provides it)"
-                )
-            return ls_url + url
-        if scheme not in ("http", "https"):
-            raise ImageFetchError(
-                f"{describe(url)}: unsupported image URL (use http(s), data:, file: or a Label Studio path)"
-            )
-        if ls_url and origin(url) == origin(ls_url):
-            return url
-        host = urlsplit(url).hostname or ""
-        if host_allowed(host, self._settings.allowed_hosts):
-            return url
-        raise ImageFetchError(
-            f"{describe(url)}: host {host!r} is neither Label Studio's ({ls_url or 'LABEL_STUDIO_URL unset'}) "
-            "nor in ALLOWED_HOSTS; refused"
-        )
-
-    def _auth_for(self, ls_url: str, token: str) -> LabelStudioAuth:
-        with self._auth_lock:
+    def _auth_for(self, route: _Route, ls_url: str, token: str) -> LabelStudioAuth:
+        with self._lock:
             auth = self._auths.get((ls_url, token))
             if auth is None:
-                if len(self._auths) >= MAX_AUTH_ENTRIES:
+                if len(self._auths) >= MAX_ROUTES:
                     self._auths.pop(next(iter(self._auths)))
-                auth = LabelStudioAuth(ls_url, token, self._session, timeout_s=self._timeout_s)
+                auth = LabelStudioAuth(route.policy, token, route.session, timeout_s=self._timeout_s)
                 self._auths[(ls_url, token)] = auth
             return auth
-
-    def _redirect_allowed(self, target: str, current: str, ls_url: str) -> bool:
-        if urlsplit(target).scheme.lower() not in ("http", "https"):
-            return False
-        if origin(target) in {origin(current)} | ({origin(ls_url)} if ls_url else set()):
-            return True
-        if host_allowed(urlsplit(target).hostname or "", self._settings.allowed_hosts):
-            return True
-        return bool(ls_url) and origin(current) == origin(ls_url) and is_presign_endpoint(current)
 
     # --- reading ---
 
@@ -207,54 +181,58 @@ class ImageLoader:
         except OSError as exc:
             raise ImageFetchError(f"{describe(url)}: cannot read file ({exc.strerror or exc})") from exc
 
-    def _download(self, url: str, ls_url: str, auth: LabelStudioAuth | None) -> bytes:
+    def _download(self, route: _Route, target: Target, auth: LabelStudioAuth | None, url: str) -> bytes:
         deadline = time.monotonic() + self._timeout_s
-        current, reauthorised = url, False
+        current, reauthorised = target, False
         for _ in range(MAX_REDIRECTS + 2):  # redirects plus one retry after a token refresh
-            to_ls = bool(ls_url) and origin(current) == origin(ls_url)
-            headers = auth.header() if to_ls and auth is not None else {}
-            response = self._get(current, headers, deadline)
+            response = self._get(route, current, auth, deadline, url)
             status = response.status_code
             if status in _REDIRECTS:
                 response.close()
                 location = response.headers.get("Location", "")
-                if not location:
-                    raise ImageFetchError(f"{describe(url)}: HTTP {status} redirect without a Location")
-                target = urljoin(current, location)
-                if to_ls and origin(target) == origin(ls_url) and "/user/login" in urlsplit(target).path:
+                if current.label_studio and "/user/login" in location.split("?", 1)[0]:
                     raise ImageFetchError(f"{describe(url)}: Label Studio asks for a login: check LABEL_STUDIO_API_KEY")
-                if target == current or not self._redirect_allowed(target, current, ls_url):
-                    raise ImageFetchError(f"{describe(url)}: redirect to {describe(target)} refused (host not allowed)")
-                current = target
+                try:
+                    next_target = route.policy.redirect_target(current, location)
+                except URLRefused as exc:
+                    raise URLRefused(f"{describe(url)}: {exc.message}") from exc
+                if next_target.url == current.url:
+                    raise ImageFetchError(f"{describe(url)}: redirects to itself")
+                current = next_target
                 continue
-            if status == 401 and to_ls and auth is not None and auth.refreshable and not reauthorised:
+            if status == 401 and current.label_studio and auth is not None and auth.refreshable and not reauthorised:
                 response.close()
                 auth.invalidate()
                 reauthorised = True
                 continue
             if status >= 400:
                 response.close()
-                what = describe(url) if current == url else f"{describe(url)} (redirected to {describe(current)})"
-                raise _http_error(status, what, to_ls, with_key=auth is not None)
+                what = describe(url) if current == target else f"{describe(url)} (redirected to {describe(current.url)})"
+                raise _http_error(status, what, current.label_studio, with_key=auth is not None)
             return self._read_capped(response, url, deadline)
         raise ImageFetchError(f"{describe(url)}: more than {MAX_REDIRECTS} redirects")
 
-    def _get(self, url: str, headers: dict[str, str], deadline: float) -> requests.Response:
+    def _get(
+        self, route: _Route, target: Target, auth: LabelStudioAuth | None, deadline: float, url: str
+    ) -> requests.Response:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise _timeout(url, self._timeout_s)
         try:
-            return self._session.get(
-                url,
-                headers=headers,
+            return route.policy.send(
+                route.session,
+                "GET",
+                target,
+                authorization=auth.header if auth is not None else None,
                 stream=True,
-                allow_redirects=False,
                 timeout=(min(CONNECT_TIMEOUT_S, remaining), remaining),
             )
+        except URLRefused as exc:  # the connected address or the prepared request broke a rule
+            raise URLRefused(f"{describe(url)}: {exc.message}") from exc
         except requests.Timeout as exc:
             raise _timeout(url, self._timeout_s) from exc
         except requests.RequestException as exc:
-            raise ImageFetchError(f"{describe(url)}: cannot download ({type(exc).__name__}: {exc})") from exc
+            raise ImageFetchError(f"{describe(url)}: cannot download ({failure_reason(exc)})") from exc
 
     def _read_capped(self, response: requests.Response, url: str, deadline: float) -> bytes:
         too_big = f"{describe(url)}: download larger than {self._max_bytes:,} bytes (MAX_DOWNLOAD_MB); refused"
@@ -272,7 +250,8 @@ class ImageLoader:
                         raise _timeout(url, self._timeout_s)
             except requests.RequestException as exc:  # read timeouts surface here as ConnectionError
                 raise ImageFetchError(
-                    f"{describe(url)}: download interrupted or too slow (limit {self._timeout_s:g} s, DOWNLOAD_TIMEOUT_S): {exc}"
+                    f"{describe(url)}: download interrupted or too slow (limit {self._timeout_s:g} s, "
+                    f"DOWNLOAD_TIMEOUT_S): {failure_reason(exc)}"
                 ) from exc
         return bytes(body)
 

@@ -1,84 +1,24 @@
-"""Where an image URL points, and whether we may go there.
+"""What non-HTTP image sources mean: data URIs, file paths, cloud URIs.
 
-Pure functions, no I/O except resolving local paths: the loader decides *how* to read,
-this module decides *what* a URL means and refuses what it must not touch.
+Pure functions, no I/O except resolving local paths. Whether and how an http(s) URL may be
+requested, and with which credentials, is decided by :mod:`ml_backend.security.urls` only.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import re
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, unquote_to_bytes, urlsplit
+from urllib.parse import unquote, unquote_to_bytes, urlsplit
 from urllib.request import url2pathname
 
 from ml_backend.errors import ImageFetchError
+from ml_backend.security.urls import describe
 
-# Paths Label Studio serves relative to its own URL (uploads, local files, presign, API).
+# Relative paths under these prefixes are Label Studio's (the URL policy decides which it serves
+# with the token); any other absolute path is a file under LOCAL_FILES_DOCUMENT_ROOT.
 LABEL_STUDIO_PREFIXES = ("/data/", "/tasks/", "/projects/", "/api/", "/storage-data/")
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
-LOCAL_FILES_PATH = re.compile(r"/data/local-files/?$")
-# Label Studio 1.23 sends cloud images as /tasks/<id>/resolve/?fileuri=<base64>; /presign/ is the older alias.
-PRESIGN_PATH = re.compile(r"/(presign|resolve)/?$")
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def describe(url: str, *, limit: int = 160) -> str:
-    """A short, secret-free name for ``url`` in messages and logs.
-
-    Data URIs are cut to their header; query strings of foreign hosts are dropped
-    because presigned cloud URLs carry their signature there.
-    """
-    if url.startswith("data:"):
-        return url.split(",", 1)[0][:limit] + ",..."
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url[:limit]
-    if (
-        parts.scheme in _DEFAULT_PORTS
-        and parts.query
-        and not parts.path.rstrip("/").endswith(("/local-files", "/presign", "/resolve"))
-    ):
-        url = f"{parts.scheme}://{parts.netloc}{parts.path}?..."
-    return url if len(url) <= limit else url[: limit - 3] + "..."
-
-
-def origin(url: str) -> tuple[str, str, int]:
-    """(scheme, lower-case host, port) with the scheme's default port filled in."""
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError as exc:
-        raise ImageFetchError(f"{describe(url)}: malformed port in URL") from exc
-    return parts.scheme.lower(), (parts.hostname or "").lower(), port or _DEFAULT_PORTS.get(parts.scheme.lower(), 0)
-
-
-def host_allowed(host: str, patterns: tuple[str, ...]) -> bool:
-    """True when ``host`` equals a pattern or matches a ``*.domain`` pattern (any depth below it)."""
-    host = host.lower().rstrip(".")
-    for pattern in patterns:
-        pattern = pattern.lower().rstrip(".")
-        if pattern.startswith("*."):
-            if host.endswith(pattern[1:]):
-                return True
-        elif host == pattern:
-            return True
-    return False
-
-
-def is_presign_endpoint(url: str) -> bool:
-    return bool(PRESIGN_PATH.search(urlsplit(url).path))
-
-
-def local_files_param(url: str) -> str | None:
-    """The ``d=`` path of a Label Studio local-files URL (relative or absolute), else None."""
-    parts = urlsplit(url)
-    if not LOCAL_FILES_PATH.search(parts.path):
-        return None
-    values = parse_qs(parts.query).get("d")
-    return values[0] if values else None
 
 
 def decode_data_uri(uri: str, *, max_bytes: int) -> bytes:

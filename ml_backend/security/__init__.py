@@ -1,5 +1,9 @@
-"""The trust boundary: who may call the backend, where a URL may go, what a request may hold.
+"""Trust boundaries: each module here holds one kind of security rule, and nothing else decides it.
 
-One module per rule (``auth``, ``urls``, ``limits``, ``webhooks``); views and loaders call them and
-nothing else decides. SECURITY.md at the repository root states the threat model and the rules.
+* :mod:`ml_backend.security.urls`: where a URL goes, and whether it may carry Label Studio's token.
+* :mod:`ml_backend.security.auth`: who may call the backend (basic auth, the webhook secret, exposure).
+* :mod:`ml_backend.security.limits`: what a request may hold (sizes, counts, numbers, project ids).
+* :mod:`ml_backend.security.webhooks`: the webhook secret installed on Label Studio's side.
+
+SECURITY.md at the repository root states the threat model and the rules.
 """

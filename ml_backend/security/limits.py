@@ -27,7 +27,6 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from ml_backend.errors import BackendError
 from ml_backend.settings import Settings
@@ -207,22 +206,18 @@ MAX_URL_CHARS = 2048
 
 
 def setup_hostname(value: Any) -> str | None:
-    """``/setup``'s ``hostname``: an http(s) origin without credentials, or None when not sent.
+    """``/setup``'s ``hostname``: Label Studio's http(s) address as the URL policy accepts it
+    (:func:`ml_backend.security.urls.parse_label_studio_url`), or None when not sent."""
+    from ml_backend.security.urls import URLRefused, parse_label_studio_url
 
-    (Where a URL may then go, and with which token, is :mod:`ml_backend.security.urls`' rule.)
-    """
     if value is None or value == "":
         return None
-    if not isinstance(value, str) or len(value) > MAX_URL_CHARS or not value.isascii() or not value.isprintable():
+    if not isinstance(value, str) or len(value) > MAX_URL_CHARS:
         raise RequestLimitError("'hostname' must be Label Studio's http(s) address.")
     try:
-        parts = urlsplit(value)
-        host = parts.hostname
-    except ValueError:
-        host = None
-    if host is None or parts.scheme not in ("http", "https") or "@" in parts.netloc or "\\" in value:
-        raise RequestLimitError(f"'hostname' must be Label Studio's http(s) address without credentials, "
-                                f"got {value!r:.80}.")
+        parse_label_studio_url(value)
+    except URLRefused as exc:
+        raise RequestLimitError(f"'hostname': {exc.message}") from None
     return value
 
 

@@ -24,6 +24,7 @@ import requests
 from ml_backend.errors import BackendError
 from ml_backend.label_studio_api import api_get
 from ml_backend.security.auth import SECRET_HEADER, WEBHOOK_PATH
+from ml_backend.security.urls import UrlPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -96,13 +97,14 @@ class WebhookSecretInstaller:
     def _patch(url: str, token: str, hook_id: object, headers: dict) -> None:
         from ml_backend.images.auth import LabelStudioAuth
 
-        if not isinstance(hook_id, int):
+        if not isinstance(hook_id, int) or isinstance(hook_id, bool):
             raise BackendError(f"Label Studio listed a webhook without a numeric id ({hook_id!r:.40}).")
-        target = f"{url.rstrip('/')}/api/webhooks/{hook_id}/"
-        with requests.Session() as session:
-            auth = LabelStudioAuth(url, token, session, timeout_s=TIMEOUT_S)
-            response = session.patch(target, json={"headers": headers}, headers=auth.header(), timeout=TIMEOUT_S,
-                                     allow_redirects=False)
+        policy = UrlPolicy(url)
+        target = policy.api_target(f"/api/webhooks/{hook_id}/")
+        with policy.session() as session:
+            auth = LabelStudioAuth(policy, token, session, timeout_s=TIMEOUT_S)
+            response = policy.send(session, "PATCH", target, authorization=auth.header, json={"headers": headers},
+                                   timeout=TIMEOUT_S)
         if response.status_code != 200:
-            raise BackendError(f"Label Studio answered HTTP {response.status_code} to PATCH {target}: "
+            raise BackendError(f"Label Studio answered HTTP {response.status_code} to PATCH {target.url}: "
                                f"{response.text[:200]}")
