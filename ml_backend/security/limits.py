@@ -183,8 +183,8 @@ def declared_mask_size(width: Any, height: Any, *, max_pixels: int = DEFAULT_MAX
             raise RequestLimitError(f"{what} needs {name} as a positive whole number of pixels, got {raw!r:.40}.")
         sizes.append(raw)
     if sizes[0] * sizes[1] > max_pixels:
-        raise RequestLimitError(f"{what} declares a {sizes[0]}x{sizes[1]} image; at most {max_pixels} pixels "
-                                "(MAX_IMAGE_PIXELS).")
+        shown = "x".join(str(n) if n <= MAX_ABS_NUMBER else f"<{len(str(n))}-digit number>" for n in sizes)
+        raise RequestLimitError(f"{what} declares a {shown} image; at most {max_pixels} pixels (MAX_IMAGE_PIXELS).")
     return sizes[0], sizes[1]
 
 
