@@ -153,6 +153,8 @@ def decode_rle(rle: Sequence[int] | np.ndarray, height: int, width: int, *,
     if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0 for n in (height, width)):
         raise InvalidRLEError(f"The image size must be positive whole numbers, got {width!r}x{height!r}.")
     height, width = int(height), int(width)
+    if not isinstance(rle, (list, tuple, np.ndarray)):
+        raise InvalidRLEError(f"Brush RLE must be a list of integers 0-255, got {type(rle).__name__}.")
     try:
         declared_mask_size(width, height, max_pixels=max_pixels, what="The brush mask")
         check_rle_length(len(rle), width, height)
