@@ -35,6 +35,7 @@ def serve(settings: Settings) -> int:
         "--timeout", "300",
         "--graceful-timeout", "30",
         "--log-level", settings.log_level.lower(),
+        "--config", "python:ml_backend.gunicorn_hooks",  # workers die with their master
         "ml_backend.app:create_app()",
     ]
     run()

@@ -73,6 +73,7 @@ class BackendViews:
         elif hostname or token:
             logger.info("/setup from an unauthenticated caller: its hostname/access_token are not used "
                         "(set LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY, or BASIC_AUTH_USER/BASIC_AUTH_PASS)")
+        self.runtime.project_connected(data.get("project"), data.get("schema"))  # queues pre-encoding once
         return jsonify({"model_version": backend.model_version})
 
     def webhook(self) -> tuple[Response, int]:
@@ -98,27 +99,39 @@ class BackendViews:
             "trimap_model_version": self.runtime.trimaps.current_version(),
         })
 
+    def ready(self) -> tuple[Response, int]:
+        """Readiness (container healthchecks, load balancers): 503 while SAM is loading or failed.
+
+        ``/health`` stays 200 while the process is up: Label Studio calls it when connecting.
+        """
+        state = self.runtime.sam_status()["state"]  # loading, failed, ready: details are on /status
+        return jsonify({"ready": state == "ready", "sam": state}), 200 if state == "ready" else 503
+
     def warmup(self) -> tuple[Response, int]:
         """Embed a project's images before annotators start: ``{"project": id, "limit": n}`` or
-        ``{"tasks": [...], "label_config": "..."}``; answers at once, the work runs in the background."""
+        ``{"tasks": [...], "label_config": "..."}``; answers at once, the work runs in the background
+        (progress in ``/status`` under ``preencode``)."""
         data = self._json()
         tasks, label_config = data.get("tasks"), data.get("label_config")
+        project: int | None = None
         if data.get("project") is not None:
-            project = limits.project_id(data["project"])
-            if project is None:
+            key = limits.project_id(data["project"])
+            if key is None:
                 raise BackendError("'project' must be a Label Studio project id (a number).")
+            project = int(key)
             limit = limits.warmup_limit(data.get("limit"), self.limits, DEFAULT_WARMUP_LIMIT)
             url, token = self.runtime.access.url, self.runtime.access.token
             label_config = (api_get(url, token, f"/api/projects/{project}") or {}).get("label_config")
-            tasks = list(iter_project_tasks(url, token, int(project), limit=limit))
+            tasks = list(iter_project_tasks(url, token, project, limit=limit))
         tasks = limits.warmup_tasks(tasks, self.limits)
         config = labeling.parse_label_config(label_config)
-        return jsonify({"queued": self.runtime.warm(tasks, config.image_key)}), 202
+        return jsonify({"queued": self.runtime.warm(tasks, config.image_key, project)}), 202
 
     def status(self) -> Response:
-        """Everything an operator wants in one place: SAM, the served trimap version, training per project."""
+        """Everything an operator wants in one place: SAM, pre-encoding, the served trimap version, training."""
         return jsonify({
             "sam": self.runtime.sam_status(),
+            "preencode": self.runtime.preencode_status(),
             "trimap_model_version": self.runtime.trimaps.current_version(),
             "training": self.runtime.training_status(request.args.get("project")),
         })
@@ -149,7 +162,10 @@ def _handle_errors(view: Callable[[], Any]) -> Callable[[], Any]:
             return view()
         except BackendError as exc:
             logger.info("%s %s -> %d: %s", request.method, request.path, exc.status_code, exc.message)
-            return _error(exc.message, exc.status_code)
+            response, status = _error(exc.message, exc.status_code)
+            if (retry_after := getattr(exc, "retry_after_s", None)) is not None:  # busy: EncodeBusyError
+                response.headers["Retry-After"] = str(retry_after)
+            return response, status
         except HTTPException:
             raise
         except Exception as exc:  # never let one request take the worker down or leak a traceback
@@ -192,6 +208,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
                 methods.add("GET")  # Label Studio 1.23 asks with GET; the library routes POST only
             app.add_url_rule(rule.rule, endpoint=rule.endpoint, view_func=ours[rule.endpoint], methods=methods)
     app.add_url_rule("/status", endpoint="status", view_func=_handle_errors(views.status), methods=["GET"])
+    app.add_url_rule("/ready", endpoint="ready", view_func=_handle_errors(views.ready), methods=["GET"])
     app.add_url_rule("/warmup", endpoint="warmup", view_func=_handle_errors(views.warmup), methods=["POST"])
     app.before_request(_auth_guard(Authenticator(settings)))
     for code in (400, 404, 405):

@@ -15,6 +15,7 @@ from label_studio_ml.model import LabelStudioMLBase
 
 from ml_backend import labeling
 from ml_backend.errors import BackendError, ImageFetchError, InvalidPromptError, LabelConfigError
+from ml_backend.formats import PolygonOptions
 from ml_backend.preannotation import mask_bounding_box
 from ml_backend.runtime import Runtime
 from ml_backend.sam.prompts import Prompts
@@ -41,7 +42,8 @@ class SegmentationBackend(LabelStudioMLBase):
                  **kwargs: Any) -> None:
         if not label_config:
             raise LabelConfigError("No labeling config was sent; connect the backend from a Label Studio project.")
-        self.config = labeling.parse_label_config(label_config)  # before the library's parser: clearer errors
+        # before the library's parser: clearer errors
+        self.config = labeling.parse_label_config(label_config, mask_tag=runtime.settings.mask_tag or None)
         super().__init__(label_config=label_config, train_output=train_output, **kwargs)
         self.runtime = runtime
 
@@ -56,7 +58,11 @@ class SegmentationBackend(LabelStudioMLBase):
         if context and context.get("result"):
             if len(tasks) != 1:
                 raise BackendError(f"Interactive annotation works on one task at a time, got {len(tasks)}.")
-            return [self._interactive(tasks[0], context)]
+            prediction = self._interactive(tasks[0], context)
+            self.runtime.task_opened(tasks[0], self.config.image_key)  # its look-ahead, once this one is served
+            return [prediction]
+        if len(tasks) == 1:  # Label Studio's automatic /predict when an annotator opens a task
+            self.runtime.task_opened(tasks[0], self.config.image_key)
         return [self._preannotate(task) for task in tasks]
 
     def _task_image_url(self, task: dict) -> tuple[str, int | None]:
@@ -91,8 +97,8 @@ class SegmentationBackend(LabelStudioMLBase):
             result = engine.decode(embedding, prompts)
             self.runtime.refinements.put(current, result.low_res_logits)
             label = labeling.choose_brush_label(self.config, region.label, settings.brush_label or None)
-            results.append(labeling.build_brush_result(result.mask, config=self.config, label=label,
-                                                       score=result.score))
+            results += labeling.build_mask_results(result.mask, config=self.config, label=label, score=result.score,
+                                                   polygon=PolygonOptions.from_settings(settings))
             scores.append(result.score)
         return labeling.build_prediction(results, float(np.mean(scores)), sam_model_version(engine.source))
 
@@ -112,9 +118,9 @@ class SegmentationBackend(LabelStudioMLBase):
 
     # --- batch pre-annotation ------------------------------------------------
     def _foreground_label(self) -> str | None:
-        """The first brush label that retraining maps to foreground, so predictions and training agree."""
+        """The first mask label that retraining maps to foreground, so predictions and training agree."""
         roles = LabelRoles.from_settings(self.runtime.settings)
-        return next((name for name in self.config.brush.labels if roles.role(name) == TrimapValue.FOREGROUND), None)
+        return next((name for name in self.config.mask.labels if roles.role(name) == TrimapValue.FOREGROUND), None)
 
     def _preannotate(self, task: dict) -> dict:
         settings = self.runtime.settings
@@ -130,8 +136,9 @@ class SegmentationBackend(LabelStudioMLBase):
                 refined = self.runtime.sam().segment(image, Prompts.from_lists(box=box))
                 mask, score = refined.mask, refined.score
             label = labeling.choose_brush_label(self.config, self._foreground_label(), settings.brush_label or None)
-            result = labeling.build_brush_result(mask, config=self.config, label=label, score=score)
-            return labeling.build_prediction([result], score, trimap_model_version(version))
+            results = labeling.build_mask_results(mask, config=self.config, label=label, score=score,
+                                                  polygon=PolygonOptions.from_settings(settings))
+            return labeling.build_prediction(results, score, trimap_model_version(version))
         except BackendError as exc:  # one bad image fails only its own task
             logger.warning("task %s: no prediction: %s", task.get("id"), exc.message)
             return labeling.build_prediction([], 0.0, self.model_version)

@@ -26,7 +26,6 @@ from PIL import Image
 from ml_backend.errors import BackendError
 from ml_backend.images.decode import load_image_file
 from ml_backend.label_studio_api import LabelStudioAPIError, api_get
-from ml_backend.security.limits import DEFAULT_MAX_MASK_PIXELS
 from ml_backend.settings import Settings
 from ml_backend.trimaps import LabelRoles, accepted_annotation, annotation_to_trimap
 
@@ -51,7 +50,7 @@ class ExportOptions:
     roles: LabelRoles = LabelRoles()
     boundary_width: int = 4
     ground_truth_only: bool = False
-    max_pixels: int = DEFAULT_MAX_MASK_PIXELS  # largest brush mask an annotation may declare
+    max_pixels: int = Settings.max_image_pixels  # the largest mask size an annotation may declare
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ExportOptions":
@@ -127,7 +126,7 @@ def _save_pair(out_dir: Path, stem: str, image: np.ndarray, trimap: np.ndarray) 
 
 def write_dataset(tasks: Iterable[object], out_dir: str | Path, *, image_source: ImageSource,
                   options: ExportOptions = ExportOptions(), label_config: str | None = None) -> ExportReport:
-    """Write one image/trimap pair per task with an accepted brush annotation."""
+    """Write one image/trimap pair per task with an accepted mask annotation (brush, bitmask or polygon)."""
     out = Path(out_dir)
     (out / IMAGES_SUBDIR).mkdir(parents=True, exist_ok=True)
     (out / TRIMAPS_SUBDIR).mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,13 @@ class LabelStudioAPIError(BackendError):
 
 def api_get(url: str, token: str, path: str, params: dict | None = None) -> Any:
     """GET ``path`` from Label Studio with a legacy token or a personal access token; the JSON answer."""
+    return api_request(url, token, "GET", path, params=params)
+
+
+def api_request(url: str, token: str, method: str, path: str, *, params: dict | None = None,
+                json: Any = None) -> Any:
+    """``method`` ``path`` (an ``/api/`` path) on Label Studio at ``url`` with ``token``; the JSON answer
+    (None for an empty one). Any answer but 2xx, including a redirect, is a LabelStudioAPIError."""
     from ml_backend.images.auth import LabelStudioAuth
 
     if not url or not token:
@@ -40,15 +47,17 @@ def api_get(url: str, token: str, path: str, params: dict | None = None) -> Any:
     with policy.session() as session:
         try:
             auth = LabelStudioAuth(policy, token, session, timeout_s=CONNECT_TIMEOUT_S)
-            response = policy.send(session, "GET", target, authorization=auth.header, params=params,
+            response = policy.send(session, method, target, authorization=auth.header, params=params, json=json,
                                    timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S))
         except requests.RequestException as exc:
             raise LabelStudioAPIError(f"cannot reach Label Studio at {target.url}: {failure_reason(exc)}") from exc
         except BackendError as exc:
             raise LabelStudioAPIError(f"cannot reach Label Studio at {target.url}: {exc.message}") from exc
-    if response.status_code != 200:
+    if not 200 <= response.status_code < 300:
         raise LabelStudioAPIError(
-            f"Label Studio answered HTTP {response.status_code} for {target.url}: {response.text[:200]}")
+            f"Label Studio answered HTTP {response.status_code} for {method} {target.url}: {response.text[:200]}")
+    if not response.content:
+        return None
     try:
         return response.json()
     except ValueError as exc:

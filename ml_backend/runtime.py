@@ -7,23 +7,28 @@ first click waits for it.
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from ml_backend.embeddings.projects import image_key_of, project_images, task_image
+from ml_backend.embeddings.scheduler import EncodeJob, PreEncodeScheduler, project_id
+from ml_backend.embeddings.urls import UrlIndex
 from ml_backend.errors import BackendError, ModelSourceError
 from ml_backend.sam.cache import ByteBoundedLRU
+from ml_backend.sam.encode_gate import EncodeGate, Priority
 from ml_backend.sam.engine import ImageEmbedding, image_key
 from ml_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 REFINEMENT_CACHE_BYTES = 64 << 20  # low-resolution logits: 256 KiB each for the official SAM sizes
-URL_KEY_ENTRIES = 100_000
 SAM_WAIT_S = 80.0  # Label Studio gives /predict 100 s: answer 503 "still loading" before that
+PREENCODE_SAM_WAIT_S = 3600.0  # background work waits for SAM to load
+WARMUP_PROJECT = 0  # /warmup with bare tasks: their progress shows under project "0"
 
 
 @dataclass
@@ -47,12 +52,21 @@ class Runtime:
         self.trimaps = TrimapPredictor(settings.model_dir)
         # The last low-resolution logits per (image, prompt region), fed back to SAM on the next click.
         self.refinements: ByteBoundedLRU[np.ndarray] = ByteBoundedLRU(REFINEMENT_CACHE_BYTES, lambda a: a.nbytes)
-        # Image URL -> pixel-content key of its embedding, so a further click skips download and decoding.
-        self.url_keys: ByteBoundedLRU[str] = ByteBoundedLRU(URL_KEY_ENTRIES, lambda key: 1)
+        # Image URL -> pixel-content key of its embedding, so a click skips download and decoding.
+        self.url_index = UrlIndex(lambda url: self.images.local_file(url, label_studio_url=self.access.url or None),
+                                  ttl_s=settings.url_key_ttl_s)
+        # At most N encodes at once; further first clicks queue briefly, then get 503 + Retry-After.
+        self.encode_gate = EncodeGate(encode_slots(settings), settings.encode_queue_timeout_s)
+        self.preencoder = PreEncodeScheduler(self._preencode, lookahead=settings.preencode_lookahead,
+                                             log_every=settings.preencode_log_every)
+        self._connected: set[int] = set()
+        self._image_keys: dict[int, str] = {}  # project -> its config's image field
+        self._connect_lock = threading.Lock()
         self._engine = engine
         self._engine_error: BackendError | None = None
         self._engine_ready = threading.Event()
         if engine is not None:
+            self.url_index.store = engine.store
             self._engine_ready.set()
         self.retrainer = _build_retrainer(settings, lambda: (self.access.url, self.access.token))
 
@@ -66,8 +80,11 @@ class Runtime:
         from ml_backend.sam.loading import load_engine
 
         try:
-            self._engine = load_engine(self.settings)
-            logger.info("SAM ready: %s", self._engine.source)
+            engine = load_engine(self.settings)
+            self._warm_up(engine)
+            self.url_index.store = engine.store
+            self._engine = engine
+            logger.info("SAM ready: %s", engine.source)
         except BackendError as exc:
             logger.error("SAM could not be loaded: %s", exc.message)
             self._engine_error = exc
@@ -76,6 +93,16 @@ class Runtime:
             self._engine_error = ModelSourceError(f"SAM could not be loaded: {exc}")
         finally:
             self._engine_ready.set()
+
+    def _warm_up(self, engine) -> None:
+        """One encode of a blank image and a decode of each prompt kind before SAM counts as ready:
+        torch's first-call costs and the decoder's traces are paid here instead of by annotators'
+        clicks, and the encode gate learns how long an encode takes, so it can refuse an overloaded
+        first click at once rather than after waiting."""
+        started = time.perf_counter()
+        with self.encode_gate.slot(Priority.BACKGROUND):
+            engine.warm_up()
+        logger.info("SAM warm-up (one encode, four decodes) took %.2f s", time.perf_counter() - started)
 
     def sam(self, timeout_s: float | None = None):
         """The SAM engine, waiting for it to finish loading (less long than Label Studio waits for us)."""
@@ -90,7 +117,28 @@ class Runtime:
             return {"state": "loading", "source": self.settings.sam_model or "default"}
         if self._engine is None:
             return {"state": "failed", "error": self._engine_error.message if self._engine_error else "unknown"}
-        return {"state": "ready", "source": self._engine.source, "cached_images": len(self._engine.cache)}
+        return {"state": "ready", "source": self._engine.source, "cached_images": len(self._engine.cache),
+                "encodes": self.encode_gate.status(), "images_encoded": self._engine.images_encoded}
+
+    def embed(self, image: np.ndarray, priority: Priority = Priority.INTERACTIVE) -> ImageEmbedding:
+        """The SAM embedding of a decoded image: from memory or the embedding store at once, else encoded
+        when the gate admits it (interactive callers may get :class:`EncodeBusyError`, HTTP 503)."""
+        engine = self.sam()
+        key = image_key(image)
+        if (embedding := engine.cached(key)) is not None:
+            return embedding
+        with self.encode_gate.slot(priority) as slot:
+            if engine.is_ready(key):  # encoded (here or by another process) while this caller queued
+                slot.untimed()
+            started = time.perf_counter()
+            encodes = engine.images_encoded
+            embedding = engine.embed(image)
+            if engine.images_encoded == encodes:
+                slot.untimed()
+            if slot.timed:
+                logger.info("encoded image %s in %.2f s after queueing %.2f s (%s)", key[:12],
+                            time.perf_counter() - started, slot.waited_s, priority.name.lower())
+        return embedding
 
     # --- images --------------------------------------------------------------
     def remember_label_studio(self, hostname: str | None, token: str | None) -> None:
@@ -105,44 +153,111 @@ class Runtime:
                                 task_id=task_id)
 
     def task_embedding(self, url: str, task_id: int | None = None) -> ImageEmbedding:
-        """The SAM embedding of the image at ``url``: from the cache without touching the image when
-        a click on it came before, else loaded, decoded and embedded."""
+        """The SAM embedding of the image at ``url``: without touching the image when its embedding is
+        known (memory or store) and the URL still points at the same file, else loaded, decoded and embedded."""
         engine = self.sam()
-        key = self.url_keys.get(url)
-        if key is not None and (embedding := engine.cache.get(key)) is not None:
+        validator = self.url_index.validator(url)
+        key = self.url_index.lookup(url, validator)
+        if key is not None and (embedding := engine.cached(key)) is not None:
             return embedding
-        embedding = engine.embed(self.load_image(url, task_id))
-        self.url_keys.put(url, embedding.key)
+        embedding = self.embed(self.load_image(url, task_id))
+        self.url_index.remember(url, embedding.key, validator)
         return embedding
 
-    def _load_and_remember(self, url: str, task_id: int | None) -> np.ndarray:
-        image = self.load_image(url, task_id)
-        self.url_keys.put(url, image_key(image))
-        return image
+    # --- pre-encoding ----------------------------------------------------------
+    def _preencode(self, job: EncodeJob) -> str:
+        """Make one queued image ready: "ready" when it already was, "encoded" otherwise; raises on failure."""
+        engine = self.sam(PREENCODE_SAM_WAIT_S)
+        validator = self.url_index.validator(job.url)
+        key = self.url_index.lookup(job.url, validator)
+        if key is not None and engine.is_ready(key):
+            if job.urgent:
+                engine.cached(key)  # about to be clicked: read it into memory now
+            return "ready"
+        encodes = engine.images_encoded
+        embedding = self.embed(self.load_image(job.url, job.task_id), Priority.BACKGROUND)  # after waiting clicks
+        self.url_index.remember(job.url, embedding.key, validator)
+        return "encoded" if engine.images_encoded > encodes else "ready"
 
-    def warm(self, tasks: list[dict], image_key_name: str) -> int:
-        """Embed the tasks' images in the background, once SAM is loaded; the number queued."""
-        loaders = [
-            functools.partial(self._load_and_remember, task["data"][image_key_name],
-                              task.get("id") if isinstance(task.get("id"), int) else None)
-            for task in tasks
-            if isinstance(task, dict) and isinstance(task.get("data"), dict)
-            and isinstance(task["data"].get(image_key_name), str)
-        ]
+    def project_connected(self, project_value: object, label_config: str | None) -> None:
+        """First ``/setup`` (or first opened task) of a project in this process: queue all its images.
 
-        def prefetch_when_ready() -> None:
+        Listing runs in a thread: ``/setup`` must answer within Label Studio's 3 s.
+        """
+        project = project_id(project_value)
+        if not self.settings.preencode or project is None or not (self.access.url and self.access.token):
+            return
+        with self._connect_lock:
+            if project in self._connected:
+                return
+            self._connected.add(project)
+        threading.Thread(target=self._queue_project, args=(project, label_config), name=f"preencode-list-{project}",
+                         daemon=True).start()
+
+    def _queue_project(self, project: int, label_config: str | None) -> None:
+        try:
+            image_field, images = project_images(self.access.url, self.access.token, project, label_config=label_config,
+                                               max_tasks=self.settings.preencode_max_tasks)
+        except BackendError as exc:
+            logger.warning("pre-encoding project %d: cannot list its tasks: %s", project, exc.message)
+            with self._connect_lock:
+                self._connected.discard(project)  # try again at the next /setup
+            return
+        self._image_keys[project] = image_field
+        self.preencoder.add_project(project, images)
+
+    def task_opened(self, task: dict, image_field: str, project_value: object = None) -> None:
+        """An annotator opened ``task`` (automatic ``/predict`` or a click): its image and the next ones first."""
+        if not self.settings.preencode:
+            return
+        project = project_id(task.get("project")) or project_id(project_value)
+        image = task_image(task, image_field)
+        if project is None or image is None:
+            return
+        self._image_keys.setdefault(project, image_field)
+        self.preencoder.opened(project, image)
+        self.project_connected(project, None)
+
+    def _tasks_created(self, payload: dict) -> int:
+        project_info = payload.get("project")
+        project = project_id(project_info.get("id") if isinstance(project_info, dict) else project_info)
+        tasks = payload.get("tasks")
+        if not self.settings.preencode or project is None or not isinstance(tasks, list):
+            return 0
+        image_field = self._image_keys.get(project)
+        if image_field is None and isinstance(project_info, dict) and isinstance(project_info.get("label_config"), str):
             try:
-                self.sam().prefetch(loaders)
-            except BackendError as exc:
-                logger.warning("warm-up skipped: %s", exc.message)
+                image_field = self._image_keys[project] = image_key_of(project_info["label_config"])
+            except BackendError:
+                return 0
+        if image_field is None:
+            return 0
+        return self.preencoder.add_tasks(project, [image for task in tasks
+                                                   if (image := task_image(task, image_field)) is not None])
 
-        threading.Thread(target=prefetch_when_ready, name="sam-warmup", daemon=True).start()
-        return len(loaders)
+    def warm(self, tasks: list[dict], image_key_name: str, project: int | None = None) -> int:
+        """``/warmup``: queue the tasks' images (whatever ``PREENCODE`` says); the number queued."""
+        images = [image for task in tasks if (image := task_image(task, image_key_name)) is not None]
+        return self.preencoder.add_project(project or WARMUP_PROJECT, images)
+
+    def preencode_status(self) -> dict:
+        status: dict = {"enabled": self.settings.preencode, "executor": self.settings.preencode_executor,
+                        "lookahead": self.settings.preencode_lookahead, "projects": self.preencoder.status()}
+        store = self._engine.store if self._engine is not None else None
+        if store is not None:
+            usage = store.usage()
+            status["store"] = {"model": store.model_id, "dtype": str(store.dtype), "files": usage.files,
+                               "bytes": usage.bytes, "max_bytes": usage.max_bytes}
+        return status
 
     # --- training ------------------------------------------------------------
     def on_webhook(self, event: str, payload: dict) -> dict:
-        """Webhooks and ``/train``: count accepted annotations, maybe start a job; never train inline."""
-        return self.retrainer.on_webhook(event, payload)
+        """Webhooks and ``/train``: count accepted annotations, maybe start a job; never train inline.
+        ``TASKS_CREATED`` also queues the new tasks' images for pre-encoding."""
+        answer = self.retrainer.on_webhook(event, payload)
+        if event == "TASKS_CREATED":
+            answer = {**answer, "preencode_queued": self._tasks_created(payload)}
+        return answer
 
     def training_status(self, project: str | None) -> dict:
         """One project's training state (``?project=``), or every project's."""
@@ -150,6 +265,20 @@ class Runtime:
 
     def trimap_versions(self) -> list[dict]:
         return self.trimaps.list_versions()
+
+
+def encode_slots(settings: Settings) -> int:
+    """ENCODE_CONCURRENCY, or by device: 1 on CPU (an encode takes every core), 2 on a GPU (one
+    image's host-side resizing and transfer overlap the other's encode)."""
+    if settings.encode_concurrency:
+        return settings.encode_concurrency
+    if settings.sam_device.startswith("cuda"):
+        return 2
+    if settings.sam_device == "auto":
+        import torch
+
+        return 2 if torch.cuda.is_available() else 1
+    return 1
 
 
 def _build_retrainer(settings: Settings, access):

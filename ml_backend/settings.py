@@ -75,6 +75,7 @@ class Settings:
     sam_model: str = ""  # empty: sam_huge_sa1b on GPU, sam_base_sa1b on CPU
     sam_device: str = "auto"  # auto, cpu, cuda, cuda:N
     sam_half: bool = False
+    sam_trace_decoder: bool = True  # replay the decoder as a traced torch graph (ml_backend/sam/decoder.py)
     embedding_cache_mb: int = 1024
     # --- images ---
     label_studio_url: str = ""
@@ -88,7 +89,7 @@ class Settings:
     image_cache_mb: int = 2048
     # --- labels ---
     negative_labels: tuple[str, ...] = DEFAULT_NEGATIVE_LABELS
-    brush_label: str = ""  # empty: the prompt's label when the brush tag has it, else the first brush label
+    brush_label: str = ""  # empty: the prompt's label when the mask tag has it, else its first label
     # --- trimap pre-annotation ---
     model_dir: Path = Path("models")
     trimap_include_boundary: bool = True
@@ -105,11 +106,29 @@ class Settings:
     retrain_job_timeout_s: int = 6 * 3600
     promotion_margin: float = 0.0
     boundary_width: int = 4
-    foreground_labels: tuple[str, ...] = ()  # empty: every brush label that is not background/boundary
+    foreground_labels: tuple[str, ...] = ()  # empty: every mask label that is not background/boundary
     background_labels: tuple[str, ...] = ("background",)
     boundary_labels: tuple[str, ...] = ("boundary", "border", "edge")
     # --- image input bounds (trust, issue 9) ---
     max_image_mb: int = 256  # decoded RGB bytes (width x height x 3), checked before decoding
+    # --- serving reliability: image encodes at once per process, and how long a first click may queue ---
+    encode_concurrency: int = 0  # 0: 1 on CPU, 2 on a GPU
+    encode_queue_timeout_s: float = 45.0
+    # --- mask result formats (mask-formats) ---
+    mask_tag: str = ""  # empty: the image's first BrushLabels, else BitmaskLabels, else PolygonLabels
+    polygon_min_area: int = 16  # pixels: smaller components are dropped and smaller holes filled
+    polygon_tolerance: float = 1.0  # pixels: Douglas-Peucker simplification of polygon outlines
+    # --- embedding store and pre-encoding (embedding-store) ---
+    embedding_store_dir: Path = field(
+        default_factory=lambda: Path.home() / ".cache" / "sam-trimap-backend" / "embeddings")
+    embedding_store_mb: int = 8192  # 0: no store (embeddings live in one process's memory only)
+    embedding_store_dtype: str = "float32"  # float16 halves the store; masks measured in the tests
+    preencode: bool = True  # encode a project's images when it connects (needs a Label Studio token)
+    preencode_lookahead: int = 3  # tasks after an opened one that jump the queue with it
+    preencode_max_tasks: int = 5000  # tasks listed per project when it connects
+    preencode_log_every: int = 10  # a progress line per project every N images
+    preencode_executor: str = "local"  # local: a thread of each backend process; rq: RQ workers (REDIS_URL)
+    url_key_ttl_s: float = 600.0  # an http(s) image URL is re-read after this long (local files: by mtime/size)
     # --- trust: who may call, what a request may hold (SECURITY.md) ---
     allow_unauthenticated: bool = False  # serve a non-loopback HOST without basic auth, deliberately
     webhook_secret: str = ""  # empty: derived from BASIC_AUTH_USER/BASIC_AUTH_PASS
@@ -134,6 +153,7 @@ class Settings:
             sam_model=_str(env, "SAM_MODEL"),
             sam_device=_str(env, "SAM_DEVICE", d.sam_device).lower(),
             sam_half=_bool(env, "SAM_HALF", d.sam_half),
+            sam_trace_decoder=_bool(env, "SAM_TRACE_DECODER", d.sam_trace_decoder),
             embedding_cache_mb=_int(env, "EMBEDDING_CACHE_MB", d.embedding_cache_mb),
             label_studio_url=_str(env, "LABEL_STUDIO_URL").rstrip("/"),
             label_studio_api_key=_str(env, "LABEL_STUDIO_API_KEY"),
@@ -165,6 +185,20 @@ class Settings:
             boundary_labels=tuple(n.lower() for n in _list(env, "BOUNDARY_LABELS", d.boundary_labels)),
             # image input bounds (trust, issue 9)
             max_image_mb=_int(env, "MAX_IMAGE_MB", d.max_image_mb),
+            encode_concurrency=_int(env, "ENCODE_CONCURRENCY", d.encode_concurrency),
+            encode_queue_timeout_s=_float(env, "ENCODE_QUEUE_TIMEOUT_S", d.encode_queue_timeout_s),
+            mask_tag=_str(env, "MASK_TAG"),
+            polygon_min_area=_int(env, "POLYGON_MIN_AREA", d.polygon_min_area),
+            polygon_tolerance=_float(env, "POLYGON_TOLERANCE", d.polygon_tolerance),
+            embedding_store_dir=Path(_str(env, "EMBEDDING_STORE_DIR") or d.embedding_store_dir),
+            embedding_store_mb=_int(env, "EMBEDDING_STORE_MB", d.embedding_store_mb),
+            embedding_store_dtype=_str(env, "EMBEDDING_STORE_DTYPE", d.embedding_store_dtype).lower(),
+            preencode=_bool(env, "PREENCODE", d.preencode),
+            preencode_lookahead=_int(env, "PREENCODE_LOOKAHEAD", d.preencode_lookahead),
+            preencode_max_tasks=_int(env, "PREENCODE_MAX_TASKS", d.preencode_max_tasks),
+            preencode_log_every=_int(env, "PREENCODE_LOG_EVERY", d.preencode_log_every),
+            preencode_executor=_str(env, "PREENCODE_EXECUTOR", d.preencode_executor).lower(),
+            url_key_ttl_s=_float(env, "URL_KEY_TTL_S", d.url_key_ttl_s),
             allow_unauthenticated=_bool(env, "ALLOW_UNAUTHENTICATED", d.allow_unauthenticated),
             webhook_secret=_str(env, "WEBHOOK_SECRET"),
             max_request_mb=_int(env, "MAX_REQUEST_MB", d.max_request_mb),
@@ -186,6 +220,12 @@ class Settings:
             raise SettingsError(f"RETRAIN_IMAGE_SIZE must be a multiple of 8 (got {self.retrain_image_size})")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise SettingsError("Set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        if self.embedding_store_dtype not in ("float32", "float16"):
+            raise SettingsError(f"EMBEDDING_STORE_DTYPE must be float32 or float16 (got {self.embedding_store_dtype!r})")
+        if self.preencode_executor not in ("local", "rq"):
+            raise SettingsError(f"PREENCODE_EXECUTOR must be local or rq (got {self.preencode_executor!r})")
+        if self.preencode_executor == "rq" and not self.redis_url:
+            raise SettingsError("PREENCODE_EXECUTOR=rq needs REDIS_URL")
         for name in ("max_request_mb", "max_tasks_per_request", "max_prompt_regions", "max_prompt_points",
                      "max_warmup_tasks"):
             if getattr(self, name) < 1:
@@ -194,6 +234,10 @@ class Settings:
     @property
     def embedding_cache_bytes(self) -> int:
         return self.embedding_cache_mb * 1024 * 1024
+
+    @property
+    def embedding_store_bytes(self) -> int:
+        return self.embedding_store_mb * 1024 * 1024
 
     @property
     def max_image_bytes(self) -> int:

@@ -4,12 +4,14 @@ Which annotation of a task counts (:func:`accepted_annotation`): submitted (an e
 webhook never carries drafts), not cancelled, optionally marked ground truth; of those the
 most recently updated one. Deleted annotations are simply absent from an export.
 
-How brush regions become a trimap (:func:`annotation_to_trimap`): each brush label has a role
+How mask regions -- brush RLE, bitmask PNG or polygon, read by :mod:`ml_backend.formats` -- become
+a trimap (:func:`annotation_to_trimap`): each region label has a role
 (:class:`LabelRoles`, defaults by name, configurable). Unpainted pixels are background. When no
 region carries a boundary label (the usual case: only the object is painted) the boundary is a
 band ``boundary_width`` pixels wide centred on the foreground's edge, as in the Oxford trimaps;
 the image border is not an edge. Where regions overlap the later one wins, as Label Studio draws
-later regions on top. Non-brush results (the keypoints and rectangles that prompted SAM) are ignored.
+later regions on top. Other results (the keypoints and rectangles that prompted SAM) are ignored.
+No declared size beyond ``max_pixels`` (the ``MAX_IMAGE_PIXELS`` setting) is ever allocated.
 """
 
 from __future__ import annotations
@@ -21,11 +23,9 @@ from datetime import datetime, timezone
 from enum import IntEnum
 
 import numpy as np
-from PIL import Image
 
-from ml_backend.brush import decode_rle
 from ml_backend.errors import BackendError
-from ml_backend.security.limits import DEFAULT_MAX_MASK_PIXELS, RequestLimitError, declared_mask_size
+from ml_backend.formats import declared_size, region_labels, region_mask, result_type_of
 from ml_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -38,14 +38,14 @@ class TrimapValue(IntEnum):
 
 
 class TrimapError(BackendError):
-    """An annotation that cannot become a trimap (no usable brush region, inconsistent sizes)."""
+    """An annotation that cannot become a trimap (no usable mask region, inconsistent sizes)."""
 
     status_code = 422
 
 
 @dataclass(frozen=True)
 class LabelRoles:
-    """Which brush label names mean foreground, background and boundary (compared case-insensitively).
+    """Which mask label names mean foreground, background and boundary (compared case-insensitively).
 
     With ``foreground`` empty, every label that is neither background nor boundary (and a region
     without a label) is foreground; otherwise labels in none of the three lists are ignored.
@@ -101,52 +101,9 @@ def accepted_annotation(task: dict, *, ground_truth_only: bool) -> dict | None:
                                         a.get("id") if isinstance(a.get("id"), int) else -1))
 
 
-def has_brush_result(result: object) -> bool:
-    return isinstance(result, list) and any(_is_brush(item) for item in result)
-
-
-def _is_brush(item: object) -> bool:
-    if not isinstance(item, dict) or not isinstance(item.get("value"), dict):
-        return False
-    value = item["value"]
-    return item.get("type") == "brushlabels" or (value.get("format") == "rle" and "rle" in value)
-
-
-# --- regions to a trimap -------------------------------------------------------------------
-
-def _region_size(item: dict, max_pixels: int) -> tuple[int, int]:
-    try:
-        return declared_mask_size(item.get("original_width"), item.get("original_height"), max_pixels=max_pixels,
-                                  what=f"Brush region {_region_name(item)}")
-    except RequestLimitError as exc:
-        raise TrimapError(exc.message) from None
-
-
-def _region_name(item: dict) -> str:
-    region_id = item.get("id", "?")
-    return repr(region_id)[:40] if not isinstance(region_id, str) else region_id[:40]
-
-
-def _region_labels(item: dict) -> list[str | None]:
-    labels = item["value"].get("brushlabels")
-    if labels is None or labels == []:
-        return [None]
-    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
-        raise TrimapError(f"Brush region {_region_name(item)}: brushlabels must be a list of label names.")
-    return labels
-
-
-def _region_mask(item: dict, size: tuple[int, int], max_pixels: int) -> np.ndarray:
-    value = item["value"]
-    if value.get("format", "rle") != "rle" or not isinstance(value.get("rle"), list):
-        raise TrimapError(f"Brush region {_region_name(item)} is not in Label Studio's RLE format.")
-    width, height = _region_size(item, max_pixels)
-    mask = decode_rle(value["rle"], height, width, max_pixels=max_pixels)
-    if (width, height) != size:
-        # Label Studio measured the image differently (EXIF rotation, replaced file): percentages hold.
-        logger.warning("brush mask of %dx%d for a %dx%d image; resizing", width, height, *size)
-        mask = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
-    return mask
+def has_mask_result(result: object) -> bool:
+    """Whether an annotation's result holds a brush, bitmask or polygon region."""
+    return isinstance(result, list) and any(result_type_of(item) is not None for item in result)
 
 
 def _disk_offsets(radius: int) -> list[tuple[int, int]]:
@@ -185,44 +142,45 @@ def boundary_band(foreground: np.ndarray, width: int) -> np.ndarray:
 
 def annotation_to_trimap(
     result: Sequence[dict], *, size: tuple[int, int] | None = None, roles: LabelRoles = LabelRoles(),
-    boundary_width: int = 4, max_pixels: int = DEFAULT_MAX_MASK_PIXELS,
+    boundary_width: int = 4, max_pixels: int = Settings.max_image_pixels,
 ) -> np.ndarray:
     """A (height, width) uint8 trimap from an annotation's ``result`` list.
 
-    ``size`` is the (width, height) of the image the trimap must match (default: the brush
-    regions' ``original_width``/``original_height``); no region may declare more than ``max_pixels``
-    (checked before decoding). Raises :class:`TrimapError` (or the brush
-    codec's ``InvalidRLEError``) when there is no usable brush region or one is malformed.
+    ``size`` is the (width, height) of the image the trimap must match (default: the mask
+    regions' ``original_width``/``original_height``). Raises :class:`TrimapError` (or the mask
+    readers' ``MaskFormatError``/``InvalidRLEError``) when there is no usable mask region, one is
+    malformed, or a size exceeds ``max_pixels``.
     """
     if not isinstance(result, list):
         raise TrimapError("An annotation's result must be a list.")
-    brushes = [item for item in result if _is_brush(item)]
-    if not brushes:
-        raise TrimapError("The annotation has no brush region (only keypoints/rectangles or nothing).")
+    regions = [item for item in result if result_type_of(item) is not None]
+    if not regions:
+        raise TrimapError("The annotation has no mask region (brush, bitmask or polygon; "
+                          "only keypoints/rectangles or nothing).")
     if size is None:
-        sizes = {_region_size(item, max_pixels) for item in brushes}
+        sizes = {declared_size(item, max_pixels=max_pixels) for item in regions}
         if len(sizes) > 1:
-            raise TrimapError(f"Brush regions disagree about the image size: {sorted(sizes)}.")
+            raise TrimapError(f"Mask regions disagree about the image size: {sorted(sizes)}.")
         size = sizes.pop()
     width, height = size
     trimap = np.full((height, width), TrimapValue.BACKGROUND, np.uint8)
     used, boundary_painted = 0, False
-    for item in brushes:
-        labels = _region_labels(item)
+    for item in regions:
+        labels = region_labels(item) or [None]
         role = next((r for r in map(roles.role, labels) if r is not None), None)
         if role is None:
-            logger.debug("ignoring brush region with labels %s", labels)
+            logger.debug("ignoring mask region with labels %s", labels)
             continue
-        trimap[_region_mask(item, size, max_pixels)] = role
+        trimap[region_mask(item, size, max_pixels=max_pixels)] = role
         boundary_painted |= role == TrimapValue.BOUNDARY
         used += 1
     if not used:
-        raise TrimapError("No brush region carries a foreground, background or boundary label "
-                          f"(labels seen: {_labels_seen(brushes)}).")
+        raise TrimapError("No mask region carries a foreground, background or boundary label "
+                          f"(labels seen: {_labels_seen(regions)}).")
     if not boundary_painted:
         trimap[boundary_band(trimap == TrimapValue.FOREGROUND, boundary_width)] = TrimapValue.BOUNDARY
     return trimap
 
 
-def _labels_seen(brushes: Iterable[dict]) -> list[str]:
-    return sorted({str(label) for item in brushes for label in _region_labels(item) if label is not None})
+def _labels_seen(regions: Iterable[dict]) -> list[str]:
+    return sorted({str(label) for item in regions for label in region_labels(item)})

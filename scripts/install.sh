@@ -12,6 +12,7 @@ WITH_TEST=0
 [ "${1:-}" = "--test" ] && WITH_TEST=1
 
 log() { printf '[install] %s\n' "$*" >&2; }
+die() { printf '[install] ERROR: %s\n' "$*" >&2; exit 1; }
 
 if [ ! -x .venv/bin/python ]; then
     log "creating .venv with $PYTHON"
@@ -24,7 +25,8 @@ PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 log "installing runtime dependencies"
 "${PIP[@]}" "keras>=3.15" absl-py numpy packaging regex rich "kagglehub!=1.0.1" "kagglesdk==0.1.28" \
     sentencepiece tokenizers "flask>=3" requests label-studio-tools lxml attrs appdirs colorama \
-    "rq>=1.16" "redis>=5" "gunicorn>=22" "pillow>=10" "matplotlib>=3.8" tqdm
+    "rq>=1.16" "redis>=5" "gunicorn>=22" "pillow>=10" "matplotlib>=3.8" tqdm \
+    "opencv-python-headless>=4.12,<4.13"  # what the tests run with; label-studio-sdk pins the same
 "${PIP[@]}" --no-deps "keras-hub==0.32.0" "label-studio-ml==1.0.9"
 "${PIP[@]}" --no-deps --no-build-isolation -e .
 
@@ -45,7 +47,18 @@ if [ "$WITH_TEST" = 1 ]; then
     if [ "${#missing[@]}" -gt 0 ]; then
         log "installing Debian packages: ${missing[*]}"
         if [ "$(id -u)" = 0 ]; then SUDO=(); else SUDO=(sudo); fi
-        "${SUDO[@]}" apt-get update -qq && DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+        # --error-on=any: without it apt-get update exits 0 when it could not fetch the package lists.
+        "${SUDO[@]}" apt-get update -qq --error-on=any \
+            || die "apt-get update failed, so ${missing[*]} cannot be installed (the tests need them)"
+        DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null \
+            || die "apt-get install ${missing[*]} failed (the tests need them)"
     fi
+    # The tests that need these fail under CI=true when they are missing: say so here, first.
+    command -v redis-server >/dev/null 2>&1 || die "redis-server is still missing"
+    docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1 \
+        || die "neither docker compose nor docker-compose is available"
+    .venv/bin/python -c "import label_studio_sdk.converter.brush, segment_anything" \
+        || die "the test oracles (label-studio-sdk, segment-anything) do not import"
+    [ -x .venv-ls/bin/label-studio ] || die ".venv-ls/bin/label-studio is missing (end-to-end tests)"
 fi
 log "done"

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random-weight SAM saved as a local keras-hub preset."""
+"""Shared fixtures (a tiny random-weight SAM saved as a local keras-hub preset) and the CI skip policy."""
 
 from __future__ import annotations
 
@@ -8,8 +8,14 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # the benchmarks/ package
 
 import ml_backend  # noqa: E402,F401  (selects the torch backend before keras)
+from ci_policy import (  # noqa: E402,F401  (hooks: under CI=true a skipped test fails)
+    pytest_configure,
+    pytest_make_collect_report,
+    pytest_runtest_makereport,
+)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import ml_backend  # noqa: F401  (selects the torch backend before keras is imported)
 from ml_backend.sam.convert import DECODER_NUM_HEADS, SamArchitecture
-from ml_backend.sam.reference import random_official_sam, save_official_checkpoint
+from benchmarks.official_sam import random_official_sam, save_official_checkpoint
 
 TINY = SamArchitecture(
     image_size=128,

@@ -407,7 +407,7 @@ def test_a_warmed_image_is_clicked_without_loading_it_again(settings, engine, im
 def test_click_bench_runs_through_the_app(capsys) -> None:
     import json
 
-    from ml_backend.click_bench import main
+    from benchmarks.click import main
 
     assert main(["--quick", "--clicks", "2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from label_studio_sdk.converter import brush as sdk_brush  # the oracle: a test dependency, never skipped
 
 from ml_backend.brush import InvalidRLEError, decode_rle, encode_rle
 from ml_backend.errors import BackendError
-
-sdk_brush = pytest.importorskip("label_studio_sdk.converter.brush")
 
 
 def sdk_decode(rle: list[int], height: int, width: int) -> np.ndarray:

@@ -13,7 +13,7 @@ from ml_backend.errors import InvalidPromptError, LabelConfigError
 from ml_backend.labeling import (
     ControlTag,
     LabelConfig,
-    build_brush_result,
+    build_mask_results,
     build_prediction,
     choose_brush_label,
     parse_context,
@@ -53,7 +53,7 @@ def config() -> LabelConfig:
 def test_parses_image_brush_and_prompt_tags(config: LabelConfig) -> None:
     assert config.image_name == "img"
     assert config.image_key == "photo"
-    assert config.brush == ControlTag("mask", "img", "brushlabels", ("Cat", "Dog"))
+    assert config.mask == ControlTag("mask", "img", "brushlabels", ("Cat", "Dog"))
     assert config.keypoints == (ControlTag("kp", "img", "keypointlabels", ("Cat", "Background")),)
     assert config.rectangles == (ControlTag("rect", "img", "rectanglelabels", ("Dog", "cat")),)
     assert config.prompt_tag("kp") is config.keypoints[0]
@@ -82,7 +82,7 @@ def test_tag_and_attribute_names_are_case_insensitive() -> None:
         '<View><image NAME="i" Value="$url"/><brushlabels name="b" toname="i"><label value="A"/></brushlabels>'
         '<KEYPOINTLABELS name="k" TONAME="i"><Label value="A"/></KEYPOINTLABELS></View>'
     )
-    assert (config.image_name, config.image_key, config.brush.labels) == ("i", "url", ("A",))
+    assert (config.image_name, config.image_key, config.mask.labels) == ("i", "url", ("A",))
     assert config.keypoints[0].name == "k"
 
 
@@ -100,8 +100,10 @@ def test_config_without_prompt_tags_still_serves_batch_predictions() -> None:
         ("   ", "No labeling config"),
         ("<View><Image name='i' value='$image'>", "not valid XML"),
         ("<View><BrushLabels name='b' toName='i'><Label value='A'/></BrushLabels></View>", "no <Image> tag"),
+        ("<View><Image name='i' value='$image'/><Polygon name='p' toName='i'/></View>",
+         'no <BrushLabels>, <BitmaskLabels> or <PolygonLabels>.*toName="i"'),
         ("<View><Image name='i' value='$image'/><PolygonLabels name='p' toName='i'/></View>",
-         'no <BrushLabels>.*toName="i"'),
+         'PolygonLabels name="p"> has no labels'),
         ("<View><Image name='i' value='$image'/><BrushLabels name='b' toName='other'><Label value='A'/>"
          "</BrushLabels></View>", r"toName is \['other'\].*named \['i'\]"),
         ("<View><Image name='i' value='$image'/><BrushLabels name='b' toName='i'/></View>",
@@ -374,8 +376,8 @@ def test_choose_brush_label(config: LabelConfig) -> None:
 def test_brush_result_round_trips_the_mask(config: LabelConfig) -> None:
     mask = np.zeros((30, 40), bool)
     mask[5:20, 10:35] = True
-    result = build_brush_result(mask, config=config, label="Dog", score=np.float32(0.875), region_id="r1")
-    assert result["id"] == "r1"
+    [result] = build_mask_results(mask, config=config, label="Dog", score=np.float32(0.875))
+    assert isinstance(result["id"], str) and result["id"]
     assert (result["from_name"], result["to_name"], result["type"]) == ("mask", "img", "brushlabels")
     assert (result["original_width"], result["original_height"], result["image_rotation"]) == (40, 30, 0)
     assert result["value"]["format"] == "rle" and result["value"]["brushlabels"] == ["Dog"]
@@ -387,17 +389,17 @@ def test_brush_result_round_trips_the_mask(config: LabelConfig) -> None:
 
 def test_brush_results_get_distinct_ids(config: LabelConfig) -> None:
     mask = np.ones((2, 2), bool)
-    ids = {build_brush_result(mask, config=config, label="Cat", score=1)["id"] for _ in range(5)}
+    ids = {build_mask_results(mask, config=config, label="Cat", score=1)[0]["id"] for _ in range(5)}
     assert len(ids) == 5
 
 
 def test_brush_result_rejects_bad_input(config: LabelConfig) -> None:
     with pytest.raises(LabelConfigError, match="'Horse' is not a label"):
-        build_brush_result(np.ones((2, 2)), config=config, label="Horse", score=1)
+        build_mask_results(np.ones((2, 2)), config=config, label="Horse", score=1)
     with pytest.raises(ValueError, match="2-D"):
-        build_brush_result(np.ones((2, 2, 3)), config=config, label="Cat", score=1)
+        build_mask_results(np.ones((2, 2, 3)), config=config, label="Cat", score=1)
     with pytest.raises(ValueError, match="finite"):
-        build_brush_result(np.ones((2, 2)), config=config, label="Cat", score=float("nan"))
+        build_mask_results(np.ones((2, 2)), config=config, label="Cat", score=float("nan"))
 
 
 def test_build_prediction() -> None:

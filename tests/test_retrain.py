@@ -165,7 +165,6 @@ def test_unknown_label_studio_fails_clearly(tmp_path, monkeypatch):
 
 def test_in_process_jobs_train_then_fine_tune_from_the_current_version(tmp_path):
     """The real job body: export from a (stand-in) Label Studio, fit, promote; the second run fine-tunes."""
-    pytest.importorskip("training.fit")
     from fake_label_studio import TOKEN, fake_label_studio
 
     from training.store import ModelStore

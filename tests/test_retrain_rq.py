@@ -104,7 +104,6 @@ def test_killed_worker_leaves_current_version_and_records_failure(redis_server, 
 
 
 def test_rq_job_trains_and_promotes_a_version(redis_server, tmp_path):
-    pytest.importorskip("training.fit")
     from training.store import ModelStore
 
     model_dir = tmp_path / "models"

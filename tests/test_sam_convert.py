@@ -19,7 +19,7 @@ from ml_backend.sam.convert import (
     load_official_state_dict,
     port_weights,
 )
-from ml_backend.sam.reference import segment_anything_module
+from benchmarks.official_sam import segment_anything_module
 from official_sam import TINY, tiny_checkpoint, tiny_official_sam
 
 ATOL = 1e-4

@@ -164,18 +164,6 @@ def test_a_failed_encoding_is_not_cached_and_is_retried(tiny_engine: SamEngine, 
     assert len(attempts) == 2 and image_key(image) in tiny_engine.cache
 
 
-def test_prefetch_embeds_in_the_background_and_skips_bad_images(tiny_engine: SamEngine) -> None:
-    images = [random_image(50, 60, seed=s) for s in range(3)]
-
-    def broken() -> np.ndarray:
-        raise InvalidImageError("not an image")
-
-    loaders = [lambda i=i: images[i] for i in range(3)]
-    done = tiny_engine.prefetch([loaders[0], broken, loaders[1], loaders[2]]).result(timeout=60)
-    assert done == 3
-    assert all(image_key(image) in tiny_engine.cache for image in images)
-
-
 # --- bad input -----------------------------------------------------------------
 @pytest.mark.parametrize(
     "prompts,message",

@@ -6,7 +6,7 @@ pipelines segment the same non-square images from the same prompts in original
 pixels. Masks must agree to IoU >= 0.99 and scores to 1e-3.
 
 ``segment_anything`` imports torchvision only to resize; where torchvision cannot be
-imported, ``ml_backend.sam.reference`` installs a stand-in that resizes exactly as
+imported, ``benchmarks.official_sam`` installs a stand-in that resizes exactly as
 torchvision does for the calls ``SamPredictor`` makes (PIL bilinear).
 """
 
@@ -18,7 +18,7 @@ from PIL import Image
 
 import ml_backend  # noqa: F401  (selects the torch backend before keras is imported)
 from ml_backend.sam import Prompts, SamEngine, load_segmenter
-from ml_backend.sam.reference import official_predictor
+from benchmarks.official_sam import official_predictor
 from official_sam import tiny_checkpoint
 
 MIN_IOU = 0.99
@@ -143,12 +143,15 @@ def test_quick_bench_runs_and_its_masks_agree(capsys):
     """The benchmark command works end to end; its timings are printed, never asserted."""
     import json
 
-    from ml_backend.sam.bench import main
+    from benchmarks.sam import main
 
     assert main(["--quick", "--repeats", "1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report["median"]) == {
-        "first_click_s", "cached_click_s", "reference_set_image_predict_s", "reference_predict_s"
+        "first_click_s", "reference_first_click_s", "cached_click_s", "reference_predict_multimask_s",
+        "reference_predict_single_s", "decoder_s", "reference_decoder_s", "hash_s",
     }
+    assert all(len(runs) == 1 and runs[0] > 0 for runs in report["runs"].values())
+    assert set(report["met"]) == set(report["ratios"]) == set(report["targets"])
     assert report["parity"]["mask_iou"] >= MIN_IOU
     assert report["parity"]["score_difference"] <= SCORE_ATOL

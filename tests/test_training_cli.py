@@ -15,7 +15,7 @@ from training.__main__ import main
 from training.predict import predict_trimap, predict_trimaps, to_trimap_values
 from training.store import METRICS_FILE, ModelStore
 
-COMMANDS = ["synth", "fit", "evaluate", "predict", "versions", "promote", "rollback", "bench"]
+COMMANDS = ["synth", "fit", "evaluate", "predict", "versions", "promote", "rollback"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -12,7 +12,7 @@ from ml_backend.trimaps import (
     accepted_annotation,
     annotation_to_trimap,
     boundary_band,
-    has_brush_result,
+    has_mask_result,
 )
 
 FG, BG, BD = 1, 2, 3
@@ -91,8 +91,8 @@ def test_mask_of_another_size_is_resized_to_the_image():
 
 
 @pytest.mark.parametrize("result, message", [
-    ([keypoint()], "no brush region"),
-    ([], "no brush region"),
+    ([keypoint()], "no mask region"),
+    ([], "no mask region"),
     ("nope", "must be a list"),
 ])
 def test_unusable_results_raise_clear_errors(result, message):
@@ -123,7 +123,7 @@ def test_accepted_annotation_rules():
     assert accepted_annotation({"id": 1}, ground_truth_only=False) is None
 
 
-def test_has_brush_result():
-    assert has_brush_result([keypoint(), brush(rect_mask())])
-    assert not has_brush_result([keypoint()])
-    assert not has_brush_result(None)
+def test_has_mask_result():
+    assert has_mask_result([keypoint(), brush(rect_mask())])
+    assert not has_mask_result([keypoint()])
+    assert not has_mask_result(None)

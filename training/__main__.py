@@ -1,4 +1,4 @@
-"""Command line: ``python -m training {synth,fit,evaluate,predict,versions,promote,rollback,bench}``.
+"""Command line: ``python -m training {synth,fit,evaluate,predict,versions,promote,rollback}``.
 
 Errors caused by input print one line naming the file or version and exit with status 2.
 """
@@ -133,16 +133,6 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from training.bench import format_report, run_bench
-
-    result = run_bench(quick=args.quick)
-    if args.json:
-        _print_json(result)
-    else:
-        print(format_report(result))
-    return 0
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training",
@@ -210,10 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
     model_dir(sub)
     sub.set_defaults(run=cmd_rollback)
 
-    sub = commands.add_parser("bench", help="streaming pipeline vs in-memory arrays: images/s and peak memory")
-    sub.add_argument("--quick", action="store_true", help="small images and counts (about 2 minutes on a CPU)")
-    sub.add_argument("--json", action="store_true")
-    sub.set_defaults(run=cmd_bench)
     return parser
 
 

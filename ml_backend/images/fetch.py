@@ -144,6 +144,32 @@ class ImageLoader:
         self._cache.put(target.url, data)
         return data
 
+    def local_file(self, url: str, *, label_studio_url: str | None = None) -> Path | None:
+        """The file on this disk that :meth:`fetch_bytes` reads for ``url`` (the same decisions, in the
+        same order), or None when it downloads or decodes a ``data:`` URI. Used to notice a file
+        replaced at the same URL. Raises ImageFetchError for a URL the loader refuses."""
+        url = url.strip()
+        if url[:5].lower() == "data:":
+            return None
+        ls_url = (label_studio_url or self._settings.label_studio_url).strip().rstrip("/")
+        root = self._settings.local_files_document_root
+        try:
+            match = _SCHEME.match(url)
+            scheme = match.group(1).lower() if match else ""
+            if scheme == "file":
+                return contained_path(file_url_path(url), root, what=describe(url))
+            if scheme in CLOUD_SCHEMES or url.startswith("upload/"):
+                return None
+            if url.startswith("/") and not url.startswith(("//", *LABEL_STUDIO_PREFIXES)):
+                return contained_path(url, root, what=describe(url))
+        except ValueError as exc:
+            raise ImageFetchError(f"{describe(url)}: malformed URL ({exc})") from exc
+        target = self._route(ls_url).policy.image_target(url)
+        if target.local_file is not None and root:
+            path = contained_path(target.local_file, root, what=describe(url))
+            return path if path.is_file() else None
+        return None
+
     def _route(self, ls_url: str) -> _Route:
         with self._lock:
             route = self._routes.get(ls_url)
@@ -185,7 +211,8 @@ class ImageLoader:
         deadline = time.monotonic() + self._timeout_s
         current, reauthorised = target, False
         for _ in range(MAX_REDIRECTS + 2):  # redirects plus one retry after a token refresh
-            response = self._get(route, current, auth, deadline, url)
+            what = describe(url) if current == target else f"{describe(url)} (redirected to {describe(current.url)})"
+            response = self._get(route, current, auth, deadline, what)
             status = response.status_code
             if status in _REDIRECTS:
                 response.close()
@@ -207,17 +234,17 @@ class ImageLoader:
                 continue
             if status >= 400:
                 response.close()
-                what = describe(url) if current == target else f"{describe(url)} (redirected to {describe(current.url)})"
                 raise _http_error(status, what, current.label_studio, with_key=auth is not None)
             return self._read_capped(response, url, deadline)
         raise ImageFetchError(f"{describe(url)}: more than {MAX_REDIRECTS} redirects")
 
     def _get(
-        self, route: _Route, target: Target, auth: LabelStudioAuth | None, deadline: float, url: str
+        self, route: _Route, target: Target, auth: LabelStudioAuth | None, deadline: float, what: str
     ) -> requests.Response:
+        """One request, no redirect followed; errors start with ``what`` (the URL, described)."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise _timeout(url, self._timeout_s)
+            raise _timeout(what, self._timeout_s)
         try:
             return route.policy.send(
                 route.session,
@@ -228,11 +255,12 @@ class ImageLoader:
                 timeout=(min(CONNECT_TIMEOUT_S, remaining), remaining),
             )
         except URLRefused as exc:  # the connected address or the prepared request broke a rule
-            raise URLRefused(f"{describe(url)}: {exc.message}") from exc
-        except requests.Timeout as exc:
-            raise _timeout(url, self._timeout_s) from exc
+            raise URLRefused(f"{what}: {exc.message}") from exc
+        # from None: requests' messages quote the whole URL, presigned query included (tracebacks are logged)
+        except requests.Timeout:
+            raise _timeout(what, self._timeout_s) from None
         except requests.RequestException as exc:
-            raise ImageFetchError(f"{describe(url)}: cannot download ({failure_reason(exc)})") from exc
+            raise ImageFetchError(f"{what}: cannot download ({failure_reason(exc)})") from None
 
     def _read_capped(self, response: requests.Response, url: str, deadline: float) -> bytes:
         too_big = f"{describe(url)}: download larger than {self._max_bytes:,} bytes (MAX_DOWNLOAD_MB); refused"
@@ -247,17 +275,17 @@ class ImageLoader:
                     if len(body) > self._max_bytes:
                         raise ImageFetchError(too_big)
                     if time.monotonic() > deadline:
-                        raise _timeout(url, self._timeout_s)
+                        raise _timeout(describe(url), self._timeout_s)
             except requests.RequestException as exc:  # read timeouts surface here as ConnectionError
                 raise ImageFetchError(
                     f"{describe(url)}: download interrupted or too slow (limit {self._timeout_s:g} s, "
                     f"DOWNLOAD_TIMEOUT_S): {failure_reason(exc)}"
-                ) from exc
+                ) from None
         return bytes(body)
 
 
-def _timeout(url: str, timeout_s: float) -> ImageFetchError:
-    return ImageFetchError(f"{describe(url)}: download took longer than {timeout_s:g} s (DOWNLOAD_TIMEOUT_S)")
+def _timeout(what: str, timeout_s: float) -> ImageFetchError:
+    return ImageFetchError(f"{what}: download took longer than {timeout_s:g} s (DOWNLOAD_TIMEOUT_S)")
 
 
 def _http_error(status: int, what: str, to_label_studio: bool, *, with_key: bool) -> ImageFetchError:

@@ -1,9 +1,15 @@
 """The parts of a Label Studio labeling config this backend serves.
 
-We need one ``<Image>`` (and the task-data key its ``value`` reads), the ``<BrushLabels>``
-that receives our masks, and the ``<KeyPointLabels>`` / ``<RectangleLabels>`` tags (or their
+We need one ``<Image>`` (and the task-data key its ``value`` reads), the mask tag that
+receives our masks, and the ``<KeyPointLabels>`` / ``<RectangleLabels>`` tags (or their
 label-less ``<KeyPoint>`` / ``<Rectangle>`` forms) whose smart regions carry prompts, all tied
-together through ``toName``. Tag and attribute names are matched case-insensitively, as
+together through ``toName``.
+
+Mask tags are ``<BrushLabels>`` (brush RLE), ``<BitmaskLabels>`` (PNG) and ``<PolygonLabels>``
+(outlines). The image is the first ``<Image>`` (in document order) that a mask tag points at.
+Of the mask tags on it, the one named by ``mask_tag`` (the ``MASK_TAG`` setting) wins; else the
+first BrushLabels, else the first BitmaskLabels, else the first PolygonLabels -- the lossless
+forms first, since a polygon only approximates a mask. Tag and attribute names are matched case-insensitively, as
 Label Studio does. The stdlib parser is enough here (expat refuses external entities and
 caps entity expansion).
 """
@@ -19,6 +25,9 @@ from ml_backend.errors import LabelConfigError
 KEYPOINT_TAGS = frozenset({"keypointlabels", "keypoint"})
 RECTANGLE_TAGS = frozenset({"rectanglelabels", "rectangle"})
 BRUSH_TAG = "brushlabels"
+BITMASK_TAG = "bitmasklabels"
+POLYGON_TAG = "polygonlabels"
+MASK_TAGS = (BRUSH_TAG, BITMASK_TAG, POLYGON_TAG)  # the order of preference when a config has several
 
 _EXAMPLE = (
     '<View><Image name="image" value="$image"/>'
@@ -42,7 +51,7 @@ class ControlTag:
 class LabelConfig:
     image_name: str  # the Image tag's name: results' ``to_name``
     image_key: str  # the task-data key holding the image URL (value="$image" -> "image")
-    brush: ControlTag
+    mask: ControlTag  # the tag our masks go to; its result_type says which form they take
     keypoints: tuple[ControlTag, ...] = ()
     rectangles: tuple[ControlTag, ...] = ()
 
@@ -51,8 +60,11 @@ class LabelConfig:
         return next((t for t in self.keypoints + self.rectangles if t.name == from_name), None)
 
 
-def parse_label_config(xml: str) -> LabelConfig:
-    """Parse ``xml``; raise :class:`LabelConfigError` with a fix the user can apply when we cannot serve it."""
+def parse_label_config(xml: str, *, mask_tag: str | None = None) -> LabelConfig:
+    """Parse ``xml``; raise :class:`LabelConfigError` with a fix the user can apply when we cannot serve it.
+
+    ``mask_tag`` names the mask tag to use when the image has several (see the module docstring).
+    """
     if not isinstance(xml, str) or not xml.strip():
         raise LabelConfigError(f"No labeling config was received. A config this backend serves looks like: {_EXAMPLE}")
     try:
@@ -67,28 +79,28 @@ def parse_label_config(xml: str) -> LabelConfig:
         raise LabelConfigError(
             f"The labeling config has no <Image> tag; this backend segments images. Example: {_EXAMPLE}"
         )
-    brushes = [(attrs, element) for tag, attrs, element in tags if tag == BRUSH_TAG]
-    if not brushes:
+    masks = [(tag, attrs, element) for tag, attrs, element in tags if tag in MASK_TAGS]
+    if not masks:
         name = images[0][0].get("name", "image")
         raise LabelConfigError(
-            "The labeling config has no <BrushLabels> tag to receive masks. Add "
+            "The labeling config has no <BrushLabels>, <BitmaskLabels> or <PolygonLabels> tag to receive masks. Add "
             f'<BrushLabels name="mask" toName="{name}"><Label value="Object"/></BrushLabels>.'
         )
 
     image_names = [attrs.get("name", "") for attrs, _ in images]
-    chosen = next((n for n in image_names if n and any(n in _targets(a) for a, _ in brushes)), None)
+    chosen = next((n for n in image_names if n and any(n in _targets(a) for _, a, _ in masks)), None)
     if chosen is None:
-        targets = sorted({t for a, _ in brushes for t in _targets(a)})
+        targets = sorted({t for _, a, _ in masks for t in _targets(a)})
         raise LabelConfigError(
-            f"No <BrushLabels> points at an <Image>: their toName is {targets or 'missing'} but the "
-            f"Image tags are named {image_names}. Set the BrushLabels toName to the Image's name."
+            f"No mask tag (BrushLabels, BitmaskLabels, PolygonLabels) points at an <Image>: their toName is "
+            f"{targets or 'missing'} but the Image tags are named {image_names}. Set its toName to the Image's name."
         )
     image_attrs = images[image_names.index(chosen)][0]
-    brush_attrs, brush_element = next((a, e) for a, e in brushes if chosen in _targets(a))
-    brush = _control(brush_attrs, brush_element, chosen, BRUSH_TAG)
-    if not brush.labels:
+    mask = _choose_mask_tag([(t, a, e) for t, a, e in masks if chosen in _targets(a)], chosen, mask_tag)
+    if not mask.labels:
         raise LabelConfigError(
-            f'<BrushLabels name="{brush.name}"> has no labels: add at least one <Label value="..."/> inside it.'
+            f'<{_TAG_NAMES[mask.result_type]} name="{mask.name}"> has no labels: add at least one '
+            '<Label value="..."/> inside it.'
         )
 
     def controls(kinds: frozenset[str]) -> tuple[ControlTag, ...]:
@@ -101,10 +113,31 @@ def parse_label_config(xml: str) -> LabelConfig:
     return LabelConfig(
         image_name=chosen,
         image_key=_data_key(image_attrs, chosen),
-        brush=brush,
+        mask=mask,
         keypoints=controls(KEYPOINT_TAGS),
         rectangles=controls(RECTANGLE_TAGS),
     )
+
+
+_TAG_NAMES = {BRUSH_TAG: "BrushLabels", BITMASK_TAG: "BitmaskLabels", POLYGON_TAG: "PolygonLabels"}
+
+
+def _choose_mask_tag(
+    candidates: list[tuple[str, dict[str, str], ET.Element]], image_name: str, wanted: str | None
+) -> ControlTag:
+    """The mask tag named ``wanted`` (when given), else the first of the most preferred type."""
+    if wanted:
+        named = [(t, a, e) for t, a, e in candidates if a.get("name", "").strip() == wanted]
+        if not named:
+            names = [a.get("name", "") for _, a, _ in candidates]
+            raise LabelConfigError(
+                f"MASK_TAG={wanted!r} is not a mask tag on image {image_name!r} (its mask tags: {names}); "
+                "change the setting or the labeling config."
+            )
+        tag, attrs, element = named[0]
+    else:
+        tag, attrs, element = min(candidates, key=lambda c: MASK_TAGS.index(c[0]))
+    return _control(attrs, element, image_name, tag)
 
 
 def _attributes(element: ET.Element) -> dict[str, str]:

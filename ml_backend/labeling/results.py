@@ -1,4 +1,9 @@
-"""Label Studio result items and predictions for our brush masks."""
+"""Label Studio result items and predictions for our masks, in the form the labeling config asks for.
+
+The config's mask tag (:attr:`LabelConfig.mask`) decides: ``BrushLabels`` gets one brush RLE
+region, ``BitmaskLabels`` one PNG region, ``PolygonLabels`` one polygon region per connected
+component (none for an empty mask). See :mod:`ml_backend.formats` for the encodings.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +13,23 @@ from typing import Any
 
 import numpy as np
 
-from ml_backend.brush import encode_rle
 from ml_backend.errors import LabelConfigError
-from ml_backend.labeling.config import BRUSH_TAG, LabelConfig
+from ml_backend.formats import PolygonOptions, mask_values
+from ml_backend.labeling.config import LabelConfig
 
 
 def choose_brush_label(config: LabelConfig, prompt_label: str | None, override: str | None = None) -> str:
-    """The brush label for a mask: ``override`` (the BRUSH_LABEL setting) when set, else the
-    prompt's label when the brush tag has it, else the brush tag's first label.
+    """The label for a mask: ``override`` (the BRUSH_LABEL setting) when set, else the prompt's
+    label when the mask tag has it, else the mask tag's first label.
 
-    Names match exactly first, then case-insensitively; the brush tag's spelling is returned.
+    Names match exactly first, then case-insensitively; the mask tag's spelling is returned.
     """
-    labels = config.brush.labels
+    labels = config.mask.labels
     if override:
         found = _find(labels, override)
         if found is None:
             raise LabelConfigError(
-                f"BRUSH_LABEL={override!r} is not a label of <BrushLabels name=\"{config.brush.name}\"> "
+                f"BRUSH_LABEL={override!r} is not a label of the mask tag \"{config.mask.name}\" "
                 f"(its labels: {list(labels)}); change the setting or add the label."
             )
         return found
@@ -41,32 +46,39 @@ def _find(labels: tuple[str, ...], name: str) -> str | None:
     return next((label for label in labels if label.lower() == name.lower()), None)
 
 
-def build_brush_result(
-    mask: np.ndarray, *, config: LabelConfig, label: str, score: float, region_id: str | None = None
-) -> dict[str, Any]:
-    """A ``brushlabels`` result item for an (H, W) mask at the image's original size.
+def build_mask_results(
+    mask: np.ndarray, *, config: LabelConfig, label: str, score: float,
+    polygon: PolygonOptions = PolygonOptions(),
+) -> list[dict[str, Any]]:
+    """The result items holding an (H, W) mask at the image's original size, as the config's mask tag stores it.
 
-    ``region_id`` defaults to a fresh random id so that several masks in one prediction
-    stay separate regions.
+    Each item gets a fresh random id, so that several masks in one prediction stay separate regions.
+    ``polygon`` says how masks become polygons (used only for a ``PolygonLabels`` tag).
     """
     mask = np.asarray(mask)
     if mask.ndim != 2:
-        raise ValueError(f"A brush mask must be 2-D (height, width), got shape {mask.shape}.")
-    if label not in config.brush.labels:
-        raise LabelConfigError(f"{label!r} is not a label of <BrushLabels name=\"{config.brush.name}\">.")
+        raise ValueError(f"A mask must be 2-D (height, width), got shape {mask.shape}.")
+    tag = config.mask
+    if label not in tag.labels:
+        raise LabelConfigError(f"{label!r} is not a label of the mask tag \"{tag.name}\" (its labels: "
+                               f"{list(tag.labels)}).")
+    value_score = _score(score)
     height, width = mask.shape
-    return {
-        "id": region_id or uuid.uuid4().hex[:10],
-        "from_name": config.brush.name,
-        "to_name": config.image_name,
-        "type": BRUSH_TAG,
-        "original_width": int(width),
-        "original_height": int(height),
-        "image_rotation": 0,
-        "value": {"format": "rle", "rle": encode_rle(mask), "brushlabels": [label]},
-        "score": _score(score),
-        "readonly": False,
-    }
+    return [
+        {
+            "id": uuid.uuid4().hex[:10],
+            "from_name": tag.name,
+            "to_name": config.image_name,
+            "type": tag.result_type,
+            "original_width": int(width),
+            "original_height": int(height),
+            "image_rotation": 0,
+            "value": {**value, tag.result_type: [label]},
+            "score": value_score,
+            "readonly": False,
+        }
+        for value in mask_values(mask, tag.result_type, polygon)
+    ]
 
 
 def build_prediction(results: list[dict[str, Any]], score: float, model_version: str) -> dict[str, Any]:

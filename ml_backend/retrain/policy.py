@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from ml_backend.retrain.state import ProjectState
 from ml_backend.security.limits import project_id
 from ml_backend.settings import Settings
-from ml_backend.trimaps import has_brush_result, is_accepted
+from ml_backend.trimaps import has_mask_result, is_accepted
 
 START_TRAINING = "START_TRAINING"
 ANNOTATION_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"})
@@ -32,7 +32,7 @@ def _annotations(payload: dict) -> list:
 def accepted_changes(event: str, payload: dict, *, ground_truth_only: bool) -> int:
     """How many accepted annotation changes a webhook brings.
 
-    Created or updated: the annotations that are accepted now and hold a brush mask (an edit of
+    Created or updated: the annotations that are accepted now and hold a mask region (an edit of
     training data). Deleted: every deleted annotation (it may have been training data; the next
     export tells). Cancelling or un-marking ground truth is not counted.
     """
@@ -40,7 +40,7 @@ def accepted_changes(event: str, payload: dict, *, ground_truth_only: bool) -> i
         return max(1, len(_annotations(payload)))
     if event in ANNOTATION_EVENTS:
         return sum(1 for a in _annotations(payload)
-                   if is_accepted(a, ground_truth_only=ground_truth_only) and has_brush_result(a.get("result")))
+                   if is_accepted(a, ground_truth_only=ground_truth_only) and has_mask_result(a.get("result")))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Command line of the SAM engine: convert, segment, bench."""
+"""Command line of the SAM engine: convert, segment (benchmarks live in ``benchmarks/``)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,6 @@ def _parser() -> argparse.ArgumentParser:
     segment.add_argument("--point", type=_point, action="append", default=[], help="X,Y[,LABEL] in image pixels")
     segment.add_argument("--box", type=_box, help="X1,Y1,X2,Y2 in image pixels")
     segment.add_argument("--out", type=Path, required=True, help="mask PNG (0/255, original size)")
-    sub.add_parser("bench", help="measure clicks against the official predictor", add_help=False)
     return parser
 
 
@@ -87,10 +86,6 @@ def _segment(args: argparse.Namespace, settings: Settings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:
-        from ml_backend.sam.bench import main as bench_main
-
-        return bench_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         settings = Settings.from_env()

@@ -4,6 +4,11 @@ Like ``segment_anything.SamPredictor``, the expensive image encoder runs once pe
 image (cached by pixel content) and each click only runs the prompt encoder and
 the light mask decoder. Inputs and outputs are in original-image pixels; the
 model's padded square never leaves this module.
+
+Embeddings are looked up in memory (an LRU by bytes), then in the optional on-disk
+:class:`~ml_backend.embeddings.store.EmbeddingStore` shared with other processes, and
+only then encoded, under the store's per-image lock so no two processes encode the
+same image.
 """
 
 from __future__ import annotations
@@ -12,17 +17,20 @@ import contextlib
 import hashlib
 import logging
 import threading
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ml_backend.errors import InvalidImageError, InvalidPromptError
 from ml_backend.sam.cache import ByteBoundedLRU
+from ml_backend.sam.decoder import PROMPT_KEYS, PromptDecoder
 from ml_backend.sam.prompts import Prompts, SegmentationResult
-from ml_backend.sam.transforms import InputGeometry, logits_to_original, prepare_image
+from ml_backend.sam.transforms import InputGeometry, logits_to_mask, prepare_image
+
+if TYPE_CHECKING:
+    from ml_backend.embeddings.store import EmbeddingStore, StoredEmbedding
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +71,9 @@ class SamEngine:
     """Segments images with a keras-hub ``SAMImageSegmenter``.
 
     ``device`` pins computation (``"cpu"``, ``"cuda"``, ``"cuda:1"``); ``None`` lets
-    Keras pick the GPU when torch sees one.
+    Keras pick the GPU when torch sees one. ``traced_decoder`` replays the prompt encoder
+    and mask decoder as a traced graph (see :mod:`ml_backend.sam.decoder`); ``False``
+    runs the Keras layers eagerly.
     """
 
     def __init__(
@@ -73,20 +83,23 @@ class SamEngine:
         cache_bytes: int = 1 << 30,
         device: str | None = None,
         source: str = "",
+        traced_decoder: bool = True,
+        store: "EmbeddingStore | None" = None,
     ) -> None:
         self.segmenter = segmenter
         self.source = source
         self.device = device
+        self.store = store
         backbone = segmenter.backbone
         self._image_encoder = backbone.image_encoder
         self._prompt_encoder = backbone.prompt_encoder
-        self._mask_decoder = backbone.mask_decoder
+        self._decoder = PromptDecoder(self._prompt_encoder, backbone.mask_decoder, traced=traced_decoder)
         self.input_size = int(self._image_encoder.image_shape[0])
         embed_h, embed_w = self._prompt_encoder.image_embedding_size
         self.mask_input_shape = (4 * int(embed_h), 4 * int(embed_w))
         self.cache: ByteBoundedLRU[ImageEmbedding] = ByteBoundedLRU(cache_bytes, lambda e: e.nbytes)
-        self._warmer: ThreadPoolExecutor | None = None
-        self._warmer_lock = threading.Lock()
+        self.images_encoded = 0  # images this process ran the encoder on (store and memory hits excluded)
+        self._count_lock = threading.Lock()
 
     def _device_scope(self):
         import keras
@@ -95,60 +108,98 @@ class SamEngine:
 
     # --- embedding -------------------------------------------------------------
     def embed(self, image: np.ndarray) -> ImageEmbedding:
-        """Return the (cached) embedding of an (H, W, 3) uint8 RGB image."""
+        """Return the embedding of an (H, W, 3) uint8 RGB image: from memory, the store, or the encoder."""
         check_image(image)
         key = image_key(image)
-        return self.cache.get_or_compute(key, lambda: self._encode(key, image))
+        return self.cache.get_or_compute(key, lambda: self._stored_or_encoded(key, image))
+
+    def cached(self, key: str) -> ImageEmbedding | None:
+        """The embedding for a pixel key from memory or the store, without the image; None if neither has it."""
+        embedding = self.cache.get(key)
+        if embedding is None and self.store is not None:
+            embedding = self._from_store(key)
+            if embedding is not None:
+                self.cache.put(key, embedding)
+        return embedding
+
+    def is_ready(self, key: str) -> bool:
+        """Whether ``key`` would be served without encoding (memory or store)."""
+        return key in self.cache or (self.store is not None and self.store.contains(key))
+
+    def _stored_or_encoded(self, key: str, image: np.ndarray) -> ImageEmbedding:
+        if self.store is None:
+            return self._encode(key, image)
+        embedding = self._from_store(key)
+        if embedding is not None:
+            return embedding
+        with self.store.lock(key):
+            embedding = self._from_store(key)  # another process may have encoded it while we waited
+            if embedding is not None:
+                return embedding
+            embedding = self._encode(key, image)
+            height, width = embedding.geometry.original_size
+            self.store.put(key, embedding.features.detach().float().cpu().numpy(), (height, width))
+        return embedding
+
+    def _from_store(self, key: str) -> ImageEmbedding | None:
+        from keras import ops
+
+        stored: StoredEmbedding | None = self.store.get(key) if self.store is not None else None
+        if stored is None:
+            return None
+        height, width = stored.original_size
+        with self._device_scope():
+            features = ops.convert_to_tensor(stored.features, dtype=self._image_encoder.compute_dtype)
+        return ImageEmbedding(key=key, geometry=InputGeometry.for_image(height, width, self.input_size),
+                              features=features)
 
     def _encode(self, key: str, image: np.ndarray) -> ImageEmbedding:
+        embedding = self._run_encoder(key, image)
+        with self._count_lock:
+            self.images_encoded += 1
+        logger.debug("encoded image %s (%dx%d)", key[:12], image.shape[1], image.shape[0])
+        return embedding
+
+    def _run_encoder(self, key: str, image: np.ndarray) -> ImageEmbedding:
         from keras import ops
 
         geometry = InputGeometry.for_image(image.shape[0], image.shape[1], self.input_size)
         batch = prepare_image(image, geometry)[None]
         with torch.no_grad(), self._device_scope():
             features = self._image_encoder(ops.convert_to_tensor(batch))
-        logger.debug("encoded image %s (%dx%d)", key[:8], image.shape[1], image.shape[0])
         return ImageEmbedding(key=key, geometry=geometry, features=features)
 
-    def prefetch(self, loaders: Iterable[Callable[[], np.ndarray]]) -> Future:
-        """Embed images in the background (warm a project before annotators start).
+    def warm_up(self) -> None:
+        """Pay torch's first-call costs and build the decoder's traces (each prompt kind) on a blank
+        image, outside the cache, the store and the encode count, so annotators' clicks do not."""
+        from ml_backend.sam.prompts import Prompts
 
-        Each loader returns an image; one that fails is logged and skipped. The
-        future resolves to the number of images embedded.
-        """
-        with self._warmer_lock:
-            if self._warmer is None:
-                self._warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sam-prefetch")
-        return self._warmer.submit(self._prefetch_all, list(loaders))
-
-    def _prefetch_all(self, loaders: list[Callable[[], np.ndarray]]) -> int:
-        done = 0
-        for load in loaders:
-            try:
-                self.embed(load())
-                done += 1
-            except Exception:  # one bad image must not stop warming the rest
-                logger.warning("prefetch: skipping an image that could not be embedded", exc_info=True)
-        return done
+        embedding = self._run_encoder("warm-up", np.full((64, 64, 3), 127, np.uint8))
+        for box in (None, (8.0, 8.0, 40.0, 40.0)):
+            first = self.decode(embedding, Prompts.from_lists(points=[(20.0, 20.0)], box=box))
+            self.decode(embedding, Prompts.from_lists(points=[(20.0, 20.0), (30.0, 30.0)], box=box,
+                                                      mask_logits=first.low_res_logits))
 
     # --- decoding --------------------------------------------------------------
     def decode(self, embedding: ImageEmbedding, prompts: Prompts) -> SegmentationResult:
         """Decode prompts (original-image pixels) against an embedding."""
         height, width = embedding.geometry.original_size
         prompts.validate(width, height)
+        from keras import ops
+
         inputs = self._prompt_inputs(embedding.geometry, prompts)
         with torch.no_grad(), self._device_scope():
-            prompt_embeddings = self._prompt_encoder(**inputs)
-            outputs = self._mask_decoder(image_embeddings=embedding.features, **prompt_embeddings)
-        all_logits = outputs["masks"][0].float()  # (4, h, w)
-        all_scores = outputs["iou_pred"][0].float()
+            tensors = {key: ops.convert_to_tensor(inputs[key]) for key in PROMPT_KEYS}
+            masks, iou_pred = self._decoder(embedding.features, tensors)
+        all_logits = masks[0].float()  # (4, h, w)
+        all_scores = iou_pred[0].float()
         if prompts.is_single_point:
             # One click is ambiguous: take the multimask outputs and keep the best predicted IoU.
             best = 1 + int(torch.argmax(all_scores[1:]))
         else:
             best = 0
         low_res = all_logits[best : best + 1]
-        mask = logits_to_original(low_res, embedding.geometry)[0] > MASK_THRESHOLD
+        mask = logits_to_mask(low_res, embedding.geometry, MASK_THRESHOLD)[0]
         return SegmentationResult(
             mask=mask.cpu().numpy(),
             score=float(all_scores[best]),

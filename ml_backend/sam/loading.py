@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from ml_backend.errors import ModelSourceError
 
 if TYPE_CHECKING:
+    from ml_backend.embeddings.store import EmbeddingStore
     from ml_backend.sam.engine import SamEngine
     from ml_backend.settings import Settings
 
@@ -106,4 +107,24 @@ def load_engine(settings: "Settings") -> "SamEngine":
     # Variables are created on the device in scope at load time; the engine computes under the same scope.
     with keras.device(device) if device else contextlib.nullcontext():
         segmenter = load_segmenter(source, converted_root=settings.model_dir / "sam-presets", dtype=dtype)
-    return SamEngine(segmenter, cache_bytes=settings.embedding_cache_bytes, device=device, source=source)
+    return SamEngine(segmenter, cache_bytes=settings.embedding_cache_bytes, device=device, source=source,
+                     traced_decoder=settings.sam_trace_decoder, store=open_store(settings, segmenter))
+
+
+def open_store(settings: "Settings", segmenter) -> "EmbeddingStore | None":
+    """The on-disk embedding store for this model, or None when disabled or unusable (memory only then)."""
+    if settings.embedding_store_mb <= 0:
+        return None
+    from ml_backend.embeddings.identity import model_identity
+    from ml_backend.embeddings.store import EmbeddingStore
+
+    model_id = model_identity(segmenter.backbone.image_encoder)
+    try:
+        store = EmbeddingStore(settings.embedding_store_dir, model_id, max_bytes=settings.embedding_store_bytes,
+                               dtype=settings.embedding_store_dtype)
+    except OSError as exc:
+        logger.warning("embedding store disabled: cannot use %s (%s)", settings.embedding_store_dir, exc)
+        return None
+    logger.info("embedding store %s (model %s, %s, %d MB)", store.directory, model_id,
+                settings.embedding_store_dtype, settings.embedding_store_mb)
+    return store

@@ -64,3 +64,8 @@ def logits_to_original(low_res_logits: torch.Tensor, geometry: InputGeometry) ->
     x = x[..., :new_h, :new_w]
     x = F.interpolate(x, geometry.original_size, mode="bilinear", align_corners=False)
     return x[:, 0]
+
+
+def logits_to_mask(low_res_logits: torch.Tensor, geometry: InputGeometry, threshold: float = 0.0) -> torch.Tensor:
+    """(N, h, w) low-resolution logits to (N, H, W) bool masks at the original size (logit > threshold)."""
+    return logits_to_original(low_res_logits, geometry) > threshold

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from ml_backend.settings import Settings, SettingsError
 
 SECRET_HEADER = "X-ML-Backend-Secret"
-PUBLIC_PATHS = frozenset({"/health"})
+PUBLIC_PATHS = frozenset({"/health", "/ready"})  # states only, for Label Studio and healthchecks
 WEBHOOK_PATH = "/webhook"
 _SECRET_CONTEXT = b"sam-trimap-backend webhook secret v1"
 

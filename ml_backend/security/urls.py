@@ -69,6 +69,12 @@ from urllib3.util import Url, parse_url
 
 from ml_backend.errors import ImageFetchError
 
+__all__ = [
+    "LABEL_STUDIO_API", "LABEL_STUDIO_MEDIA", "LISTED_HOST", "MAX_URL_CHARS", "PRESIGNED", "Origin", "Target",
+    "URLRefused", "UrlPolicy", "check_characters", "clean_path", "describe", "failure_reason", "host_allowed",
+    "is_public_address", "literal_address", "parse_http_url", "parse_label_studio_url",
+]
+
 MAX_URL_CHARS = 8192
 DEFAULT_PORTS = {"http": 80, "https": 443}
 USER_AGENT = "sam-trimap-backend (Label Studio ML backend)"
@@ -171,7 +177,8 @@ def parse_http_url(url: str) -> Url:
     try:
         parsed = parse_url(url)
     except (LocationParseError, ValueError) as exc:
-        raise URLRefused(f"{describe(url)}: malformed URL") from exc
+        # from None: the parser's message quotes the whole URL, query string included
+        raise URLRefused(f"{describe(url)}: malformed URL ({type(exc).__name__})") from None
     if "@" in authority or parsed.auth is not None:
         raise URLRefused(f"{describe(url)}: user info (user@ or user:password@) in a URL is refused")
     if not parsed.host:
@@ -326,7 +333,9 @@ def failure_reason(exc: BaseException) -> str:
     """Why a request failed, in words that quote no URL (requests' own messages quote the whole
     URL, presigned query included)."""
     causes: list[object] = [exc]
-    for cause in causes[:8]:
+    for cause in causes:  # grows while iterated: requests wraps urllib3's errors two or three deep
+        if len(causes) > 16:
+            break
         causes.extend(arg for arg in getattr(cause, "args", ()) if isinstance(arg, BaseException))
         causes.extend(c for c in (getattr(cause, "reason", None), getattr(cause, "__cause__", None)) if c is not None)
     if isinstance(exc, requests.exceptions.SSLError):
@@ -422,8 +431,8 @@ class UrlPolicy:
             origin = Origin.of(parse_http_url(absolute))
         except URLRefused as exc:
             raise URLRefused(f"redirect refused: {exc.message}") from exc
-        except ValueError as exc:  # urljoin on a malformed IPv6 literal
-            raise URLRefused(f"redirect to {describe(location)} refused: malformed URL") from exc
+        except ValueError:  # urljoin on a malformed IPv6 literal
+            raise URLRefused(f"redirect to {describe(location)} refused: malformed URL") from None
         what = f"redirect to {describe(absolute)} refused"
         if origin == self.label_studio:
             if current.route != LABEL_STUDIO_MEDIA:

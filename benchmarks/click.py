@@ -1,25 +1,62 @@
-"""``python -m ml_backend.click_bench``: clicks through the whole backend, as Label Studio sends them.
+"""``python -m benchmarks.click``: clicks through the whole backend, as Label Studio sends them.
 
-The SAM bench (``python -m ml_backend.sam bench``) measures the engine; this one measures
+The SAM bench (``python -m benchmarks.sam``) measures the engine; this one measures
 what an annotator waits for: the app parsing Label Studio's context, the image loaded from
 local files, SAM, and the brush RLE answer. First click on a new image against further
 clicks on it, side by side in one run (random SAM weights, a synthetic JPEG).
+
+Where a further click's time goes: the clicks are timed without instrumentation, then
+replayed under ``cProfile``; each stage's share of the profiled time (the cumulative
+time of the function that does it) is applied to the unprofiled median. The profiler
+inflates Python-heavy stages more than tensor-heavy ones, so the shares are a guide,
+the total is exact.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
 import json
+import pstats
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import ml_backend  # noqa: F401  (selects the torch backend before keras is imported)
+
 LABEL_CONFIG = """<View><Image name="image" value="$image"/>
 <BrushLabels name="mask" toName="image"><Label value="Object"/></BrushLabels>
 <KeyPointLabels name="click" toName="image" smart="true"><Label value="Object"/></KeyPointLabels></View>"""
+
+
+# (stage, file the function lives in, function name); "threshold" is mask minus upsampling.
+STAGES = (
+    ("backend per request (config parsing)", "ml_backend/backend.py", "__init__"),
+    ("context parsing", "ml_backend/labeling/context.py", "parse_context"),
+    ("embedding lookup", "ml_backend/runtime.py", "task_embedding"),
+    ("prompt encoder + decoder", "ml_backend/sam/decoder.py", "__call__"),
+    ("upsampling", "ml_backend/sam/transforms.py", "logits_to_original"),
+    ("upsampling + threshold", "ml_backend/sam/transforms.py", "logits_to_mask"),
+    ("brush RLE", "ml_backend/brush.py", "encode_rle"),
+    ("JSON answer", "flask/json/provider.py", "response"),
+)
+
+
+def stage_breakdown(profile: cProfile.Profile, total_s: float) -> dict[str, float | None]:
+    """Seconds per stage, scaled from the profile's shares to the unprofiled ``total_s``."""
+    stats = pstats.Stats(profile).stats  # {(file, line, name): (calls, ncalls, tottime, cumtime, callers)}
+    profiled_total = sum(tottime for _, _, tottime, _, _ in stats.values()) or 1.0
+    seconds: dict[str, float | None] = {}
+    for stage, path, name in STAGES:
+        cum = [cumtime for (file, _, func), (_, _, _, cumtime, _) in stats.items()
+               if func == name and file.replace("\\", "/").endswith(path)]
+        seconds[stage] = total_s * max(cum) / profiled_total if cum else None
+    if seconds["upsampling + threshold"] is not None and seconds["upsampling"] is not None:
+        seconds["threshold"] = seconds.pop("upsampling + threshold") - seconds["upsampling"]
+    return seconds
 
 
 def _keypoint(x_pct: float, y_pct: float, width: int, height: int) -> dict:
@@ -35,7 +72,7 @@ def run(quick: bool, clicks: int) -> dict:
     from ml_backend.app import create_app
     from ml_backend.runtime import Runtime
     from ml_backend.sam import SamEngine
-    from ml_backend.sam.bench import base_architecture, quick_architecture, synthetic_image
+    from benchmarks.sam import base_architecture, quick_architecture, synthetic_image
     from ml_backend.sam.convert import build_segmenter
     from ml_backend.settings import Settings
 
@@ -63,14 +100,21 @@ def run(quick: bool, clicks: int) -> dict:
 
         first = click(0)
         further = [click(i) for i in range(1, clicks + 1)]
-    median = statistics.median(further)
+        median = statistics.median(further)
+        profile = cProfile.Profile()
+        profile.enable()
+        for i in range(clicks + 1, 2 * clicks + 1):
+            click(i)
+        profile.disable()
+    stages = stage_breakdown(profile, median)
     return {"image": f"{width}x{height}", "model": "quick" if quick else "base (vit_b shapes)",
             "first_click_s": round(first, 4), "further_click_median_s": round(median, 4),
-            "first_over_further": round(first / median, 1)}
+            "first_over_further": round(first / median, 1),
+            "further_click_stages_s": {k: None if v is None else round(v, 4) for k, v in stages.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ml_backend.click_bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.click", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small model and a 640x480 image")
     parser.add_argument("--clicks", type=int, default=5, help="further clicks to time (default 5)")
     parser.add_argument("--json", action="store_true")
@@ -84,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{report['model']}, {report['image']} JPEG through the app: first click {report['first_click_s']:.3f} s, "
               f"further clicks {report['further_click_median_s'] * 1000:.0f} ms (median), "
               f"{report['first_over_further']}x")
+        print("a further click, by stage (profile shares of the median):")
+        for stage, seconds in report["further_click_stages_s"].items():
+            print(f"  {stage:40s} {'n/a' if seconds is None else f'{seconds * 1000:8.1f} ms'}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Benchmark our brush RLE encoder against label-studio-sdk's ``mask2rle`` on the same masks.
 
-Run ``python -m ml_backend.brush_bench [--json]``. Needs the test extra (label-studio-sdk);
+Run ``python -m benchmarks.brush [--json]``. Needs the test extra (label-studio-sdk);
 the target is our encoder at least 20x faster than the SDK's.
 """
 
@@ -47,7 +47,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ml_backend.brush_bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.brush", description=__doc__.splitlines()[0])
     parser.add_argument("--object-size", type=_size, default=(3000, 4000), help="WIDTHxHEIGHT (default 4000x3000)")
     parser.add_argument(
         "--noise-size", type=_size, default=(750, 1000),
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from label_studio_sdk.converter import brush as sdk_brush
     except ImportError:
-        print("brush_bench: label-studio-sdk is not installed (install the test extra).", file=sys.stderr)
+        print("benchmarks.brush: label-studio-sdk is not installed (install the test extra).", file=sys.stderr)
         return 2
 
     rng = np.random.default_rng(0)
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, mask in masks.items():
         ours = encode_rle(mask)
         if ours != sdk_brush.mask2rle(mask.astype(np.uint8) * 255):
-            print(f"brush_bench: our encoding of the {name} mask differs from the SDK's", file=sys.stderr)
+            print(f"benchmarks.brush: our encoding of the {name} mask differs from the SDK's", file=sys.stderr)
             return 1
         ours_s = _best_seconds(lambda: encode_rle(mask), args.repeat)
         sdk_s = _best_seconds(lambda: sdk_brush.mask2rle(mask.astype(np.uint8) * 255), args.repeat)

@@ -1,4 +1,4 @@
-"""``python -m training bench``: our streaming pipeline against the book's in-memory arrays.
+"""``python -m benchmarks.training``: our streaming pipeline against the book's in-memory arrays.
 
 * Throughput: one process, one model; epochs alternate between ``model.fit`` on our
   ``TrimapDataset`` (reading JPEG/PNG from disk) and ``model.fit`` on the same images held in
@@ -163,7 +163,7 @@ def _memory_worker(mode: str, data_dir: Path, config: BenchConfig) -> dict[str, 
 
 
 def _run_worker(mode: str, data_dir: Path, config: BenchConfig) -> dict[str, Any]:
-    command = [sys.executable, "-m", "training.bench", "--worker", mode, str(data_dir), json.dumps(asdict(config))]
+    command = [sys.executable, "-m", "benchmarks.training", "--worker", mode, str(data_dir), json.dumps(asdict(config))]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"benchmark worker {mode} failed:\n{done.stderr[-2000:]}")
@@ -226,16 +226,25 @@ def format_report(result: dict[str, Any]) -> str:
     ])
 
 
-def _worker_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m training.bench")
-    parser.add_argument("--worker", choices=("streaming", "in_memory"), required=True)
-    parser.add_argument("data_dir", type=Path)
-    parser.add_argument("config")
+def main(argv: list[str] | None = None) -> int:
+    """The benchmark (``--quick``, ``--json``), or one memory worker (``--worker MODE DATA CONFIG``)."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.training", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small images and counts (about 2 minutes on a CPU)")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--worker", choices=("streaming", "in_memory"), help=argparse.SUPPRESS)
+    parser.add_argument("worker_args", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     import training  # noqa: F401  (selects the torch backend before keras)
 
-    print(json.dumps(_memory_worker(args.worker, args.data_dir, BenchConfig(**json.loads(args.config)))))
+    if args.worker:
+        data_dir, config = args.worker_args
+        print(json.dumps(_memory_worker(args.worker, Path(data_dir), BenchConfig(**json.loads(config)))))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    result = run_bench(quick=args.quick)
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    return 0
 
 
 if __name__ == "__main__":
-    _worker_main(sys.argv[1:])
+    sys.exit(main())

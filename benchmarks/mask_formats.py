@@ -1,0 +1,111 @@
+"""The three mask result forms on the same masks: encode/read-back time, JSON size, and polygon accuracy.
+
+Run ``python -m benchmarks.mask_formats [--size 4000x3000] [--json]``. The brush RLE encoder is the
+reference measured side by side (same mask, same run). Polygon rows give the vertex count and the
+IoU of the read-back mask with the original for each simplification tolerance, and what filling
+the holes instead of bridging them would cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+
+import cv2
+import numpy as np
+
+from ml_backend.formats import BITMASK, BRUSH, POLYGON, PolygonOptions, mask_values, region_mask
+
+TOLERANCES = (0.0, 0.5, 1.0, 2.0, 4.0)
+
+
+def object_mask(height: int, width: int) -> np.ndarray:
+    """An ellipse with a hole, plus a bar: one object of the kind SAM returns, with two components."""
+    mask = np.zeros((height, width), np.uint8)
+    centre, axes = (int(width * 0.55), int(height * 0.5)), (int(width * 0.3), int(height * 0.3))
+    cv2.ellipse(mask, centre, axes, 20, 0, 360, 1, -1)
+    cv2.ellipse(mask, centre, (axes[0] // 4, axes[1] // 3), 0, 0, 360, 0, -1)
+    mask[height // 12: height // 12 + height // 30, width // 40: width - width // 40] = 1
+    return mask.astype(bool)
+
+
+def _best(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def _read(values: list[dict], result_type: str, size: tuple[int, int]) -> np.ndarray:
+    width, height = size
+    mask = np.zeros((height, width), bool)
+    for value in values:
+        item = {"type": result_type, "original_width": width, "original_height": height, "value": value}
+        mask |= region_mask(item, size, max_pixels=width * height)
+    return mask
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+def measure(height: int, width: int, repeat: int) -> dict:
+    mask = object_mask(height, width)
+    size = (width, height)
+    forms = {}
+    for result_type in (BRUSH, BITMASK, POLYGON):
+        encode_s, values = _best(lambda: mask_values(mask, result_type, PolygonOptions()), repeat)
+        read_s, restored = _best(lambda: _read(values, result_type, size), repeat)
+        forms[result_type] = {"encode_ms": encode_s * 1e3, "read_ms": read_s * 1e3,
+                              "json_kb": len(json.dumps(values)) / 1024, "iou": _iou(restored, mask)}
+    polygons = []
+    for tolerance in TOLERANCES:
+        options = PolygonOptions(min_area=PolygonOptions().min_area, tolerance=tolerance)
+        values = mask_values(mask, POLYGON, options)
+        polygons.append({"tolerance": tolerance, "vertices": sum(len(v["points"]) for v in values),
+                         "iou": _iou(_read(values, POLYGON, size), mask)})
+    external, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    filled = cv2.drawContours(np.zeros(mask.shape, np.uint8), external, -1, 1, -1).astype(bool)
+    return {"size": f"{width}x{height}", "foreground_pixels": int(mask.sum()), "forms": forms,
+            "polygon_tolerances": polygons, "holes_filled_iou": _iou(filled, mask)}
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT") from exc
+    if width <= 0 or height <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return height, width
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.mask_formats", description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=_size, action="append", help="WIDTHxHEIGHT (repeatable)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    results = [measure(h, w, max(1, args.repeat)) for h, w in (args.size or [(768, 1024), (3000, 4000)])]
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for result in results:
+        print(f"{result['size']} ({result['foreground_pixels']} object pixels)")
+        print(f"  {'form':<14}{'encode ms':>10}{'read ms':>10}{'JSON KiB':>10}{'IoU':>9}")
+        for name, row in result["forms"].items():
+            print(f"  {name:<14}{row['encode_ms']:>10.1f}{row['read_ms']:>10.1f}{row['json_kb']:>10.1f}"
+                  f"{row['iou']:>9.4f}")
+        print("  polygon tolerance (px): " + ", ".join(
+            f"{p['tolerance']:g} -> {p['vertices']} vertices IoU {p['iou']:.4f}" for p in result["polygon_tolerances"]))
+        print(f"  holes filled instead of bridged: IoU {result['holes_filled_iou']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Image URL -> pixel key of its embedding, so a click skips downloading, decoding and hashing.
+
+A URL can start pointing at other pixels (a local file replaced in place, an object
+overwritten in a bucket), so each entry carries a validator taken *before* the image was
+read: a local file's mtime and size (checked on every lookup: one ``stat``); a ``data:``
+URI is its own content. For http(s) URLs nothing cheap is known without a request, so
+their entries expire after ``ttl_s`` and the image is read again (which also refreshes
+the mapping). Entries live in memory and, when there is a store, on disk for the other
+processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ml_backend.sam.cache import ByteBoundedLRU
+
+logger = logging.getLogger(__name__)
+
+MEMORY_ENTRIES = 100_000
+DATA_URI = "data"
+REMOTE = ""  # no validator: trust the entry for ttl_s
+
+
+class UrlIndex:
+    def __init__(self, local_file: Callable[[str], Path | None], *, ttl_s: float) -> None:
+        self._local_file = local_file
+        self.ttl_s = ttl_s
+        self.store = None  # the engine's EmbeddingStore once SAM is loaded
+        self._memory: ByteBoundedLRU[tuple[str, str, float]] = ByteBoundedLRU(MEMORY_ENTRIES, lambda entry: 1)
+
+    def validator(self, url: str) -> str | None:
+        """What must not change for the mapping to hold; None when the URL cannot be checked now."""
+        if url.startswith("data:"):
+            return DATA_URI
+        try:
+            path = self._local_file(url)
+        except Exception:  # a URL the loader refuses: let the load report it
+            return None
+        if path is None:
+            return REMOTE
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        return f"file:{stat.st_mtime_ns}:{stat.st_size}"
+
+    def lookup(self, url: str, validator: str | None) -> str | None:
+        """The pixel key last seen for ``url`` if it still holds, else None."""
+        if validator is None:
+            return None
+        entry = self._memory.get(url)
+        if entry is None and self.store is not None:
+            entry = self.store.get_url(url)
+            if entry is not None:
+                self._memory.put(url, entry)
+        if entry is None:
+            return None
+        key, seen_validator, seen_at = entry
+        if seen_validator != validator:
+            logger.info("image at %s changed since it was embedded; reading it again", url[:80])
+            return None
+        if validator == REMOTE and time.time() - seen_at > self.ttl_s:
+            return None
+        return key
+
+    def remember(self, url: str, key: str, validator: str | None) -> None:
+        if validator is None:
+            return
+        entry = (key, validator, time.time())
+        self._memory.put(url, entry)
+        if self.store is not None:
+            self.store.put_url(url, key, validator, entry[2])

@@ -1,0 +1,200 @@
+"""At most N image encodes at once per process; the rest queue by priority, then arrival.
+
+SAM's image encoder takes every core it is given (seconds per image on a CPU). Eight
+annotators opening new images at once must not run eight encodes side by side (each
+then takes eight times as long and all miss Label Studio's 100 s); one at a time
+answers the first quickly and the rest in turn. A caller who would wait longer than
+the bound is refused at once with :class:`EncodeBusyError` (HTTP 503 with
+``Retry-After``) instead of timing out; the wait is estimated from the encodes
+measured so far, and a caller whose estimate was too hopeful is refused when its
+wait reaches the bound.
+
+Interactive first clicks go before background encodes (warm-up, pre-encoding), which
+wait without a bound. Decoding (further clicks) never passes through the gate.
+
+Hand-written because a semaphore has neither priorities nor a wait estimate.
+
+Usage::
+
+    gate = EncodeGate(slots=1, max_wait_s=45)
+    with gate.slot():                                   # interactive: bounded wait, may raise
+        embedding = engine.embed(image)
+    with gate.slot(Priority.BACKGROUND):                # background: waits for free slots
+        engine.embed(image)
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import IntEnum
+
+from ml_backend.errors import BackendError
+
+logger = logging.getLogger(__name__)
+
+EWMA_WEIGHT = 0.3  # weight of the newest measured encode in the running estimate
+
+
+class Priority(IntEnum):
+    """Lower goes first."""
+
+    INTERACTIVE = 0
+    BACKGROUND = 1
+
+
+class EncodeBusyError(BackendError):
+    """Every encode slot is taken for longer than a click may wait: HTTP 503 with ``Retry-After``."""
+
+    status_code = 503
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class GateCounters:
+    admitted: int = 0
+    refused_at_once: int = 0
+    refused_after_waiting: int = 0
+
+
+class Slot:
+    """One admitted encode; call :meth:`untimed` when it turned out not to encode (e.g. found in a cache)."""
+
+    def __init__(self, waited_s: float) -> None:
+        self.waited_s = waited_s
+        self.timed = True
+
+    def untimed(self) -> None:
+        self.timed = False
+
+
+_DEFAULT = object()
+
+
+class EncodeGate:
+    """A priority queue in front of ``slots`` concurrent encodes."""
+
+    def __init__(self, slots: int, max_wait_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        if slots < 1:
+            raise ValueError(f"an encode gate needs at least one slot (got {slots})")
+        self.slots = slots
+        self.max_wait_s = max_wait_s
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._waiting: list[tuple[int, int]] = []  # heap of (priority, arrival number)
+        self._arrivals = itertools.count()
+        self._active: dict[int, float] = {}  # arrival number -> start time of the encodes running now
+        self._mean_s: float | None = None
+        self.counters = GateCounters()
+
+    # --- the estimate ---------------------------------------------------------------
+    @property
+    def mean_encode_s(self) -> float | None:
+        """Running estimate of one encode's duration; None before the first was measured."""
+        return self._mean_s
+
+    def _estimate_locked(self, ahead: int) -> float | None:
+        """Seconds until a slot frees for a caller with ``ahead`` queued callers before it."""
+        if len(self._active) < self.slots and ahead == 0:
+            return 0.0
+        if self._mean_s is None:
+            return None
+        now = self._clock()
+        free_at = [max(self._mean_s - (now - start), 0.0) for start in self._active.values()]
+        free_at += [0.0] * (self.slots - len(free_at))
+        heapq.heapify(free_at)
+        for _ in range(ahead):
+            heapq.heapreplace(free_at, free_at[0] + self._mean_s)
+        return free_at[0]
+
+    def estimated_wait_s(self, priority: Priority = Priority.INTERACTIVE) -> float | None:
+        """How long a caller arriving now would wait for a slot (None: no encode measured yet)."""
+        with self._cond:
+            return self._estimate_locked(self._ahead_locked(priority))
+
+    def _ahead_locked(self, priority: int) -> int:
+        return sum(1 for p, _ in self._waiting if p <= priority)
+
+    def status(self) -> dict:
+        with self._cond:
+            return {
+                "slots": self.slots,
+                "active": len(self._active),
+                "waiting": len(self._waiting),
+                "mean_encode_s": None if self._mean_s is None else round(self._mean_s, 3),
+                "admitted": self.counters.admitted,
+                "refused": self.counters.refused_at_once + self.counters.refused_after_waiting,
+            }
+
+    # --- admission ------------------------------------------------------------------
+    def _refusal(self, ahead: int, estimate: float | None, max_wait_s: float) -> EncodeBusyError:
+        if estimate is not None and estimate > max_wait_s:
+            retry_after, work = estimate - max_wait_s, f"about {estimate:.0f} s of work ahead"
+        else:  # the wait reached the bound: the queue moves one encode at a time
+            retry_after, work = self._mean_s or max_wait_s, f"waited {max_wait_s:.0f} s"
+        retry_after_s = max(1, math.ceil(retry_after))
+        return EncodeBusyError(
+            f"The backend is busy encoding other images ({len(self._active)} running, {ahead} waiting, {work}; "
+            f"a click waits at most {max_wait_s:.0f} s). Click again in about {retry_after_s} s.",
+            retry_after_s=retry_after_s,
+        )
+
+    @contextmanager
+    def slot(self, priority: Priority = Priority.INTERACTIVE, *, max_wait_s: float | None | object = _DEFAULT
+             ) -> Iterator[Slot]:
+        """Hold one encode slot for the ``with`` block.
+
+        ``max_wait_s`` defaults to the gate's bound for interactive callers and to no
+        bound (None) for background ones; with a bound, raises :class:`EncodeBusyError`
+        at once when the estimated wait exceeds it, or when the wait reaches it.
+        """
+        if max_wait_s is _DEFAULT:
+            max_wait_s = self.max_wait_s if priority == Priority.INTERACTIVE else None
+        with self._cond:
+            ticket = (int(priority), next(self._arrivals))
+            ahead = self._ahead_locked(ticket[0])
+            if max_wait_s is not None:
+                estimate = self._estimate_locked(ahead)
+                if estimate is not None and estimate > max_wait_s:
+                    self.counters.refused_at_once += 1
+                    raise self._refusal(ahead, estimate, max_wait_s)
+            heapq.heappush(self._waiting, ticket)
+            arrived = self._clock()
+            deadline = None if max_wait_s is None else arrived + max_wait_s
+            while not (len(self._active) < self.slots and self._waiting[0] == ticket):
+                remaining = None if deadline is None else deadline - self._clock()
+                if remaining is not None and remaining <= 0:
+                    self._waiting.remove(ticket)
+                    heapq.heapify(self._waiting)
+                    self._cond.notify_all()  # the head may have changed
+                    self.counters.refused_after_waiting += 1
+                    raise self._refusal(self._ahead_locked(ticket[0]), None, max_wait_s)
+                self._cond.wait(remaining)
+            heapq.heappop(self._waiting)
+            started = self._clock()
+            self._active[ticket[1]] = started
+            self.counters.admitted += 1
+            self._cond.notify_all()  # the next in line may take another free slot
+        slot = Slot(waited_s=started - arrived)
+        ok = False
+        try:
+            yield slot
+            ok = True
+        finally:
+            with self._cond:
+                del self._active[ticket[1]]
+                if ok and slot.timed:
+                    took = self._clock() - started
+                    self._mean_s = took if self._mean_s is None else (
+                        EWMA_WEIGHT * took + (1 - EWMA_WEIGHT) * self._mean_s)
+                self._cond.notify_all()
