@@ -176,16 +176,25 @@ def declared_mask_size(width: Any, height: Any, *, max_pixels: int = DEFAULT_MAX
                        what: str = "The brush region") -> tuple[int, int]:
     """(width, height) of a declared mask: positive whole numbers whose product is at most ``max_pixels``."""
     sizes = []
-    for name, raw in (("original_width", width), ("original_height", height)):
+    for raw in (width, height):
         if isinstance(raw, float) and math.isfinite(raw) and raw == int(raw):
             raw = int(raw)
         if not isinstance(raw, int) or isinstance(raw, bool) or raw < 1:
-            raise RequestLimitError(f"{what} needs {name} as a positive whole number of pixels, got {raw!r:.40}.")
+            raise RequestLimitError(f"{what} has no valid size: width and height must be positive whole numbers, "
+                                    f"got {_shown(width)}x{_shown(height)}.")
         sizes.append(raw)
     if sizes[0] * sizes[1] > max_pixels:
-        shown = "x".join(str(n) if n <= MAX_ABS_NUMBER else f"<{len(str(n))}-digit number>" for n in sizes)
-        raise RequestLimitError(f"{what} declares a {shown} image; at most {max_pixels} pixels (MAX_IMAGE_PIXELS).")
+        shown = "x".join(map(_shown, sizes))
+        pixels = _shown(sizes[0] * sizes[1])
+        raise RequestLimitError(f"{what} declares {shown} = {pixels} pixels, more than MAX_IMAGE_PIXELS={max_pixels}.")
     return sizes[0], sizes[1]
+
+
+def _shown(value: Any) -> str:
+    """A value for a message: numbers beyond 10**12 by their digit count, anything else cut short."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**12:
+        return f"<{len(str(abs(value)))}-digit number>"
+    return repr(value)[:40]
 
 
 def check_rle_length(length: int, width: int, height: int) -> None:
