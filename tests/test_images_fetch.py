@@ -554,3 +554,11 @@ def test_malformed_urls_get_a_clear_error_never_a_crash(tmp_path, server, files,
     with pytest.raises(ImageFetchError):
         loader.load(url)
     assert server.seen == []
+
+
+def test_relative_local_files_url_is_read_from_disk_without_a_label_studio_url(tmp_path, files):
+    loader = make_loader(tmp_path, None, local_files_document_root=str(files))
+    assert loader.load("/data/local-files/?d=dir/in.png")[0, 0].tolist() == [5, 5, 5]
+    assert loader.local_file("/data/local-files/?d=dir/in.png") == files / "dir" / "in.png"
+    with pytest.raises(ImageFetchError, match="LABEL_STUDIO_URL"):  # not on this disk: only Label Studio has it
+        loader.load("/data/local-files/?d=dir/elsewhere.png")

@@ -113,27 +113,10 @@ class ImageLoader:
         if url[:5].lower() == "data:":
             return decode_data_uri(url, max_bytes=self._max_bytes)
         ls_url = (label_studio_url or self._settings.label_studio_url).strip().rstrip("/")
-        root = self._settings.local_files_document_root
-        try:
-            match = _SCHEME.match(url)
-            scheme = match.group(1).lower() if match else ""
-            if scheme == "file":
-                return self._read_file(contained_path(file_url_path(url), root, what=describe(url)), url)
-            if scheme in CLOUD_SCHEMES:
-                url = cloud_presign_path(url, task_id)
-            elif url.startswith("upload/"):  # label-studio-tools accepts this legacy form
-                url = "/data/" + url
-            if url.startswith("/") and not url.startswith(("//", *LABEL_STUDIO_PREFIXES)):
-                return self._read_file(contained_path(url, root, what=describe(url)), url)
-        except ValueError as exc:  # urllib's parsers on malformed file URLs (NUL bytes, bad hosts...)
-            raise ImageFetchError(f"{describe(url)}: malformed URL ({exc})") from exc
-        route = self._route(ls_url)
-        target = route.policy.image_target(url)
-        if target.local_file is not None and root:
-            path = contained_path(target.local_file, root, what=describe(url))
-            if path.is_file():
-                return self._read_file(path, url)
-            # not on this disk: ask Label Studio
+        source = self._locate(url, ls_url, task_id)
+        if isinstance(source, Path):
+            return self._read_file(source, url)
+        route, target = source
         cached = self._cache.get(target.url)
         if cached is not None:
             log.debug("image cache hit for %s", describe(target.url))
@@ -145,38 +128,52 @@ class ImageLoader:
         return data
 
     def local_file(self, url: str, *, label_studio_url: str | None = None) -> Path | None:
-        """The file on this disk that :meth:`fetch_bytes` reads for ``url`` (the same decisions, in the
-        same order), or None when it downloads or decodes a ``data:`` URI. Used to notice a file
-        replaced at the same URL. Raises ImageFetchError for a URL the loader refuses."""
+        """The file on this disk that :meth:`fetch_bytes` reads for ``url`` (the same decisions), or None
+        when it downloads or decodes a ``data:`` URI. Used to notice a file replaced at the same URL.
+        Raises ImageFetchError for a URL the loader refuses."""
         url = url.strip()
-        if url[:5].lower() == "data:":
+        if url[:5].lower() == "data:" or _scheme(url) in CLOUD_SCHEMES:
             return None
         ls_url = (label_studio_url or self._settings.label_studio_url).strip().rstrip("/")
+        source = self._locate(url, ls_url, None)
+        return source if isinstance(source, Path) else None
+
+    def _locate(self, url: str, ls_url: str, task_id: int | None) -> Path | tuple[_Route, Target]:
+        """Where ``url`` is read from: a file inside LOCAL_FILES_DOCUMENT_ROOT, or an HTTP target the URL
+        policy admitted (with the route, i.e. policy and session, that sends it)."""
         root = self._settings.local_files_document_root
         try:
-            match = _SCHEME.match(url)
-            scheme = match.group(1).lower() if match else ""
+            scheme = _scheme(url)
             if scheme == "file":
                 return contained_path(file_url_path(url), root, what=describe(url))
-            if scheme in CLOUD_SCHEMES or url.startswith("upload/"):
-                return None
+            if scheme in CLOUD_SCHEMES:
+                url = cloud_presign_path(url, task_id)
+            elif url.startswith("upload/"):  # label-studio-tools accepts this legacy form
+                url = "/data/" + url
             if url.startswith("/") and not url.startswith(("//", *LABEL_STUDIO_PREFIXES)):
                 return contained_path(url, root, what=describe(url))
-        except ValueError as exc:
+        except ValueError as exc:  # urllib's parsers on malformed file URLs (NUL bytes, bad hosts...)
             raise ImageFetchError(f"{describe(url)}: malformed URL ({exc})") from exc
-        target = self._route(ls_url).policy.image_target(url)
+        route = self._route(ls_url)
+        relative = route.policy.relative_local_file(url)
+        if relative is not None and root:  # no Label Studio URL needed to read it from disk
+            path = contained_path(relative, root, what=describe(url))
+            if path.is_file():
+                return path
+        target = route.policy.image_target(url)
         if target.local_file is not None and root:
             path = contained_path(target.local_file, root, what=describe(url))
-            return path if path.is_file() else None
-        return None
+            if path.is_file():
+                return path
+        return route, target  # not on this disk (or no root): ask over HTTP
 
     def _route(self, ls_url: str) -> _Route:
         with self._lock:
             route = self._routes.get(ls_url)
             if route is None:
                 policy = UrlPolicy(ls_url, self._settings.allowed_hosts)  # refuses a malformed Label Studio URL
-                if len(self._routes) >= MAX_ROUTES:
-                    self._routes.pop(next(iter(self._routes))).session.close()
+                if len(self._routes) >= MAX_ROUTES:  # dropped, not closed: another thread may be using it
+                    self._routes.pop(next(iter(self._routes)))
                 route = self._routes[ls_url] = _Route(policy, policy.session())
             return route
 
@@ -282,6 +279,11 @@ class ImageLoader:
                     f"DOWNLOAD_TIMEOUT_S): {failure_reason(exc)}"
                 ) from None
         return bytes(body)
+
+
+def _scheme(url: str) -> str:
+    match = _SCHEME.match(url)
+    return match.group(1).lower() if match else ""
 
 
 def _timeout(what: str, timeout_s: float) -> ImageFetchError:

@@ -462,14 +462,22 @@ class UrlPolicy:
         absolute = self.label_studio_url + path
         return Target(absolute, Origin.of(parse_http_url(absolute)), LABEL_STUDIO_API)
 
+    def relative_local_file(self, url: str) -> str | None:
+        """The ``d=`` of a local-files URL relative to Label Studio (``/data/local-files/?d=...``), which
+        the loader may read from disk with no request and no Label Studio URL; None for anything else."""
+        if not url.startswith("/") or url.startswith("//"):
+            return None
+        media = self._media(*_raw_path_query(url), relative=True)
+        return media.local_file if media is not None else None
+
     def listed(self, host: str) -> bool:
         return host_allowed(host, self.allowed_hosts)
 
-    def _media(self, raw_path: str, query: str) -> _Media | None:
+    def _media(self, raw_path: str, query: str, *, relative: bool = False) -> _Media | None:
         path = clean_path(raw_path)
         if path is None:
             return None
-        if self._base_path:
+        if self._base_path and not relative:
             if not path.startswith(self._base_path + "/"):
                 return None
             path = path[len(self._base_path) :]
