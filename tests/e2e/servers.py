@@ -88,7 +88,7 @@ def start_label_studio(workdir: Path) -> LabelStudio:
     )
     server = LabelStudio(url=url, token=token, document_root=document_root, process=process)
     wait_until(lambda: server.api("GET", "/api/projects", timeout=5).status_code == 200,
-               timeout_s=240, what="Label Studio", process=process, log=log)
+               timeout_s=600, what="Label Studio", process=process, log=log)
     return server
 
 
