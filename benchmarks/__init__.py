@@ -9,6 +9,7 @@ official ``segment-anything`` and ``label-studio-sdk`` are references, never ser
 * ``click``: clicks through the whole backend as Label Studio sends them.
 * ``brush``: our brush RLE encoder against the SDK's ``mask2rle``.
 * ``training``: the streaming training pipeline against in-memory arrays.
+* ``load``: a team of annotators against the backend under gunicorn, against one annotator alone.
 
 ``official_sam`` builds the official implementation to match a checkpoint (benchmarks and
 tests only).

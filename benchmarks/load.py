@@ -114,14 +114,14 @@ def build_preset(directory: Path, quick: bool) -> Path:
     return directory
 
 
-def write_images(root: Path, names: list[str], width: int, height: int) -> None:
+def write_images(folder: Path, paths: list[str], width: int, height: int) -> None:
     from PIL import Image
 
     from benchmarks.sam import synthetic_image
 
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    for seed, name in enumerate(names):
-        Image.fromarray(synthetic_image(height, width, seed=seed)).save(root / "images" / name, quality=92)
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, path in enumerate(paths):
+        Image.fromarray(synthetic_image(height, width, seed=seed)).save(path, quality=92)
 
 
 # --- the server ---------------------------------------------------------------------------
@@ -157,12 +157,19 @@ def serve(workdir: Path, preset: Path, workers: int, env_extra: dict[str, str]) 
             time.sleep(0.5)
         yield server
     finally:
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the backend's process group (master and workers), SIGKILL if it lingers."""
+    try:
         os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        process.wait(30)
+    except ProcessLookupError:  # already gone (a worker that failed to boot takes the master along)
+        process.wait()
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def _all_ready(server: Server, workers: int) -> bool:
@@ -252,8 +259,9 @@ def click(server: Server, task: dict, points: list[dict], record: Recorder, phas
 
 
 def annotate(server: Server, images: list[str], work: Workload, record: Recorder, rng: random.Random) -> None:
+    """One annotator's session; ``images`` are paths under the backend's LOCAL_FILES_DOCUMENT_ROOT."""
     for name in images:
-        task = {"id": abs(hash(name)) % 10**6, "data": {"image": f"/data/local-files/?d=images/{name}"}}
+        task = {"id": abs(hash(name)) % 10**6, "data": {"image": name}}
         points = [_keypoint(rng.uniform(20, 80), rng.uniform(20, 80), work)]
         click(server, task, points, record, "first")
         for _ in range(work.refinements):
@@ -272,10 +280,11 @@ def summary(values: list[float]) -> dict:
 
 
 def run_config(workdir: Path, preset: Path, workers: int, work: Workload, env_extra: dict[str, str]) -> dict:
-    single_image = f"w{workers}-single.jpg"
-    team_images = [[f"w{workers}-a{a}-{i}.jpg" for i in range(work.images)] for a in range(work.annotators)]
-    write_images(workdir / "files", [single_image, *(n for names in team_images for n in names)],
-                 work.width, work.height)
+    folder = workdir / "files" / "images"
+    single_image = str(folder / f"w{workers}-single.jpg")
+    team_images = [[str(folder / f"w{workers}-a{a}-{i}.jpg") for i in range(work.images)]
+                   for a in range(work.annotators)]
+    write_images(folder, [single_image, *(n for names in team_images for n in names)], work.width, work.height)
     with serve(workdir, preset, workers, env_extra) as server, RssSampler(server) as rss:
         rss_ready_mb = rss.sample()[1]
         single = Recorder()
@@ -361,6 +370,16 @@ def print_report(report: dict) -> None:
             print(f"  [{'ok' if ok else 'MISSED'}] {name}")
 
 
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT") from None
+    if min(width, height) < 16:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least 16x16")
+    return width, height
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -370,8 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, help="images per annotator (2)")
     parser.add_argument("--refinements", type=int, help="further clicks per image (10)")
     parser.add_argument("--think", type=float, help="mean think time between clicks in seconds (2)")
+    parser.add_argument("--image", type=_size, help="WIDTHxHEIGHT of the images (4000x3000; --quick: 640x480)")
     parser.add_argument("--embedding-cache-mb", type=int, default=64,
                         help="EMBEDDING_CACHE_MB for the run (64: small enough that the cache evicts)")
+    parser.add_argument("--encode-queue-timeout", type=float,
+                        help="ENCODE_QUEUE_TIMEOUT_S for the run (default: the backend's, 45)")
     parser.add_argument("--preset-dir", type=Path, help="keep the random SAM preset here and reuse it")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -380,12 +402,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         parser.error(f"--workers {args.workers!r}: give numbers such as 1,2")
     defaults = (3, 2, 3, 0.05, 640, 480) if args.quick else (8, 2, 10, 2.0, 4000, 3000)
-    given = (args.annotators, args.images, args.refinements, args.think)
-    work = Workload(*(default if value is None else value for value, default in zip(given, defaults)),
-                    *defaults[4:])
+    given = (args.annotators, args.images, args.refinements, args.think, *(args.image or (None, None)))
+    work = Workload(*(default if value is None else value for value, default in zip(given, defaults)))
     if min(work.annotators, work.images, *workers) < 1 or work.refinements < 1 or work.think_s < 0:
         parser.error("annotators, images, refinements and workers must be at least 1; think time not negative")
     env_extra = {"EMBEDDING_CACHE_MB": str(args.embedding_cache_mb)}
+    if args.encode_queue_timeout is not None:
+        env_extra["ENCODE_QUEUE_TIMEOUT_S"] = str(args.encode_queue_timeout)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the backend on the way out
     report = run(args.quick, workers, work, env_extra, args.preset_dir)
     if args.json:

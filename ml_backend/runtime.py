@@ -57,8 +57,7 @@ class Runtime:
                                   ttl_s=settings.url_key_ttl_s)
         # At most N encodes at once; further first clicks queue briefly, then get 503 + Retry-After.
         self.encode_gate = EncodeGate(encode_slots(settings), settings.encode_queue_timeout_s)
-        self.preencoder = PreEncodeScheduler(self._preencode, lookahead=settings.preencode_lookahead,
-                                             log_every=settings.preencode_log_every)
+        self.preencoder = self._build_preencoder(settings)
         self._connected: set[int] = set()
         self._image_keys: dict[int, str] = {}  # project -> its config's image field
         self._connect_lock = threading.Lock()
@@ -125,7 +124,12 @@ class Runtime:
         when the gate admits it (interactive callers may get :class:`EncodeBusyError`, HTTP 503)."""
         engine = self.sam()
         key = image_key(image)
-        if (embedding := engine.cached(key)) is not None:
+        if (embedding := engine.cached(key)) is None:
+            # Another worker or replica encoding this image: wait for it outside the gate, so this
+            # process's other first clicks do not queue behind a slot that only waits.
+            engine.wait_while_encoded_elsewhere(key)
+            embedding = engine.cached(key)
+        if embedding is not None:
             return embedding
         with self.encode_gate.slot(priority) as slot:
             if engine.is_ready(key):  # encoded (here or by another process) while this caller queued
@@ -160,20 +164,41 @@ class Runtime:
         key = self.url_index.lookup(url, validator)
         if key is not None and (embedding := engine.cached(key)) is not None:
             return embedding
+        # Most likely a new image: when the queue is already too long, refuse before spending seconds on
+        # downloading, decoding and hashing it, so an overloaded backend answers at once.
+        self.encode_gate.check()
         embedding = self.embed(self.load_image(url, task_id))
         self.url_index.remember(url, embedding.key, validator)
         return embedding
 
     # --- pre-encoding ----------------------------------------------------------
+    def _build_preencoder(self, settings: Settings) -> PreEncodeScheduler:
+        """Encode here (one thread, through the encode gate) or on RQ workers (several jobs in flight)."""
+        encode, threads = self._preencode, 1
+        if settings.preencode_executor == "rq":
+            from ml_backend.embeddings.jobs import IN_FLIGHT, RQEncoder
+
+            on_workers = RQEncoder(settings.redis_url, lambda: (self.access.url, self.access.token))
+            encode, threads = (lambda job: self._already_ready(job) or on_workers(job)), IN_FLIGHT
+        return PreEncodeScheduler(encode, lookahead=settings.preencode_lookahead,
+                                  log_every=settings.preencode_log_every, threads=threads)
+
+    def _already_ready(self, job: EncodeJob) -> str | None:
+        """"ready" when the URL's embedding is known and stored, without loading the image; else None."""
+        engine = self.sam(PREENCODE_SAM_WAIT_S)
+        key = self.url_index.lookup(job.url, self.url_index.validator(job.url))
+        if key is None or not engine.is_ready(key):
+            return None
+        if job.urgent:
+            engine.cached(key)  # about to be clicked: read it into memory now
+        return "ready"
+
     def _preencode(self, job: EncodeJob) -> str:
         """Make one queued image ready: "ready" when it already was, "encoded" otherwise; raises on failure."""
+        if self._already_ready(job):
+            return "ready"
         engine = self.sam(PREENCODE_SAM_WAIT_S)
         validator = self.url_index.validator(job.url)
-        key = self.url_index.lookup(job.url, validator)
-        if key is not None and engine.is_ready(key):
-            if job.urgent:
-                engine.cached(key)  # about to be clicked: read it into memory now
-            return "ready"
         encodes = engine.images_encoded
         embedding = self.embed(self.load_image(job.url, job.task_id), Priority.BACKGROUND)  # after waiting clicks
         self.url_index.remember(job.url, embedding.key, validator)

@@ -122,6 +122,10 @@ def test_a_click_that_would_wait_past_the_bound_is_refused_at_once_with_retry_af
     assert time.monotonic() - started < 0.5
     assert refused.value.status_code == 503 and refused.value.retry_after_s == 10  # 55 - 45
     assert "busy" in refused.value.message and "10 s" in refused.value.message
+    # check(): the same verdict before any work (download, decoding), and nothing queued.
+    with pytest.raises(EncodeBusyError) as checked:
+        gate.check()
+    assert checked.value.retry_after_s == 10 and gate.status()["waiting"] == 2
     # Background encodes are never refused: they wait for a free slot.
     threads.append(hold(gate, Priority.BACKGROUND, order, "background", release))
     wait_until(lambda: gate.status()["waiting"] == 3)
@@ -129,7 +133,8 @@ def test_a_click_that_would_wait_past_the_bound_is_refused_at_once_with_retry_af
     for thread in threads:
         thread.join(5)
     assert order == ["running", "second", "third", "background"]
-    assert gate.status()["refused"] == 1
+    assert gate.status()["refused"] == 2
+    gate.check()  # idle again: no refusal
 
 
 def test_a_click_still_waiting_at_the_bound_is_refused_then() -> None:

@@ -22,6 +22,7 @@ from ml_backend.runtime import Runtime
 from ml_backend.sam import Prompts, SamEngine
 from ml_backend.sam.engine import image_key
 from ml_backend.settings import Settings
+from redis_fixture import redis_server  # noqa: F401  (fixture)
 
 CONFIG = """<View><Image name="image" value="$img"/>
 <BrushLabels name="mask" toName="image"><Label value="Dog"/></BrushLabels>
@@ -331,3 +332,60 @@ def test_http_url_entries_expire_after_their_ttl(settings, tiny_segmenter, monke
     now = time.time()
     monkeypatch.setattr(urls.time, "time", lambda: now + 61)
     assert index.lookup(url, validator) is None
+
+
+def test_with_rq_the_worker_encodes_and_the_web_process_only_reads_the_store(settings, tiny_segmenter,
+                                                                              redis_server) -> None:  # noqa: F811
+    from rq import Queue, SimpleWorker
+
+    from ml_backend.embeddings import jobs
+    from ml_backend.embeddings.urls import UrlIndex
+    from ml_backend.images import ImageLoader
+    from ml_backend.retrain.jobs import redis_connection
+
+    settings = dataclasses.replace(settings, redis_url=redis_server, preencode_executor="rq")
+    web_engine = engine_with_store(tiny_segmenter, settings)
+    runtime = Runtime(settings, engine=web_engine)
+    worker_engine = engine_with_store(tiny_segmenter, settings)  # another process in production: same store
+    loader = ImageLoader(settings)
+    url_index = UrlIndex(lambda url: loader.local_file(url, label_studio_url=settings.label_studio_url), ttl_s=60)
+    url_index.store = worker_engine.store
+    jobs._context = jobs.WorkerContext(settings, loader, worker_engine, url_index)
+    try:
+        task_list, images = local_tasks(settings, 3)
+        runtime.warm(task_list + [{"id": 9, "data": {"img": "/data/local-files/?d=images/missing.png"}}], "img", 1)
+        connection = redis_connection(redis_server)
+        worker = SimpleWorker([Queue(jobs.QUEUE_NAME, connection=connection)], connection=connection)
+        deadline = time.monotonic() + 120
+        while runtime.preencoder.status()["1"]["done"] + runtime.preencoder.status()["1"]["failed"] < 4:
+            assert time.monotonic() < deadline, runtime.preencoder.status()
+            worker.work(burst=True)
+            time.sleep(0.1)
+        status = runtime.preencoder.status()["1"]
+        assert (status["done"], status["failed"]) == (3, 1) and "missing.png" in status["last_error"]
+        assert worker_engine.images_encoded == 3 and web_engine.images_encoded == 0
+        client = create_app(settings, runtime=runtime).test_client()
+        for task in task_list:
+            assert click(client, task).status_code == 200
+        assert web_engine.images_encoded == 0, "the web process decoded from the worker's embeddings"
+    finally:
+        jobs._context = None
+
+
+def test_an_image_another_process_is_encoding_is_awaited_outside_the_encode_gate(settings, tiny_segmenter) -> None:
+    engine = engine_with_store(tiny_segmenter, settings)
+    runtime = Runtime(settings, engine=engine)
+    image = random_image(7)
+    key = image_key(image)
+    other = engine_with_store(tiny_segmenter, settings)  # stands for another worker process
+    answer: list = []
+    with engine.store.lock(key):  # "the other process" holds the image's encode lock (its own descriptor)
+        waiting = threading.Thread(target=lambda: answer.append(runtime.embed(image)))
+        waiting.start()
+        time.sleep(0.5)
+        assert not answer and runtime.encode_gate.status()["active"] == 0, "waits without taking a slot"
+        expected = other._encode(key, image)
+        other.store.put(key, expected.features.detach().float().cpu().numpy(), (48, 64))
+    waiting.join(30)
+    assert answer and engine.images_encoded == 0
+    np.testing.assert_allclose(np.asarray(answer[0].features), np.asarray(expected.features), atol=1e-6)

@@ -11,6 +11,7 @@ processes.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from ml_backend.sam.cache import ByteBoundedLRU
 logger = logging.getLogger(__name__)
 
 MEMORY_ENTRIES = 100_000
+LONG_URL = 1024  # longer URLs (data: URIs hold whole images) are remembered by their digest
 DATA_URI = "data"
 REMOTE = ""  # no validator: trust the entry for ttl_s
 
@@ -52,11 +54,11 @@ class UrlIndex:
         """The pixel key last seen for ``url`` if it still holds, else None."""
         if validator is None:
             return None
-        entry = self._memory.get(url)
+        entry = self._memory.get(_memory_key(url))
         if entry is None and self.store is not None:
             entry = self.store.get_url(url)
             if entry is not None:
-                self._memory.put(url, entry)
+                self._memory.put(_memory_key(url), entry)
         if entry is None:
             return None
         key, seen_validator, seen_at = entry
@@ -71,6 +73,10 @@ class UrlIndex:
         if validator is None:
             return
         entry = (key, validator, time.time())
-        self._memory.put(url, entry)
+        self._memory.put(_memory_key(url), entry)
         if self.store is not None:
             self.store.put_url(url, key, validator, entry[2])
+
+
+def _memory_key(url: str) -> str:
+    return url if len(url) <= LONG_URL else "sha256:" + hashlib.sha256(url.encode()).hexdigest()

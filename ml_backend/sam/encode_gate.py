@@ -149,6 +149,16 @@ class EncodeGate:
             retry_after_s=retry_after_s,
         )
 
+    def check(self, priority: Priority = Priority.INTERACTIVE) -> None:
+        """Raise :class:`EncodeBusyError` now if a caller arriving now would be refused (nothing is queued):
+        lets a caller skip expensive preparation (download, decoding) of an encode it would not get."""
+        with self._cond:
+            ahead = self._ahead_locked(int(priority))
+            estimate = self._estimate_locked(ahead)
+            if estimate is not None and estimate > self.max_wait_s:
+                self.counters.refused_at_once += 1
+                raise self._refusal(ahead, estimate, self.max_wait_s)
+
     @contextmanager
     def slot(self, priority: Priority = Priority.INTERACTIVE, *, max_wait_s: float | None | object = _DEFAULT
              ) -> Iterator[Slot]:

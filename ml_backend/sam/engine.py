@@ -126,6 +126,16 @@ class SamEngine:
         """Whether ``key`` would be served without encoding (memory or store)."""
         return key in self.cache or (self.store is not None and self.store.contains(key))
 
+    def wait_while_encoded_elsewhere(self, key: str) -> None:
+        """If another process holds ``key``'s encode lock, wait until it is done (then the store has it)."""
+        if self.store is None:
+            return
+        with self.store.lock(key, blocking=False) as free:
+            if free:
+                return
+        with self.store.lock(key):
+            pass
+
     def _stored_or_encoded(self, key: str, image: np.ndarray) -> ImageEmbedding:
         if self.store is None:
             return self._encode(key, image)
