@@ -286,7 +286,7 @@ def servers(tmp_path_factory, tiny_sam_preset) -> Iterator[dict]:
             return False
 
     try:
-        wait_for(ready, 180, "the backend", log)
+        wait_for(ready, 600, "the backend", log)
         yield {"url": url, "trap": trap, "ls": ls, "process": process, "log": log}
     finally:
         stop(process)

@@ -123,5 +123,5 @@ def start_backend(workdir: Path, env_overrides: dict[str, str]) -> Backend:
             raise RuntimeError(f"backend could not load SAM: {health}")
         return health["sam"]["state"] == "ready"
 
-    wait_until(sam_ready, timeout_s=180, what="backend", process=process, log=log)
+    wait_until(sam_ready, timeout_s=600, what="backend", process=process, log=log)
     return backend
