@@ -34,6 +34,21 @@ logger = logging.getLogger(__name__)
 DEFAULT_WARMUP_LIMIT = 200
 
 
+def _project_id(value: object) -> int | None:
+    from ml_backend.retrain.policy import project_key
+
+    if value is None or value == "":
+        return None
+    project = project_key(value)
+    if project is None:
+        raise BackendError(f"'project' must be a Label Studio project id (got {str(value)[:40]!r}).")
+    return project
+
+
+def _query_project() -> int | None:
+    return _project_id(request.args.get("project"))
+
+
 def _error(message: str, status: int) -> tuple[Response, int]:
     return jsonify({"error": message, "status": status}), status
 
@@ -49,13 +64,13 @@ class BackendViews:
     def _json(self) -> dict:
         return limits.parse_json_body(request.content_type, request.get_data(cache=True))
 
-    def _backend(self, label_config: str | None) -> SegmentationBackend:
-        return SegmentationBackend(label_config=label_config, runtime=self.runtime)
+    def _backend(self, label_config: str | None, project: object = None) -> SegmentationBackend:
+        return SegmentationBackend(label_config=label_config, runtime=self.runtime, project=project)
 
     def predict(self) -> Response:
         data = self._json()
         tasks, context = limits.predict_request(data, self.limits)
-        backend = self._backend(data.get("label_config"))
+        backend = self._backend(data.get("label_config"), data.get("project"))
         predictions = backend.predict(tasks, context=context)
         return jsonify({"results": predictions, "model_version": backend.model_version})
 
@@ -64,7 +79,7 @@ class BackendViews:
         Label Studio's address and token from the body (never over ``LABEL_STUDIO_URL``)."""
         data = self._json()
         hostname, token = data.get("hostname"), data.get("access_token")
-        backend = self._backend(data.get("schema"))
+        backend = self._backend(data.get("schema"), data.get("project"))
         if g.get("authenticated"):
             self.runtime.remember_label_studio(limits.setup_hostname(hostname), limits.setup_token(token))
             project = limits.project_id(data.get("project"))
@@ -132,12 +147,17 @@ class BackendViews:
         return jsonify({
             "sam": self.runtime.sam_status(),
             "preencode": self.runtime.preencode_status(),
-            "trimap_model_version": self.runtime.trimaps.current_version(),
+            "trimap_model_version": self.runtime.trimaps.current_version(_query_project()),
             "training": self.runtime.training_status(request.args.get("project")),
         })
 
     def versions(self) -> Response:
-        return jsonify({"versions": self.runtime.trimap_versions()})
+        """A project's versions (``?project=`` or a JSON body's ``project``). Label Studio 1.23's own GET
+        carries no project: it then gets what serves projects without a model of their own."""
+        project = _query_project()
+        if project is None and request.method == "POST" and request.content_length:
+            project = _project_id(self._json().get("project"))
+        return jsonify(self.runtime.trimap_versions(project))
 
     def metrics(self) -> Response:
         return jsonify({"sam": self.runtime.sam_status()})

@@ -39,17 +39,21 @@ class SegmentationBackend(LabelStudioMLBase):
     """Serves one labeling config with the process's shared :class:`Runtime` (built per request by the app)."""
 
     def __init__(self, label_config: str | None = None, train_output: dict | None = None, *, runtime: Runtime,
-                 **kwargs: Any) -> None:
+                 project: object = None, **kwargs: Any) -> None:
+        from ml_backend.retrain.policy import project_key
+
         if not label_config:
             raise LabelConfigError("No labeling config was sent; connect the backend from a Label Studio project.")
         # before the library's parser: clearer errors
         self.config = labeling.parse_label_config(label_config, mask_tag=runtime.settings.mask_tag or None)
         super().__init__(label_config=label_config, train_output=train_output, **kwargs)
         self.runtime = runtime
+        # Label Studio sends "<id>.<created timestamp>"; batch predictions and versions are per project.
+        self.project = project_key(project)
 
     @property
     def model_version(self) -> str:
-        return trimap_model_version(self.runtime.trimaps.current_version())
+        return trimap_model_version(self.runtime.trimaps.current_version(self.project))
 
     # --- entry point ---------------------------------------------------------
     def predict(self, tasks: list[dict], context: dict | None = None, **kwargs: Any) -> list[dict]:
@@ -126,11 +130,16 @@ class SegmentationBackend(LabelStudioMLBase):
         settings = self.runtime.settings
         try:
             image = self._task_image(task)
-            predicted = self.runtime.trimaps.predict_mask(image, include_boundary=settings.trimap_include_boundary)
+            predicted = self.runtime.trimaps.predict_mask(image, include_boundary=settings.trimap_include_boundary,
+                                                          project=self.project)
             if predicted is None:
-                logger.info("task %s: no trimap model promoted yet; empty prediction", task.get("id"))
+                logger.info("task %s: no trimap model for project %s and no base model; empty prediction",
+                            task.get("id"), self.project)
                 return labeling.build_prediction([], 0.0, NO_TRIMAP_VERSION)
             version, mask = predicted
+            if mask is None:  # an empty region would only be noise for the annotator
+                logger.info("task %s: the predicted object is smaller than MIN_MASK_AREA; no region", task.get("id"))
+                return labeling.build_prediction([], 0.0, trimap_model_version(version))
             score = 1.0
             if settings.trimap_sam_refine and (box := mask_bounding_box(mask)) is not None:
                 refined = self.runtime.sam().segment(image, Prompts.from_lists(box=box))

@@ -49,7 +49,7 @@ class Runtime:
         self.settings = settings
         self.access = LabelStudioAccess(settings.label_studio_url, settings.label_studio_api_key)
         self.images = ImageLoader(settings)
-        self.trimaps = TrimapPredictor(settings.model_dir)
+        self.trimaps = TrimapPredictor(settings.model_dir, settings.base_model, min_area=settings.min_mask_area)
         # The last low-resolution logits per (image, prompt region), fed back to SAM on the next click.
         self.refinements: ByteBoundedLRU[np.ndarray] = ByteBoundedLRU(REFINEMENT_CACHE_BYTES, lambda a: a.nbytes)
         # Image URL -> pixel-content key of its embedding, so a click skips download and decoding.
@@ -288,8 +288,10 @@ class Runtime:
         """One project's training state (``?project=``), or every project's."""
         return self.retrainer.status(project)
 
-    def trimap_versions(self) -> list[dict]:
-        return self.trimaps.list_versions()
+    def trimap_versions(self, project: int | None) -> dict:
+        """A project's versions and what serves it; without a project, what serves projects without a model."""
+        return {"project": project, "serving": self.trimaps.current_version(project),
+                "versions": self.trimaps.list_versions(project)}
 
 
 def encode_slots(settings: Settings) -> int:

@@ -129,6 +129,14 @@ class Settings:
     preencode_log_every: int = 10  # a progress line per project every N images
     preencode_executor: str = "local"  # local: a thread of each backend process; rq: RQ workers (REDIS_URL)
     url_key_ttl_s: float = 600.0  # an http(s) image URL is re-read after this long (local files: by mtime/size)
+    # --- training that cannot run away; per-project models (training-projects) ---
+    retrain_backoff_min: float = 5.0  # first retry after a failed training; doubles per failure
+    retrain_backoff_max_min: float = 360.0
+    retrain_concurrency: int = 1  # in-process fits at a time per backend process
+    retrain_queue_max: int = 16  # in-process jobs waiting for a slot
+    keep_versions: int = 10  # versions kept per store (0: all); current and its parent always stay
+    base_model: str = ""  # a version directory or .keras file serving projects without their own model
+    min_mask_area: int = 16  # a predicted mask with fewer pixels yields no region
     # --- trust: who may call, what a request may hold (SECURITY.md) ---
     allow_unauthenticated: bool = False  # serve a non-loopback HOST without basic auth, deliberately
     webhook_secret: str = ""  # empty: derived from BASIC_AUTH_USER/BASIC_AUTH_PASS
@@ -199,6 +207,14 @@ class Settings:
             preencode_log_every=_int(env, "PREENCODE_LOG_EVERY", d.preencode_log_every),
             preencode_executor=_str(env, "PREENCODE_EXECUTOR", d.preencode_executor).lower(),
             url_key_ttl_s=_float(env, "URL_KEY_TTL_S", d.url_key_ttl_s),
+            # --- training that cannot run away; per-project models (training-projects) ---
+            retrain_backoff_min=_float(env, "RETRAIN_BACKOFF_MIN", d.retrain_backoff_min),
+            retrain_backoff_max_min=_float(env, "RETRAIN_BACKOFF_MAX_MIN", d.retrain_backoff_max_min),
+            retrain_concurrency=_int(env, "RETRAIN_CONCURRENCY", d.retrain_concurrency),
+            retrain_queue_max=_int(env, "RETRAIN_QUEUE_MAX", d.retrain_queue_max),
+            keep_versions=_int(env, "KEEP_VERSIONS", d.keep_versions),
+            base_model=_str(env, "BASE_MODEL"),
+            min_mask_area=_int(env, "MIN_MASK_AREA", d.min_mask_area),
             allow_unauthenticated=_bool(env, "ALLOW_UNAUTHENTICATED", d.allow_unauthenticated),
             webhook_secret=_str(env, "WEBHOOK_SECRET"),
             max_request_mb=_int(env, "MAX_REQUEST_MB", d.max_request_mb),
@@ -218,6 +234,8 @@ class Settings:
                 raise SettingsError(f"{f.name.upper()} must not be negative (got {value})")
         if self.retrain_image_size % 8:
             raise SettingsError(f"RETRAIN_IMAGE_SIZE must be a multiple of 8 (got {self.retrain_image_size})")
+        if self.retrain_concurrency < 1:
+            raise SettingsError(f"RETRAIN_CONCURRENCY must be at least 1 (got {self.retrain_concurrency})")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise SettingsError("Set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
         if self.embedding_store_dtype not in ("float32", "float16"):

@@ -13,6 +13,7 @@ from ml_backend.sam import Prompts, SamEngine
 from ml_backend.settings import Settings
 from test_preannotation import client_for, store_random_model, task
 from training.predict import predict_trimap
+from training.layout import project_store_dir  # the store of project 1, which the requests name
 from training.store import ModelStore
 
 TAGS = {BRUSH: "BrushLabels", BITMASK: "BitmaskLabels", POLYGON: "PolygonLabels"}
@@ -63,7 +64,7 @@ def test_batch_preannotation_in_each_form(settings, tiny_segmenter, image, resul
     assert response.status_code == 200, response.json
     [prediction] = response.json["results"]
     assert prediction["model_version"] == f"trimap-{version}"
-    classes = predict_trimap(ModelStore(settings.model_dir).load_model(version), image)
+    classes = predict_trimap(ModelStore(project_store_dir(settings.model_dir, 1)).load_model(version), image)
     expected = (classes == 0) | (classes == 2)
     assert 0 < expected.sum() < expected.size
     restored = read_back(prediction["result"], result_type)

@@ -9,11 +9,12 @@ from test_preannotation import CONFIG, batch, client_for, image, settings, store
 from ml_backend.brush import decode_rle
 from ml_backend.sam import SamEngine
 from training.predict import predict_trimap
+from training.layout import project_store_dir  # the store of project 1, which the requests name
 from training.store import ModelStore
 
 
 def expected_mask(model_dir, version: str, pixels: np.ndarray) -> np.ndarray:
-    classes = predict_trimap(ModelStore(model_dir).load_model(version), pixels)
+    classes = predict_trimap(ModelStore(project_store_dir(model_dir, 1)).load_model(version), pixels)
     return (classes == 0) | (classes == 2)  # foreground + boundary, the default
 
 
@@ -38,7 +39,7 @@ def test_after_promotion_and_rollback_the_served_pixels_are_the_current_models(s
     assert version == f"trimap-{second}"
     np.testing.assert_array_equal(mask, second_expected)
 
-    ModelStore(settings.model_dir).rollback()
+    ModelStore(project_store_dir(settings.model_dir, 1)).rollback()
     version, mask = served_mask(client, image)
     assert version == f"trimap-{first}"
     np.testing.assert_array_equal(mask, first_expected)

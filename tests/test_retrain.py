@@ -6,7 +6,6 @@ The job body (export + fit) is replaced by a gate the test opens, to control whe
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -22,8 +21,13 @@ from ml_backend.settings import Settings
 BRUSH = [{"type": "brushlabels", "value": {"format": "rle", "rle": [0], "brushlabels": ["Pet"]}}]
 
 
-def created(project: int = 3, **annotation) -> dict:
-    return {"action": "ANNOTATION_CREATED", "project": {"id": project}, "task": {"id": 1},
+_tasks = iter(range(1, 10**6))
+
+
+def created(project: int = 3, task: int | None = None, **annotation) -> dict:
+    """An accepted brush annotation on a new task (or on ``task``)."""
+    task = next(_tasks) if task is None else task
+    return {"action": "ANNOTATION_CREATED", "project": {"id": project}, "task": {"id": task},
             "annotation": {"id": 1, "result": BRUSH, "was_cancelled": False, "ground_truth": False, **annotation}}
 
 
@@ -35,15 +39,21 @@ class GatedJobs:
         self.started = threading.Semaphore(0)
         self.release = threading.Semaphore(0)
         self.fail_next: str | None = None
+        self.fail_with: BaseException | None = None
+        self.cancelled: list[threading.Event] = []
 
-    def __call__(self, spec):
+    def __call__(self, spec, cancel=None):
         self.calls.append(spec.reason)
+        self.cancelled.append(cancel)
         self.started.release()
         assert self.release.acquire(timeout=30), "test never released the job"
+        if self.fail_with is not None:
+            exc, self.fail_with = self.fail_with, None
+            raise exc
         if self.fail_next:
             message, self.fail_next = self.fail_next, None
             raise RuntimeError(message)
-        return {"status": "succeeded", "fit": {"version_id": f"v{len(self.calls)}"}}
+        return {"status": "succeeded", "usable": 5, "tasks": [1, 2, 3, 4, 5], "fit": {"version_id": f"v{len(self.calls)}"}}
 
 
 @pytest.fixture
@@ -140,18 +150,47 @@ def test_state_is_shared_through_model_dir(tmp_path, gated):
     assert (tmp_path / "retraining.json").is_file()
 
 
-def test_job_of_a_dead_backend_process_is_marked_failed(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    owner = f"{dead.stdout.strip()}@{os.uname().nodename}"
-    store = FileStateStore(tmp_path)
-
+def _mark_running(tmp_path: Path, owner: str, project: int = 3) -> None:
     def running(state):
         state.running, state.job_id, state.job_owner = True, "abc", owner
 
-    store.update("3", running)
+    FileStateStore(tmp_path).update(project, running)
+
+
+def test_job_of_a_dead_backend_process_is_marked_failed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "from ml_backend.retrain.jobs import owner_id; print(owner_id())"],
+                          capture_output=True, text=True, check=True)
+    _mark_running(tmp_path, dead.stdout.strip())
     status = make(tmp_path).status("3")
     assert not status["is_training"]
     assert status["last"]["status"] == "failed" and "ended before the job finished" in status["last"]["error"]
+
+
+def test_a_restart_with_the_same_pid_is_told_apart_by_the_boot_id(tmp_path):
+    """A container restart can give the new backend the old one's pid and hostname."""
+    from ml_backend.retrain.jobs import owner_id
+
+    host, pid, ticks, _ = owner_id().split(":")
+    _mark_running(tmp_path, f"{host}:{pid}:{ticks}:0123456789ab")
+    status = make(tmp_path).status("3")
+    assert not status["is_training"] and "restarted" in status["last"]["error"]
+
+
+def test_a_live_process_with_a_reused_pid_is_told_apart_by_its_start_time(tmp_path):
+    from ml_backend.retrain.jobs import owner_id
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host, _, _, boot = owner_id().split(":")
+        _mark_running(tmp_path, f"{host}:{live.pid}:12345:{boot}", project=3)  # started at another time
+        _mark_running(tmp_path, f"{host}:{live.pid}:-:{boot}", project=4)  # start time unknown: may be alive
+        retrainer = make(tmp_path)
+        assert "pid reused" in retrainer.status(3)["last"]["error"]
+        assert retrainer.status(4)["is_training"]  # another live process may still run it
+    finally:
+        live.kill()
+        live.wait()
+    assert not retrainer.status(4)["is_training"]
 
 
 def test_unknown_label_studio_fails_clearly(tmp_path, monkeypatch):
@@ -174,20 +213,28 @@ def test_in_process_jobs_train_then_fine_tune_from_the_current_version(tmp_path)
                                       "RETRAIN_EPOCHS": "1", "RETRAIN_BATCH_SIZE": "4",
                                       "IMAGE_CACHE_DIR": str(tmp_path / "cache")})
         retrainer = build_retrainer(settings, lambda: (ls.url, TOKEN), tick_s=0)
-        for _ in range(2):
-            assert retrainer.on_webhook("START_TRAINING", {"project": {"id": 1}})["status"] == "started"
-            settle(retrainer)
-    first, second = (record for record in retrainer.status("1")["history"])
-    assert first["status"] == second["status"] == "succeeded", (first, second)
-    assert first["parent"] is None and first["promoted"]
+        store = ModelStore(tmp_path / "models")
+        assert retrainer.on_webhook("START_TRAINING", {"project": {"id": 1}})["status"] == "started"
+        settle(retrainer)
+        first = retrainer.status("1")["last"]
+        assert first["status"] == "succeeded", first
+        # One epoch rarely beats predicting all foreground: promoted only with a reason that says it did.
+        assert first["parent"] is None and ("beats all foreground" in first["promotion"]) == first["promoted"]
+        if not first["promoted"]:
+            assert store.current_version_id() is None  # nothing is served that learned nothing
+            store.promote(first["version"])  # by hand, as an operator may
+        assert retrainer.on_webhook("START_TRAINING", {"project": {"id": 1}})["status"] == "started"
+        settle(retrainer)
+    second = retrainer.status("1")["last"]
+    assert second["status"] == "succeeded", second
     assert second["parent"] == first["version"]  # fine-tuned from what was current
-    store = ModelStore(tmp_path / "models")
     assert store.current_version_id() == (second["version"] if second["promoted"] else first["version"])
     assert {v.id for v in store.list_versions()} == {first["version"], second["version"]}
 
 
 def test_reading_state_creates_nothing(tmp_path):
     retrainer = make(tmp_path / "models")
-    assert retrainer.status("3")["trainings"] == 0 and retrainer.status(None) == {"is_training": False, "projects": {}}
+    assert retrainer.status("3")["trainings"] == 0 and retrainer.status(None) == {"is_training": False, "projects": {},
+                                                                                "changes_kept": 0}
     retrainer.tick()
     assert not (tmp_path / "models").exists()

@@ -16,6 +16,7 @@ from test_retrain import BRUSH, GatedJobs, created, gated  # noqa: F401  (fixtur
 class StubEngine:
     source = "stub"
     cache: dict = {}
+    store = None  # no embedding store
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from training.__main__ import main
 from training.predict import predict_trimap, predict_trimaps, to_trimap_values
 from training.store import METRICS_FILE, ModelStore
 
-COMMANDS = ["synth", "fit", "evaluate", "predict", "versions", "promote", "rollback"]
+COMMANDS = ["synth", "fit", "evaluate", "predict", "versions", "promote", "rollback", "prune", "export-base", "adopt"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -97,3 +97,18 @@ def test_predict_trimap_api_returns_class_ids_at_the_original_size(fitted_store)
     assert set(np.unique(to_trimap_values(single))) <= {1, 2, 3}
     with pytest.raises(ValueError, match="RGB uint8"):
         predict_trimap(model, np.zeros((10, 10), dtype=np.uint8))
+
+
+def test_fit_succeeds_and_reports_the_version(tiny_data, tmp_path, capsys):
+    assert main(["--quiet", "fit", str(tiny_data), "--model-dir", str(tmp_path / "m"), "--epochs", "1",
+                 "--image-size", "16", "--batch-size", "8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    stored = ModelStore(tmp_path / "m").get(report["version_id"])
+    assert report["train_count"] + report["val_count"] == 20 and report["epochs_run"] == 1
+    assert stored.metrics["val_foreground_iou"] == report["val_foreground_iou"]
+    assert stored.promoted == report["promoted"] and report["promotion_reason"] == stored.metrics["promotion"]["reason"]
+    assert main(["--quiet", "fit", str(tiny_data), "--model-dir", str(tmp_path / "m"), "--epochs", "1",
+                 "--from", report["version_id"], "--batch-size", "8"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("version ") and "validation foreground IoU" in text
+    assert ("promoted to current: " in text) != ("kept, not promoted: " in text)

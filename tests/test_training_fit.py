@@ -15,7 +15,7 @@ from conftest_training import TINY_IMAGE, _fitted_store, fitted_store, tiny_data
 import keras
 from training.data import find_pairs, load_trimap, write_synthetic
 from training.errors import FitInterrupted
-from training.fit import evaluate, evaluate_model, fit
+from training.fit import evaluate, evaluate_model, fit, promotion_decision
 from training.store import SPLIT_FILE, ModelStore
 
 
@@ -91,13 +91,29 @@ def test_fine_tuning_at_another_image_size_reuses_the_weights(fitted_store, tiny
     np.testing.assert_array_equal(model.get_weights()[-2], parent_weights[-2])
 
 
-@pytest.mark.parametrize("margin, promoted", [(-1.0, True), (1.0, False)])
-def test_promotion_rule_compares_on_the_same_validation_set(fitted_store, tiny_data, margin, promoted):
+def test_the_promotion_rule_needs_the_trivial_baselines_and_the_current_version_beaten():
+    assert promotion_decision(0.0, 0.0, None, 0.0) == (
+        False, "validation foreground IoU 0.0000 does not beat predicting all background (0)")
+    promoted, why = promotion_decision(0.30, 0.35, None, 0.0)  # an all-foreground guess scores 0.35
+    assert not promoted and "all foreground (0.3500)" in why
+    assert promotion_decision(0.50, 0.35, None, 0.0)[0]  # no current version: the baselines suffice
+    assert not promotion_decision(0.50, 0.35, 0.45, 0.1)[0] and promotion_decision(0.56, 0.35, 0.45, 0.1)[0]
+    assert not promotion_decision(0.50, 0.35, 0.50, 0.0)[0]  # equal is not better
+
+
+@pytest.mark.parametrize("margin", [-1.0, 1.0])
+def test_promotion_rule_compares_on_the_same_validation_set(fitted_store, tiny_data, margin):
     store = ModelStore(fitted_store)
     old = store.current_version_id()
     report = fit(tiny_data, fitted_store, from_version="current", epochs=1, batch_size=8,
                  promotion_margin=margin, verbose=0)
-    assert report.promoted is promoted
+    info = store.get(report.version_id)
+    trivial = info.metrics["promotion"]["all_foreground_val_foreground_iou"]
+    truths = [load_trimap(p.trimap) for p in _val_pairs(tiny_data, report.path)]
+    assert trivial == pytest.approx(sum((t == 0).sum() for t in truths) / sum(t.size for t in truths))
+    # Margin -1 beats any current version, so the trivial baselines decide; margin 1 can never be beaten.
+    promoted = margin < 0 and report.val_foreground_iou > max(0.0, trivial)
+    assert report.promoted is promoted and info.metrics["promotion"]["reason"] == report.promotion_reason
     assert store.current_version_id() == (report.version_id if promoted else old)
     info = store.get(report.version_id)
     assert info.promoted is promoted and info.metrics["promotion"]["baseline_version"] == old
@@ -125,8 +141,8 @@ def test_ctrl_c_keeps_the_best_checkpoint_so_far(tmp_path, tiny_data):
     report = fit(tiny_data, tmp_path / "models", epochs=5, image_size=TINY_IMAGE, batch_size=8, verbose=0,
                  callbacks=[_InterruptAt(epoch=1)])
     assert report.interrupted and report.epochs_run == 2
-    info = ModelStore(tmp_path / "models").current()
-    assert info.id == report.version_id and info.metrics["interrupted"] is True
+    info = ModelStore(tmp_path / "models").get(report.version_id)
+    assert info.metrics["interrupted"] is True
     assert info.metrics["best_epoch"] in (1, 2)
 
 
@@ -154,7 +170,7 @@ def test_bad_files_are_skipped_and_counted(tmp_path, tiny_data):
     assert report.skipped_count == 3
     for image in images[:3]:
         assert image.name in text
-    assert ModelStore(tmp_path / "models").current().metrics["data"]["skipped"] == report.skipped
+    assert ModelStore(tmp_path / "models").get(report.version_id).metrics["data"]["skipped"] == report.skipped
 
 
 def test_evaluate_reports_consistent_metrics(fitted_store, tiny_data):
@@ -171,7 +187,9 @@ def test_evaluate_reports_consistent_metrics(fitted_store, tiny_data):
 def test_from_current_on_an_empty_store_trains_from_scratch(tmp_path, tiny_data):
     report = fit(tiny_data, tmp_path / "models", from_version="current", epochs=1, image_size=TINY_IMAGE,
                  batch_size=8, verbose=0)
-    assert report.parent is None and report.promoted
+    assert report.parent is None and report.base_model is None
+    assert report.promoted == (report.val_foreground_iou > max(0.0, ModelStore(tmp_path / "models").get(
+        report.version_id).metrics["promotion"]["all_foreground_val_foreground_iou"]))
 
 
 def test_a_grown_data_set_keeps_the_old_validation_images(fitted_store, tiny_data, tmp_path):
@@ -183,3 +201,44 @@ def test_a_grown_data_set_keeps_the_old_validation_images(fitted_store, tiny_dat
     assert set(old_split["val"]) <= set(new_split["val"])
     assert not set(new_split["val"]) & set(old_split["train"])
     assert report.val_count == 6 and report.train_count == 24
+
+
+class _Weights(keras.callbacks.Callback):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights: list[list[np.ndarray]] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.weights.append([w.copy() for w in self.model.get_weights()])
+
+
+def test_early_stopping_keeps_the_best_epochs_weights(tmp_path, tiny_data):
+    recorder = _Weights()
+    report = fit(tiny_data, tmp_path / "models", epochs=6, patience=1, image_size=TINY_IMAGE, batch_size=8,
+                 learning_rate=0.01, verbose=0, callbacks=[recorder])
+    metrics = ModelStore(tmp_path / "models").get(report.version_id).metrics
+    val_loss = metrics["history"]["val_loss"]
+    assert report.best_epoch == int(np.argmin(val_loss)) + 1 and metrics["val_loss"] == min(val_loss)
+    # Patience 1: it stops one epoch after the best unless the epochs ran out first.
+    assert report.epochs_run == (report.best_epoch + 1 if report.early_stopped else 6) == len(recorder.weights)
+    saved = ModelStore(tmp_path / "models").load_model(report.version_id).get_weights()
+    for kept, best in zip(saved, recorder.weights[report.best_epoch - 1]):
+        np.testing.assert_array_equal(kept, best)
+    if report.best_epoch != report.epochs_run:  # and not the last epoch's
+        assert any(not np.array_equal(k, last) for k, last in zip(saved, recorder.weights[-1]))
+
+
+def test_the_optimizer_loss_and_metric_are_the_chapters():
+    from training.model import build_model, compile_model
+
+    model = compile_model(build_model(TINY_IMAGE), learning_rate=0.02)
+    assert isinstance(model.optimizer, keras.optimizers.Adam)
+    assert float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)) == pytest.approx(0.02)
+    assert isinstance(model.loss, keras.losses.SparseCategoricalCrossentropy) and model.loss.from_logits
+    (iou,) = model._compile_metrics._user_metrics  # keras keeps compile()'s metrics here until the first batch
+    assert isinstance(iou, keras.metrics.IoU) and iou.name == "foreground_iou" and list(iou.target_class_ids) == [0]
+    # Logits in, argmax taken: three of the four pixels are predicted foreground, two of them truly are.
+    truth = np.array([[[0], [0]], [[1], [2]]])[None]
+    logits = np.array([[[5.0, -1, -1], [5.0, -1, -1]], [[-3, 4.0, 0], [5, 0, 0]]])[None]
+    iou.update_state(truth, logits)
+    assert float(iou.result()) == pytest.approx(2 / 3)

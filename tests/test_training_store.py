@@ -123,3 +123,49 @@ def test_a_killed_save_leaves_the_current_version_loadable_and_unchanged(tmp_pat
     listed = [v.id for v in store.list_versions()]
     # Killed before the rename: no new version; at the pointer switch: a complete, non-current one.
     assert listed == [first] if point != "pointer_switch" else (len(listed) == 2 and listed[0] == first)
+
+
+def test_prune_keeps_the_newest_the_current_and_its_parent(tmp_path):
+    store = ModelStore(tmp_path / "models")
+    ids = []
+    for fill in range(6):
+        version_id = store.new_version_id()
+        with store.staging(version_id) as staged:
+            (staged / MODEL_FILE).write_bytes(b"stand-in")
+            store.publish(staged, {"val_foreground_iou": fill / 10, "parent": ids[0] if fill == 2 else None},
+                          make_current=fill == 2)
+        ids.append(version_id)
+    assert store.prune(0) == [] and len(store.list_versions()) == 6  # 0: keep everything
+    removed = store.prune(2)
+    assert sorted(removed) == [ids[1], ids[3]]
+    assert [v.id for v in store.list_versions()] == [ids[0], ids[2], ids[4], ids[5]]
+    assert store.current_version_id() == ids[2] and store.current().model_path.read_bytes() == b"stand-in"
+    assert not (store.root / ".staging").exists() or list((store.root / ".staging").iterdir()) == []
+    assert store.prune(2) == []
+
+
+def test_a_killed_writers_staging_folder_is_removed_a_live_ones_is_not(tmp_path):
+    store = ModelStore(tmp_path / "models")
+    hold = textwrap.dedent("""
+        import sys, time
+        from training.store import ModelStore
+        with ModelStore(sys.argv[1]).staging(sys.argv[2]) as staged:
+            (staged / "model.keras").write_bytes(b"half")
+            print("writing", flush=True)
+            time.sleep(600)
+    """)
+    writers = {name: subprocess.Popen([sys.executable, "-c", hold, str(store.root), name], stdout=subprocess.PIPE,
+                                      text=True) for name in ("killed", "alive")}
+    try:
+        for writer in writers.values():
+            assert writer.stdout.readline().strip() == "writing"
+        writers["killed"].kill()
+        writers["killed"].wait()
+        assert store.remove_abandoned_staging() == ["killed"]
+        assert (store.staging_dir / "alive" / "model.keras").read_bytes() == b"half"
+        assert not (store.staging_dir / "killed").exists()
+    finally:
+        for writer in writers.values():
+            writer.kill()
+            writer.wait()
+    assert store.remove_abandoned_staging() == ["alive"]

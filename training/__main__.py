@@ -1,4 +1,7 @@
-"""Command line: ``python -m training {synth,fit,evaluate,predict,versions,promote,rollback}``.
+"""Command line: ``python -m training {synth,fit,evaluate,predict,versions,promote,rollback,prune,export-base,adopt}``.
+
+``--model-dir`` names a store; with ``--project N`` the commands work on project N's store inside
+it (``MODEL_DIR/projects/N``, the backend's layout), without it on ``--model-dir`` itself.
 
 Errors caused by input print one line naming the file or version and exit with status 2.
 """
@@ -35,6 +38,21 @@ def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
+def _store_dir(args: argparse.Namespace) -> Path:
+    from training.layout import project_store_dir
+
+    return args.model_dir if args.project is None else project_store_dir(args.model_dir, args.project)
+
+
+def _project(text: str) -> int:
+    from training.layout import check_project
+
+    try:
+        return check_project(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from training.synthetic import write_synthetic
 
@@ -47,7 +65,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from training.fit import fit
 
     report = fit(
-        args.data_dir, args.model_dir, from_version=args.from_version, epochs=args.epochs,
+        args.data_dir, _store_dir(args), from_version=args.from_version, base_model=args.base_model,
+        epochs=args.epochs,
         image_size=args.image_size, batch_size=args.batch_size, learning_rate=args.learning_rate,
         patience=args.patience, promotion_margin=args.margin, seed=args.seed, flip=not args.no_flip,
         verbose=0 if args.quiet else 1,
@@ -55,13 +74,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(report.to_dict())
     else:
-        baseline = report.baseline_val_foreground_iou
         print(f"version {report.version_id}: validation foreground IoU {report.val_foreground_iou:.4f} "
               f"({report.train_count} training, {report.val_count} validation images, "
               f"{report.epochs_run} epochs, best {report.best_epoch}"
               f"{', stopped early' if report.early_stopped else ''}{', interrupted' if report.interrupted else ''})")
-        print("promoted to current" if report.promoted else
-              f"kept, not promoted: current version {report.baseline_version} scores {baseline:.4f}")
+        print(f"promoted to current: {report.promotion_reason}" if report.promoted else
+              f"kept, not promoted: {report.promotion_reason}")
         if report.skipped:
             print(f"{report.skipped_count} file(s) skipped:")
             for problem in report.skipped:
@@ -72,7 +90,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.fit import evaluate
 
-    report = evaluate(args.data_dir, args.model_dir, version=args.version, subset=args.subset,
+    report = evaluate(args.data_dir, _store_dir(args), version=args.version, subset=args.subset,
                       batch_size=args.batch_size, verbose=0 if args.json or args.quiet else 1)
     if args.json:
         _print_json(report.to_dict())
@@ -90,7 +108,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from training.predict import predict_folder
     from training.store import ModelStore
 
-    model = ModelStore(args.model_dir).load_model(args.version)
+    model = ModelStore(_store_dir(args)).load_model(args.version)
     result = predict_folder(model, args.images_dir, args.out, batch_size=args.batch_size)
     print(f"wrote {len(result.written)} trimaps to {Path(args.out) / 'trimaps'} and overlays to "
           f"{Path(args.out) / 'overlays'}")
@@ -102,14 +120,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_versions(args: argparse.Namespace) -> int:
     from training.store import ModelStore
 
-    versions = ModelStore(args.model_dir).list_versions()
+    versions = ModelStore(_store_dir(args)).list_versions()
     if args.json:
         _print_json([{"id": v.id, "current": v.is_current, "promoted": v.promoted,
                       "val_foreground_iou": v.val_foreground_iou, "parent": v.metrics.get("parent"),
                       "created_at": v.metrics.get("created_at")} for v in versions])
         return 0
     if not versions:
-        print(f"no versions in {args.model_dir}")
+        print(f"no versions in {_store_dir(args)}")
     for v in versions:
         iou = v.val_foreground_iou
         print(f"{'*' if v.is_current else ' '} {v.id}  IoU {iou if iou is None else f'{iou:.4f}'}  "
@@ -120,7 +138,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
 def cmd_promote(args: argparse.Namespace) -> int:
     from training.store import ModelStore
 
-    info = ModelStore(args.model_dir).promote(args.version)
+    info = ModelStore(_store_dir(args)).promote(args.version)
     print(f"current version is now {info.id}")
     return 0
 
@@ -128,8 +146,33 @@ def cmd_promote(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     from training.store import ModelStore
 
-    info = ModelStore(args.model_dir).rollback()
+    info = ModelStore(_store_dir(args)).rollback()
     print(f"rolled back: current version is now {info.id}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from training.store import ModelStore
+
+    removed = ModelStore(_store_dir(args)).prune(args.keep)
+    print(f"removed {len(removed)} version(s)" + (f": {', '.join(removed)}" if removed else ""))
+    return 0
+
+
+def cmd_export_base(args: argparse.Namespace) -> int:
+    from training.layout import export_base
+    from training.store import ModelStore
+
+    out = export_base(ModelStore(_store_dir(args)), args.version, args.out)
+    print(f"wrote {out}; serve it to projects without their own model with BASE_MODEL={out}")
+    return 0
+
+
+def cmd_adopt(args: argparse.Namespace) -> int:
+    from training.layout import adopt
+
+    target = adopt(args.model_dir, args.project)
+    print(f"moved the store in {args.model_dir} to {target}: project {args.project}'s versions and current")
     return 0
 
 
@@ -142,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_dir(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--model-dir", type=Path, required=True, help="the versioned model store")
+        sub.add_argument("--project", type=_project, help="a Label Studio project's store inside it "
+                         "(MODEL_DIR/projects/ID, the backend's layout)")
 
     sub = commands.add_parser("synth", help="write a synthetic data set in the Oxford-IIIT Pets layout")
     sub.add_argument("out_dir", type=Path)
@@ -155,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_dir(sub)
     sub.add_argument("--from", dest="from_version", metavar="VERSION",
                      help="fine-tune this version ('current' for the current one); default: from scratch")
+    sub.add_argument("--base-model", metavar="PATH", help="with --from current on a store without a current "
+                     "version: fine-tune this .keras file or version directory")
     sub.add_argument("--epochs", type=_positive, default=50)
     sub.add_argument("--image-size", type=_image_size, help="model input size, a multiple of 8 "
                      "(default: the parent's, or 200)")
@@ -199,6 +246,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("rollback", help="make the previously current version current again")
     model_dir(sub)
     sub.set_defaults(run=cmd_rollback)
+
+    sub = commands.add_parser("prune", help="delete old versions (never the current one or its parent)")
+    model_dir(sub)
+    sub.add_argument("--keep", type=_positive, required=True, help="newest versions to keep")
+    sub.set_defaults(run=cmd_prune)
+
+    sub = commands.add_parser("export-base", help="copy a version's model to a .keras file to serve as BASE_MODEL")
+    model_dir(sub)
+    sub.add_argument("--version", help="default: the current version")
+    sub.add_argument("--out", type=Path, required=True, help="the .keras file to write")
+    sub.set_defaults(run=cmd_export_base)
+
+    sub = commands.add_parser("adopt", help="move a single store (MODEL_DIR/versions, current) into a project's store")
+    sub.add_argument("--model-dir", type=Path, required=True, help="the folder holding the single store")
+    sub.add_argument("--project", type=_project, required=True, help="the Label Studio project it becomes")
+    sub.set_defaults(run=cmd_adopt)
 
     return parser
 

@@ -1,8 +1,11 @@
 """Fitting a version (from scratch or fine-tuning), evaluating it, and promoting it by the rule.
 
 Promotion rule: a new version becomes current only if its validation foreground IoU beats the
-current version's, both measured now on the same validation images at their original size,
-by more than ``promotion_margin``. Otherwise it is stored with ``promotion.promoted = false``.
+trivial baselines on its validation images (predicting all background, which scores 0, and
+predicting all foreground, which scores the foreground's share of the pixels) and the current
+version's, measured now on the same validation images at their original size, by more than
+``promotion_margin``. So a version that learned nothing is never served. Otherwise it is stored
+with ``promotion.promoted = false`` and the reason.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class EvalReport:
     images: int
     version: str | None = None
     skipped: list[str] = field(default_factory=list)
+    # Foreground IoU of the trivial predictions on the same pixels: all background scores 0.
+    all_foreground_iou: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,6 +75,8 @@ class FitReport:
     early_stopped: bool
     interrupted: bool
     path: Path
+    promotion_reason: str = ""
+    base_model: str | None = None
 
     @property
     def skipped_count(self) -> int:
@@ -130,8 +137,10 @@ def evaluate_model(
             progress.update(min(len(pairs), start + batch_size))
     if counted == 0:
         raise DatasetError("no validation image could be evaluated; see the warnings above")
-    per_class, accuracy = _confusion_metrics(confusion.reshape(NUM_CLASSES, NUM_CLASSES))
+    matrix = confusion.reshape(NUM_CLASSES, NUM_CLASSES)
+    per_class, accuracy = _confusion_metrics(matrix)
     return EvalReport(
+        all_foreground_iou=float(matrix[FOREGROUND].sum() / max(1, matrix.sum())),
         foreground_iou=per_class[CLASS_NAMES[FOREGROUND]],
         per_class_iou=per_class,
         pixel_accuracy=accuracy,
@@ -212,11 +221,41 @@ def _preview(model: keras.Model, pairs: Sequence[Pair], path: Path) -> None:
         plot_predictions(images, truths, predict_trimaps(model, images), path, titles)
 
 
+def load_base_model(path: str | Path) -> keras.Model:
+    """A base model: a ``.keras`` file, or a version directory holding ``model.keras``."""
+    from training.errors import StoreError
+    from training.layout import base_model_file
+
+    file = base_model_file(path)
+    try:
+        return keras.saving.load_model(file, compile=False)
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{file}: cannot load the base model ({exc})") from exc
+    except Exception as exc:  # zipfile.BadZipFile and friends from a truncated file
+        raise StoreError(f"{file}: cannot load the base model ({exc.__class__.__name__}: {exc})") from exc
+
+
+def promotion_decision(iou: float, all_foreground_iou: float, baseline_iou: float | None,
+                       margin: float) -> tuple[bool, str]:
+    """(promote?, why) by the rule in this module's docstring."""
+    if iou <= 0.0:
+        return False, f"validation foreground IoU {iou:.4f} does not beat predicting all background (0)"
+    if iou <= all_foreground_iou:
+        return False, (f"validation foreground IoU {iou:.4f} does not beat predicting all foreground "
+                       f"({all_foreground_iou:.4f})")
+    if baseline_iou is not None and iou <= baseline_iou + margin:
+        return False, (f"validation foreground IoU {iou:.4f} does not beat the current version's "
+                       f"{baseline_iou:.4f} + margin {margin:.4f}")
+    against = "no current version" if baseline_iou is None else f"current {baseline_iou:.4f}"
+    return True, f"validation foreground IoU {iou:.4f} beats all foreground {all_foreground_iou:.4f} and {against}"
+
+
 def fit(
     data_dir: str | Path,
     model_dir: str | Path,
     *,
     from_version: str | None = None,
+    base_model: str | Path | None = None,
     epochs: int = 50,
     image_size: int | None = None,
     batch_size: int = 16,
@@ -232,7 +271,8 @@ def fit(
     """Fit a new version on ``data_dir``, store it in ``model_dir`` and promote it by the rule.
 
     ``from_version``: ``None`` trains from scratch; ``"current"`` fine-tunes the current version
-    if there is one (from scratch otherwise); any other value names the version to fine-tune.
+    if there is one (else ``base_model`` when given, else from scratch); any other value names the
+    version to fine-tune. ``base_model``: a ``.keras`` file or a version directory of another store.
     ``image_size`` defaults to the parent's input size (200 from scratch). ``seed`` fixes the
     split, the shuffling and the flips (not the initial weights: that would reseed the caller's
     global random state). Ctrl-C stops fitting and keeps the best checkpoint so far (the
@@ -245,17 +285,20 @@ def fit(
     dataset = scan_dataset(data_dir)
 
     parent: str | None = None
+    base: str | None = None
     if from_version == "current":
         parent = store.current_version_id()
-        if parent is None:
+        if parent is None and base_model:
+            base = str(base_model)
+        elif parent is None:
             log.info("no current version in %s: training from scratch", store.root)
     elif from_version is not None:
         parent = store.resolve(from_version)
-    if parent is not None:
-        parent_model = store.load_model(parent)
+    if parent is not None or base is not None:
+        parent_model = store.load_model(parent) if parent is not None else load_base_model(base)
         size = check_image_size(image_size or model_image_size(parent_model))
         model = rebuild_at_size(parent_model, size)
-        log.info("fine-tuning version %s at %d×%d", parent, size, size)
+        log.info("fine-tuning %s at %d×%d", f"version {parent}" if parent else f"base model {base}", size, size)
     else:
         size = check_image_size(image_size or DEFAULT_IMAGE_SIZE)
         model = build_model(size)
@@ -305,16 +348,22 @@ def fit(
         with store.lock():
             baseline_id = store.current_version_id()
             baseline_iou = None
+            if baseline_id is None and base is not None:  # what the project is served until a version is promoted
+                baseline_id = f"base model {base}"
+                baseline_model = load_base_model(base)
+            elif baseline_id is not None:
+                baseline_model = store.load_model(baseline_id)
             if baseline_id is not None:
-                baseline = evaluate_model(store.load_model(baseline_id), split.val, batch_size=batch_size,
-                                          skipped=skipped)
+                baseline = evaluate_model(baseline_model, split.val, batch_size=batch_size, skipped=skipped)
                 baseline_iou = baseline.foreground_iou
-            promoted = baseline_iou is None or result.foreground_iou > baseline_iou + promotion_margin
+            promoted, promotion_reason = promotion_decision(result.foreground_iou, result.all_foreground_iou,
+                                                            baseline_iou, promotion_margin)
             eval_seconds = time.perf_counter() - eval_started
             metrics = {
                 "version": version_id,
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "parent": parent,
+                "base_model": base,
                 "val_foreground_iou": result.foreground_iou,
                 "val_per_class_iou": result.per_class_iou,
                 "val_pixel_accuracy": result.pixel_accuracy,
@@ -340,7 +389,9 @@ def fit(
                     "promoted": promoted,
                     "baseline_version": baseline_id,
                     "baseline_val_foreground_iou": baseline_iou,
+                    "all_foreground_val_foreground_iou": result.all_foreground_iou,
                     "margin": promotion_margin,
+                    "reason": promotion_reason,
                 },
                 "timings": {
                     "fit_s": round(fit_seconds, 2),
@@ -353,18 +404,14 @@ def fit(
             }
             info = store.publish(staged, metrics, make_current=promoted)
 
-    if promoted:
-        log.info("version %s promoted (val foreground IoU %.4f, current had %s)", version_id,
-                 result.foreground_iou, "none" if baseline_iou is None else f"{baseline_iou:.4f}")
-    else:
-        log.info("version %s kept but not promoted: val foreground IoU %.4f does not beat %.4f + margin %.4f",
-                 version_id, result.foreground_iou, baseline_iou, promotion_margin)
+    log.info("version %s %s: %s", version_id, "promoted" if promoted else "kept but not promoted",
+             promotion_reason)
     return FitReport(
         version_id=version_id, promoted=promoted, val_foreground_iou=result.foreground_iou,
         baseline_version=baseline_id, baseline_val_foreground_iou=baseline_iou, parent=parent,
         train_count=len(split.train), val_count=len(split.val), skipped=metrics["data"]["skipped"],
         epochs_run=epochs_run, best_epoch=checkpoint.best_epoch, early_stopped=bool(stopper.stopped_epoch),
-        interrupted=interrupted, path=info.path,
+        interrupted=interrupted, path=info.path, promotion_reason=promotion_reason, base_model=base,
     )
 
 

@@ -5,12 +5,14 @@ Layout::
     MODEL_DIR/
         current              JSON {"version": id, "previous": [older current ids, newest last]}
         versions/<id>/       model.keras, metrics.json, split.json, curves.png, predictions.png
-        .staging/<id>/       a version being written (never read by anyone else)
+        .staging/<id>/       a version being written (never read by anyone else), held by an flock
+                             (``training.workdirs``) so a killed writer's folder is found and removed
         .lock                serialises promotions between processes
 
 A version is written completely under ``.staging`` and then renamed into ``versions`` (one
 atomic ``rename``); ``current`` is replaced with ``os.replace`` after an fsync. A crash or kill
-at any point therefore leaves ``current`` naming a complete, loadable version.
+at any point therefore leaves ``current`` naming a complete, loadable version. :meth:`prune`
+removes old versions, never the current one or its parent.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from training.errors import StoreError
+from training.workdirs import held_folder, remove_abandoned
 
 log = logging.getLogger(__name__)
 
@@ -169,12 +172,12 @@ class ModelStore:
     @contextlib.contextmanager
     def staging(self, version_id: str) -> Iterator[Path]:
         """A private folder to write a version into; removed unless :meth:`publish` took it."""
-        path = self.staging_dir / version_id
-        path.mkdir(parents=True, exist_ok=False)
-        try:
+        with held_folder(self.staging_dir / version_id) as path:
             yield path
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
+
+    def remove_abandoned_staging(self) -> list[str]:
+        """Remove staging folders of writers that died (killed jobs); live writers' folders stay."""
+        return remove_abandoned(self.staging_dir)
 
     def publish(self, staged: Path, metrics: dict[str, Any], *, make_current: bool) -> VersionInfo:
         """Move a fully written staging folder into ``versions`` and, if asked, make it current.
@@ -227,3 +230,28 @@ class ModelStore:
                     self._switch(candidate, previous)
                     return self.get(candidate)
             raise StoreError(f"{self.root}: no earlier current version to roll back to")
+
+    def prune(self, keep: int) -> list[str]:
+        """Delete all but the newest ``keep`` versions, never the current one or its parent; the ids removed.
+
+        ``keep`` < 1 keeps everything. A removed version is first renamed out of ``versions`` (atomic
+        for readers), then deleted.
+        """
+        if keep < 1:
+            return []
+        with self.lock():
+            versions = self.list_versions()
+            current = next((v for v in versions if v.is_current), None)
+            protected = {current.id, current.metrics.get("parent")} if current else set()
+            newest_first = [v.id for v in reversed(versions)]
+            kept = set(newest_first[:keep]) | protected
+            doomed = [v for v in newest_first if v not in kept]
+            for version_id in doomed:
+                trash = self.staging_dir / f"pruned-{version_id}"
+                self.staging_dir.mkdir(parents=True, exist_ok=True)
+                os.rename(self.versions_dir / version_id, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            if doomed:
+                _fsync_dir(self.versions_dir)
+                log.info("pruned %d old version(s) from %s: %s", len(doomed), self.root, ", ".join(doomed))
+            return doomed

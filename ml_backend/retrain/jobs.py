@@ -1,190 +1,280 @@
 """Training jobs: what one job does, and the two ways to run it.
 
-* :class:`InProcessExecutor` (default, needs nothing installed): a daemon thread in the backend.
+* :class:`InProcessExecutor` (default, needs nothing installed): a bounded queue in the backend
+  process, ``RETRAIN_CONCURRENCY`` fits at a time (one by default), each stopped after
+  ``RETRAIN_JOB_TIMEOUT_S``.
 * :class:`RQExecutor` (``REDIS_URL`` set): the job goes to an RQ queue on Redis and any number
   of workers (``python -m ml_backend.retrain.worker``, or ``rq worker --url $REDIS_URL
-  sam-trimap-training``; GPU machines sharing ``MODEL_DIR``) run :func:`run_job`. The job
-  carries Label Studio's URL and token, so Redis must be private to the deployment.
+  sam-trimap-training``; GPU machines sharing ``MODEL_DIR``) run
+  :func:`ml_backend.retrain.rq_job.run_job`. The job carries Label Studio's URL and token, so
+  Redis must be private to the deployment.
 
-A job exports the project's accepted annotations, fine-tunes from the store's current version
-(from scratch when there is none) and lets ``training`` promote by its rule. It records its
-outcome in the shared state itself; a job killed before it can (worker OOM-killed, machine
-lost) is noticed by the backend's reconciliation through :meth:`Executor.lost`. Nothing a job
-does touches the current version before the store's atomic promotion, so a failed or killed
-job leaves the current version serving.
+A job exports the project's accepted annotations into a held working folder, fine-tunes from the
+store's current version (from the base model or from scratch when there is none), lets
+``training`` promote by its rule and prunes old versions. It reports its outcome through the
+``record`` function it is given; a job killed before it can (worker OOM-killed, backend
+restarted) is noticed by the coordinator's reconciliation through :meth:`Executor.lost`, and
+the folders it left are removed by :func:`remove_abandoned_work`. Nothing a job does touches the
+current version before the store's atomic promotion, so a failed or killed job leaves it serving.
+
+This module never imports the coordinator (it receives ``record``), so the two do not import
+each other.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import socket
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+import uuid
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from ml_backend.errors import BackendError
+from ml_backend.retrain.spec import MIN_USABLE_PAIRS, QUEUE_NAME, JobSpec, NotEnoughData, TrainingJobError
 
 logger = logging.getLogger(__name__)
 
-QUEUE_NAME = "sam-trimap-training"
 RESULT_TTL_S = 7 * 24 * 3600
+WORK_ROOT_NAME = "sam-trimap-retrain"  # under the temporary folder: exported images and trimaps of running jobs
+
+Record = Callable[[int, str, dict[str, Any]], Any]  # (project, job id, outcome)
 
 
-class TrainingJobError(BackendError):
-    """A job that cannot train (nothing to train on, Label Studio unknown)."""
-
-    status_code = 409
+def work_root() -> Path:
+    return Path(tempfile.gettempdir()) / WORK_ROOT_NAME
 
 
-@dataclass(frozen=True)
-class JobSpec:
-    """Everything a job needs, decided by the backend when it starts the job (JSON-able for RQ)."""
+def remove_abandoned_work(model_dir: str | Path) -> list[str]:
+    """Remove what killed jobs left: export folders under the temporary folder, staging folders in the store."""
+    from training.store import ModelStore
+    from training.workdirs import remove_abandoned
 
-    job_id: str
-    project: str
-    reason: str
-    model_dir: str
-    label_studio_url: str
-    token: str
-    epochs: int
-    image_size: int
-    batch_size: int
-    promotion_margin: float
-    boundary_width: int
-    ground_truth_only: bool
-    foreground_labels: tuple[str, ...]
-    background_labels: tuple[str, ...]
-    boundary_labels: tuple[str, ...]
-    redis_url: str = ""
-    timeout_s: int = 6 * 3600
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "JobSpec":
-        names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in data.items() if k in names}
-        for key in ("foreground_labels", "background_labels", "boundary_labels"):
-            values[key] = tuple(values.get(key, ()))
-        return cls(**values)
+    removed = remove_abandoned(work_root())
+    root = Path(model_dir)
+    stores = [root, *sorted((root / "projects").glob("*"))] if root.is_dir() else []
+    for store in stores:
+        removed += ModelStore(store).remove_abandoned_staging()
+    return removed
 
 
-def execute_training(spec: JobSpec) -> dict[str, Any]:
-    """Export, fit, promote; returns the outcome. Raises on failure (the caller records it)."""
+class JobCancelled(TrainingJobError):
+    """The job was stopped from outside (its timeout passed)."""
+
+
+def _cancel_callback(cancel: threading.Event):
+    import keras
+
+    class StopWhenCancelled(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            if cancel.is_set():
+                raise JobCancelled("the training job was stopped: it ran past RETRAIN_JOB_TIMEOUT_S")
+
+    return StopWhenCancelled()
+
+
+def execute_training(spec: JobSpec, cancel: threading.Event | None = None) -> dict[str, Any]:
+    """Export, fit, promote, prune; returns the outcome. Raises on failure (the caller records it)."""
+    from training.workdirs import held_folder
+
     from ml_backend.export import ExportOptions, export_from_label_studio
     from ml_backend.images import ImageLoader
     from ml_backend.settings import Settings
     from ml_backend.trimaps import LabelRoles
 
+    cancel = cancel or threading.Event()
     settings = Settings.from_env()  # this process's image cache and download limits
     options = ExportOptions(LabelRoles(spec.foreground_labels, spec.background_labels, spec.boundary_labels),
                             spec.boundary_width, spec.ground_truth_only)
     loader = ImageLoader(settings)
     try:
-        with tempfile.TemporaryDirectory(prefix=f"retrain-project-{spec.project}-") as data_dir:
+        with held_folder(work_root() / f"project-{spec.project}-{spec.job_id}") as data_dir:
             report = export_from_label_studio(data_dir, url=spec.label_studio_url, token=spec.token,
-                                              project=int(spec.project), loader=loader, options=options)
-            if not report.written:
-                raise TrainingJobError(
-                    f"project {spec.project} has no accepted brush annotation to train on "
-                    f"({report.not_accepted} without an accepted annotation, {len(report.skipped)} skipped)")
+                                              project=spec.project, loader=loader, options=options)
+            usable = len(report.written)
+            tasks = _task_ids(report.written)
+            if usable < MIN_USABLE_PAIRS:
+                raise NotEnoughData(
+                    f"project {spec.project} has {usable} task(s) with an accepted brush annotation; training needs "
+                    f"at least {MIN_USABLE_PAIRS} (one to train on, one to validate) "
+                    f"({report.not_accepted} without an accepted annotation, {len(report.skipped)} skipped)", usable, tasks)
+            if cancel.is_set():
+                raise JobCancelled("the training job was stopped before fitting")
             from training.fit import fit  # deferred: Keras loads only in a job that trains
+            from training.store import ModelStore
 
-            logger.info("project %s: training on %d pair(s)", spec.project, len(report.written))
-            # "current": fine-tune the current version, from scratch when there is none.
-            fitted = fit(data_dir, spec.model_dir, from_version="current", epochs=spec.epochs,
-                         image_size=spec.image_size, batch_size=spec.batch_size,
-                         promotion_margin=spec.promotion_margin, verbose=2)
+            logger.info("project %s: training on %d pair(s)", spec.project, usable)
+            # "current": fine-tune the current version, else the base model, else from scratch.
+            fitted = fit(data_dir, spec.model_dir, from_version="current", base_model=spec.base_model or None,
+                         epochs=spec.epochs, image_size=spec.image_size, batch_size=spec.batch_size,
+                         promotion_margin=spec.promotion_margin, verbose=2, callbacks=[_cancel_callback(cancel)])
+            pruned = ModelStore(spec.model_dir).prune(spec.keep_versions)
     finally:
         loader.close()
     return {"status": "succeeded", "version": fitted.version_id, "promoted": fitted.promoted,
-            "val_foreground_iou": fitted.val_foreground_iou, "parent": fitted.parent,
+            "val_foreground_iou": fitted.val_foreground_iou, "parent": fitted.parent, "base_model": fitted.base_model,
             "baseline_val_foreground_iou": fitted.baseline_val_foreground_iou, "train_count": fitted.train_count,
-            "val_count": fitted.val_count, "skipped_count": fitted.skipped_count, "export": report.summary()}
+            "val_count": fitted.val_count, "skipped_count": fitted.skipped_count, "export": report.summary(),
+            "usable": usable, "tasks": tasks, "pruned": pruned, "promotion": fitted.promotion_reason}
+
+
+def _task_ids(stems: list[str]) -> list[int]:
+    """Task ids from the export's stems (``task-<id>``)."""
+    return sorted(int(s[5:]) for s in stems if s.startswith("task-") and s[5:].isascii() and s[5:].isdigit())
 
 
 def _failure(exc: BaseException) -> dict[str, Any]:
     message = exc.message if isinstance(exc, BackendError) else f"{exc.__class__.__name__}: {exc}"
+    if isinstance(exc, NotEnoughData):
+        return {"status": "not_enough_data", "error": message, "usable": exc.usable, "tasks": exc.tasks}
     return {"status": "failed", "error": message}
 
 
-def run_and_record(spec: JobSpec, retrainer) -> dict[str, Any]:
-    """Run the job and record its outcome in the shared state (also on failure); re-raises failures."""
+def run_and_record(spec: JobSpec, record: Record, cancel: threading.Event | None = None) -> dict[str, Any]:
+    """Run the job and record its outcome (also on failure); re-raises failures."""
     started = time.monotonic()
     logger.info("training job %s for project %s started (%s)", spec.job_id, spec.project, spec.reason)
     try:
-        outcome = execute_training(spec)
+        outcome = execute_training(spec, cancel=cancel)
     except BaseException as exc:  # recorded whatever it was (timeouts and shutdowns too), then re-raised
         outcome = _failure(exc)
         outcome["duration_s"] = round(time.monotonic() - started, 1)
-        logger.error("training job %s for project %s failed: %s", spec.job_id, spec.project, outcome["error"],
-                     exc_info=not isinstance(exc, BackendError))
-        retrainer.finish(spec.project, spec.job_id, outcome)
+        logger.error("training job %s for project %s ended without a version: %s", spec.job_id, spec.project,
+                     outcome["error"], exc_info=not isinstance(exc, BackendError))
+        record(spec.project, spec.job_id, outcome)
         raise
     outcome["duration_s"] = round(time.monotonic() - started, 1)
     logger.info("training job %s for project %s finished: %s", spec.job_id, spec.project, outcome)
-    retrainer.finish(spec.project, spec.job_id, outcome)
+    record(spec.project, spec.job_id, outcome)
     return outcome
 
 
+# --- who runs a job: identity of this process start ---------------------------------------------
+
+_boot: tuple[int, str] | None = None
+
+
+def _start_ticks(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, /proc), to tell a reused pid from the original."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22 of proc(5); the name in parentheses may hold spaces
+
+
 def owner_id() -> str:
-    return f"{os.getpid()}@{socket.gethostname()}"
+    """``host:pid:start-ticks:boot-id`` of this process start (a fresh boot id after a fork or restart)."""
+    global _boot
+    pid = os.getpid()
+    if _boot is None or _boot[0] != pid:
+        _boot = (pid, uuid.uuid4().hex[:12])
+    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid) or '-'}:{_boot[1]}"
+
+
+def owner_gone(owner: str | None) -> str | None:
+    """Why the process that ``owner`` names cannot be running any more, or None if it may be."""
+    parts = (owner or "").split(":")
+    if len(parts) != 4 or not parts[1].isdigit():
+        return f"its owner {owner!r} is not a process this backend knows (state of an older version)"
+    host, pid, ticks = parts[0], int(parts[1]), parts[2]
+    if host != socket.gethostname():
+        return None  # another machine's process: cannot tell (use Redis and RQ across machines)
+    if pid == os.getpid():
+        return None if owner == owner_id() else "the backend restarted before the job finished"
+    now_ticks = _start_ticks(pid)
+    if now_ticks is None:
+        return f"the backend process that ran it (pid {pid}) ended before the job finished"
+    if ticks != "-" and now_ticks != ticks:
+        return f"the backend process that ran it (pid {pid}) ended before the job finished (pid reused)"
+    return None
 
 
 class Executor(Protocol):
     owner: str | None  # what the state records as the job's owner (None: the queue knows)
 
-    def submit(self, spec: JobSpec, retrainer) -> None: ...
+    def submit(self, spec: JobSpec, record: Record) -> None: ...
 
     def lost(self, job_id: str, owner: str | None) -> str | None:
         """Why a job the state calls running can no longer finish, or None while it may."""
 
 
-class InProcessExecutor:
-    """One daemon thread per job in this process."""
+class QueueFull(TrainingJobError):
+    status_code = 503
 
-    def __init__(self) -> None:
+
+class InProcessExecutor:
+    """Jobs on threads of this process, at most ``concurrency`` fitting at once and ``queue_max`` waiting.
+
+    A thread cannot be killed, so the timeout is cooperative: :meth:`lost` reports the job as
+    timed out (the coordinator records the failure at once) and sets its cancel flag, which
+    stops the fit at its next batch without publishing anything.
+    """
+
+    def __init__(self, *, concurrency: int = 1, queue_max: int = 16, timeout_s: float = 6 * 3600,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.owner = owner_id()
+        self.concurrency = max(1, concurrency)
+        self.queue_max = queue_max
+        self.timeout_s = timeout_s
+        self.clock = clock
+        self._slots = threading.BoundedSemaphore(self.concurrency)
         self._threads: dict[str, threading.Thread] = {}
+        self._started: dict[str, float] = {}  # job id -> when it got a slot
+        self._cancel: dict[str, threading.Event] = {}
         self._ended: set[str] = set()
         self._lock = threading.Lock()
 
-    def submit(self, spec: JobSpec, retrainer) -> None:
+    def submit(self, spec: JobSpec, record: Record) -> None:
+        cancel = threading.Event()
+
         def work() -> None:
             try:
-                run_and_record(spec, retrainer)
+                with self._slots:
+                    with self._lock:
+                        self._started[spec.job_id] = self.clock()
+                    if not cancel.is_set():
+                        run_and_record(spec, record, cancel)
             except BaseException:  # already logged and recorded by run_and_record
                 pass
             finally:
                 with self._lock:
                     self._threads.pop(spec.job_id, None)
+                    self._started.pop(spec.job_id, None)
+                    self._cancel.pop(spec.job_id, None)
                     self._ended.add(spec.job_id)
 
-        thread = threading.Thread(target=work, name=f"training-{spec.project}", daemon=True)
         with self._lock:
+            if len(self._threads) >= self.concurrency + self.queue_max:
+                raise QueueFull(f"{len(self._threads)} training jobs are already running or waiting in this process "
+                                f"(RETRAIN_CONCURRENCY={self.concurrency}, RETRAIN_QUEUE_MAX={self.queue_max})")
+            thread = threading.Thread(target=work, name=f"training-{spec.project}", daemon=True)
             self._threads[spec.job_id] = thread
+            self._cancel[spec.job_id] = cancel
         thread.start()
 
     def lost(self, job_id: str, owner: str | None) -> str | None:
-        if owner == self.owner:
-            with self._lock:
-                ended = job_id in self._ended
-            return "the training thread ended without recording its outcome" if ended else None
-        pid, _, host = (owner or "").partition("@")
-        if host != socket.gethostname() or not pid.isdigit():
-            return None  # another machine's process: cannot tell (use Redis and RQ across machines)
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return f"the backend process that ran it (pid {pid}) ended before the job finished"
-        except PermissionError:
-            pass
+        if owner != self.owner:
+            return owner_gone(owner)
+        with self._lock:
+            if job_id in self._ended:
+                return "the training thread ended without recording its outcome"
+            if job_id not in self._threads:
+                return None  # recorded as started an instant before this process submits it
+            started = self._started.get(job_id)
+            if started is not None and self.clock() - started > self.timeout_s:
+                self._cancel[job_id].set()
+                return f"timed out after {self.timeout_s:g} s (RETRAIN_JOB_TIMEOUT_S)"
         return None
+
+    def waiting(self, job_id: str) -> bool:
+        """Whether this process holds ``job_id`` in its queue, waiting for a training slot."""
+        with self._lock:
+            return job_id in self._threads and job_id not in self._started
 
     def join(self, timeout_s: float | None = None) -> None:
         """Wait for this process's running jobs (tests, shutdown)."""
@@ -195,19 +285,22 @@ class InProcessExecutor:
 
 
 def redis_connection(url: str, *, fail_fast: bool = False):
-    """A client for ``url``; ``fail_fast`` (the backend's webhook path) bounds connecting and each command.
+    """A client for ``url``; ``fail_fast`` (the backend's webhook path) bounds connecting and each command
+    well inside the one second Label Studio waits for a webhook.
 
     RQ workers need the defaults: their blocking dequeue waits longer than any short socket timeout.
     """
     from redis import Redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
-    if fail_fast:
-        return Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=2.0)
+    if fail_fast:  # redis-py retries three times with backoff by default: seconds when Redis is down
+        return Redis.from_url(url, socket_connect_timeout=0.25, socket_timeout=0.5, retry=Retry(NoBackoff(), 0))
     return Redis.from_url(url)
 
 
 class RQExecutor:
-    """Jobs on an RQ queue; workers run :func:`run_job`."""
+    """Jobs on an RQ queue; workers run :func:`ml_backend.retrain.rq_job.run_job`."""
 
     owner = None
 
@@ -217,9 +310,10 @@ class RQExecutor:
         self.connection = connection
         self.queue = Queue(queue_name, connection=connection)
 
-    def submit(self, spec: JobSpec, retrainer) -> None:
-        self.queue.enqueue(run_job, spec.to_dict(), job_id=spec.job_id, job_timeout=spec.timeout_s,
-                           result_ttl=RESULT_TTL_S, failure_ttl=RESULT_TTL_S,
+    def submit(self, spec: JobSpec, record: Record) -> None:
+        # By name: the entry point imports the coordinator, which this module must not.
+        self.queue.enqueue("ml_backend.retrain.rq_job.run_job", spec.to_dict(), job_id=spec.job_id,
+                           job_timeout=spec.timeout_s, result_ttl=RESULT_TTL_S, failure_ttl=RESULT_TTL_S,
                            description=f"train trimap model for project {spec.project} ({spec.reason})")
 
     def lost(self, job_id: str, owner: str | None) -> str | None:
@@ -239,13 +333,3 @@ class RQExecutor:
         result = job.latest_result()
         detail = (result.exc_string or "").strip().splitlines()[-1:] if result is not None else []
         return f"the RQ job {status.value}" + (f": {detail[0]}" if detail else "")
-
-
-def run_job(spec: dict[str, Any]) -> dict[str, Any]:
-    """RQ's entry point: run one job in a worker and record the outcome in Redis."""
-    from ml_backend.retrain.coordinator import Retrainer
-
-    job = JobSpec.from_dict(spec)
-    connection = redis_connection(job.redis_url)
-    retrainer = Retrainer.for_worker(connection, job)
-    return run_and_record(job, retrainer)

@@ -1,10 +1,12 @@
-"""Retraining end to end: a real Label Studio 1.23.2, Redis, our backend and an RQ worker.
+"""Retraining end to end: a real Label Studio 1.23.2, Redis, our backend and an RQ worker, two projects.
 
-Annotations posted to Label Studio reach the backend as webhooks; the third accepted one
-starts a job that the worker runs (export through Label Studio's API, tiny fit, promotion);
-"Retrieve Predictions" then gets predictions from the new version without a restart. Two
-"Start Training" clicks during a run give one run and one coalesced follow-up, fine-tuned
-from the current version.
+Annotations posted to Label Studio reach the backend as webhooks; the third accepted one in a project
+starts a job that the worker runs (export through Label Studio's API, a small fit into that project's
+own store, promotion by the rule). "Retrieve Predictions" then gets what serves each project, checked by
+content: a promoted version gives non-empty brush masks under the project's foreground label that overlap
+the annotated objects better than predicting all foreground, a version that learned nothing is never
+served, and a project without annotations is served by the base model. Training one project leaves the
+other's store byte-identical. Two "Start Training" clicks during a run give one run and one follow-up.
 """
 
 from __future__ import annotations
@@ -16,51 +18,81 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from e2e.servers import REPO, Backend, LabelStudio, stop
 from fake_label_studio import brush_result, pet_image
+from ml_backend.brush import decode_rle
 from processes import wait_for
 from redis_fixture import redis_server  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.redis
 
-LABEL_CONFIG = """
-<View>
-  <Image name="image" value="$image"/>
-  <BrushLabels name="mask" toName="image"><Label value="Pet"/></BrushLabels>
-  <KeyPointLabels name="click" toName="image" smart="true"><Label value="Pet" smart="true"/></KeyPointLabels>
-</View>
-"""
 SIZE = 48
+CONFIGS = {
+    "discs": """<View><Image name="image" value="$image"/>
+  <BrushLabels name="mask" toName="image"><Label value="Background"/><Label value="Disc"/></BrushLabels></View>""",
+    "squares": """<View><Image name="image" value="$image"/>
+  <BrushLabels name="mask" toName="image"><Label value="Square"/></BrushLabels></View>""",
+}
+LABELS = {"discs": "Disc", "squares": "Square"}
 
 
-def png(index: int) -> bytes:
+def square_image(index: int, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """A dark background with a bright blue square whose place varies with ``index``."""
+    y, x = np.mgrid[0:size, 0:size]
+    top, left = (index * 5) % (size // 2), (index * 11) % (size // 2)
+    mask = (y >= top) & (y < top + size // 2) & (x >= left) & (x < left + size // 2)
+    image = np.stack([x + 10, y + 10, np.full_like(x, 30)], axis=-1).astype(np.uint8)
+    image[mask] = (40, 90, 240)
+    return image, mask
+
+
+def sample(kind: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+    return pet_image(index, SIZE) if kind == "discs" else square_image(index)
+
+
+def png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(pet_image(index, SIZE)[0]).save(buffer, format="PNG")
+    Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def brush(index: int) -> dict:
-    return {**brush_result(pet_image(index, SIZE)[1]), "from_name": "mask"}
+def brush(kind: str, index: int) -> dict:
+    result = brush_result(sample(kind, index)[1])
+    result["value"]["brushlabels"] = [LABELS[kind]]
+    return {**result, "from_name": "mask"}
 
 
 @pytest.fixture(scope="module")
 def setup(e2e_dir: Path, label_studio: LabelStudio, backend_factory, redis_server) -> Iterator[dict]:
+    import keras
+
+    from training.model import build_model
+
     model_dir = e2e_dir / "retraining-models"
+    base = e2e_dir / "base" / "random-base.keras"
+    base.parent.mkdir(parents=True)
+    keras.utils.set_random_seed(7)
+    build_model(32).save(base)
     env = {"REDIS_URL": redis_server, "MODEL_DIR": str(model_dir), "RETRAIN_MIN_ANNOTATIONS": "3",
-           "RETRAIN_MIN_INTERVAL_MIN": "0", "RETRAIN_IMAGE_SIZE": "32", "RETRAIN_EPOCHS": "2",
-           "RETRAIN_BATCH_SIZE": "2"}
+           "RETRAIN_MIN_INTERVAL_MIN": "0", "RETRAIN_IMAGE_SIZE": "32", "RETRAIN_EPOCHS": "30",
+           "RETRAIN_BATCH_SIZE": "2", "BASE_MODEL": str(base), "BOUNDARY_WIDTH": "1", "MIN_MASK_AREA": "4"}
     backend = backend_factory(**env)
-    log = e2e_dir / "rq-worker.log"
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "ml_backend.retrain.worker"], cwd=REPO, stdout=log.open("wb"),
-        stderr=subprocess.STDOUT, env={**os.environ, **env, "IMAGE_CACHE_DIR": str(e2e_dir / "worker-cache")})
+    workers, logs = [], []
+    for n in range(2):  # two projects may train at once
+        log = e2e_dir / f"rq-worker-{n}.log"
+        logs.append(log)
+        workers.append(subprocess.Popen(
+            [sys.executable, "-m", "ml_backend.retrain.worker"], cwd=REPO, stdout=log.open("wb"),
+            stderr=subprocess.STDOUT, env={**os.environ, **env, "IMAGE_CACHE_DIR": str(e2e_dir / f"worker-cache-{n}")}))
     try:
-        yield {"backend": backend, "model_dir": model_dir, "worker_log": log}
+        yield {"backend": backend, "model_dir": model_dir, "worker_log": logs[0], "base": base}
     finally:
-        stop(worker)
+        for worker in workers:
+            stop(worker)
 
 
 def status(backend: Backend, project: int) -> dict:
@@ -69,57 +101,111 @@ def status(backend: Backend, project: int) -> dict:
     return answer.json()
 
 
-def test_webhooks_train_promote_predict_and_coalesce(label_studio: LabelStudio, setup) -> None:
-    backend: Backend = setup["backend"]
-    project = label_studio.ok("POST", "/api/projects", json={"title": "retraining", "label_config": LABEL_CONFIG})
+def create_project(label_studio: LabelStudio, backend: Backend, kind: str, count: int) -> tuple[dict, dict, list]:
+    project = label_studio.ok("POST", "/api/projects", json={"title": kind, "label_config": CONFIGS[kind]})
     ml = label_studio.ok("POST", "/api/ml", json={"url": backend.url, "project": project["id"],
-                                                  "is_interactive": True, "title": "sam-trimap"})
+                                                  "is_interactive": False, "title": "trimap"})
     imported = label_studio.ok("POST", f"/api/projects/{project['id']}/import?return_task_ids=true",
-                               files=[(f"file{i}", (f"pet-{i}.png", png(i))) for i in range(5)])
+                               files=[(f"file{i}", (f"{kind}-{i}.png", png(sample(kind, i)[0]))) for i in range(count)])
     tasks = sorted(imported["task_ids"])
-    assert len(tasks) == 5, imported
-    before = backend.post("/versions", json={}).json()["versions"]
-    assert before == []
+    assert len(tasks) == count, imported
+    return project, ml, tasks
 
-    def annotate(i: int, **extra) -> None:
-        label_studio.ok("POST", f"/api/tasks/{tasks[i]}/annotations",
-                        json={"result": [brush(i)], "lead_time": 1.0, **extra})
 
-    annotate(0)
-    annotate(1)
-    annotate(2, was_cancelled=True)  # skipped: counts neither as a trigger nor as training data
-    assert not status(backend, project["id"])["is_training"]
-    assert status(backend, project["id"])["accepted_changes"] == 2
-    annotate(3, ground_truth=True)  # the third accepted annotation: training starts
+def store_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
-    state = wait_for(lambda: (s := status(backend, project["id"]))["last"] and s, 300, "the training job",
-                     setup["worker_log"])
-    last = state["last"]
-    assert last["status"] == "succeeded", last
-    assert last["export"]["written"] == 3 and last["export"]["not_accepted"] == 1
-    assert last["promoted"] and last["parent"] is None
 
-    versions = backend.post("/versions", json={}).json()["versions"]
-    assert [v["id"] for v in versions] == [last["version"]]
-    assert versions[0]["current"] and versions[0]["val_foreground_iou"] == pytest.approx(last["val_foreground_iou"])
-
+def predictions(label_studio: LabelStudio, project: dict, tasks: list[int]) -> list[dict]:
     label_studio.ok("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project['id']}",
                     json={"selectedItems": {"all": False, "included": tasks}})
+    found = []
     for task_id in tasks:
-        predictions = label_studio.ok("GET", f"/api/predictions?task={task_id}")
-        assert [p["model_version"] for p in predictions] == [f"trimap-{last['version']}"], predictions
+        stored = label_studio.ok("GET", f"/api/predictions?task={task_id}")
+        assert len(stored) >= 1, stored
+        found.append(stored[-1])
+    return found
 
-    # "Start Training" twice while the first of them runs: one run now, one coalesced follow-up.
+
+def check_content(kind: str, found: list[dict], version: str, promoted: bool) -> None:
+    """What a served version must give: masks under the right label that beat predicting all foreground."""
+    ious, trivial = [], []
+    for index, prediction in enumerate(found):
+        assert prediction["model_version"] == f"trimap-{version}", prediction
+        if not promoted:
+            continue
+        truth = sample(kind, index)[1]
+        [region] = prediction["result"]
+        assert region["value"]["brushlabels"] == [LABELS[kind]]
+        mask = decode_rle(region["value"]["rle"], SIZE, SIZE)
+        assert mask.any()
+        ious.append((mask & truth).sum() / (mask | truth).sum())
+        trivial.append(truth.sum() / truth.size)
+    if promoted:
+        assert np.mean(ious) > np.mean(trivial), (ious, trivial)
+
+
+def test_two_projects_train_their_own_models_and_a_third_is_served_by_the_base(label_studio: LabelStudio,
+                                                                                setup) -> None:
+    backend: Backend = setup["backend"]
+    model_dir: Path = setup["model_dir"]
+    discs, ml, disc_tasks = create_project(label_studio, backend, "discs", 6)
+    squares, _, square_tasks = create_project(label_studio, backend, "squares", 6)
+    idle, _, idle_tasks = create_project(label_studio, backend, "discs", 2)
+    assert backend.get(f"/versions?project={discs['id']}").json() == {"project": discs["id"],
+                                                                    "serving": "base-random-base", "versions": []}
+
+    def annotate(kind: str, tasks: list[int], i: int, **extra) -> None:
+        label_studio.ok("POST", f"/api/tasks/{tasks[i]}/annotations",
+                        json={"result": [brush(kind, i)], "lead_time": 1.0, **extra})
+
+    annotate("discs", disc_tasks, 0)
+    annotate("discs", disc_tasks, 1, was_cancelled=True)  # skipped: neither a trigger nor training data
+    assert status(backend, discs["id"])["accepted_changes"] == 1
+    for i in (2, 3, 4):
+        annotate("discs", disc_tasks, i)
+    for i in range(4):
+        annotate("squares", square_tasks, i)
+
+    done = {}
+    for project in (discs, squares):
+        state = wait_for(lambda p=project: (s := status(backend, p["id"]))["last"] and not s["is_training"] and s,
+                         600, f"project {project['id']}'s training", setup["worker_log"])
+        last = state["last"]
+        assert last["status"] == "succeeded", last
+        assert last["export"]["written"] == 4 and last["usable"] == 4
+        assert last["parent"] is None and last["base_model"] == str(setup["base"].resolve())  # started from it
+        done[project["id"]] = last
+    assert done[discs["id"]]["export"]["not_accepted"] == 1
+
+    for project, kind, tasks in ((discs, "discs", disc_tasks), (squares, "squares", square_tasks)):
+        last = done[project["id"]]
+        versions = backend.get(f"/versions?project={project['id']}").json()
+        assert [v["id"] for v in versions["versions"]] == [last["version"]]  # its own store only
+        assert (model_dir / "projects" / str(project["id"]) / "versions" / last["version"]).is_dir()
+        served = last["version"] if last["promoted"] else "base-random-base"
+        assert versions["serving"] == served
+        check_content(kind, predictions(label_studio, project, tasks[4:]), served, last["promoted"])
+
+    # The project without annotations: the base model, no store of its own.
+    for prediction in predictions(label_studio, idle, idle_tasks):
+        assert prediction["model_version"] == "trimap-base-random-base"
+    assert not (model_dir / "projects" / str(idle["id"])).exists()
+
+    # Start Training twice in the disc project while the first click's run goes: one run, one follow-up;
+    # the square project's store stays byte-identical.
+    square_store = model_dir / "projects" / str(squares["id"])
+    before = store_bytes(square_store)
     label_studio.ok("POST", f"/api/ml/{ml['id']}/train", json={})
     label_studio.ok("POST", f"/api/ml/{ml['id']}/train", json={})
-    running = status(backend, project["id"])
+    running = status(backend, discs["id"])
     assert running["is_training"] and running["follow_up_queued"] and running["reason"] == "START_TRAINING"
-    state = wait_for(lambda: (s := status(backend, project["id"]))["trainings"] == 3 and not s["is_training"] and s,
-                     300, "the two further jobs", setup["worker_log"])
+    state = wait_for(lambda: (s := status(backend, discs["id"]))["trainings"] == 3 and not s["is_training"] and s,
+                     600, "the two further jobs", setup["worker_log"])
     first, second, third = state["history"]
     assert [second["reason"], third["status"]] == ["START_TRAINING", "succeeded"] and "follow-up" in third["reason"]
-    assert second["parent"] == first["version"]  # fine-tuned from the current version
-    listed = {v["id"]: v for v in backend.post("/versions", json={}).json()["versions"]}
-    assert set(listed) == {first["version"], second["version"], third["version"]}
-    current = [v for v in listed.values() if v["current"]]
-    assert len(current) == 1
+    if first["promoted"]:  # fine-tuned from what was current
+        assert second["parent"] == first["version"]
+    else:  # nothing of its own was ever served: again from the base model
+        assert second["parent"] is None and second["base_model"] == str(setup["base"].resolve())
+    assert store_bytes(square_store) == before
