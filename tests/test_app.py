@@ -243,9 +243,9 @@ def test_health_shows_states_but_no_paths(settings, tmp_path, engine) -> None:
 
 def test_project_ids_are_canonical(client) -> None:
     first = client.post("/train", json={"project": 1})
-    assert first.status_code == 201 and first.json["project"] == "1"
+    assert first.status_code == 201 and first.json["project"] == 1
     for same in ("01", "1.1700000000", " 1"):
-        assert client.post("/train", json={"project": same}).json["project"] == "1"
+        assert client.post("/train", json={"project": same}).json["project"] == 1
     for other in ("\u0661", "\u00b9", "1e3", "-1", True, 2**64, "9" * 30):
         answer = client.post("/train", json={"project": other})
         assert answer.json["status"] == "ignored", (other, answer.json)
