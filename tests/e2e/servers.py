@@ -89,7 +89,7 @@ def start_label_studio(workdir: Path) -> LabelStudio:
     server = LabelStudio(url=url, token=token, document_root=document_root, process=process)
     try:
         wait_until(lambda: server.api("GET", "/api/projects", timeout=5).status_code == 200,
-                   timeout_s=480, what="Label Studio", process=process, log=log)  # ~30 s; minutes when busy
+                   timeout_s=600, what="Label Studio", process=process, log=log)  # ~30 s; minutes when busy
     except BaseException:
         stop(process)  # a server that did not come up in time must not outlive the test run
         raise
@@ -128,7 +128,7 @@ def start_backend(workdir: Path, env_overrides: dict[str, str]) -> Backend:
         return health["sam"]["state"] == "ready"
 
     try:
-        wait_until(sam_ready, timeout_s=180, what="backend", process=process, log=log)
+        wait_until(sam_ready, timeout_s=600, what="backend", process=process, log=log)
     except BaseException:
         stop(process)
         raise
