@@ -145,6 +145,7 @@ def serve(workdir: Path, preset: Path, workers: int, env_extra: dict[str, str]) 
     env = {**os.environ, "PYTHONPATH": str(REPO), "HOST": "127.0.0.1", "PORT": str(port), "WORKERS": str(workers),
            "THREADS": "8", "LOG_LEVEL": "INFO", "SAM_MODEL": str(preset), "MODEL_DIR": str(workdir / "models"),
            "IMAGE_CACHE_DIR": str(workdir / "image-cache"), "LOCAL_FILES_DOCUMENT_ROOT": str(workdir / "files"),
+           "EMBEDDING_STORE_DIR": str(workdir / f"embeddings-w{workers}"),  # fresh: every encode counted
            **env_extra}
     process = subprocess.Popen([sys.executable, "-m", "ml_backend", "serve"], cwd=REPO, env=env,
                                stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)

@@ -17,6 +17,14 @@ from ml_backend.settings import Settings, SettingsError
 def serve(settings: Settings) -> int:
     from gunicorn.app.wsgiapp import run
 
+    from ml_backend.security.auth import check_exposure
+
+    try:
+        check_exposure(settings)  # before binding: an exposed, unauthenticated backend never starts
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
     sys.argv = [
         "gunicorn",
         "--bind", f"{settings.host}:{settings.port}",

@@ -11,13 +11,12 @@ call with the library's route table (same URLs and methods) and our views.
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Callable
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import BadRequest, HTTPException
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ml_backend import labeling
 from ml_backend.backend import SegmentationBackend
@@ -25,22 +24,14 @@ from ml_backend.errors import BackendError
 from ml_backend.label_studio_api import api_get, iter_project_tasks
 from ml_backend.logs import configure_logging
 from ml_backend.runtime import Runtime
+from ml_backend.security import limits
+from ml_backend.security.auth import Authenticator, webhook_secret
+from ml_backend.security.webhooks import WebhookSecretInstaller
 from ml_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-PUBLIC_ROUTES = {"/health", "/ready", "/"}
 DEFAULT_WARMUP_LIMIT = 200
-
-
-def _json_body() -> dict:
-    try:
-        data = request.get_json(force=True, silent=False)
-    except BadRequest:
-        raise BackendError("The request body is not valid JSON.") from None
-    if not isinstance(data, dict):
-        raise BackendError("The request body must be a JSON object.")
-    return data
 
 
 def _project_id(value: object) -> int | None:
@@ -65,36 +56,43 @@ def _error(message: str, status: int) -> tuple[Response, int]:
 class BackendViews:
     """The views that replace the library's; each holds the process's runtime."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, installer: WebhookSecretInstaller | None = None) -> None:
         self.runtime = runtime
+        self.limits = limits.RequestLimits.from_settings(runtime.settings)
+        self.installer = installer
+
+    def _json(self) -> dict:
+        return limits.parse_json_body(request.content_type, request.get_data(cache=True))
 
     def _backend(self, label_config: str | None, project: object = None) -> SegmentationBackend:
         return SegmentationBackend(label_config=label_config, runtime=self.runtime, project=project)
 
     def predict(self) -> Response:
-        data = _json_body()
-        tasks = data.get("tasks")
-        if not isinstance(tasks, list) or not tasks:
-            raise BackendError("'tasks' must be a non-empty list of tasks.")
-        params = data.get("params") or {}
-        if not isinstance(params, dict):
-            raise BackendError("'params' must be an object.")
-        context = params.get("context")
-        if context is not None and not isinstance(context, dict):
-            raise BackendError("'params.context' must be an object.")
+        data = self._json()
+        tasks, context = limits.predict_request(data, self.limits)
         backend = self._backend(data.get("label_config"), data.get("project"))
-        predictions = backend.predict(tasks, context=context)
+        predictions = backend.predict(tasks, context=context, project=data.get("project"))
         return jsonify({"results": predictions, "model_version": backend.model_version})
 
     def setup(self) -> Response:
-        data = _json_body()
-        self.runtime.remember_label_studio(data.get("hostname"), data.get("access_token"))
+        """Validate the labeling config first; only then, and only for an authenticated caller, take
+        Label Studio's address and token from the body (never over ``LABEL_STUDIO_URL``)."""
+        data = self._json()
+        hostname, token = data.get("hostname"), data.get("access_token")
         backend = self._backend(data.get("schema"), data.get("project"))
+        if g.get("authenticated"):
+            self.runtime.remember_label_studio(limits.setup_hostname(hostname), limits.setup_token(token))
+            project = limits.project_id(data.get("project"))
+            if self.installer is not None and project is not None and self.runtime.access.url:
+                self.installer.ensure(project, request.host)
+        elif hostname or token:
+            logger.info("/setup from an unauthenticated caller: its hostname/access_token are not used "
+                        "(set LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY, or BASIC_AUTH_USER/BASIC_AUTH_PASS)")
         self.runtime.project_connected(data.get("project"), data.get("schema"))  # queues pre-encoding once
         return jsonify({"model_version": backend.model_version})
 
     def webhook(self) -> tuple[Response, int]:
-        data = _json_body()
+        data = self._json()
         event = data.get("action")
         if not isinstance(event, str):
             raise BackendError("A webhook needs an 'action'.")
@@ -106,17 +104,18 @@ class BackendViews:
         return jsonify(answer), 200
 
     def train(self) -> tuple[Response, int]:
-        data = _json_body()
+        data = self._json()
         return jsonify(self.runtime.on_webhook("START_TRAINING", data)), 201
 
     def is_training(self) -> Response:
         return jsonify(self.runtime.training_status(request.args.get("project")))
 
     def health(self) -> Response:
+        """Open to anyone (Label Studio's connection check): states only, no paths, sources or errors."""
         return jsonify({
             "status": "UP",
             "model_class": SegmentationBackend.__name__,
-            "sam": self.runtime.sam_status(),
+            "sam": {"state": self.runtime.sam_status()["state"]},
             "trimap_model_version": self.runtime.trimaps.current_version(),
         })
 
@@ -132,20 +131,19 @@ class BackendViews:
         """Embed a project's images before annotators start: ``{"project": id, "limit": n}`` or
         ``{"tasks": [...], "label_config": "..."}``; answers at once, the work runs in the background
         (progress in ``/status`` under ``preencode``)."""
-        data = _json_body()
+        data = self._json()
         tasks, label_config = data.get("tasks"), data.get("label_config")
-        project = data.get("project")
-        if project is not None:
-            if not isinstance(project, int) or isinstance(project, bool):
+        project: int | None = None
+        if data.get("project") is not None:
+            key = limits.project_id(data["project"])
+            if key is None:
                 raise BackendError("'project' must be a Label Studio project id (a number).")
-            limit = data.get("limit", DEFAULT_WARMUP_LIMIT)
-            if not isinstance(limit, int) or limit < 1:
-                raise BackendError("'limit' must be a positive number of tasks.")
+            project = int(key)
+            limit = limits.warmup_limit(data.get("limit"), self.limits, DEFAULT_WARMUP_LIMIT)
             url, token = self.runtime.access.url, self.runtime.access.token
             label_config = (api_get(url, token, f"/api/projects/{project}") or {}).get("label_config")
             tasks = list(iter_project_tasks(url, token, project, limit=limit))
-        if not isinstance(tasks, list):
-            raise BackendError("Give a 'project' id, or 'tasks' with their 'label_config'.")
+        tasks = limits.warmup_tasks(tasks, self.limits)
         config = labeling.parse_label_config(label_config)
         return jsonify({"queued": self.runtime.warm(tasks, config.image_key, project)}), 202
 
@@ -173,25 +171,17 @@ class BackendViews:
         carries no project: it then gets what serves projects without a model of their own."""
         project = _query_project()
         if project is None and request.method == "POST" and request.content_length:
-            project = _project_id(_json_body().get("project"))
+            project = _project_id(self._json().get("project"))
         return jsonify(self.runtime.trimap_versions(project))
 
     def metrics(self) -> Response:
         return jsonify({"sam": self.runtime.sam_status()})
 
 
-def _basic_auth_guard(settings: Settings) -> Callable[[], Any]:
+def _auth_guard(authenticator: Authenticator) -> Callable[[], Any]:
     def guard() -> Any:
-        if not settings.basic_auth_user or request.path in PUBLIC_ROUTES:
-            return None
-        auth = request.authorization
-        ok = (
-            auth is not None
-            and auth.type == "basic"
-            and hmac.compare_digest(auth.username or "", settings.basic_auth_user)
-            and hmac.compare_digest(auth.password or "", settings.basic_auth_pass)
-        )
-        if ok:
+        g.authenticated = authenticator.authenticated(request.path, request.headers)
+        if authenticator.may_pass(request.path, g.authenticated):
             return None
         response, status = _error("Authentication required: set the backend's basic-auth user and password "
                                   "in Label Studio's model settings.", 401)
@@ -228,7 +218,11 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
     runtime = runtime or Runtime(settings)
-    views = BackendViews(runtime)
+    secret = webhook_secret(settings)
+    installer = None
+    if secret is not None:
+        installer = WebhookSecretInstaller(secret, lambda: (runtime.access.url, runtime.access.token))
+    views = BackendViews(runtime, installer)
     endpoints = {
         "_predict": views.predict,
         "_setup": views.setup,
@@ -241,6 +235,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     }
     ours = {endpoint: _handle_errors(view) for endpoint, view in endpoints.items()}
     app = Flask("ml_backend")
+    app.config["MAX_CONTENT_LENGTH"] = views.limits.max_body_bytes
     for rule in api._server.url_map.iter_rules():
         if rule.endpoint in ours:
             methods = set(rule.methods or ())
@@ -252,9 +247,11 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     app.add_url_rule("/warmup", endpoint="warmup", view_func=_handle_errors(views.warmup), methods=["POST"])
     app.add_url_rule("/preannotate", endpoint="preannotate", view_func=_handle_errors(views.preannotate),
                      methods=["POST"])
-    app.before_request(_basic_auth_guard(settings))
-    for code in (404, 405):
+    app.before_request(_auth_guard(Authenticator(settings)))
+    for code in (400, 404, 405):
         app.register_error_handler(code, lambda exc: _error(exc.description, exc.code))
+    app.register_error_handler(RequestEntityTooLarge,
+                               lambda exc: _error(limits.body_too_large_message(views.limits), 413))
     runtime.start_loading_sam()
     runtime.start_background_work()
     return app

@@ -67,10 +67,11 @@ class SegmentationBackend(LabelStudioMLBase):
             if len(tasks) != 1:
                 raise BackendError(f"Interactive annotation works on one task at a time, got {len(tasks)}.")
             prediction = self._interactive(tasks[0], context)
-            self.runtime.task_opened(tasks[0], self.config.image_key)  # its look-ahead, once this one is served
+            # Its look-ahead, once this one is served ("project" as Label Studio sends it: "<id>.<timestamp>").
+            self.runtime.task_opened(tasks[0], self.config.image_key, kwargs.get("project"))
             return [prediction]
         if len(tasks) == 1:  # Label Studio's automatic /predict when an annotator opens a task
-            self.runtime.task_opened(tasks[0], self.config.image_key)
+            self.runtime.task_opened(tasks[0], self.config.image_key, kwargs.get("project"))
         return [self._preannotate(task) for task in tasks]
 
     def _task_image_url(self, task: dict) -> tuple[str, int | None]:

@@ -25,6 +25,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from ml_backend.errors import BackendError
+from ml_backend.security.limits import (
+    DEFAULT_MAX_MASK_PIXELS,
+    RequestLimitError,
+    check_rle_length,
+    declared_mask_size,
+)
 
 _WORD_SIZE = 8
 _RUN_FIELD_SIZES = (3, 4, 8, 16)
@@ -133,17 +139,27 @@ def _pack_bits(codes: np.ndarray, widths: np.ndarray, first_bit: int) -> tuple[n
     return (high + low).astype(np.uint64), total_bits
 
 
-def decode_rle(rle: Sequence[int] | np.ndarray, height: int, width: int) -> np.ndarray:
+def decode_rle(rle: Sequence[int] | np.ndarray, height: int, width: int, *,
+               max_pixels: int = DEFAULT_MAX_MASK_PIXELS) -> np.ndarray:
     """Decode a brush ``rle`` list into an (height, width) bool mask (alpha channel non-zero).
 
     Raises :class:`InvalidRLEError` when the list is not bytes, is truncated, or does not
-    describe exactly ``height`` x ``width`` RGBA pixels. Finding where each run starts is a
+    describe exactly ``height`` x ``width`` RGBA pixels, and before reading anything when the size
+    is beyond ``max_pixels`` or the list is longer than such a mask can need: memory stays within
+    one byte per pixel plus a few per stored word, whatever the list declares. Finding where each run starts is a
     loop over runs (each run's length depends on its own header): a photo-sized object mask
     takes milliseconds, pure pixel noise (millions of runs) seconds.
     """
     if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0 for n in (height, width)):
         raise InvalidRLEError(f"The image size must be positive whole numbers, got {width!r}x{height!r}.")
     height, width = int(height), int(width)
+    if not isinstance(rle, (list, tuple, np.ndarray)):
+        raise InvalidRLEError(f"Brush RLE must be a list of integers 0-255, got {type(rle).__name__}.")
+    try:
+        declared_mask_size(width, height, max_pixels=max_pixels, what="The brush mask")
+        check_rle_length(len(rle), width, height)
+    except RequestLimitError as exc:
+        raise InvalidRLEError(exc.message) from None
     data = _as_bytes(rle)
     if len(data) < 7:
         raise InvalidRLEError(f"Brush RLE is too short ({len(data)} numbers) to hold its header.")
@@ -172,8 +188,11 @@ def decode_rle(rle: Sequence[int] | np.ndarray, height: int, width: int) -> np.n
     positions = first_word[token] + index_in_token * word_size
     inside = _read_bits(padded, positions, word_size) != 0
     uses = np.where(repeat[token], counts[token], 1)
-    values_inside = np.repeat(inside, uses)
-    return values_inside[3::4].reshape(height, width)
+    # Each stored word covers values [start, end); the alpha values (index 3 mod 4) among them
+    # number end//4 - start//4, so the mask is built pixel by pixel, never value by value.
+    ends = np.cumsum(uses)
+    alphas = ends // 4 - (ends - uses) // 4
+    return np.repeat(inside, alphas).reshape(height, width)
 
 
 def _as_bytes(rle: Sequence[int] | np.ndarray) -> np.ndarray:

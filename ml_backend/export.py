@@ -96,7 +96,7 @@ def _image_url(task: dict, result: list, image_keys: dict[str, str]) -> str:
     data = task.get("data")
     if not isinstance(data, dict):
         raise BackendError("the task has no 'data' object")
-    to_names = [item.get("to_name") for item in result if isinstance(item, dict)]
+    to_names = [item.get("to_name") for item in result if isinstance(item, dict) and isinstance(item.get("to_name"), str)]
     candidates = [image_keys.get(name) for name in to_names] + to_names + ["image"]
     for key in candidates:
         if isinstance(key, str) and isinstance(data.get(key), str) and data[key]:

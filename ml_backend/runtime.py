@@ -54,7 +54,7 @@ class Runtime:
         self.prompt_state = PromptMemory.from_settings(settings)
         # Image URL -> pixel-content key of its embedding, so a click skips download and decoding.
         self.url_index = UrlIndex(lambda url: self.images.local_file(url, label_studio_url=self.access.url or None),
-                                  ttl_s=settings.url_key_ttl_s)
+                                  ttl_s=settings.url_key_ttl_s, origin=lambda: self.access.url)
         # At most N encodes at once; further first clicks queue briefly, then get 503 + Retry-After.
         self.encode_gate = EncodeGate(encode_slots(settings), settings.encode_queue_timeout_s)
         self.preencoder = self._build_preencoder(settings)

@@ -78,7 +78,7 @@ def _phrases(env: Mapping[str, str], name: str) -> tuple[tuple[str, str], ...]:
 @dataclass(frozen=True)
 class Settings:
     # --- service ---
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # loopback: see check_exposure for the rule on any other address
     port: int = 9090
     workers: int = 1
     threads: int = 8
@@ -166,6 +166,14 @@ class Settings:
     prompt_state_mb: int = 64  # its previous low-resolution logits: 256 KiB per region for SAM
     prompt_state_entries: int = 1000  # tasks remembered at once
     prompt_state_ttl_s: float = 900.0  # forgotten this long after its last click
+    # --- trust: who may call, what a request may hold (SECURITY.md) ---
+    allow_unauthenticated: bool = False  # serve a non-loopback HOST without basic auth, deliberately
+    webhook_secret: str = ""  # empty: derived from BASIC_AUTH_USER/BASIC_AUTH_PASS
+    max_request_mb: int = 32
+    max_tasks_per_request: int = 100  # Label Studio's default ML batch size
+    max_prompt_regions: int = 16  # rectangles (plus the keypoint group): one SAM decode each
+    max_prompt_points: int = 64
+    max_warmup_tasks: int = 1000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -250,6 +258,13 @@ class Settings:
             prompt_state_mb=_int(env, "PROMPT_STATE_MB", d.prompt_state_mb),
             prompt_state_entries=_int(env, "PROMPT_STATE_ENTRIES", d.prompt_state_entries),
             prompt_state_ttl_s=_float(env, "PROMPT_STATE_TTL_S", d.prompt_state_ttl_s),
+            allow_unauthenticated=_bool(env, "ALLOW_UNAUTHENTICATED", d.allow_unauthenticated),
+            webhook_secret=_str(env, "WEBHOOK_SECRET"),
+            max_request_mb=_int(env, "MAX_REQUEST_MB", d.max_request_mb),
+            max_tasks_per_request=_int(env, "MAX_TASKS_PER_REQUEST", d.max_tasks_per_request),
+            max_prompt_regions=_int(env, "MAX_PROMPT_REGIONS", d.max_prompt_regions),
+            max_prompt_points=_int(env, "MAX_PROMPT_POINTS", d.max_prompt_points),
+            max_warmup_tasks=_int(env, "MAX_WARMUP_TASKS", d.max_warmup_tasks),
         )
         settings.check()
         return settings
@@ -281,6 +296,10 @@ class Settings:
                 raise SettingsError(f"{name.upper()} must be between 0 and 1 (got {getattr(self, name)})")
         if self.sam3_max_instances < 1:
             raise SettingsError("SAM3_MAX_INSTANCES must be at least 1")
+        for name in ("max_request_mb", "max_tasks_per_request", "max_prompt_regions", "max_prompt_points",
+                     "max_warmup_tasks"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name.upper()} must be at least 1")
 
     @property
     def embedding_cache_bytes(self) -> int:
@@ -293,6 +312,11 @@ class Settings:
     @property
     def max_image_bytes(self) -> int:
         return self.max_image_mb * 1024 * 1024
+
+    @property
+    def basic_auth(self) -> bool:
+        """Whether callers must authenticate (HTTP basic auth) on every route but ``/health``."""
+        return bool(self.basic_auth_user)
 
     @property
     def max_download_bytes(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import json
 import time
 from pathlib import Path
 
@@ -83,6 +84,9 @@ def test_batch_predict_gives_one_prediction_per_task_even_when_an_image_fails(cl
 
 @pytest.mark.parametrize("body,status,words", [
     (b"{oops", 400, "JSON"),
+    (b"[" * 100000 + b"]" * 100000, 400, "nests"),
+    (b'{"a": ' + b"9" * 5000 + b"}", 400, "JSON"),
+    (b"\xff\xfe{}", 400, "JSON"),
     (b"[1, 2]", 400, "object"),
     (b'{"tasks": []}', 400, "tasks"),
     (b'{"tasks": [{"id": 1, "data": {}}], "label_config": "<View/>"}', 422, "Image"),
@@ -119,11 +123,156 @@ def test_setup_is_cheap_and_reports_unservable_configs(client) -> None:
     assert bad.status_code == 422 and "BrushLabels" in bad.json["error"]
 
 
-def test_setup_gives_the_image_loader_label_studio_host_and_token(settings, engine) -> None:
-    runtime = Runtime(settings, engine=engine)
-    create_app(settings, runtime=runtime).test_client().post(
-        "/setup", json={"project": "1.1", "schema": CONFIG, "hostname": "http://ls:8080/", "access_token": "abc"})
+def basic(user: bytes, password: bytes) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(user + b":" + password).decode()}
+
+
+GOOD = basic(b"u", b"p")
+
+
+@pytest.fixture
+def guarded_settings(settings: Settings) -> Settings:
+    return dataclasses.replace(settings, basic_auth_user="u", basic_auth_pass="p")
+
+
+def test_setup_takes_host_and_token_only_from_an_authenticated_caller(settings, guarded_settings, engine) -> None:
+    body = {"project": "1.1", "schema": CONFIG, "hostname": "http://ls:8080/", "access_token": "abc"}
+    open_runtime = Runtime(settings, engine=engine)  # no basic auth: nobody is authenticated
+    assert create_app(settings, runtime=open_runtime).test_client().post("/setup", json=body).status_code == 200
+    assert (open_runtime.access.url, open_runtime.access.token) == ("", "")
+
+    runtime = Runtime(guarded_settings, engine=engine)
+    client = create_app(guarded_settings, runtime=runtime).test_client()
+    assert client.post("/setup", json=body).status_code == 401
+    assert (runtime.access.url, runtime.access.token) == ("", "")
+    assert client.post("/setup", json=body, headers=GOOD).status_code == 200
     assert (runtime.access.url, runtime.access.token) == ("http://ls:8080", "abc")
+
+
+def test_setup_validates_before_it_applies_anything(guarded_settings, engine) -> None:
+    runtime = Runtime(guarded_settings, engine=engine)
+    client = create_app(guarded_settings, runtime=runtime).test_client()
+    for body in ({"schema": "<View/>", "hostname": "http://evil:1", "access_token": "t"},
+                 {"schema": CONFIG, "hostname": "http://127.0.0.1:8999\\@ls:8080", "access_token": "t"},
+                 {"schema": CONFIG, "hostname": "http://user:pw@ls:8080", "access_token": "t"},
+                 {"schema": CONFIG, "hostname": "file:///etc/passwd", "access_token": "t"},
+                 {"schema": CONFIG, "hostname": "http://ls:8080", "access_token": "a\r\nX-Evil: 1"}):
+        answer = client.post("/setup", json=body, headers=GOOD)
+        assert answer.status_code == 422, (body, answer.json)
+        assert (runtime.access.url, runtime.access.token) == ("", ""), body
+
+
+def test_setup_never_overrides_label_studio_url(guarded_settings, engine) -> None:
+    settings = dataclasses.replace(guarded_settings, label_studio_url="http://ls:8080", label_studio_api_key="key")
+    runtime = Runtime(settings, engine=engine)
+    client = create_app(settings, runtime=runtime).test_client()
+    body = {"project": "1.1", "schema": CONFIG, "hostname": "http://evil:9", "access_token": "stolen?"}
+    assert client.post("/setup", json=body, headers=GOOD).status_code == 200
+    assert (runtime.access.url, runtime.access.token) == ("http://ls:8080", "key")
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
+                                          None])
+def test_only_json_bodies_are_read(client, content_type) -> None:
+    body = b'{"project": "1.1", "schema": "x", "hostname": "http://evil"}'
+    answer = client.post("/setup", data=body, content_type=content_type)
+    assert answer.status_code == 415 and "application/json" in answer.json["error"]
+
+
+def test_a_body_over_the_limit_gets_413_json(settings, engine) -> None:
+    small = dataclasses.replace(settings, max_request_mb=1)
+    client = create_app(small, runtime=Runtime(small, engine=engine)).test_client()
+    answer = client.post("/predict", data=b'{"tasks": ["' + b"x" * (2 << 20) + b'"]}', content_type="application/json")
+    assert answer.status_code == 413 and "MAX_REQUEST_MB" in answer.json["error"]
+
+
+ROUTES = [("POST", "/predict"), ("POST", "/setup"), ("POST", "/webhook"), ("POST", "/train"), ("POST", "/warmup"),
+          ("GET", "/status"), ("GET", "/versions"), ("POST", "/versions"), ("GET", "/is_training"),
+          ("GET", "/metrics"), ("GET", "/nowhere")]
+
+
+def test_every_route_but_health_needs_the_credentials(guarded_settings, engine) -> None:
+    client = create_app(guarded_settings, runtime=Runtime(guarded_settings, engine=engine)).test_client()
+    assert client.get("/health").status_code == 200
+    bad_headers = [{}, basic(b"u", b"wrong"), basic(b"x", b"p"), {"Authorization": "Basic \u00e9\u00e9=="},
+                   {"Authorization": "Basic !!!"}, {"Authorization": "Basic " + base64.b64encode(b"no colon").decode()},
+                   basic("ü".encode(), "é".encode()), {"Authorization": "Bearer p"}, {"Authorization": "Basic"}]
+    for method, path in ROUTES:
+        for headers in bad_headers:
+            answer = client.open(path, method=method, json={}, headers=headers)
+            assert answer.status_code == 401, (method, path, headers, answer.status_code)
+            assert "basic-auth" in answer.json["error"]
+        assert client.open(path, method=method, json={}, headers=GOOD).status_code != 401
+
+
+def test_raw_non_ascii_basic_auth_header_is_401_not_500(guarded_settings, engine) -> None:
+    from werkzeug.test import EnvironBuilder
+
+    client = create_app(guarded_settings, runtime=Runtime(guarded_settings, engine=engine)).test_client()
+    builder = EnvironBuilder(path="/setup", method="POST", json={"schema": CONFIG})
+    environ = builder.get_environ()
+    environ["HTTP_AUTHORIZATION"] = "Basic \xff\xfe\xc3\xa9:\x00"  # raw latin-1 bytes, as WSGI passes them
+    answer = client.open(environ)
+    assert answer.status_code == 401 and answer.json["error"]
+
+
+def test_the_webhook_secret_opens_the_webhook_and_nothing_else(guarded_settings, engine) -> None:
+    from ml_backend.security.auth import SECRET_HEADER, webhook_secret
+
+    secret = webhook_secret(guarded_settings)
+    assert secret and len(secret) == 64 and secret != webhook_secret(
+        dataclasses.replace(guarded_settings, basic_auth_pass="other"))
+    client = create_app(guarded_settings, runtime=Runtime(guarded_settings, engine=engine)).test_client()
+    event = {"action": "PROJECT_UPDATED", "project": {"id": 1}}
+    assert client.post("/webhook", json=event).status_code == 401
+    assert client.post("/webhook", json=event, headers={SECRET_HEADER: secret[:-1] + "0"}).status_code == 401
+    assert client.post("/webhook", json=event, headers={SECRET_HEADER: "é"}).status_code == 401
+    accepted = client.post("/webhook", json=event, headers={SECRET_HEADER: secret})
+    assert accepted.status_code == 200 and accepted.json["status"] == "ignored"
+    for path in ("/setup", "/train", "/predict"):
+        assert client.post(path, json={"schema": CONFIG}, headers={SECRET_HEADER: secret}).status_code == 401
+
+
+def test_health_shows_states_but_no_paths(settings, tmp_path, engine) -> None:
+    engine.source = str(tmp_path / "secret-dir" / "sam-preset")
+    client = create_app(settings, runtime=Runtime(settings, engine=engine)).test_client()
+    text = client.get("/health").get_data(as_text=True)
+    assert client.get("/health").json["sam"] == {"state": "ready"}
+    assert str(tmp_path) not in text and "secret-dir" not in text
+
+
+def test_project_ids_are_canonical(client) -> None:
+    first = client.post("/train", json={"project": 1})
+    assert first.status_code == 201 and first.json["project"] == 1
+    for same in ("01", "1.1700000000", " 1"):
+        assert client.post("/train", json={"project": same}).json["project"] == 1
+    for other in ("\u0661", "\u00b9", "1e3", "-1", True, 2**64, "9" * 30):
+        answer = client.post("/train", json={"project": other})
+        assert answer.json["status"] == "ignored", (other, answer.json)
+    assert set(client.get("/is_training").json["projects"]) == {"1"}
+
+
+def test_too_many_tasks_regions_or_points_are_refused(client, image) -> None:
+    task = {"id": 1, "data": {"img": data_uri(image)}}
+    answer = predict(client, [task] * 101)
+    assert answer.status_code == 413 and "MAX_TASKS_PER_REQUEST" in answer.json["error"]
+    rect = {"original_width": 100, "original_height": 60, "from_name": "rect", "to_name": "image",
+            "type": "rectanglelabels", "value": {"x": 1, "y": 1, "width": 5, "height": 5, "rectanglelabels": ["Cat"]}}
+    answer = predict(client, [task], {"result": [rect] * 17})
+    assert answer.status_code == 422 and "MAX_PROMPT_REGIONS" in answer.json["error"]
+    answer = predict(client, [task], {"result": [keypoint(30, 40)] * 65})
+    assert answer.status_code == 422 and "MAX_PROMPT_POINTS" in answer.json["error"]
+    answer = predict(client, [task], {"result": [{**keypoint(30, 40), "original_width": 10**6,
+                                                  "original_height": 10**6}]})
+    assert answer.status_code == 422 and "MAX_IMAGE_PIXELS" in answer.json["error"]
+
+
+@pytest.mark.parametrize("number", ["1" + "0" * 400, "1e400", "-1e400", "Infinity", "NaN", "1e300"])
+def test_huge_or_non_finite_coordinates_get_422(client, image, number) -> None:
+    body = json.dumps({"tasks": [{"id": 1, "data": {"img": data_uri(image)}}], "label_config": CONFIG,
+                       "params": {"context": {"result": [keypoint(12345, 40)]}}}).replace("12345", number)
+    answer = client.post("/predict", data=body, content_type="application/json")
+    assert answer.status_code == 422 and "finite" in answer.json["error"], answer.json
 
 
 def test_training_routes_answer_instead_of_500(client) -> None:
@@ -142,7 +291,8 @@ def test_status_route_reports_sam_trimap_and_training(client) -> None:
 
 def test_health_reports_sam_and_trimap_model(client) -> None:
     health = client.get("/health").json
-    assert health["sam"]["state"] == "ready" and health["sam"]["source"] == "tiny"
+    assert health["sam"] == {"state": "ready"}
+    assert client.get("/status").json["sam"]["source"] == "tiny"  # the details are for authenticated callers
     assert health["trimap_model_version"] is None
 
 
@@ -189,7 +339,11 @@ def test_warmup_embeds_a_projects_images_in_the_background(settings, engine) -> 
 
 @pytest.mark.parametrize("body,words", [
     ({"project": "one"}, "project id"),
+    ({"project": "\u0661"}, "project id"),
     ({"project": 1, "limit": 0}, "limit"),
+    ({"project": 1, "limit": 10**9}, "MAX_WARMUP_TASKS"),
+    ({"project": 1, "limit": True}, "limit"),
+    ({"tasks": [{}] * 1001, "label_config": CONFIG}, "MAX_WARMUP_TASKS"),
     ({}, "tasks"),
     ({"tasks": [], "label_config": "<View/>"}, "Image"),
 ])

@@ -21,7 +21,14 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 COMPOSE = REPO / "docker" / "docker-compose.yml"
-ENV = {"LABEL_STUDIO_API_KEY": "0123456789abcdef0123456789abcdef01234567", "LABEL_STUDIO_PASSWORD": "secret"}
+ENV = {"LABEL_STUDIO_API_KEY": "0123456789abcdef0123456789abcdef01234567", "LABEL_STUDIO_PASSWORD": "secret",
+       "BASIC_AUTH_USER": "label-studio", "BASIC_AUTH_PASS": "backend-secret"}
+# Label Studio 1.23.2's default banned networks (core/utils/io.py validate_ip), which its SSRF protection uses.
+LABEL_STUDIO_BANNED = (
+    "0.0.0.0/8 10.0.0.0/8 100.64.0.0/10 127.0.0.0/8 169.254.0.0/16 172.16.0.0/12 192.0.0.0/24 192.0.2.0/24 "
+    "192.88.99.0/24 192.168.0.0/16 198.18.0.0/15 198.51.100.0/24 203.0.113.0/24 224.0.0.0/4 233.252.0.0/24 "
+    "240.0.0.0/4 255.255.255.255/32 ::/128 ::1/128 ::ffff:0:0/96 ::ffff:0:0:0/96 64:ff9b::/96 64:ff9b:1::/48 "
+    "100::/64 2001:0000::/32 2001:20::/28 2001:db8::/32 2002::/16 fc00::/7 fe80::/10 ff00::/8").split()
 
 
 def compose_command() -> list[str] | None:
@@ -36,7 +43,7 @@ def compose_config(env: dict[str, str]) -> subprocess.CompletedProcess:
     command = compose_command()
     if command is None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed")
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "RETRAIN_"))}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "RETRAIN_", "BASIC_AUTH_"))}
     return subprocess.run([*command, "-f", str(COMPOSE), "config"], capture_output=True, text=True,
                           env={**clean, **env}, cwd=REPO / "docker", timeout=120)
 
@@ -63,9 +70,43 @@ def test_compose_config_is_accepted_and_wires_the_services():
 
 
 def test_compose_refuses_to_start_without_the_key():
-    result = compose_config({"LABEL_STUDIO_PASSWORD": "secret"})
+    result = compose_config({k: v for k, v in ENV.items() if k != "LABEL_STUDIO_API_KEY"})
     assert result.returncode != 0
     assert "LABEL_STUDIO_API_KEY" in result.stderr
+
+
+@pytest.mark.parametrize("missing", ["BASIC_AUTH_USER", "BASIC_AUTH_PASS"])
+def test_compose_refuses_to_start_the_backend_without_basic_auth(missing):
+    result = compose_config({k: v for k, v in ENV.items() if k != missing})
+    assert result.returncode != 0 and missing in result.stderr
+
+
+def test_backend_is_published_on_loopback_only_and_label_studio_keeps_ssrf_protection():
+    import ipaddress
+
+    services = yaml.safe_load(compose_config(ENV).stdout)["services"]
+    for port in services["backend"].get("ports", []):
+        published = port if isinstance(port, str) else f"{port.get('host_ip', '')}:{port.get('published')}"
+        assert published.startswith("127.0.0.1:"), f"backend published beyond loopback: {port}"
+    for name in ("redis", "worker"):
+        assert not services[name].get("ports"), f"{name} must not be published"
+    env = services["label-studio"]["environment"]
+    assert env["SSRF_PROTECTION_ENABLED"] == "true" and env["ML_BLOCK_LOCAL_IP"] == "true"
+    backend_ip = ipaddress.ip_address(services["backend"]["networks"]["ml"]["ipv4_address"])
+    banned = [ipaddress.ip_network(n) for n in env["USER_ADDITIONAL_BANNED_SUBNETS"].split(",")]
+    if env.get("USE_DEFAULT_BANNED_SUBNETS", "true") != "false":
+        banned += [ipaddress.ip_network(n) for n in LABEL_STUDIO_BANNED]
+    assert not any(backend_ip in network for network in banned), "Label Studio could not reach the backend"
+    # Narrowest: every address Label Studio bans by default stays banned, except the backend's one.
+    for default in map(ipaddress.ip_network, LABEL_STUDIO_BANNED):
+        rest = [default] if backend_ip not in default else list(default.address_exclude(
+            ipaddress.ip_network(f"{backend_ip}/32")))
+        for part in rest:
+            assert any(part.subnet_of(network) for network in banned if network.version == part.version), part
+    for name in ("backend", "worker"):
+        environment = services[name]["environment"]
+        assert environment.get("ALLOW_UNAUTHENTICATED", "false") != "true"
+    assert services["backend"]["environment"]["BASIC_AUTH_PASS"] == ENV["BASIC_AUTH_PASS"]
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:

@@ -108,6 +108,7 @@ class Backends:
             **os.environ, "PYTHONPATH": str(REPO), "HOST": "127.0.0.1", "THREADS": "4", "LOG_LEVEL": "INFO",
             "SAM_MODEL": str(tiny_sam_preset), "MODEL_DIR": str(tmp_path / "models"),
             "IMAGE_CACHE_DIR": str(tmp_path / "image-cache"), "LABEL_STUDIO_URL": label_studio.url,
+            "EMBEDDING_STORE_DIR": str(tmp_path / "embeddings"),  # not the user's: a known image would skip the click
             "LABEL_STUDIO_API_KEY": "0123456789abcdef0123456789abcdef01234567", "DOWNLOAD_TIMEOUT_S": "60",
         }
 
@@ -142,7 +143,7 @@ def get(server: Server, path: str) -> requests.Response | None:
         return None
 
 
-def wait_ready(server: Server, timeout_s: float = 120) -> None:
+def wait_ready(server: Server, timeout_s: float = 400) -> None:  # a loaded 2-core machine is slow
     def ready() -> bool:
         if server.process.poll() is not None:
             raise AssertionError(f"backend exited with {server.process.returncode}:\n"
@@ -266,7 +267,7 @@ def run_healthchecks(server: Server) -> dict[str, int]:
 
 def test_ready_and_the_healthchecks_fail_while_sam_failed_to_load_but_health_stays_up(backends: Backends) -> None:
     server = backends.start(SAM_MODEL=str(backends.tmp_path / "no-such-model.pth"))
-    wait_for(lambda: (a := get(server, "/health")) is not None and a.json()["sam"]["state"] == "failed", 120,
+    wait_for(lambda: (a := get(server, "/health")) is not None and a.json()["sam"]["state"] == "failed", 400,
              "SAM to fail", server.log)
     assert get(server, "/health").status_code == 200  # Label Studio can still connect and pre-annotate
     ready = get(server, "/ready")

@@ -389,3 +389,19 @@ def test_an_image_another_process_is_encoding_is_awaited_outside_the_encode_gate
     waiting.join(30)
     assert answer and engine.images_encoded == 0
     np.testing.assert_allclose(np.asarray(answer[0].features), np.asarray(expected.features), atol=1e-6)
+
+
+def test_relative_urls_of_two_label_studio_servers_never_share_an_entry() -> None:
+    """The same /data/upload/ path on another Label Studio is another image: no embedding key is reused."""
+    from ml_backend.embeddings.urls import REMOTE, UrlIndex
+
+    origin = {"url": "http://ls-a:8080"}
+    index = UrlIndex(lambda url: None, ttl_s=60, origin=lambda: origin["url"])
+    index.remember("/data/upload/1/cat.png", "key-of-a", REMOTE)
+    assert index.lookup("/data/upload/1/cat.png", REMOTE) == "key-of-a"
+    origin["url"] = "http://ls-b:8080"
+    assert index.lookup("/data/upload/1/cat.png", REMOTE) is None
+    index.remember("/data/upload/1/cat.png", "key-of-b", REMOTE)
+    assert index.lookup("/data/upload/1/cat.png", REMOTE) == "key-of-b"
+    origin["url"] = "http://ls-a:8080"
+    assert index.lookup("/data/upload/1/cat.png", REMOTE) == "key-of-a"

@@ -53,6 +53,7 @@ def test_webhooks_count_then_start_and_status_shows_it(app_and_runtime, gated: G
 
 def test_malformed_webhooks_get_clear_answers(app_and_runtime):
     client, _ = app_and_runtime
-    assert client.post("/webhook", data="nope").status_code == 400
+    assert client.post("/webhook", data="nope").status_code == 415  # JSON bodies only
+    assert client.post("/webhook", data="nope", content_type="application/json").status_code == 400
     answer = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "annotation": {"result": BRUSH}})
     assert answer.status_code == 200 and "no project id" in answer.json["reason"]

@@ -58,7 +58,7 @@ def load_worker_context(settings=None) -> WorkerContext:
         if engine.store is None:
             raise EmbeddingJobError("an embedding worker needs EMBEDDING_STORE_DIR (and EMBEDDING_STORE_MB > 0)")
         images = ImageLoader(settings)
-        url_index = UrlIndex(images.local_file, ttl_s=settings.url_key_ttl_s)
+        url_index = UrlIndex(images.local_file, ttl_s=settings.url_key_ttl_s, origin=lambda: settings.label_studio_url)
         url_index.store = engine.store
         _context = WorkerContext(settings, images, engine, url_index)
     return _context

@@ -20,6 +20,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from ml_backend.security import limits
+
 logger = logging.getLogger(__name__)
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
@@ -66,16 +68,10 @@ class _Project:
 
 
 def project_id(value: object) -> int | None:
-    """Label Studio's project id from ``3``, ``"3"`` or ``"3.1732800000"`` (what /setup and /predict send)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if value > 0 else None
-    if isinstance(value, str):
-        head = value.split(".", 1)[0].strip()
-        if head.isdigit() and 0 < len(head) <= 12:
-            return int(head)
-    return None
+    """Label Studio's project id from ``3``, ``"3"`` or ``"3.1732800000"`` (what /setup and /predict send),
+    by the one rule for project ids (:func:`ml_backend.security.limits.project_id`); 0 is none."""
+    key = limits.project_id(value)
+    return int(key) if key is not None and key != "0" else None
 
 
 class PreEncodeScheduler:

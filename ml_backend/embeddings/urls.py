@@ -6,7 +6,8 @@ read: a local file's mtime and size (checked on every lookup: one ``stat``); a `
 URI is its own content. For http(s) URLs nothing cheap is known without a request, so
 their entries expire after ``ttl_s`` and the image is read again (which also refreshes
 the mapping). Entries live in memory and, when there is a store, on disk for the other
-processes.
+processes. A relative URL (``/data/upload/...``) is remembered under the Label Studio
+origin it was read from, so two Label Studio servers' same paths never share an entry.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ REMOTE = ""  # no validator: trust the entry for ttl_s
 
 
 class UrlIndex:
-    def __init__(self, local_file: Callable[[str], Path | None], *, ttl_s: float) -> None:
+    def __init__(self, local_file: Callable[[str], Path | None], *, ttl_s: float,
+                 origin: Callable[[], str] = lambda: "") -> None:
         self._local_file = local_file
+        self._origin = origin  # Label Studio's URL, which relative task URLs are read from
         self.ttl_s = ttl_s
         self.store = None  # the engine's EmbeddingStore once SAM is loaded
         self._memory: ByteBoundedLRU[tuple[str, str, float]] = ByteBoundedLRU(MEMORY_ENTRIES, lambda entry: 1)
@@ -54,6 +57,7 @@ class UrlIndex:
         """The pixel key last seen for ``url`` if it still holds, else None."""
         if validator is None:
             return None
+        url = self._scoped(url)
         entry = self._memory.get(_memory_key(url))
         if entry is None and self.store is not None:
             entry = self.store.get_url(url)
@@ -72,10 +76,14 @@ class UrlIndex:
     def remember(self, url: str, key: str, validator: str | None) -> None:
         if validator is None:
             return
+        url = self._scoped(url)
         entry = (key, validator, time.time())
         self._memory.put(_memory_key(url), entry)
         if self.store is not None:
             self.store.put_url(url, key, validator, entry[2])
+
+    def _scoped(self, url: str) -> str:
+        return f"{self._origin()}{url}" if url.startswith("/") else url
 
 
 def _memory_key(url: str) -> str:

@@ -19,16 +19,12 @@ class MaskFormatError(BackendError, ValueError):
 def check_mask_size(width: object, height: object, *, max_pixels: int, what: str = "A mask") -> tuple[int, int]:
     """(width, height) as ints when both are positive whole numbers and width·height <= ``max_pixels``.
 
+    The rule is :func:`ml_backend.security.limits.declared_mask_size` (what a request may hold);
     ``what`` names the offending region in the message. Raises :class:`MaskFormatError` otherwise.
     """
-    if isinstance(width, float) and width.is_integer():
-        width = int(width)
-    if isinstance(height, float) and height.is_integer():
-        height = int(height)
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (width, height)):
-        raise MaskFormatError(f"{what} has no valid size: width and height must be positive whole numbers, "
-                              f"got {width!r}x{height!r}.")
-    if width * height > max_pixels:
-        raise MaskFormatError(f"{what} declares {width}x{height} = {width * height} pixels, more than "
-                              f"MAX_IMAGE_PIXELS={max_pixels}.")
-    return width, height
+    from ml_backend.security.limits import RequestLimitError, declared_mask_size
+
+    try:
+        return declared_mask_size(width, height, max_pixels=max_pixels, what=what)
+    except RequestLimitError as exc:
+        raise MaskFormatError(exc.message) from None

@@ -65,12 +65,18 @@ def result_type_of(item: object) -> str | None:
 
 
 def region_labels(item: dict) -> list:
-    """The labels of a mask region (``brushlabels``/``bitmasklabels``/``polygonlabels``), [] when none."""
+    """The labels of a mask region (``brushlabels``/``bitmasklabels``/``polygonlabels``), [] when none;
+    :class:`MaskFormatError` when they are not a list of names (``brushlabels: 5``)."""
     value = item.get("value") if isinstance(item, dict) else None
     if not isinstance(value, dict):
         return []
-    labels = value.get(result_type_of(item) or "")
-    return labels if isinstance(labels, list) else []
+    key = result_type_of(item) or ""
+    labels = value.get(key)
+    if labels is None:
+        return []
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise MaskFormatError(f"Region {str(item.get('id', '?'))[:40]}: {key} must be a list of label names.")
+    return labels
 
 
 def declared_size(item: dict, *, max_pixels: int) -> tuple[int, int]:

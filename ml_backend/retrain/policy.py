@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ml_backend.retrain.spec import MIN_USABLE_PAIRS
 from ml_backend.retrain.state import ProjectState
+from ml_backend.security.limits import project_id
 from ml_backend.settings import Settings
 from ml_backend.trimaps import has_mask_result, is_accepted
 
@@ -18,27 +19,15 @@ ANNOTATION_EVENTS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNO
 DELETION_EVENTS = frozenset({"ANNOTATION_DELETED", "ANNOTATIONS_DELETED"})
 
 
-PROJECT_ID_MAX = 2**63 - 1
-
-
 def project_key(value: object) -> int | None:
     """A project's canonical id from a webhook's ``project`` (object or id) or ``/setup``'s ``"<id>.<ts>"``.
 
-    ``"01"``, ``1`` and ``"1.1700000000"`` are the same project; negative, boolean, empty or
-    out-of-range values are no project.
+    The rule is :func:`ml_backend.security.limits.project_id`: ``"01"``, ``1`` and ``"1.1700000000"`` are
+    the same project; negative, boolean, empty, out-of-range values and other scripts' digits (``"١"``)
+    are no project.
     """
-    if isinstance(value, dict):
-        value = value.get("id")
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, str):
-        head = value.strip().split(".", 1)[0]
-        if not head.isdigit():
-            return None
-        value = int(head)  # also reads other scripts' digits ("١"), as Python's int() does
-    if isinstance(value, int) and 0 <= value <= PROJECT_ID_MAX:
-        return value
-    return None
+    key = project_id(value)
+    return None if key is None else int(key)
 
 
 def _annotations(payload: dict) -> list:

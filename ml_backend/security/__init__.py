@@ -1,4 +1,9 @@
 """Trust boundaries: each module here holds one kind of security rule, and nothing else decides it.
 
 * :mod:`ml_backend.security.urls`: where a URL goes, and whether it may carry Label Studio's token.
+* :mod:`ml_backend.security.auth`: who may call the backend (basic auth, the webhook secret, exposure).
+* :mod:`ml_backend.security.limits`: what a request may hold (sizes, counts, numbers, project ids).
+* :mod:`ml_backend.security.webhooks`: the webhook secret installed on Label Studio's side.
+
+SECURITY.md at the repository root states the threat model and the rules.
 """

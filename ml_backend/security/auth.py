@@ -1,0 +1,135 @@
+"""Who may call the backend: the exposure rule at start-up, basic auth, and the webhook secret.
+
+Rules (SECURITY.md):
+
+* The backend refuses to start on a non-loopback ``HOST`` unless ``BASIC_AUTH_USER``/``BASIC_AUTH_PASS``
+  are set or ``ALLOW_UNAUTHENTICATED=true`` says that serving without authentication is deliberate.
+* With basic auth set, every route but ``/health`` needs the credentials. The one exception is
+  ``/webhook``, which also accepts the webhook secret in :data:`SECRET_HEADER`: Label Studio 1.23.2
+  sends no credentials on the deliveries of the webhook it registers for the backend, so the backend
+  adds that header to its own webhook (:mod:`ml_backend.security.webhooks`).
+* Only an authenticated caller may tell the backend where Label Studio is and which token to use
+  (``/setup``'s ``hostname`` and ``access_token``); without basic auth no caller is authenticated,
+  so ``LABEL_STUDIO_URL``/``LABEL_STUDIO_API_KEY`` must be set.
+
+Credentials are compared as bytes with :func:`hmac.compare_digest`; a header that is not valid
+base64 of UTF-8 ``user:password`` is simply not authenticated (401), never an error.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import ipaddress
+from collections.abc import Mapping
+
+from ml_backend.settings import Settings, SettingsError
+
+SECRET_HEADER = "X-ML-Backend-Secret"
+PUBLIC_PATHS = frozenset({"/health", "/ready"})  # states only, for Label Studio and healthchecks
+WEBHOOK_PATH = "/webhook"
+_SECRET_CONTEXT = b"sam-trimap-backend webhook secret v1"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether gunicorn bound to ``host`` is reachable from this machine only."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(settings: Settings) -> None:
+    """Refuse to serve an unauthenticated backend beyond loopback unless told so explicitly."""
+    if is_loopback(settings.host) or settings.basic_auth or settings.allow_unauthenticated:
+        return
+    raise SettingsError(
+        f"HOST={settings.host} makes the backend reachable from other machines, and without authentication "
+        "anyone who reaches it can use Label Studio's token through it. Either set BASIC_AUTH_USER and "
+        "BASIC_AUTH_PASS (and choose Basic Auth with the same user and password in Label Studio's model "
+        "settings), or set ALLOW_UNAUTHENTICATED=true to serve without authentication on purpose "
+        "(e.g. on a private network only Label Studio can reach). HOST=127.0.0.1 serves this machine only."
+    )
+
+
+def webhook_secret(settings: Settings) -> str | None:
+    """The value Label Studio's webhook deliveries must carry in :data:`SECRET_HEADER`.
+
+    ``WEBHOOK_SECRET`` when set; else derived from the basic-auth credentials (so every worker and
+    every restart agrees without more configuration, and it changes when the password does); None
+    without basic auth (nothing is authenticated then).
+    """
+    if not settings.basic_auth:
+        return None
+    if settings.webhook_secret:
+        return settings.webhook_secret
+    key = f"{settings.basic_auth_user}:{settings.basic_auth_pass}".encode()
+    return hmac.new(key, _SECRET_CONTEXT, hashlib.sha256).hexdigest()
+
+
+def _equal(given: bytes, expected: str) -> bool:
+    """Constant-time comparison with ``expected`` as UTF-8 or as Latin-1 bytes.
+
+    requests (and so Label Studio) encodes basic-auth credentials as Latin-1, curl and browsers
+    as UTF-8: a non-ASCII password must work from both.
+    """
+    encodings = [expected.encode("utf-8")]
+    try:
+        encodings.append(expected.encode("latin-1"))
+    except UnicodeEncodeError:
+        pass
+    matches = [hmac.compare_digest(given, candidate) for candidate in encodings]
+    return any(matches)
+
+
+def basic_credentials(header: str | None) -> tuple[bytes, bytes] | None:
+    """(user, password) bytes from an ``Authorization: Basic`` header; None when absent or malformed."""
+    if not header:
+        return None
+    scheme, _, encoded = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip().encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error, ValueError):
+        return None
+    user, colon, password = decoded.partition(b":")
+    return (user, password) if colon else None
+
+
+class Authenticator:
+    """Decides, per request, whether the caller proved it is Label Studio (or its operator)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.required = settings.basic_auth
+        self._user = settings.basic_auth_user
+        self._password = settings.basic_auth_pass
+        self._secret = webhook_secret(settings)
+
+    def authenticated(self, path: str, headers: Mapping[str, str]) -> bool:
+        """Valid basic-auth credentials, or (on ``/webhook`` only) the webhook secret."""
+        if not self.required:
+            return False
+        credentials = basic_credentials(headers.get("Authorization"))
+        if credentials is not None:
+            user_ok = _equal(credentials[0], self._user)
+            password_ok = _equal(credentials[1], self._password)
+            if user_ok and password_ok:
+                return True
+        if path == WEBHOOK_PATH and self._secret is not None:
+            given = headers.get(SECRET_HEADER)
+            if given is not None:
+                try:
+                    return _equal(given.encode("latin-1"), self._secret)
+                except UnicodeEncodeError:
+                    return False
+        return False
+
+    def may_pass(self, path: str, authenticated: bool) -> bool:
+        """Whether the request may reach its view."""
+        return authenticated or not self.required or path in PUBLIC_PATHS
