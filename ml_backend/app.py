@@ -149,7 +149,7 @@ class BackendViews:
 
     def preannotate(self) -> tuple[Response, int]:
         """Pre-annotate a whole project in the background: ``{"project": id}``; progress on ``/status``."""
-        project = _json_body().get("project")
+        project = self._json().get("project")
         if not isinstance(project, int) or isinstance(project, bool) or project < 1:
             raise BackendError("'project' must be a Label Studio project id (a positive number).")
         return jsonify(self.runtime.preannotation_jobs.start(project)), 202

@@ -135,7 +135,7 @@ def test_with_redis_an_rq_worker_does_the_encoding(label_studio: LabelStudio, ba
                               stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **env})
     try:
         web = backend_factory(**{k: v for k, v in env.items() if k != "IMAGE_CACHE_DIR"}, PREENCODE_EXECUTOR="rq")
-        created = label_studio.ok("POST", "/api/projects", json={"title": "rq", "label_config": LABEL_CONFIG})
+        created = label_studio.ok("POST", "/api/projects", json={"title": "rq-encoding", "label_config": LABEL_CONFIG})
         task_ids = import_images(label_studio, created["id"], range(20, 23))
         ml = label_studio.ok("POST", "/api/ml", json={"url": web.url, "project": created["id"],
                                                       "is_interactive": True, "title": "sam"})

@@ -85,7 +85,7 @@ def setup(e2e_dir: Path, label_studio: LabelStudio, backend_factory, redis_serve
     # Training starts once every accepted annotation is in (no race between the export and the posts);
     # 64 px and enough epochs for the random base to learn the bright objects.
     env = {"REDIS_URL": redis_server, "MODEL_DIR": str(model_dir), "RETRAIN_MIN_ANNOTATIONS": str(ACCEPTED),
-           "RETRAIN_MIN_INTERVAL_MIN": "0", "RETRAIN_IMAGE_SIZE": str(TRAIN_SIZE), "RETRAIN_EPOCHS": "40",
+           "RETRAIN_MIN_INTERVAL_MIN": "0", "RETRAIN_IMAGE_SIZE": str(TRAIN_SIZE), "RETRAIN_EPOCHS": "25",
            "RETRAIN_BATCH_SIZE": "2", "BASE_MODEL": str(base), "BOUNDARY_WIDTH": "1", "MIN_MASK_AREA": "4"}
     backend = backend_factory(**env)
     workers, logs = [], []
@@ -177,7 +177,7 @@ def test_two_projects_train_their_own_models_and_a_third_is_served_by_the_base(l
     done = {}
     for project in (discs, squares):
         state = wait_for(lambda p=project: (s := status(backend, p["id"]))["last"] and not s["is_training"] and s,
-                         600, f"project {project['id']}'s training", setup["worker_log"])
+                         1500, f"project {project['id']}'s training", setup["worker_log"])
         last = state["last"]
         assert last["status"] == "succeeded", last
         assert last["export"]["written"] == ACCEPTED and last["usable"] == ACCEPTED
@@ -210,7 +210,7 @@ def test_two_projects_train_their_own_models_and_a_third_is_served_by_the_base(l
     running = status(backend, discs["id"])
     assert running["is_training"] and running["follow_up_queued"] and running["reason"] == "START_TRAINING"
     state = wait_for(lambda: (s := status(backend, discs["id"]))["trainings"] == 3 and not s["is_training"] and s,
-                     600, "the two further jobs", setup["worker_log"])
+                     1500, "the two further jobs", setup["worker_log"])
     first, second, third = state["history"]
     assert [second["reason"], third["status"]] == ["START_TRAINING", "succeeded"] and "follow-up" in third["reason"]
     if first["promoted"]:  # fine-tuned from what was current
