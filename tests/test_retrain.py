@@ -70,7 +70,7 @@ def make(tmp_path: Path, **env: str):
 
 
 def settle(retrainer) -> None:
-    retrainer.executor.join(30)
+    retrainer.executor.join(300)  # a fit on a loaded 2-core machine can take minutes
 
 
 def test_threshold_starts_one_job_and_webhook_returns_before_it_ends(tmp_path, gated):
@@ -206,6 +206,7 @@ def test_in_process_jobs_train_then_fine_tune_from_the_current_version(tmp_path)
     """The real job body: export from a (stand-in) Label Studio, fit, promote; the second run fine-tunes."""
     from fake_label_studio import TOKEN, fake_label_studio
 
+    from training.layout import project_store_dir
     from training.store import ModelStore
 
     with fake_label_studio(n_tasks=5) as ls:
@@ -213,7 +214,7 @@ def test_in_process_jobs_train_then_fine_tune_from_the_current_version(tmp_path)
                                       "RETRAIN_EPOCHS": "1", "RETRAIN_BATCH_SIZE": "4",
                                       "IMAGE_CACHE_DIR": str(tmp_path / "cache")})
         retrainer = build_retrainer(settings, lambda: (ls.url, TOKEN), tick_s=0)
-        store = ModelStore(tmp_path / "models")
+        store = ModelStore(project_store_dir(tmp_path / "models", 1))
         assert retrainer.on_webhook("START_TRAINING", {"project": {"id": 1}})["status"] == "started"
         settle(retrainer)
         first = retrainer.status("1")["last"]
