@@ -385,6 +385,6 @@ def test_an_exposed_backend_without_authentication_refuses_to_start(tmp_path) ->
     for host in ("0.0.0.0", "::", "192.0.2.7"):
         result = subprocess.run([sys.executable, "-m", "ml_backend", "serve"], env={**env, "HOST": host,
                                 "PORT": str(free_port()), "MODEL_DIR": str(tmp_path)},
-                                cwd=REPO, capture_output=True, text=True, timeout=60)
+                                cwd=REPO, capture_output=True, text=True, timeout=300)
         assert result.returncode == 2
         assert "BASIC_AUTH_USER" in result.stderr and "ALLOW_UNAUTHENTICATED=true" in result.stderr
