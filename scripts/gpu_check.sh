@@ -5,5 +5,5 @@
 # row fails. On a GPU host install a CUDA torch first (TORCH_SPEC, see README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh --test >&2
+[ -x .venv/bin/python ] && [ -x .venv-ls/bin/label-studio ] || bash scripts/install.sh --test >&2
 exec .venv/bin/python -m benchmarks.gpu_check "$@"
