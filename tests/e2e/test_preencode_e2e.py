@@ -78,7 +78,7 @@ def connected(label_studio: LabelStudio, preencoding_backend: Backend) -> dict:
 
 def test_connecting_a_project_encodes_its_images(preencoding_backend: Backend, connected: dict) -> None:
     progress = wait_for(lambda: (p := project_progress(preencoding_backend, connected["id"])).get("done") == 3 and p,
-                        60, "three images pre-encoded", log=preencoding_backend.log)
+                        300, "three images pre-encoded", log=preencoding_backend.log)
     assert progress == {"total": 3, "queued": 0, "running": 0, "done": 3, "failed": 0}
     current = status(preencoding_backend)
     assert current["sam"]["images_encoded"] == 3
@@ -88,7 +88,7 @@ def test_connecting_a_project_encodes_its_images(preencoding_backend: Backend, c
 
 def test_a_click_on_a_pre_encoded_task_does_not_encode(label_studio: LabelStudio, preencoding_backend: Backend,
                                                        connected: dict) -> None:
-    wait_for(lambda: project_progress(preencoding_backend, connected["id"]).get("done") == 3, 60, "pre-encoded")
+    wait_for(lambda: project_progress(preencoding_backend, connected["id"]).get("done") == 3, 300, "pre-encoded")
     before = status(preencoding_backend)["sam"]["images_encoded"]
     answer = label_studio.ok("POST", f"/api/ml/{connected['ml']}/interactive-annotating",
                              json={"task": connected["tasks"][1], "context": {"result": [keypoint()]}})
@@ -100,7 +100,7 @@ def test_a_click_on_a_pre_encoded_task_does_not_encode(label_studio: LabelStudio
 
 def test_tasks_created_later_are_encoded_as_they_arrive(label_studio: LabelStudio, preencoding_backend: Backend,
                                                          connected: dict) -> None:
-    wait_for(lambda: project_progress(preencoding_backend, connected["id"]).get("done") == 3, 60, "pre-encoded")
+    wait_for(lambda: project_progress(preencoding_backend, connected["id"]).get("done") == 3, 300, "pre-encoded")
     import_images(label_studio, connected["id"], range(10, 12))  # Label Studio sends TASKS_CREATED
     wait_for(lambda: project_progress(preencoding_backend, connected["id"]).get("done") == 5, 60,
              "the two new images pre-encoded", log=preencoding_backend.log)
@@ -110,7 +110,7 @@ def test_tasks_created_later_are_encoded_as_they_arrive(label_studio: LabelStudi
 def test_a_second_backend_sharing_the_store_serves_without_encoding(label_studio: LabelStudio, backend_factory,
                                                                      preencoding_backend: Backend, store_dir: Path,
                                                                      connected: dict) -> None:
-    wait_for(lambda: project_progress(preencoding_backend, connected["id"]).get("done") == 3, 60, "pre-encoded")
+    wait_for(lambda: project_progress(preencoding_backend, connected["id"]).get("done") == 3, 300, "pre-encoded")
     second = backend_factory(EMBEDDING_STORE_DIR=str(store_dir), PREENCODE="false")
     tasks = label_studio.ok("GET", f"/api/tasks?project={connected['id']}&page_size=100")["tasks"]
     for task in tasks[:3]:
