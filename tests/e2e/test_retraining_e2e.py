@@ -152,6 +152,7 @@ def check_content(kind: str, found: list[dict], indices: list[int], version: str
     assert np.mean(ious) > np.mean(trivial), (ious, trivial)
 
 
+@pytest.mark.timeout(3000)  # four fits and a base model; minutes on a quiet machine, far more when shared
 def test_two_projects_train_their_own_models_and_a_third_is_served_by_the_base(label_studio: LabelStudio,
                                                                                 setup) -> None:
     backend: Backend = setup["backend"]
