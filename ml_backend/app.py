@@ -100,7 +100,10 @@ class BackendViews:
         if event == "TASKS_CREATED" and self.runtime.settings.sam3_on_import:
             project = data.get("project", {}).get("id") if isinstance(data.get("project"), dict) else None
             if isinstance(project, int) and not isinstance(project, bool) and self.runtime.concepts is not None:
-                self.runtime.preannotation_jobs.start(project)  # new tasks get SAM 3 predictions in the background
+                try:  # new tasks get SAM 3 predictions in the background
+                    self.runtime.preannotation_jobs.start(project)
+                except BackendError as exc:  # Redis down: the webhook still answers; /preannotate can start it later
+                    logger.warning("SAM 3 pre-annotation of project %s not started: %s", project, exc.message)
         return jsonify(answer), 200
 
     def train(self) -> tuple[Response, int]:

@@ -278,16 +278,31 @@ class Runtime:
 
     # --- SAM 3 concept pre-annotation (sam3) ------------------------------------
     def _build_concept_preannotation(self, sam3_engine) -> None:
-        from ml_backend.sam3.job import JobContext, ProjectPreannotationJobs
+        """Project jobs on RQ workers when ``REDIS_URL`` is set (:mod:`ml_backend.sam3.rq_jobs`), else on a
+        thread of this process (:class:`ml_backend.sam3.job.ProjectPreannotationJobs`)."""
         from ml_backend.sam3.preannotate import ConceptPreannotator
         from ml_backend.sam3.service import Sam3Service
 
         self.sam3 = Sam3Service(self.settings, sam3_engine) if self.settings.preannotate != "trimap" else None
         self.concepts = ConceptPreannotator(self.settings, self.sam3.engine) if self.sam3 else None
-        self.preannotation_jobs = ProjectPreannotationJobs(
-            JobContext(access=lambda: (self.access.url, self.access.token), predict=self._job_prediction,
-                       model_version=self.batch_model_version, background_slot=self._background_slot),
-            self.settings.model_dir / "sam3-jobs.json")
+        if self.settings.redis_url:
+            from ml_backend.retrain.jobs import redis_connection
+            from ml_backend.sam3.rq_jobs import RQProjectJobs
+
+            self.preannotation_jobs = RQProjectJobs(redis_connection(self.settings.redis_url, fail_fast=True),
+                                                    lambda: (self.access.url, self.access.token))
+        else:
+            from ml_backend.sam3.job import ProjectPreannotationJobs
+
+            self.preannotation_jobs = ProjectPreannotationJobs(self.job_context(),
+                                                               self.settings.model_dir / "sam3-jobs.json")
+
+    def job_context(self):
+        """What a project job needs from this process (the thread here, or an RQ worker's own runtime)."""
+        from ml_backend.sam3.job import JobContext
+
+        return JobContext(access=lambda: (self.access.url, self.access.token), predict=self._job_prediction,
+                          model_version=self.batch_model_version, background_slot=self._background_slot)
 
     def batch_model_version(self, project: int | None = None) -> str:
         """The model version of a project's batch predictions under PREANNOTATE and its trimap version."""

@@ -1,12 +1,17 @@
 """Whole-project SAM 3 pre-annotation in the background, written into Label Studio through its API.
 
-One daemon thread works through a queue of projects. For each: read the project's labeling config, list
-the predictions Label Studio already holds (``GET /api/predictions?project=``), and for every task without
-one from the current model version, predict and ``POST /api/predictions {task, result, score,
-model_version}``. Restarting is safe by construction: the projects still queued or running are kept in a
-small JSON file (``MODEL_DIR/sam3-jobs.json``) and resumed at start-up, and what Label Studio already holds
-is skipped. The thread is the only SAM 3 user besides ``/predict`` and takes each image through the SAM
-encode gate at background priority, so annotators' first clicks go first.
+:func:`run_project` is the per-project work, the same for both executors: read the project's labeling
+config, list the predictions Label Studio already holds (``GET /api/predictions?project=``), and for every
+task without one from the current model version, predict and ``POST /api/predictions {task, result, score,
+model_version}``. Restarting is safe by construction: what Label Studio already holds is skipped.
+
+Two executors run it:
+
+* :class:`ProjectPreannotationJobs` (no ``REDIS_URL``): one daemon thread of the web process works through a
+  queue of projects. The projects still queued or running are kept in a small JSON file
+  (``MODEL_DIR/sam3-jobs.json``) and resumed at start-up. The thread takes each image through the SAM
+  encode gate at background priority, so annotators' first clicks go first.
+* :mod:`ml_backend.sam3.rq_jobs` (``REDIS_URL`` set): RQ workers (``python -m ml_backend.sam3.worker``).
 """
 
 from __future__ import annotations
@@ -50,6 +55,10 @@ class JobContext:
     predict: Callable[[dict, str, int], dict]  # (task, label_config, project) -> {result, score, model_version}
     model_version: Callable[[int], str]  # (project) -> the version its predictions are stamped with
     background_slot: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+
+class JobSuperseded(Exception):
+    """The project was started again elsewhere (its previous run was judged dead): this run stops quietly."""
 
 
 def existing_prediction_tasks(url: str, token: str, project: int, model_version: str) -> set[int]:
@@ -120,7 +129,7 @@ class ProjectPreannotationJobs:
 
     def status(self) -> dict:
         with self._lock:
-            return {"queue": list(self._queue),
+            return {"executor": "thread", "queue": list(self._queue),
                     "projects": {str(p): asdict(progress) for p, progress in self._progress.items()}}
 
     def wait_idle(self, timeout_s: float) -> bool:
@@ -158,41 +167,61 @@ class ProjectPreannotationJobs:
                 self._wake.wait()
                 self._wake.clear()
                 continue
-            progress = self._progress[project]
-            progress.state, progress.started_at = "running", time.time()
-            try:
-                self._run(progress)
-                progress.state = "done"
-            except BackendError as exc:
-                progress.state, progress.error = "failed", exc.message
-                logger.warning("SAM 3 pre-annotation of project %s failed: %s", project, exc.message)
-            except Exception as exc:  # the thread must survive anything one project throws
-                progress.state, progress.error = "failed", f"{exc.__class__.__name__}: {exc}"
-                logger.exception("SAM 3 pre-annotation of project %s failed", project)
-            progress.finished_at = time.time()
+            run_project(self._progress[project], self.context)
             with self._lock:
                 self._save_locked()
 
-    def _run(self, progress: ProjectProgress) -> None:
-        url, token = self.context.access()
-        project = progress.project
-        label_config = (api_get(url, token, f"/api/projects/{project}") or {}).get("label_config")
-        version = progress.model_version = self.context.model_version(project)
-        done = existing_prediction_tasks(url, token, project, version)
-        tasks = list(iter_project_tasks(url, token, project))
-        progress.total = len(tasks)
-        for task in tasks:
-            if task.get("id") in done:
-                progress.skipped += 1
-                continue
-            try:
-                with self.context.background_slot():
-                    prediction = self.context.predict(task, label_config, project)
-            except BackendError as exc:
-                progress.failed += 1
-                logger.warning("project %s task %s: no SAM 3 prediction: %s", project, task.get("id"), exc.message)
-                continue
-            api_request(url, token, "POST", "/api/predictions", json={
-                "task": task["id"], "result": prediction["result"], "score": prediction["score"],
-                "model_version": prediction["model_version"]})
-            progress.written += 1
+
+Report = Callable[[ProjectProgress], None]
+
+
+def run_project(progress: ProjectProgress, context: JobContext, report: Report = lambda progress: None) -> None:
+    """Pre-annotate one project, recording the outcome in ``progress`` (``done`` or ``failed`` with the error).
+
+    ``report`` is called whenever ``progress`` changes (the RQ executor writes it to Redis; it may raise
+    :class:`JobSuperseded`, which is re-raised). Anything else one project throws is recorded, not raised,
+    so the caller (a thread or an RQ worker) survives it.
+    """
+    project = progress.project
+    progress.state, progress.started_at = "running", time.time()
+    try:
+        report(progress)
+        _write_predictions(progress, context, report)
+        progress.state = "done"
+    except JobSuperseded:
+        raise
+    except BackendError as exc:
+        progress.state, progress.error = "failed", exc.message
+        logger.warning("SAM 3 pre-annotation of project %s failed: %s", project, exc.message)
+    except Exception as exc:  # the executor must survive anything one project throws
+        progress.state, progress.error = "failed", f"{exc.__class__.__name__}: {exc}"
+        logger.exception("SAM 3 pre-annotation of project %s failed", project)
+    progress.finished_at = time.time()
+
+
+def _write_predictions(progress: ProjectProgress, context: JobContext, report: Report) -> None:
+    url, token = context.access()
+    project = progress.project
+    label_config = (api_get(url, token, f"/api/projects/{project}") or {}).get("label_config")
+    version = progress.model_version = context.model_version(project)
+    done = existing_prediction_tasks(url, token, project, version)
+    tasks = list(iter_project_tasks(url, token, project))
+    progress.total = len(tasks)
+    report(progress)
+    for task in tasks:
+        if task.get("id") in done:
+            progress.skipped += 1
+            continue
+        try:
+            with context.background_slot():
+                prediction = context.predict(task, label_config, project)
+        except BackendError as exc:
+            progress.failed += 1
+            logger.warning("project %s task %s: no SAM 3 prediction: %s", project, task.get("id"), exc.message)
+            report(progress)
+            continue
+        api_request(url, token, "POST", "/api/predictions", json={
+            "task": task["id"], "result": prediction["result"], "score": prediction["score"],
+            "model_version": prediction["model_version"]})
+        progress.written += 1
+        report(progress)

@@ -1,0 +1,88 @@
+"""``python -m ml_backend.sam3.worker``: an RQ worker that pre-annotates whole projects (queue ``sam-trimap-sam3``).
+
+The web process enqueues a project when ``/preannotate`` (or ``TASKS_CREATED`` with ``SAM3_ON_IMPORT``)
+asks and ``REDIS_URL`` is set; this worker runs :func:`ml_backend.sam3.job.run_project` on it, the same
+loop as the web process's thread, and writes the predictions into Label Studio through its API with the
+URL and token the job carries. It loads SAM 3 once, before taking jobs, and runs them in its own process
+(RQ's ``SimpleWorker``: forking per job would reload SAM 3, and CUDA does not survive a fork). Give it the
+same ``PREANNOTATE``, ``SAM3_*`` and ``MODEL_DIR`` as the web process: they decide the predictions and
+their model version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ml_backend.logs import configure_logging
+from ml_backend.settings import Settings, SettingsError
+
+logger = logging.getLogger(__name__)
+
+LOAD_WAIT_S = 3600.0  # a large checkpoint converted on a slow disk
+
+_runtime = None
+
+
+def load_runtime(settings: Settings | None = None):
+    """This process's runtime (SAM 3 loaded), built once: the same predictor the web process's thread uses."""
+    global _runtime
+    if _runtime is None:
+        from ml_backend.runtime import Runtime
+
+        settings = settings or Settings.from_env()
+        runtime = Runtime(settings)
+        if runtime.sam3 is not None:
+            runtime.sam3.start_loading()
+            runtime.sam3.engine(LOAD_WAIT_S)  # raises the loader's error
+        if runtime.concepts is None and settings.trimap_sam_refine:
+            runtime.start_loading_sam()  # PREANNOTATE=trimap refines its masks with SAM
+        _runtime = runtime
+    return _runtime
+
+
+def worker_context(label_studio_url: str, token: str):
+    """The job context for one job: Label Studio's URL and token as the web process knew them."""
+    from ml_backend.runtime import LabelStudioAccess
+
+    runtime = load_runtime()
+    runtime.access = LabelStudioAccess(label_studio_url or runtime.settings.label_studio_url,
+                                       token or runtime.settings.label_studio_api_key)
+    return runtime.job_context()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ml_backend.sam3.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not settings.redis_url:
+        print("error: REDIS_URL is not set; the SAM 3 worker takes its jobs from Redis", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    from rq import Queue, SimpleWorker
+
+    from ml_backend.errors import BackendError
+    from ml_backend.retrain.jobs import redis_connection
+    from ml_backend.sam3.rq_jobs import QUEUE_NAME
+
+    try:
+        load_runtime(settings)
+    except BackendError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    logger.info("SAM 3 worker on queue %s (PREANNOTATE=%s, SAM3_MODEL=%s)", QUEUE_NAME, settings.preannotate,
+                settings.sam3_model)
+    connection = redis_connection(settings.redis_url)
+    worker = SimpleWorker([Queue(QUEUE_NAME, connection=connection)], connection=connection)
+    worker.work(burst=args.burst)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
