@@ -225,3 +225,32 @@ def test_the_worker_command_needs_redis(tmp_path: Path) -> None:
     answer = subprocess.run([sys.executable, "-m", "ml_backend.sam3.worker", "--burst"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)
     assert answer.returncode == 2 and "REDIS_URL is not set" in answer.stderr
+
+
+@pytest.mark.parametrize("redis_up", [True, False])
+def test_the_app_queues_on_redis_and_answers_clearly_without_it(redis_up: bool, redis_server: str,  # noqa: F811
+                                                                 tmp_path: Path, tiny_segmenter) -> None:
+    import dataclasses
+
+    from ml_backend.app import create_app
+    from ml_backend.runtime import Runtime
+    from ml_backend.sam import SamEngine
+    from ml_backend.settings import Settings
+
+    url = redis_server if redis_up else f"redis://127.0.0.1:{free_port()}/0"
+    Redis.from_url(redis_server).flushdb()
+    settings = dataclasses.replace(Settings(), model_dir=tmp_path / "models", image_cache_dir=tmp_path / "cache",
+                                   preannotate="sam3", sam3_model="/models/sam3-tiny", redis_url=url,
+                                   sam3_on_import=True)
+    runtime = Runtime(settings, engine=SamEngine(tiny_segmenter, source="tiny"), sam3_engine=object())
+    client = create_app(settings, runtime=runtime).test_client()
+    answer = client.post("/preannotate", json={"project": 3})
+    webhook = client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 4}, "tasks": []})
+    assert webhook.status_code == 200  # whether or not Redis answers
+    if redis_up:
+        assert answer.status_code == 202 and answer.get_json()["state"] == "queued"
+        jobs = client.get("/status").get_json()["preannotation_jobs"]
+        assert jobs["executor"] == "rq" and jobs["queue"] == [3, 4]
+        assert Queue(rq_jobs.QUEUE_NAME, connection=Redis.from_url(url)).count == 2
+    else:  # (/status is 503 then: the training state lives in Redis too)
+        assert answer.status_code == 503 and "REDIS_URL" in answer.get_json()["error"]
