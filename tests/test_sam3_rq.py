@@ -17,17 +17,22 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import free_port
 from redis import Redis
+from redis_fixture import redis_server  # noqa: F401  (fixture)
 from rq import Queue, SimpleWorker
 from rq.job import Job
+from test_sam3_job import TOKEN, VERSION, fake_api
 
 from ml_backend.errors import BackendError
-from ml_backend.sam3 import rq_jobs, worker
+from ml_backend.sam3 import rq_jobs
 from ml_backend.sam3.job import JobContext, JobSuperseded, ProjectProgress
-from ml_backend.sam3.rq_jobs import ProgressWriter, RQProjectJobs, owner_key, progress_key
-from processes import free_port
-from redis_fixture import redis_server  # noqa: F401  (fixture)
-from test_sam3_job import TOKEN, VERSION, fake_api
+from ml_backend.sam3.rq_jobs import (
+    ProgressWriter,
+    RQProjectJobs,
+    owner_key,
+    progress_key,
+)
 
 pytestmark = pytest.mark.redis
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +65,7 @@ def _context_for(monkeypatch: pytest.MonkeyPatch, predict=None, seen: list | Non
         return JobContext(access=lambda: (url, token), predict=predict or default_predict,
                           model_version=lambda project: VERSION)
 
-    monkeypatch.setattr(worker, "worker_context", context)
+    monkeypatch.setattr(rq_jobs, "worker_context", context)
 
 
 def test_start_enqueues_once_per_project_whoever_asks(redis: Redis) -> None:
@@ -180,7 +185,7 @@ def test_a_queued_job_that_failed_or_vanished_is_reported_and_started_again(redi
     def broken(url: str, token: str) -> JobContext:
         raise RuntimeError("SAM 3 could not be loaded")
 
-    monkeypatch.setattr(worker, "worker_context", broken)
+    monkeypatch.setattr(rq_jobs, "worker_context", broken)
     jobs = _jobs(redis)
     first = jobs.start(7)["job_id"]
     _run_worker(redis)  # the job fails before it reports any progress

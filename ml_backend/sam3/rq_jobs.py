@@ -32,12 +32,13 @@ from dataclasses import asdict
 from typing import Any
 
 from ml_backend.errors import BackendError
-from ml_backend.sam3.job import JobContext, JobSuperseded, ProjectProgress, run_project
+from ml_backend.sam3.job import JobSuperseded, ProjectProgress, run_project
 
 logger = logging.getLogger(__name__)
 
 QUEUE_NAME = "sam-trimap-sam3"
 PREFIX = "sam-trimap:sam3:"
+LOAD_WAIT_S = 3600.0  # a worker waits this long for SAM 3 to load (a large checkpoint converted on a slow disk)
 JOB_TIMEOUT_S = 24 * 3600  # a whole project on a CPU; RQ stops the job after this
 PROGRESS_TTL_S = 7 * 24 * 3600
 HEARTBEAT_S = 10.0
@@ -230,7 +231,7 @@ class ProgressWriter:
                 self._superseded = True
                 raise JobSuperseded(f"project {self.progress.project} was started again elsewhere")
 
-    def __enter__(self) -> "ProgressWriter":
+    def __enter__(self) -> ProgressWriter:
         threading.Thread(target=self._beat, name=f"sam3-heartbeat-{self.progress.project}", daemon=True).start()
         return self
 
@@ -247,17 +248,48 @@ class ProgressWriter:
                 logger.warning("SAM 3 progress of project %s not written: %s", self.progress.project, exc)
 
 
+_runtime = None
+
+
+def load_runtime(settings=None):
+    """This worker process's runtime (SAM 3 loaded), built once: the same predictor the web process's thread uses.
+
+    Held here, not in the ``__main__`` of ``python -m ml_backend.sam3.worker``, so the jobs find it."""
+    global _runtime
+    if _runtime is None:
+        from ml_backend.runtime import Runtime
+        from ml_backend.settings import Settings
+
+        settings = settings or Settings.from_env()
+        runtime = Runtime(settings)
+        if runtime.sam3 is not None:
+            runtime.sam3.start_loading()
+            runtime.sam3.engine(LOAD_WAIT_S)  # raises the loader's error
+        if runtime.concepts is None and settings.trimap_sam_refine:
+            runtime.start_loading_sam()  # PREANNOTATE=trimap refines its masks with SAM
+        _runtime = runtime
+    return _runtime
+
+
+def worker_context(label_studio_url: str, token: str):
+    """The job context for one job: Label Studio's URL and token as the web process knew them."""
+    from ml_backend.runtime import LabelStudioAccess
+
+    runtime = load_runtime()
+    runtime.access = LabelStudioAccess(label_studio_url or runtime.settings.label_studio_url,
+                                       token or runtime.settings.label_studio_api_key)
+    return runtime.job_context()
+
+
 def run_job(spec: dict[str, Any]) -> dict:
     """RQ's entry point (enqueued by name): pre-annotate one project in this worker; its final progress."""
     from rq import get_current_job
-
-    from ml_backend.sam3.worker import worker_context
 
     job = get_current_job()
     project, job_id = int(spec["project"]), str(spec["job_id"])
     progress = ProjectProgress(project)
     writer = ProgressWriter(job.connection, job_id, progress)
-    context: JobContext = worker_context(spec.get("label_studio_url") or "", spec.get("token") or "")
+    context = worker_context(spec.get("label_studio_url") or "", spec.get("token") or "")
     try:
         with writer:
             run_project(progress, context, writer.write)

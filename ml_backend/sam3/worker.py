@@ -20,37 +20,6 @@ from ml_backend.settings import Settings, SettingsError
 
 logger = logging.getLogger(__name__)
 
-LOAD_WAIT_S = 3600.0  # a large checkpoint converted on a slow disk
-
-_runtime = None
-
-
-def load_runtime(settings: Settings | None = None):
-    """This process's runtime (SAM 3 loaded), built once: the same predictor the web process's thread uses."""
-    global _runtime
-    if _runtime is None:
-        from ml_backend.runtime import Runtime
-
-        settings = settings or Settings.from_env()
-        runtime = Runtime(settings)
-        if runtime.sam3 is not None:
-            runtime.sam3.start_loading()
-            runtime.sam3.engine(LOAD_WAIT_S)  # raises the loader's error
-        if runtime.concepts is None and settings.trimap_sam_refine:
-            runtime.start_loading_sam()  # PREANNOTATE=trimap refines its masks with SAM
-        _runtime = runtime
-    return _runtime
-
-
-def worker_context(label_studio_url: str, token: str):
-    """The job context for one job: Label Studio's URL and token as the web process knew them."""
-    from ml_backend.runtime import LabelStudioAccess
-
-    runtime = load_runtime()
-    runtime.access = LabelStudioAccess(label_studio_url or runtime.settings.label_studio_url,
-                                       token or runtime.settings.label_studio_api_key)
-    return runtime.job_context()
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ml_backend.sam3.worker", description=__doc__.splitlines()[0])
@@ -69,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ml_backend.errors import BackendError
     from ml_backend.retrain.jobs import redis_connection
-    from ml_backend.sam3.rq_jobs import QUEUE_NAME
+    from ml_backend.sam3.rq_jobs import QUEUE_NAME, load_runtime
 
     try:
         load_runtime(settings)
