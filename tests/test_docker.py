@@ -147,6 +147,8 @@ def test_entry_points_exist_in_the_package():
     worker = yaml.safe_load(COMPOSE.read_text())["services"]["worker"]["command"]
     module, args = module_of(worker)
     assert callable(importlib.import_module(module).main)
+    help_text = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO)
+    assert help_text.returncode == 0 and all(arg in help_text.stdout for arg in args), (args, help_text.stdout)
     without_redis = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     result = subprocess.run([sys.executable, "-m", module, "--burst"], capture_output=True, text=True, cwd=REPO,
                             env=without_redis, timeout=120)
