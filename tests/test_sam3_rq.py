@@ -105,7 +105,7 @@ def test_a_worker_writes_predictions_and_the_web_side_reads_its_progress(redis: 
     assert (progress["state"], progress["total"], progress["written"], progress["skipped"], progress["failed"]) == \
         ("done", 4, 3, 1, 0)
     assert progress["job_id"] == job_id and progress["model_version"] == VERSION
-    assert progress["started_at"] <= progress["finished_at"] <= progress["heartbeat_at"]
+    assert progress["queued_at"] <= progress["started_at"] <= progress["finished_at"] <= progress["heartbeat_at"]
     assert Job.fetch(job_id, connection=redis).get_status() == "finished"
     assert redis.ttl(progress_key(7)) > 0  # progress does not stay in Redis for ever
 

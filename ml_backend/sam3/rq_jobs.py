@@ -210,9 +210,11 @@ class RQProjectJobs:
 class ProgressWriter:
     """Writes one run's progress while the run still owns its project; a thread keeps the heartbeat fresh."""
 
-    def __init__(self, connection, job_id: str, progress: ProjectProgress, *, heartbeat_s: float = HEARTBEAT_S) -> None:
+    def __init__(self, connection, job_id: str, progress: ProjectProgress, *, queued_at: float | None = None,
+                 heartbeat_s: float = HEARTBEAT_S) -> None:
         self.connection = connection
         self.job_id = job_id
+        self.queued_at = queued_at
         self.progress = progress
         self.heartbeat_s = heartbeat_s
         self._script = connection.register_script(_WRITE_IF_OWNER)
@@ -225,7 +227,8 @@ class ProgressWriter:
         with self._lock:
             if self._superseded:
                 raise JobSuperseded(f"project {self.progress.project} was started again elsewhere")
-            record = {**asdict(self.progress), "job_id": self.job_id, "heartbeat_at": time.time()}
+            record = {**asdict(self.progress), "job_id": self.job_id, "queued_at": self.queued_at,
+                      "heartbeat_at": time.time()}
             keys = [progress_key(self.progress.project), owner_key(self.progress.project)]
             if not self._script(keys=keys, args=[self.job_id, json.dumps(record), PROGRESS_TTL_S]):
                 self._superseded = True
@@ -288,7 +291,8 @@ def run_job(spec: dict[str, Any]) -> dict:
     job = get_current_job()
     project, job_id = int(spec["project"]), str(spec["job_id"])
     progress = ProjectProgress(project)
-    writer = ProgressWriter(job.connection, job_id, progress)
+    queued_at = job.enqueued_at.timestamp() if job.enqueued_at else None
+    writer = ProgressWriter(job.connection, job_id, progress, queued_at=queued_at)
     context = worker_context(spec.get("label_studio_url") or "", spec.get("token") or "")
     try:
         with writer:
