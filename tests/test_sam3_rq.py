@@ -80,7 +80,8 @@ def test_start_enqueues_once_per_project_whoever_asks(redis: Redis) -> None:
     assert queue.count == 1
     job = queue.jobs[0]
     assert {a["job_id"] for a in answers} == {job.id} and all(a["state"] == "queued" for a in answers)
-    assert job.args == ({"project": 7, "job_id": job.id, "label_studio_url": "http://ls.example", "token": TOKEN},)
+    assert job.args == ({"project": 7, "job_id": job.id, "label_studio_url": "http://ls.example", "token": TOKEN,
+                         "restarts": 0},)
     assert job.func_name == "ml_backend.sam3.rq_jobs.run_job"
     _jobs(redis).start(8)
     assert queue.count == 2
@@ -207,10 +208,38 @@ def test_resume_restarts_only_dead_runs(redis: Redis) -> None:
     ProgressWriter(redis, redis.get(owner_key(8)).decode(), ProjectProgress(8, state="done")).write()
     redis.set(progress_key(10), b"not json")  # damaged: ignored, not resumed
     later = _jobs(redis, clock=lambda: time.time() + rq_jobs.STALE_AFTER_S + 1)
-    assert later.resume() == [7]  # 8 is done, 9 is still queued (its job waits for a worker)
-    assert later.resume() == []
+    assert later.resume(watch_s=None) == [7]  # 8 is done, 9 is still queued (its job waits for a worker)
+    assert later.resume(watch_s=None) == []
+    assert later.status()["projects"]["7"]["restarts"] == 1
     # 7's first job is still on the queue in this staged test; a worker taking it stops at its first write.
     assert Queue(rq_jobs.QUEUE_NAME, connection=redis).count == 4
+
+
+def test_a_project_whose_runs_keep_dying_is_restarted_a_few_times_only(redis: Redis) -> None:
+    later = _jobs(redis, clock=lambda: time.time() + rq_jobs.STALE_AFTER_S + 1)
+    _jobs(redis).start(7)
+    for restart in range(1, rq_jobs.MAX_RESTARTS + 2):
+        record = json.loads(redis.get(progress_key(7)))
+        ProgressWriter(redis, record["job_id"], ProjectProgress(7, state="running"),
+                       kept={"restarts": record["restarts"]}).write()  # a worker took it, then died
+        resumed = later.resume(watch_s=None)
+        assert resumed == ([7] if restart <= rq_jobs.MAX_RESTARTS else []), restart
+    stuck = later.status()["projects"]["7"]
+    assert stuck["state"] == "failed" and stuck["restarts"] == rq_jobs.MAX_RESTARTS
+    assert later.start(7)["restarts"] == 0  # asked for again: afresh
+
+
+def test_the_web_side_keeps_watching_for_dead_runs(redis: Redis) -> None:
+    jobs = _jobs(redis)
+    first = jobs.start(7)["job_id"]
+    assert jobs.resume(watch_s=0.05) == []  # nothing dead yet; the watch goes on
+    ProgressWriter(redis, first, ProjectProgress(7, state="running")).write()
+    jobs.clock = lambda: time.time() + rq_jobs.STALE_AFTER_S + 1  # ... and its worker dies
+    deadline = time.monotonic() + 10
+    while redis.get(owner_key(7)).decode() == first and time.monotonic() < deadline:
+        time.sleep(0.05)
+    jobs.clock = time.time
+    assert jobs.status()["projects"]["7"]["state"] == "queued" and redis.get(owner_key(7)).decode() != first
 
 
 def test_redis_down_gives_clear_answers() -> None:
@@ -222,7 +251,7 @@ def test_redis_down_gives_clear_answers() -> None:
     assert raised.value.status_code == 503 and "REDIS_URL" in raised.value.message
     status = jobs.status()
     assert "unreachable" in status["error"] and status["projects"] == {}
-    assert jobs.resume() == []
+    assert jobs.resume(watch_s=None) == []
 
 
 def test_the_worker_command_needs_redis(tmp_path: Path) -> None:

@@ -10,10 +10,11 @@ Progress lives under ``sam-trimap:sam3:progress:<project>`` (JSON, kept ``PROGRE
 :class:`~ml_backend.sam3.job.ProjectProgress` plus ``job_id``, ``queued_at`` and ``heartbeat_at``. The
 worker refreshes ``heartbeat_at`` every ``HEARTBEAT_S`` from a thread, whatever one image takes; a
 running record whose heartbeat is older than ``STALE_AFTER_S`` belongs to a worker that died (killed,
-OOM, machine gone): ``/status`` reports it failed (``"stale": true``) and ``/preannotate`` or the next
-start-up starts it again. RQ's own registry is no help there: a ``SimpleWorker`` does not heartbeat during
-a job, so RQ notices a dead one only after the job's timeout. A queued record whose RQ job failed or
-vanished is reported failed too.
+OOM, machine gone): ``/status`` reports it failed (``"stale": true``), and the web processes start it again
+(at start-up, then every ``WATCH_S``; at most ``MAX_RESTARTS`` times in a row) as does ``/preannotate``.
+RQ's own registry is no help there: a ``SimpleWorker`` does not heartbeat during a job, so RQ notices a
+dead one only after the job's timeout. A queued record whose RQ job failed or vanished is reported failed
+too.
 
 A job carries Label Studio's URL and token, as training jobs do (:class:`ml_backend.retrain.spec.JobSpec`):
 keep Redis private to the deployment.
@@ -43,6 +44,8 @@ JOB_TIMEOUT_S = 24 * 3600  # a whole project on a CPU; RQ stops the job after th
 PROGRESS_TTL_S = 7 * 24 * 3600
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 120.0  # twelve missed heartbeats
+WATCH_S = 60.0  # how often each web process looks for dead runs to restart
+MAX_RESTARTS = 3  # automatic restarts of a project whose runs keep dying
 LOCK_TIMEOUT_S = 10  # the per-project lock around start(): held for a read, a write and an enqueue
 ACTIVE = ("queued", "running")
 
@@ -95,49 +98,77 @@ class RQProjectJobs:
         self.queue = Queue(queue_name, connection=connection)
         self.stale_after_s = stale_after_s
         self.clock = clock
+        self._watch: threading.Thread | None = None
 
     # --- control ---------------------------------------------------------------
     def start(self, project: int) -> dict:
         """Enqueue ``project`` unless it is already queued or running (alive); its progress record."""
+        return self._start(project, attempt=0)
+
+    def _start(self, project: int, attempt: int) -> dict:
         with _redis_unreachable(), self.connection.lock(f"{PREFIX}lock:{project}", timeout=LOCK_TIMEOUT_S,
                                                         blocking_timeout=LOCK_TIMEOUT_S / 2):
             current = self._read(project)
             if current is not None and current["state"] in ACTIVE:
                 return current
-            return self._enqueue(project)
+            return self._enqueue(project, attempt)
 
-    def _enqueue(self, project: int) -> dict:
+    def _enqueue(self, project: int, attempt: int) -> dict:
         url, token = self.access()
         job_id = f"sam3-{project}-{uuid.uuid4().hex[:12]}"
         record = {**asdict(ProjectProgress(project)), "job_id": job_id, "queued_at": self.clock(),
-                  "heartbeat_at": None}
+                  "heartbeat_at": None, "restarts": attempt}
         with self.connection.pipeline() as pipe:
             pipe.set(owner_key(project), job_id, ex=PROGRESS_TTL_S)
             pipe.set(progress_key(project), json.dumps(record), ex=PROGRESS_TTL_S)
             pipe.execute()
         # By name: the web process never imports what the worker runs.
         self.queue.enqueue("ml_backend.sam3.rq_jobs.run_job",
-                           {"project": project, "job_id": job_id, "label_studio_url": url, "token": token},
+                           {"project": project, "job_id": job_id, "label_studio_url": url, "token": token,
+                            "restarts": attempt},
                            job_id=job_id, job_timeout=JOB_TIMEOUT_S, result_ttl=PROGRESS_TTL_S,
                            failure_ttl=PROGRESS_TTL_S, description=f"SAM 3 pre-annotation of project {project}")
         logger.info("SAM 3 pre-annotation of project %s queued on %s as %s", project, self.queue.name, job_id)
         return record
 
-    def resume(self) -> list[int]:
-        """Start again the projects whose run died (stale or failed under RQ) before it finished.
+    def resume(self, watch_s: float | None = WATCH_S) -> list[int]:
+        """Start again the projects whose run died (its worker was killed or lost) before it finished; then
+        keep doing so every ``watch_s`` seconds in a daemon thread (None: once), so a worker restarted while
+        the backend stays up does not leave its project failed.
 
-        Every web worker calls this at start-up; the per-project lock lets only one enqueue.
+        A project is restarted this way at most ``MAX_RESTARTS`` times in a row (a run that kills its worker
+        every time, say an image too large for its memory, stays failed); ``POST /preannotate`` starts it
+        afresh. Every web worker does this; the per-project lock lets only one enqueue.
         """
+        resumed = self._resume_dead()
+        if watch_s is not None and self._watch is None:
+            self._watch = threading.Thread(target=self._watch_loop, args=(watch_s,), name="sam3-jobs-watch",
+                                           daemon=True)
+            self._watch.start()
+        return resumed
+
+    def _watch_loop(self, interval_s: float) -> None:
+        while True:
+            time.sleep(interval_s)
+            self._resume_dead()
+
+    def _resume_dead(self) -> list[int]:
         resumed = []
         try:
             for project in self._projects():
                 record = self._read(project, judge=False)
                 if record is None or record["state"] not in ACTIVE:
                     continue
-                if self._judged(record)["state"] not in ACTIVE:
-                    logger.info("resuming SAM 3 pre-annotation of project %s", project)
-                    self.start(project)
-                    resumed.append(project)
+                judged = self._judged(record)
+                if judged["state"] in ACTIVE:
+                    continue
+                restarts = int(record.get("restarts") or 0) + 1
+                if restarts > MAX_RESTARTS:
+                    continue
+                logger.warning("restarting SAM 3 pre-annotation of project %s (restart %d of at most %d): %s",
+                               project, restarts, MAX_RESTARTS, judged.get("error"))
+                self._start(project, restarts)
+                resumed.append(project)
         except BackendError as exc:
             logger.warning("SAM 3 jobs not resumed: %s", exc.message)
         except _redis_errors() as exc:
@@ -210,11 +241,11 @@ class RQProjectJobs:
 class ProgressWriter:
     """Writes one run's progress while the run still owns its project; a thread keeps the heartbeat fresh."""
 
-    def __init__(self, connection, job_id: str, progress: ProjectProgress, *, queued_at: float | None = None,
+    def __init__(self, connection, job_id: str, progress: ProjectProgress, *, kept: dict | None = None,
                  heartbeat_s: float = HEARTBEAT_S) -> None:
         self.connection = connection
         self.job_id = job_id
-        self.queued_at = queued_at
+        self.kept = kept or {}  # fields of the web side's record the worker keeps (queued_at, restarts)
         self.progress = progress
         self.heartbeat_s = heartbeat_s
         self._script = connection.register_script(_WRITE_IF_OWNER)
@@ -227,8 +258,7 @@ class ProgressWriter:
         with self._lock:
             if self._superseded:
                 raise JobSuperseded(f"project {self.progress.project} was started again elsewhere")
-            record = {**asdict(self.progress), "job_id": self.job_id, "queued_at": self.queued_at,
-                      "heartbeat_at": time.time()}
+            record = {**self.kept, **asdict(self.progress), "job_id": self.job_id, "heartbeat_at": time.time()}
             keys = [progress_key(self.progress.project), owner_key(self.progress.project)]
             if not self._script(keys=keys, args=[self.job_id, json.dumps(record), PROGRESS_TTL_S]):
                 self._superseded = True
@@ -291,8 +321,9 @@ def run_job(spec: dict[str, Any]) -> dict:
     job = get_current_job()
     project, job_id = int(spec["project"]), str(spec["job_id"])
     progress = ProjectProgress(project)
-    queued_at = job.enqueued_at.timestamp() if job.enqueued_at else None
-    writer = ProgressWriter(job.connection, job_id, progress, queued_at=queued_at)
+    kept = {"queued_at": job.enqueued_at.timestamp() if job.enqueued_at else None,
+            "restarts": int(spec.get("restarts") or 0)}
+    writer = ProgressWriter(job.connection, job_id, progress, kept=kept)
     context = worker_context(spec.get("label_studio_url") or "", spec.get("token") or "")
     try:
         with writer:
