@@ -9,11 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from collections.abc import Callable
 
 import numpy as np
 
+from benchmarks.common import best_of, size_argument
 from ml_backend.brush import decode_rle, encode_rle
 
 TARGET_RATIO = 20.0
@@ -27,30 +26,11 @@ def _object_mask(height: int, width: int) -> np.ndarray:
     return mask
 
 
-def _best_seconds(fn: Callable[[], object], repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT") from exc
-    if width <= 0 or height <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return height, width
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.brush", description=__doc__.splitlines()[0])
-    parser.add_argument("--object-size", type=_size, default=(3000, 4000), help="WIDTHxHEIGHT (default 4000x3000)")
+    parser.add_argument("--object-size", type=size_argument(), default=(4000, 3000), help="WIDTHxHEIGHT (default 4000x3000)")
     parser.add_argument(
-        "--noise-size", type=_size, default=(750, 1000),
+        "--noise-size", type=size_argument(), default=(1000, 750),
         help="WIDTHxHEIGHT of the random-noise mask (default 1000x750: the SDK needs minutes at 4000x3000)",
     )
     parser.add_argument("--repeat", type=int, default=3, help="timing runs per measurement; the best is kept")
@@ -64,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rng = np.random.default_rng(0)
     masks = {
-        "object": _object_mask(*args.object_size),
-        "noise": rng.random(args.noise_size) < 0.5,
+        "object": _object_mask(*args.object_size[::-1]),
+        "noise": rng.random(args.noise_size[::-1]) < 0.5,
     }
     rows = []
     for name, mask in masks.items():
@@ -73,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         if ours != sdk_brush.mask2rle(mask.astype(np.uint8) * 255):
             print(f"benchmarks.brush: our encoding of the {name} mask differs from the SDK's", file=sys.stderr)
             return 1
-        ours_s = _best_seconds(lambda: encode_rle(mask), args.repeat)
-        sdk_s = _best_seconds(lambda: sdk_brush.mask2rle(mask.astype(np.uint8) * 255), args.repeat)
-        decode_s = _best_seconds(lambda: decode_rle(ours, *mask.shape), args.repeat)
+        ours_s, _ = best_of(lambda: encode_rle(mask), args.repeat)
+        sdk_s, _ = best_of(lambda: sdk_brush.mask2rle(mask.astype(np.uint8) * 255), args.repeat)
+        decode_s, _ = best_of(lambda: decode_rle(ours, *mask.shape), args.repeat)
         rows.append({
             "mask": name,
             "size": f"{mask.shape[1]}x{mask.shape[0]}",

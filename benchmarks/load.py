@@ -45,6 +45,8 @@ from pathlib import Path
 
 import requests
 
+from benchmarks.common import size_argument
+
 REPO = Path(__file__).resolve().parents[1]
 LABEL_STUDIO_TIMEOUT_S = 100.0  # how long Label Studio waits for /predict
 TARGET_ERRORS = 0
@@ -371,16 +373,6 @@ def print_report(report: dict) -> None:
             print(f"  [{'ok' if ok else 'MISSED'}] {name}")
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT") from None
-    if min(width, height) < 16:
-        raise argparse.ArgumentTypeError(f"{text!r}: at least 16x16")
-    return width, height
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -390,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, help="images per annotator (2)")
     parser.add_argument("--refinements", type=int, help="further clicks per image (10)")
     parser.add_argument("--think", type=float, help="mean think time between clicks in seconds (2)")
-    parser.add_argument("--image", type=_size, help="WIDTHxHEIGHT of the images (4000x3000; --quick: 640x480)")
+    parser.add_argument("--image", type=size_argument(16), help="WIDTHxHEIGHT of the images (4000x3000; --quick: 640x480)")
     parser.add_argument("--embedding-cache-mb", type=int, default=64,
                         help="EMBEDDING_CACHE_MB for the run (64: small enough that the cache evicts)")
     parser.add_argument("--encode-queue-timeout", type=float,

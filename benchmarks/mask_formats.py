@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from collections.abc import Callable
 
 import cv2
 import numpy as np
 
+from benchmarks.common import best_of, size_argument
 from ml_backend.formats import BITMASK, BRUSH, POLYGON, PolygonOptions, mask_values, region_mask
 
 TOLERANCES = (0.0, 0.5, 1.0, 2.0, 4.0)
@@ -30,15 +29,6 @@ def object_mask(height: int, width: int) -> np.ndarray:
     cv2.ellipse(mask, centre, (axes[0] // 4, axes[1] // 3), 0, 0, 360, 0, -1)
     mask[height // 12: height // 12 + height // 30, width // 40: width - width // 40] = 1
     return mask.astype(bool)
-
-
-def _best(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
 
 
 def _read(values: list[dict], result_type: str, size: tuple[int, int]) -> np.ndarray:
@@ -59,8 +49,8 @@ def measure(height: int, width: int, repeat: int) -> dict:
     size = (width, height)
     forms = {}
     for result_type in (BRUSH, BITMASK, POLYGON):
-        encode_s, values = _best(lambda: mask_values(mask, result_type, PolygonOptions()), repeat)
-        read_s, restored = _best(lambda: _read(values, result_type, size), repeat)
+        encode_s, values = best_of(lambda: mask_values(mask, result_type, PolygonOptions()), repeat)
+        read_s, restored = best_of(lambda: _read(values, result_type, size), repeat)
         forms[result_type] = {"encode_ms": encode_s * 1e3, "read_ms": read_s * 1e3,
                               "json_kb": len(json.dumps(values)) / 1024, "iou": _iou(restored, mask)}
     polygons = []
@@ -75,23 +65,13 @@ def measure(height: int, width: int, repeat: int) -> dict:
             "polygon_tolerances": polygons, "holes_filled_iou": _iou(filled, mask)}
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT") from exc
-    if width <= 0 or height <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return height, width
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.mask_formats", description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=_size, action="append", help="WIDTHxHEIGHT (repeatable)")
+    parser.add_argument("--size", type=size_argument(), action="append", help="WIDTHxHEIGHT (repeatable)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    results = [measure(h, w, max(1, args.repeat)) for h, w in (args.size or [(768, 1024), (3000, 4000)])]
+    results = [measure(h, w, max(1, args.repeat)) for w, h in (args.size or [(1024, 768), (4000, 3000)])]
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ml_backend.logs import configure_logging
+from ml_backend.command_line import settings_for_command
 from ml_backend.settings import Settings, SettingsError
 
 
@@ -106,12 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--ground-truth-only", action="store_true", help="use only annotations marked ground truth")
     export.add_argument("--overwrite", action="store_true", help="write into a folder that already holds pairs")
     args = parser.parse_args(argv)
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    settings = settings_for_command()
+    if settings is None:
         return 2
-    configure_logging(settings.log_level)
     if args.command == "serve":
         return serve(settings)
     if args.command == "export-dataset":

@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,11 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ml_backend import lru_files
+
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
-TEMP_PREFIX = ".tmp-"
-STALE_TEMP_S = 3600  # a temporary file this old was left by a crashed writer
 STORE_DTYPES = ("float32", "float16")
 LOCK_POLL_S = 0.05
 
@@ -98,9 +97,9 @@ class EmbeddingStore:
         except (SafetensorError, KeyError, ValueError, OSError) as exc:
             logger.warning("embedding store: %s is unreadable (%s); deleting it, the image will be encoded again",
                            path.name, exc)
-            _unlink(path)
+            lru_files.unlink_quietly(path)
             return None
-        _touch(path)
+        lru_files.touch(path)
         return StoredEmbedding(features=features, original_size=(int(size[0]), int(size[1])))
 
     def put(self, key: str, features: np.ndarray, original_size: tuple[int, int]) -> None:
@@ -115,7 +114,7 @@ class EmbeddingStore:
             logger.warning("embedding of %d bytes exceeds EMBEDDING_STORE_MB; not stored", len(payload))
             return
         try:
-            _write_atomically(self.path_for(key), payload)
+            lru_files.write_atomically(self.path_for(key), payload, fsync=True)
         except OSError as exc:
             logger.warning("embedding store: cannot write %s (%s)", key[:12], exc)
             return
@@ -155,40 +154,17 @@ class EmbeddingStore:
         _check_key(key)
         payload = json.dumps({"key": key, "validator": validator, "seen": seen}).encode()
         try:
-            _write_atomically(self._url_path(url), payload)
+            lru_files.write_atomically(self._url_path(url), payload, fsync=True)
         except OSError as exc:
             logger.warning("embedding store: cannot record a URL (%s)", exc)
 
     # --- size ------------------------------------------------------------------
     def _embedding_files(self) -> list[tuple[int, int, Path]]:
-        entries: list[tuple[int, int, Path]] = []
-        now = time.time()
-        for emb_dir in self.root.glob("*/emb"):
-            try:
-                with os.scandir(emb_dir) as it:
-                    for entry in it:
-                        try:
-                            stat = entry.stat()
-                        except OSError:
-                            continue
-                        if entry.name.startswith(TEMP_PREFIX):
-                            if now - stat.st_mtime > STALE_TEMP_S:
-                                _unlink(Path(entry.path))
-                        elif entry.name.endswith(SUFFIX):
-                            entries.append((stat.st_mtime_ns, stat.st_size, Path(entry.path)))
-            except OSError as exc:
-                logger.warning("embedding store: cannot list %s (%s)", emb_dir, exc)
-        return entries
+        return lru_files.list_files(self.root.glob("*/emb"), SUFFIX)
 
     def evict(self) -> None:
         """Delete the least recently used embeddings (of any model) until the store fits ``max_bytes``."""
-        entries = self._embedding_files()
-        total = sum(size for _, size, _ in entries)
-        for _, size, path in sorted(entries):
-            if total <= self.max_bytes:
-                break
-            _unlink(path)
-            total -= size
+        lru_files.evict(self._embedding_files(), self.max_bytes)
 
     def usage(self) -> StoreUsage:
         entries = self._embedding_files()
@@ -214,33 +190,3 @@ def _flock(fd: int, *, blocking: bool, timeout_s: float | None) -> bool:
             if not blocking or time.monotonic() >= deadline:
                 return False
             time.sleep(LOCK_POLL_S)
-
-
-def _write_atomically(path: Path, payload: bytes) -> None:
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(payload)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        _unlink(Path(temp))
-        raise
-    _touch(path)
-
-
-def _touch(path: Path) -> None:
-    # Explicit nanosecond stamps: two quick writes can otherwise share an mtime.
-    now = time.time_ns()
-    try:
-        os.utime(path, ns=(now, now))
-    except OSError:
-        pass
-
-
-def _unlink(path: Path) -> None:
-    try:
-        path.unlink()
-    except OSError:
-        pass

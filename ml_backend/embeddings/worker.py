@@ -17,8 +17,7 @@ import subprocess
 import sys
 import threading
 
-from ml_backend.logs import configure_logging
-from ml_backend.settings import Settings, SettingsError
+from ml_backend.command_line import settings_for_command
 
 logger = logging.getLogger(__name__)
 
@@ -32,18 +31,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run the SAM 3 project worker (python -m ml_backend.sam3.worker) beside this one "
                              "when PREANNOTATE is sam3 or both")
     args = parser.parse_args(argv)
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if not settings.redis_url:
-        print("error: REDIS_URL is not set; the embedding worker takes its jobs from Redis", file=sys.stderr)
+    settings = settings_for_command(worker="embedding worker")
+    if settings is None:
         return 2
     if settings.embedding_store_mb <= 0:
         print("error: EMBEDDING_STORE_MB is 0; the embedding worker writes into the shared store", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
     from rq import Queue, SimpleWorker
 
     from ml_backend.embeddings.jobs import QUEUE_NAME, load_worker_context

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
+WAIT_S = 60
 SCRIPT_TIMEOUT_S = 120  # the default 30 s ran out while the editor drew suggestions on a busy 2-core machine
 FLAGS = (
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
@@ -47,3 +50,28 @@ def start_chromium(profile_dir: Path, log: Path):
     driver = webdriver.Chrome(service=service, options=options)
     driver.set_script_timeout(SCRIPT_TIMEOUT_S)
     return driver
+
+
+def wait(driver, condition: Callable, what: str, timeout_s: float = WAIT_S):
+    """``condition``'s first truthy value, polled; a timeout names ``what`` was awaited."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout_s, poll_frequency=0.1).until(condition, f"waiting for {what}")
+
+
+@contextmanager
+def logged_in_chromium(url: str, user: str, password: str, folder: Path) -> Iterator:
+    """A fresh Chromium (profile and driver log under ``folder``) logged in to Label Studio at ``url``."""
+    from selenium.webdriver.common.by import By
+
+    chrome = start_chromium(folder / "profile", folder / "chromedriver.log")
+    try:
+        chrome.get(url + "/user/login/")
+        wait(chrome, lambda d: d.find_elements(By.NAME, "email"), "the login form")
+        chrome.find_element(By.NAME, "email").send_keys(user)
+        chrome.find_element(By.NAME, "password").send_keys(password)
+        chrome.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        wait(chrome, lambda d: "/user/login" not in d.current_url, "logging in")
+        yield chrome
+    finally:
+        chrome.quit()

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from e2e.browser import missing_browser, start_chromium
+from e2e.browser import WAIT_S, logged_in_chromium, missing_browser, wait
 from e2e.recording_proxy import RecordingProxy
 from e2e.servers import LS_PASSWORD, LS_USER, Backend, LabelStudio
 from ml_backend.formats import (
@@ -40,7 +40,7 @@ from ml_backend.sam import Prompts, SamEngine, load_segmenter
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 WIDTH, HEIGHT = 400, 300
-WAIT_S = 60
+
 MASK_TAGS = {"brush": "BrushLabels", "bitmask": "BitmaskLabels", "polygon": "PolygonLabels"}
 POLYGON_SETTINGS = {"POLYGON_MIN_AREA": "400", "POLYGON_TOLERANCE": "2"}
 
@@ -86,26 +86,8 @@ def proxy(browser_ready, backend_factory: Callable[..., Backend]) -> Iterator[Re
 
 @pytest.fixture(scope="module")
 def driver(browser_ready, label_studio: LabelStudio, tmp_path_factory: pytest.TempPathFactory):
-    from selenium.webdriver.common.by import By
-
-    folder = tmp_path_factory.mktemp("chromium")
-    chrome = start_chromium(folder / "profile", folder / "chromedriver.log")
-    try:
-        chrome.get(label_studio.url + "/user/login/")
-        wait(chrome, lambda d: d.find_elements(By.NAME, "email"), "the login form")
-        chrome.find_element(By.NAME, "email").send_keys(LS_USER)
-        chrome.find_element(By.NAME, "password").send_keys(LS_PASSWORD)
-        chrome.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-        wait(chrome, lambda d: "/user/login" not in d.current_url, "logging in")
+    with logged_in_chromium(label_studio.url, LS_USER, LS_PASSWORD, tmp_path_factory.mktemp("chromium")) as chrome:
         yield chrome
-    finally:
-        chrome.quit()
-
-
-def wait(driver, condition: Callable, what: str, timeout_s: float = WAIT_S):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(driver, timeout_s, poll_frequency=0.1).until(condition, f"waiting for {what}")
 
 
 class Editor:

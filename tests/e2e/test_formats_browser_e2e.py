@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -22,13 +21,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from e2e.browser import logged_in_chromium, missing_browser, wait
 from e2e.servers import LS_PASSWORD, LS_USER, LabelStudio
 from ml_backend.formats import BITMASK, POLYGON, PolygonOptions, mask_values, region_mask
 from ml_backend.settings import Settings
 
 WIDTH, HEIGHT = 160, 120
-WAIT_S = 60
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 TAGS = {BITMASK: "BitmaskLabels", POLYGON: "PolygonLabels"}
 
 
@@ -46,45 +44,12 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def driver(label_studio: LabelStudio, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        missing.append("selenium")
-    if missing:
-        message = f"{missing} missing: run scripts/install.sh --test (Debian chromium, chromium-driver; selenium)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-
-    os.environ["SE_AVOID_BROWSER_DOWNLOAD"] = os.environ["SE_OFFLINE"] = "true"  # never fetch a driver
+    reason = missing_browser()
+    if reason:
+        pytest.skip(reason)  # a failure under CI=true (tests/ci_policy.py)
     folder = tmp_path_factory.mktemp("chromium-formats")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--window-size=1200,900", f"--user-data-dir={folder / 'profile'}"):
-        options.add_argument(flag)
-    chrome = webdriver.Chrome(service=Service(str(CHROMEDRIVER), log_output=str(folder / "chromedriver.log")),
-                              options=options)
-    try:
-        chrome.get(label_studio.url + "/user/login/")
-        wait(chrome, lambda d: d.find_elements(By.NAME, "email"), "the login form")
-        chrome.find_element(By.NAME, "email").send_keys(LS_USER)
-        chrome.find_element(By.NAME, "password").send_keys(LS_PASSWORD)
-        chrome.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-        wait(chrome, lambda d: "/user/login" not in d.current_url, "logging in")
+    with logged_in_chromium(label_studio.url, LS_USER, LS_PASSWORD, folder) as chrome:
         yield chrome
-    finally:
-        chrome.quit()
-
-
-def wait(driver, condition: Callable, what: str):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(driver, WAIT_S, poll_frequency=0.2).until(condition, f"waiting for {what}")
 
 
 def open_annotated_task(label_studio: LabelStudio, driver, result_type: str, tmp_path: Path) -> list[dict]:
