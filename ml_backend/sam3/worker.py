@@ -15,8 +15,7 @@ import argparse
 import logging
 import sys
 
-from ml_backend.logs import configure_logging
-from ml_backend.settings import Settings, SettingsError
+from ml_backend.command_line import settings_for_command
 
 logger = logging.getLogger(__name__)
 
@@ -25,15 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ml_backend.sam3.worker", description=__doc__.splitlines()[0])
     parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     args = parser.parse_args(argv)
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    settings = settings_for_command(worker="SAM 3 worker")
+    if settings is None:
         return 2
-    if not settings.redis_url:
-        print("error: REDIS_URL is not set; the SAM 3 worker takes its jobs from Redis", file=sys.stderr)
-        return 2
-    configure_logging(settings.log_level)
     from rq import Queue, SimpleWorker
 
     from ml_backend.errors import BackendError
