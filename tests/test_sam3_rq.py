@@ -254,11 +254,18 @@ def test_redis_down_gives_clear_answers() -> None:
     assert jobs.resume(watch_s=None) == []
 
 
-def test_the_worker_command_needs_redis(tmp_path: Path) -> None:
+def test_the_worker_command_needs_redis_and_a_model_it_can_load(tmp_path: Path, redis_server: str) -> None:  # noqa: F811
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     answer = subprocess.run([sys.executable, "-m", "ml_backend.sam3.worker", "--burst"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert answer.returncode == 2 and "REDIS_URL is not set" in answer.stderr
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert answer.returncode == 2 and "REDIS_URL is not set; the SAM 3 worker" in answer.stderr
+
+    env.update(REDIS_URL=redis_server, SAM3_MODEL=str(tmp_path / "no-sam3"), MODEL_DIR=str(tmp_path / "models"),
+               IMAGE_CACHE_DIR=str(tmp_path / "cache"))
+    answer = subprocess.run([sys.executable, "-m", "ml_backend.sam3.worker", "--burst"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert answer.returncode == 1 and f"error: SAM 3 model directory {tmp_path / 'no-sam3'} does not exist" in \
+        answer.stderr, answer.stderr[-2000:]
 
 
 @pytest.mark.parametrize("redis_up", [True, False])
