@@ -7,9 +7,9 @@ progress only while its job id is still the owner (an atomic compare-and-set), s
 started again cannot overwrite its successor's progress: it stops at its next write.
 
 Progress lives under ``sam-trimap:sam3:progress:<project>`` (JSON, kept ``PROGRESS_TTL_S``): the fields of
-:class:`~ml_backend.sam3.job.ProjectProgress` plus ``job_id``, ``queued_at`` and ``heartbeat_at``. The
-worker refreshes ``heartbeat_at`` every ``HEARTBEAT_S`` from a thread, whatever one image takes; a
-running record whose heartbeat is older than ``STALE_AFTER_S`` belongs to a worker that died (killed,
+:class:`~ml_backend.sam3.job.ProjectProgress` plus ``job_id``, ``queued_at``, ``heartbeat_at`` and
+``restarts``. The worker refreshes ``heartbeat_at`` every ``HEARTBEAT_S`` from a thread, whatever one image
+takes; a running record whose heartbeat is older than ``STALE_AFTER_S`` belongs to a worker that died (killed,
 OOM, machine gone): ``/status`` reports it failed (``"stale": true``), and the web processes start it again
 (at start-up, then every ``WATCH_S``; at most ``MAX_RESTARTS`` times in a row) as does ``/preannotate``.
 RQ's own registry is no help there: a ``SimpleWorker`` does not heartbeat during a job, so RQ notices a
@@ -213,7 +213,8 @@ class RQProjectJobs:
             if age > self.stale_after_s:
                 return {**record, "state": "failed", "stale": True,
                         "error": f"no progress from its SAM 3 worker for {age:.0f} s: the worker stopped or died "
-                                 f"(POST /preannotate, or the backend's next start, starts the project again)"}
+                                 f"(the backend queues the project again within {WATCH_S:.0f} s, at most "
+                                 f"{MAX_RESTARTS} times in a row; POST /preannotate does at once)"}
         elif state == "queued":
             if (reason := self._queued_job_lost(record.get("job_id") or "")) is not None:
                 return {**record, "state": "failed", "stale": True, "error": reason}
@@ -254,7 +255,8 @@ class ProgressWriter:
         self._superseded = False
 
     def write(self, progress: ProjectProgress | None = None) -> None:
-        """Raises :class:`JobSuperseded` once another run owns the project."""
+        """Write this run's progress (``progress``, when given, is that same object: this is the ``report`` of
+        :func:`run_project`); raises :class:`JobSuperseded` once another run owns the project."""
         with self._lock:
             if self._superseded:
                 raise JobSuperseded(f"project {self.progress.project} was started again elsewhere")
