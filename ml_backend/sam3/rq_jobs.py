@@ -118,16 +118,19 @@ class RQProjectJobs:
         job_id = f"sam3-{project}-{uuid.uuid4().hex[:12]}"
         record = {**asdict(ProjectProgress(project)), "job_id": job_id, "queued_at": self.clock(),
                   "heartbeat_at": None, "restarts": attempt}
+        # One transaction: nobody sees the record without its job, and no worker takes the job before it owns
+        # the project. By name: the web process never imports what the worker runs.
         with self.connection.pipeline() as pipe:
+            pipe.multi()  # (RQ starts one itself when given a pipeline, unless it is already one)
             pipe.set(owner_key(project), job_id, ex=PROGRESS_TTL_S)
             pipe.set(progress_key(project), json.dumps(record), ex=PROGRESS_TTL_S)
+            self.queue.enqueue("ml_backend.sam3.rq_jobs.run_job",
+                               {"project": project, "job_id": job_id, "label_studio_url": url, "token": token,
+                                "restarts": attempt},
+                               job_id=job_id, job_timeout=JOB_TIMEOUT_S, result_ttl=PROGRESS_TTL_S,
+                               failure_ttl=PROGRESS_TTL_S, description=f"SAM 3 pre-annotation of project {project}",
+                               pipeline=pipe)
             pipe.execute()
-        # By name: the web process never imports what the worker runs.
-        self.queue.enqueue("ml_backend.sam3.rq_jobs.run_job",
-                           {"project": project, "job_id": job_id, "label_studio_url": url, "token": token,
-                            "restarts": attempt},
-                           job_id=job_id, job_timeout=JOB_TIMEOUT_S, result_ttl=PROGRESS_TTL_S,
-                           failure_ttl=PROGRESS_TTL_S, description=f"SAM 3 pre-annotation of project {project}")
         logger.info("SAM 3 pre-annotation of project %s queued on %s as %s", project, self.queue.name, job_id)
         return record
 
