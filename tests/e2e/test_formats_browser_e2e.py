@@ -22,24 +22,12 @@ import pytest
 from PIL import Image
 
 from e2e.browser import logged_in_chromium, missing_browser, wait
+from e2e.known_mask import HEIGHT, WIDTH, iou, known_mask
 from e2e.servers import LS_PASSWORD, LS_USER, LabelStudio
 from ml_backend.formats import BITMASK, POLYGON, PolygonOptions, mask_values, region_mask
 from ml_backend.settings import Settings
 
-WIDTH, HEIGHT = 160, 120
 TAGS = {BITMASK: "BitmaskLabels", POLYGON: "PolygonLabels"}
-
-
-def known_mask() -> np.ndarray:
-    mask = np.zeros((HEIGHT, WIDTH), np.uint8)
-    cv2.circle(mask, (60, 60), 50, 1, -1)
-    cv2.circle(mask, (60, 60), 15, 0, -1)
-    mask[10:30, 120:150] = 1
-    return mask.astype(bool)
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / (a | b).sum())
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from e2e.known_mask import HEIGHT, WIDTH, iou, known_mask
 from e2e.servers import Backend, LabelStudio
 from ml_backend.export import ExportOptions, export_from_label_studio
 from ml_backend.formats import BITMASK, BRUSH, POLYGON, PolygonOptions, mask_values, polygon_to_mask, region_mask
@@ -32,7 +33,6 @@ from ml_backend.sam import Prompts, SamEngine, load_segmenter
 from ml_backend.settings import Settings
 from ml_backend.trimaps import TrimapValue
 
-WIDTH, HEIGHT = 160, 120
 POLYGON_MIN_IOU = 0.97  # default POLYGON_TOLERANCE (1 px) on a 100-px disk with a hole
 TAGS = {BRUSH: "BrushLabels", BITMASK: "BitmaskLabels", POLYGON: "PolygonLabels"}
 
@@ -44,19 +44,6 @@ def label_config(result_type: str) -> str:
   <{tag} name="mask" toName="image"><Label value="Cat"/><Label value="Background"/></{tag}>
   <KeyPointLabels name="click" toName="image" smart="true"><Label value="Cat" smart="true"/></KeyPointLabels>
 </View>"""
-
-
-def known_mask() -> np.ndarray:
-    """A disk with a hole and a separate bar: components, a hole and curved edges."""
-    mask = np.zeros((HEIGHT, WIDTH), np.uint8)
-    cv2.circle(mask, (60, 60), 50, 1, -1)
-    cv2.circle(mask, (60, 60), 15, 0, -1)
-    mask[10:30, 120:150] = 1
-    return mask.astype(bool)
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / (a | b).sum())
 
 
 def png(seed: int) -> bytes:
