@@ -25,14 +25,10 @@ from rq.job import Job
 from test_sam3_job import TOKEN, VERSION, fake_api
 
 from ml_backend.errors import BackendError
-from ml_backend.sam3 import rq_jobs
+from ml_backend.sam3 import rq_job, rq_jobs
 from ml_backend.sam3.job import JobContext, JobSuperseded, ProjectProgress
-from ml_backend.sam3.rq_jobs import (
-    ProgressWriter,
-    RQProjectJobs,
-    owner_key,
-    progress_key,
-)
+from ml_backend.sam3.rq_job import ProgressWriter
+from ml_backend.sam3.rq_jobs import RQProjectJobs, owner_key, progress_key
 
 pytestmark = pytest.mark.redis
 REPO = Path(__file__).resolve().parents[1]
@@ -65,7 +61,7 @@ def _context_for(monkeypatch: pytest.MonkeyPatch, predict=None, seen: list | Non
         return JobContext(access=lambda: (url, token), predict=predict or default_predict,
                           model_version=lambda project: VERSION)
 
-    monkeypatch.setattr(rq_jobs, "worker_context", context)
+    monkeypatch.setattr(rq_job, "worker_context", context)
 
 
 def test_start_enqueues_once_per_project_whoever_asks(redis: Redis) -> None:
@@ -82,7 +78,7 @@ def test_start_enqueues_once_per_project_whoever_asks(redis: Redis) -> None:
     assert {a["job_id"] for a in answers} == {job.id} and all(a["state"] == "queued" for a in answers)
     assert job.args == ({"project": 7, "job_id": job.id, "label_studio_url": "http://ls.example", "token": TOKEN,
                          "restarts": 0},)
-    assert job.func_name == "ml_backend.sam3.rq_jobs.run_job"
+    assert job.func_name == "ml_backend.sam3.rq_job.run_job"
     _jobs(redis).start(8)
     assert queue.count == 2
     status = _jobs(redis).status()
@@ -186,7 +182,7 @@ def test_a_queued_job_that_failed_or_vanished_is_reported_and_started_again(redi
     def broken(url: str, token: str) -> JobContext:
         raise RuntimeError("SAM 3 could not be loaded")
 
-    monkeypatch.setattr(rq_jobs, "worker_context", broken)
+    monkeypatch.setattr(rq_job, "worker_context", broken)
     jobs = _jobs(redis)
     first = jobs.start(7)["job_id"]
     _run_worker(redis)  # the job fails before it reports any progress

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from ml_backend.errors import BackendError
     from ml_backend.retrain.jobs import redis_connection
-    from ml_backend.sam3.rq_jobs import QUEUE_NAME, load_runtime
+    from ml_backend.sam3.rq_job import load_runtime
+    from ml_backend.sam3.rq_jobs import QUEUE_NAME
 
     try:
         load_runtime(settings)
