@@ -86,6 +86,16 @@ def test_start_enqueues_once_per_project_whoever_asks(redis: Redis) -> None:
     assert status["projects"]["7"]["state"] == "queued"
 
 
+def test_a_start_held_up_by_another_process_is_a_clear_503(redis: Redis) -> None:
+    lock = redis.lock(f"{rq_jobs.PREFIX}lock:7", timeout=30)
+    assert lock.acquire(blocking=False)  # another process stuck between its read and its enqueue
+    with pytest.raises(BackendError) as raised:
+        _jobs(redis).start(7)
+    assert raised.value.status_code == 503 and "ask again" in raised.value.message
+    lock.release()
+    assert _jobs(redis).start(7)["state"] == "queued"
+
+
 def test_a_worker_writes_predictions_and_the_web_side_reads_its_progress(redis: Redis, monkeypatch) -> None:
     seen: list = []
     _context_for(monkeypatch, seen=seen)
