@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,28 @@ def test_a_live_process_with_a_reused_pid_is_told_apart_by_its_start_time(tmp_pa
         live.kill()
         live.wait()
     assert not retrainer.status(4)["is_training"]
+
+
+def test_a_killed_backend_left_unreaped_counts_as_ended(tmp_path):
+    """A SIGKILLed worker whose parent died with it stays a zombie where init does not reap (containers)."""
+    from ml_backend.retrain.jobs import _start_ticks, owner_id
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host, _, _, boot = owner_id().split(":")
+        ticks = _start_ticks(child.pid)
+        assert ticks is not None
+        child.kill()  # not reaped yet: a zombie, with the same start time in /proc
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the killed child never became a zombie"
+            time.sleep(0.02)
+        _mark_running(tmp_path, f"{host}:{child.pid}:{ticks}:{boot}")
+        status = make(tmp_path).status("3")
+        assert not status["is_training"] and "ended before the job finished" in status["last"]["error"]
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_unknown_label_studio_fails_clearly(tmp_path, monkeypatch):

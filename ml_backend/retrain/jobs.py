@@ -159,12 +159,17 @@ _boot: tuple[int, str] | None = None
 
 
 def _start_ticks(pid: int) -> str | None:
-    """When process ``pid`` started (clock ticks since boot, /proc), to tell a reused pid from the original."""
+    """When process ``pid`` started (clock ticks since boot, /proc), to tell a reused pid from the original;
+    None when there is no such process or it has ended and awaits reaping (a zombie: a killed worker whose
+    parent died with it lingers so in a container whose init does not reap)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22 of proc(5); the name in parentheses may hold spaces
+    fields = stat.rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
+    if fields[0] in ("Z", "X"):  # field 3 of proc(5): zombie or dead
+        return None
+    return fields[19]  # field 22: start time
 
 
 def owner_id() -> str:
