@@ -98,12 +98,12 @@ class BackendViews:
             raise BackendError("A webhook needs an 'action'.")
         answer = self.runtime.on_webhook(event, data)
         if event == "TASKS_CREATED" and self.runtime.settings.sam3_on_import:
-            project = data.get("project", {}).get("id") if isinstance(data.get("project"), dict) else None
-            if isinstance(project, int) and not isinstance(project, bool) and self.runtime.concepts is not None:
+            key = limits.project_id(data.get("project")) if isinstance(data.get("project"), dict) else None
+            if key not in (None, "0") and self.runtime.concepts is not None:
                 try:  # new tasks get SAM 3 predictions in the background
-                    self.runtime.preannotation_jobs.start(project)
+                    self.runtime.preannotation_jobs.start(int(key))
                 except BackendError as exc:  # Redis down: the webhook still answers; /preannotate can start it later
-                    logger.warning("SAM 3 pre-annotation of project %s not started: %s", project, exc.message)
+                    logger.warning("SAM 3 pre-annotation of project %s not started: %s", key, exc.message)
         return jsonify(answer), 200
 
     def train(self) -> tuple[Response, int]:
@@ -152,10 +152,10 @@ class BackendViews:
 
     def preannotate(self) -> tuple[Response, int]:
         """Pre-annotate a whole project in the background: ``{"project": id}``; progress on ``/status``."""
-        project = self._json().get("project")
-        if not isinstance(project, int) or isinstance(project, bool) or project < 1:
+        key = limits.project_id(self._json().get("project"))
+        if key is None or key == "0":
             raise BackendError("'project' must be a Label Studio project id (a positive number).")
-        return jsonify(self.runtime.preannotation_jobs.start(project)), 202
+        return jsonify(self.runtime.preannotation_jobs.start(int(key))), 202
 
     def status(self) -> Response:
         """Everything an operator wants in one place: SAM, pre-encoding, the served trimap version, training."""

@@ -69,15 +69,18 @@ def test_predict_uses_sam3_concepts(app_parts) -> None:
 
 def test_preannotate_route_and_status(app_parts, monkeypatch: pytest.MonkeyPatch) -> None:
     client, runtime, _ = app_parts
-    for body in ({}, {"project": "3"}, {"project": True}, {"project": 0}):
+    for body in ({}, {"project": "x"}, {"project": True}, {"project": 0}, {"project": 1.5}, {"project": "\u0663"},
+                 {"project": 10**30}):
         answer = client.post("/preannotate", json=body)
         assert answer.status_code == 400 and "project" in answer.get_json()["error"]
     started = []
     monkeypatch.setattr(runtime.preannotation_jobs, "start", lambda p: started.append(p) or {"project": p})
     assert client.post("/preannotate", json={"project": 3}).status_code == 202
+    assert client.post("/preannotate", json={"project": "03"}).status_code == 202  # one project, one key
     assert client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 4}}).status_code == 200
     assert client.post("/webhook", json={"action": "TASKS_CREATED", "project": "x"}).status_code == 200
-    assert started == [3, 4]
+    assert client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": "\u0664"}}).status_code == 200
+    assert started == [3, 3, 4]
     status = client.get("/status").get_json()
     assert status["preannotate"] == "sam3" and status["sam3"]["state"] == "ready"
     assert "projects" in status["preannotation_jobs"]
