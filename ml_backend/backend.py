@@ -97,20 +97,22 @@ class SegmentationBackend(LabelStudioMLBase):
             raise InvalidPromptError("The request carries no keypoint or rectangle prompts for this image.")
         url, task_id = self._task_image_url(task)
         memory = self.runtime.prompt_state
-        plan = memory.plan(task_key(self.project, task, url), request, task)
-        engine = self.runtime.sam()
-        embedding = self.runtime.task_embedding(url, task_id)
-        height, width = embedding.geometry.original_size
-        results, scores, answered = [], [], []
-        for region in plan.regions:
-            decoded = engine.decode(embedding, _rescale(region.prompts, region.original_size, (width, height)))
-            label = labeling.choose_brush_label(self.config, region.label, settings.brush_label or None)
-            results += labeling.build_mask_results(decoded.mask, config=self.config, label=label,
-                                                   score=decoded.score,
-                                                   polygon=PolygonOptions.from_settings(settings))
-            scores.append(decoded.score)
-            answered.append(decoded.low_res_logits)
-        memory.remember(plan, answered, [result["id"] for result in results])
+        key = task_key(self.project, task, url)
+        with memory.hold(key):  # the next click on this task, in any worker process, plans after this one
+            plan = memory.plan(key, request, task)
+            engine = self.runtime.sam()
+            embedding = self.runtime.task_embedding(url, task_id)
+            height, width = embedding.geometry.original_size
+            results, scores, answered = [], [], []
+            for region in plan.regions:
+                decoded = engine.decode(embedding, _rescale(region.prompts, region.original_size, (width, height)))
+                label = labeling.choose_brush_label(self.config, region.label, settings.brush_label or None)
+                results += labeling.build_mask_results(decoded.mask, config=self.config, label=label,
+                                                       score=decoded.score,
+                                                       polygon=PolygonOptions.from_settings(settings))
+                scores.append(decoded.score)
+                answered.append(decoded.low_res_logits)
+            memory.remember(plan, answered, [result["id"] for result in results])
         return labeling.build_prediction(results, float(np.mean(scores)), sam_model_version(engine.source))
 
     # --- batch pre-annotation ------------------------------------------------

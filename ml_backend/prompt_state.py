@@ -36,20 +36,25 @@ task said. The rules (the README repeats them):
    the answer repeats. Objects live ``PROMPT_STATE_TTL_S`` after their last click, at most
    ``PROMPT_STATE_ENTRIES`` tasks and ``PROMPT_STATE_MB`` of logits (least recently used go).
 
-The state lives in the worker process: with ``WORKERS`` > 1 consecutive clicks may reach
-different processes and the earlier ones are then not known (rule 3's error, or a click
-that starts over).
+Where the objects live is a :class:`StateStorage`: in this process's memory
+(:class:`MemoryStorage`), or one small file per task in a directory every worker process of
+the backend shares (:class:`ml_backend.prompt_state_files.FileStorage`, chosen by
+``PROMPT_STATE_SHARED``; by default when ``WORKERS`` > 1, where consecutive clicks of one
+annotator may reach different processes). The rules above are applied here, the same for both.
+The backend holds :meth:`PromptMemory.hold` from :meth:`~PromptMemory.plan` to
+:meth:`~PromptMemory.remember`, so two clicks on one task (from any process) never interleave.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Union
+from typing import Any, Protocol, Union
 
 import numpy as np
 
@@ -130,21 +135,44 @@ class Plan:
     reason: str
 
 
-class PromptMemory:
-    """Per-task object state, bounded by entries, bytes and age; thread-safe."""
+class StateStorage(Protocol):
+    """Where objects are kept between clicks, bounded by ``max_entries``, ``max_bytes`` and ``ttl_s``."""
+
+    max_bytes: int
+    max_entries: int
+    ttl_s: float
+
+    def hold(self, key: TaskKey) -> contextlib.AbstractContextManager[None]:
+        """Exclusive use of ``key``'s object (against every thread and process sharing the storage)."""
+
+    def load(self, key: TaskKey) -> ObjectState | None:
+        """The live object (None when unknown, expired or unreadable)."""
+
+    def save(self, key: TaskKey, state: ObjectState) -> None:
+        """Keep ``state`` for ``ttl_s``, then drop what exceeds the bounds (least recently used first)."""
+
+    def delete(self, key: TaskKey) -> None: ...
+
+    def __len__(self) -> int: ...
+
+    @property
+    def current_bytes(self) -> int: ...
+
+
+LOCK_STRIPES = 64  # tasks share this many locks: two tasks on one stripe only wait for each other's click
+
+
+class MemoryStorage:
+    """Objects in this process's memory; thread-safe."""
 
     def __init__(self, *, max_bytes: int, max_entries: int, ttl_s: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.max_bytes, self.max_entries, self.ttl_s = max_bytes, max_entries, ttl_s
         self._clock = clock
         self._lock = threading.Lock()
+        self._stripes = [threading.Lock() for _ in range(LOCK_STRIPES)]
         self._objects: OrderedDict[TaskKey, tuple[ObjectState, float]] = OrderedDict()
         self._bytes = 0
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> "PromptMemory":
-        return cls(max_bytes=settings.prompt_state_mb << 20, max_entries=settings.prompt_state_entries,
-                   ttl_s=settings.prompt_state_ttl_s)
 
     def __len__(self) -> int:
         return len(self._objects)
@@ -153,11 +181,12 @@ class PromptMemory:
     def current_bytes(self) -> int:
         return self._bytes
 
-    # --- reading -------------------------------------------------------------
-    def get(self, key: TaskKey | None) -> ObjectState | None:
-        """The live object for ``key`` (None when unknown or expired)."""
-        if key is None:
-            return None
+    @contextlib.contextmanager
+    def hold(self, key: TaskKey) -> Iterator[None]:
+        with self._stripes[hash(key) % LOCK_STRIPES]:
+            yield
+
+    def load(self, key: TaskKey) -> ObjectState | None:
         with self._lock:
             self._expire()
             entry = self._objects.get(key)
@@ -165,6 +194,83 @@ class PromptMemory:
                 return None
             self._objects.move_to_end(key)
             return entry[0]
+
+    def save(self, key: TaskKey, state: ObjectState) -> None:
+        with self._lock:
+            self._drop(key)
+            self._objects[key] = (state, self._clock() + self.ttl_s)
+            self._bytes += state.nbytes
+            while self._objects and (len(self._objects) > self.max_entries or self._bytes > self.max_bytes):
+                self._drop(next(iter(self._objects)))
+
+    def delete(self, key: TaskKey) -> None:
+        with self._lock:
+            self._drop(key)
+
+    def _drop(self, key: TaskKey) -> None:
+        entry = self._objects.pop(key, None)
+        if entry is not None:
+            self._bytes -= entry[0].nbytes
+
+    def _expire(self) -> None:
+        now = self._clock()
+        for key in [k for k, (_, expires) in self._objects.items() if expires <= now]:
+            self._drop(key)
+
+
+class PromptMemory:
+    """Per-task object state: the rules, over a :class:`StateStorage` (in memory unless one is given)."""
+
+    def __init__(self, *, max_bytes: int, max_entries: int, ttl_s: float,
+                 clock: Callable[[], float] = time.monotonic, storage: StateStorage | None = None) -> None:
+        self.storage: StateStorage = storage if storage is not None else MemoryStorage(
+            max_bytes=max_bytes, max_entries=max_entries, ttl_s=ttl_s, clock=clock)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "PromptMemory":
+        """In memory, or shared by the worker processes (``PROMPT_STATE_SHARED``, ``PROMPT_STATE_DIR``)."""
+        limits = {"max_bytes": settings.prompt_state_mb << 20, "max_entries": settings.prompt_state_entries,
+                  "ttl_s": settings.prompt_state_ttl_s}
+        if not shared_state(settings):
+            return cls(**limits)
+        from ml_backend.prompt_state_files import FileStorage, state_directory
+
+        directory = state_directory(settings)
+        logger.info("prompt state shared by the worker processes in %s", directory)
+        return cls(**limits, storage=FileStorage(directory, **limits))
+
+    @property
+    def max_bytes(self) -> int:
+        return self.storage.max_bytes
+
+    @property
+    def max_entries(self) -> int:
+        return self.storage.max_entries
+
+    @property
+    def ttl_s(self) -> float:
+        return self.storage.ttl_s
+
+    def __len__(self) -> int:
+        return len(self.storage)
+
+    @property
+    def current_bytes(self) -> int:
+        return self.storage.current_bytes
+
+    @contextlib.contextmanager
+    def hold(self, key: TaskKey | None) -> Iterator[None]:
+        """Hold ``key``'s object from :meth:`plan` to :meth:`remember` (nothing to hold without a key)."""
+        if key is None:
+            yield
+            return
+        with self.storage.hold(key):
+            yield
+
+    # --- reading -------------------------------------------------------------
+    def get(self, key: TaskKey | None) -> ObjectState | None:
+        """The live object for ``key`` (None when unknown or expired)."""
+        return None if key is None else self.storage.load(key)
 
     def plan(self, key: TaskKey | None, request: ContextPrompts, task: Mapping[str, Any] | None = None) -> Plan:
         """Apply the rules to this request; raise :class:`InvalidPromptError` when there is nothing to segment."""
@@ -204,30 +310,19 @@ class PromptMemory:
             for region, logits in zip(plan.regions, answered)
         )
         state = replace(plan.state, regions=regions, result_ids=frozenset(list(result_ids)[:MAX_RESULT_IDS]))
-        with self._lock:
-            self._drop(plan.key)
-            if state.nbytes > self.max_bytes:
-                logger.warning("prompt state of %s (%d bytes) exceeds PROMPT_STATE_MB; not kept", plan.key,
-                               state.nbytes)
-                return
-            self._objects[plan.key] = (state, self._clock() + self.ttl_s)
-            self._bytes += state.nbytes
-            while self._objects and (len(self._objects) > self.max_entries or self._bytes > self.max_bytes):
-                self._drop(next(iter(self._objects)))
+        if state.nbytes > self.max_bytes:
+            logger.warning("prompt state of %s (%d bytes) exceeds PROMPT_STATE_MB; not kept", plan.key, state.nbytes)
+            self.storage.delete(plan.key)
+            return
+        self.storage.save(plan.key, state)
 
     def forget(self, key: TaskKey) -> None:
-        with self._lock:
-            self._drop(key)
+        self.storage.delete(key)
 
-    def _drop(self, key: TaskKey) -> None:
-        entry = self._objects.pop(key, None)
-        if entry is not None:
-            self._bytes -= entry[0].nbytes
 
-    def _expire(self) -> None:
-        now = self._clock()
-        for key in [k for k, (_, expires) in self._objects.items() if expires <= now]:
-            self._drop(key)
+def shared_state(settings: Settings) -> bool:
+    """Whether the worker processes share the prompt state (``PROMPT_STATE_SHARED``: auto = when WORKERS > 1)."""
+    return settings.prompt_state_shared == "on" or (settings.prompt_state_shared == "auto" and settings.workers > 1)
 
 
 def _decide(current: ObjectState | None, request: ContextPrompts) -> tuple[dict[GroupKey, tuple[Item, ...]],

@@ -174,6 +174,9 @@ class Settings:
     max_prompt_regions: int = 16  # rectangles (plus the keypoint group): one SAM decode each
     max_prompt_points: int = 64
     max_warmup_tasks: int = 1000
+    # --- prompt state shared by the worker processes (shared-prompts) ---
+    prompt_state_shared: str = "auto"  # auto: when WORKERS > 1; on; off (each process keeps its own)
+    prompt_state_dir: str = ""  # empty: /dev/shm/sam-trimap-prompts-<hash of MODEL_DIR>, else MODEL_DIR/prompt-state
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -265,6 +268,9 @@ class Settings:
             max_prompt_regions=_int(env, "MAX_PROMPT_REGIONS", d.max_prompt_regions),
             max_prompt_points=_int(env, "MAX_PROMPT_POINTS", d.max_prompt_points),
             max_warmup_tasks=_int(env, "MAX_WARMUP_TASKS", d.max_warmup_tasks),
+            # prompt state shared by the worker processes (shared-prompts)
+            prompt_state_shared=_str(env, "PROMPT_STATE_SHARED", d.prompt_state_shared).lower(),
+            prompt_state_dir=_str(env, "PROMPT_STATE_DIR"),
         )
         settings.check()
         return settings
@@ -296,6 +302,8 @@ class Settings:
                 raise SettingsError(f"{name.upper()} must be between 0 and 1 (got {getattr(self, name)})")
         if self.sam3_max_instances < 1:
             raise SettingsError("SAM3_MAX_INSTANCES must be at least 1")
+        if self.prompt_state_shared not in ("auto", "on", "off"):
+            raise SettingsError(f"PROMPT_STATE_SHARED must be auto, on or off (got {self.prompt_state_shared!r})")
         for name in ("max_request_mb", "max_tasks_per_request", "max_prompt_regions", "max_prompt_points",
                      "max_warmup_tasks"):
             if getattr(self, name) < 1:

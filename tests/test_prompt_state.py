@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -19,7 +20,8 @@ import pytest
 
 from ml_backend.errors import InvalidPromptError
 from ml_backend.labeling import parse_label_config, read_context
-from ml_backend.prompt_state import Plan, PromptMemory, TaskKey, task_key
+from ml_backend.prompt_state import MemoryStorage, Plan, PromptMemory, TaskKey, task_key
+from ml_backend.prompt_state_files import FileStorage
 from ml_backend.sam.prompts import NEGATIVE, POSITIVE
 
 FIXTURES = Path(__file__).parent / "fixtures" / "editor"
@@ -42,25 +44,39 @@ class Clock:
         return self.now
 
 
+@pytest.fixture(params=["memory", "files"], autouse=True)
+def backing(request, tmp_path: Path, monkeypatch) -> str:
+    """Every test here runs on both storages: this process's memory, and files shared by worker processes."""
+    monkeypatch.setattr(Session, "shared_dir", tmp_path / "prompt-state" if request.param == "files" else None)
+    return request.param
+
+
 class Session:
     """Feeds recorded bodies to a PromptMemory as the backend does, answering with distinct fake logits."""
+
+    shared_dir: Path | None = None  # set by the ``backing`` fixture
+    sessions = itertools.count()  # each Session its own folder, as each its own memory
 
     def __init__(self, **limits) -> None:
         self.clock = Clock()
         options = {"max_bytes": 64 << 20, "max_entries": 100, "ttl_s": 900.0, **limits}
-        self.memory = PromptMemory(clock=self.clock, **options)
+        storage = None if self.shared_dir is None else FileStorage(
+            self.shared_dir / str(next(Session.sessions)), clock=self.clock, **options)
+        self.memory = PromptMemory(clock=self.clock, storage=storage, **options)
         self.answers = 0
 
     def send(self, request: dict, *, result_ids: tuple[str, ...] = ()) -> tuple[Plan, list[np.ndarray]]:
         config = parse_label_config(request["label_config"])
         prompts = read_context(request["params"]["context"], config)
         task = request["tasks"][0]
-        plan = self.memory.plan(task_key(request["project"], task, task["data"]["image"]), prompts, task)
-        answered = []
-        for _ in plan.regions:
-            self.answers += 1
-            answered.append(np.full((256, 256), float(self.answers), np.float32))
-        self.memory.remember(plan, answered, result_ids or (f"result-{self.answers}",))
+        key = task_key(request["project"], task, task["data"]["image"])
+        with self.memory.hold(key):
+            plan = self.memory.plan(key, prompts, task)
+            answered = []
+            for _ in plan.regions:
+                self.answers += 1
+                answered.append(np.full((256, 256), float(self.answers), np.float32))
+            self.memory.remember(plan, answered, result_ids or (f"result-{self.answers}",))
         return plan, answered
 
 
@@ -284,7 +300,7 @@ def test_memory_is_bounded_in_entries_and_bytes() -> None:
         session.send(body("alt_click") | {"tasks": request["tasks"]})
         requests.append(request)
     assert len(session.memory) == 3
-    assert session.memory.current_bytes <= 3 * one_region
+    assert session.memory.current_bytes <= 3 * (one_region + 4096)  # a file adds its header
     assert [session.memory.get(task_key(r["project"], r["tasks"][0], r["tasks"][0]["data"]["image"])) is not None
             for r in requests] == [False, False, True, True, True]
 
@@ -312,19 +328,24 @@ def test_odd_drafts_are_ignored(drafts) -> None:
     assert session.send(request)[0].reason == "same object: its group again"
 
 
-def test_the_settings_size_the_memory() -> None:
+def test_the_settings_size_the_memory(backing: str, tmp_path: Path) -> None:
     from ml_backend.settings import Settings
 
-    settings = dataclasses.replace(Settings(), prompt_state_mb=3, prompt_state_entries=7, prompt_state_ttl_s=5)
+    settings = dataclasses.replace(Settings(), prompt_state_mb=3, prompt_state_entries=7, prompt_state_ttl_s=5,
+                                   prompt_state_shared="on" if backing == "files" else "off",
+                                   prompt_state_dir=str(tmp_path / "state"))
     memory = PromptMemory.from_settings(settings)
     assert (memory.max_bytes, memory.max_entries, memory.ttl_s) == (3 << 20, 7, 5)
+    assert isinstance(memory.storage, FileStorage if backing == "files" else MemoryStorage)
+    if backing == "files":
+        assert memory.storage.directory == tmp_path / "state"
 
 
 # --- through the app, with a tiny random SAM -----------------------------------------------------------
 
 
 @pytest.fixture
-def served(tmp_path: Path, tiny_segmenter):
+def served(tmp_path: Path, tiny_segmenter, backing: str):
     """(Flask test client, engine, image): the recorded bodies are posted with a 400x300 image inlined."""
     import base64
     import io
@@ -340,7 +361,9 @@ def served(tmp_path: Path, tiny_segmenter):
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    settings = dataclasses.replace(Settings(), model_dir=tmp_path / "models", image_cache_dir=tmp_path / "cache")
+    settings = dataclasses.replace(Settings(), model_dir=tmp_path / "models", image_cache_dir=tmp_path / "cache",
+                                   prompt_state_shared="on" if backing == "files" else "off",
+                                   prompt_state_dir=str(tmp_path / "state"))
     engine = SamEngine(tiny_segmenter, source="tiny")
     client = create_app(settings, runtime=Runtime(settings, engine=engine)).test_client()
 

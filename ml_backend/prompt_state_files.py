@@ -1,0 +1,277 @@
+"""Prompt state in files shared by the worker processes of one backend (``PROMPT_STATE_SHARED``).
+
+One file per task key, named by the SHA-256 of the key, in ``PROMPT_STATE_DIR`` (by default a
+folder of ``/dev/shm``, memory-backed, named after ``MODEL_DIR`` so that two backends on one
+host never share it; ``MODEL_DIR/prompt-state`` where there is no ``/dev/shm``). A file is a
+safetensors file (no pickle): the object's prompts, labels, region signatures and answered
+region ids as JSON in its metadata, its low-resolution logits as float32 tensors, so what a
+process reads back is exactly what another stored.
+
+* **Atomic.** Files are written to a temporary name and renamed into place
+  (:func:`ml_backend.lru_files.write_atomically`): a reader sees a whole file or none. A
+  click's read-modify-write is held under an exclusive ``flock`` on one of
+  ``LOCK_STRIPES`` lock files (``locks/<nn>.lock``, a fixed set, never deleted, so a lock is
+  never taken on a file another process is unlinking).
+* **Bounded.** A file's mtime is its last click (every click writes its object); one older
+  than ``PROMPT_STATE_TTL_S`` is expired (not read, deleted by the next write), and after
+  each write the oldest files go until at most ``PROMPT_STATE_ENTRIES`` files of at most
+  ``PROMPT_STATE_MB`` in all remain.
+* **Never fatal.** A file that cannot be read or parsed (truncated, foreign, another
+  version) is logged, deleted and treated as no object; a file that cannot be written is
+  logged and the click is answered anyway (the next one starts over).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ml_backend import lru_files
+from ml_backend.labeling.context import KeyPoint, Rectangle
+from ml_backend.prompt_state import ObjectState, RegionMemory, TaskKey
+from ml_backend.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+SUFFIX = ".state"
+FORMAT = 1  # bumped when the metadata changes; files of another format are treated as no object
+LOCK_STRIPES = 256
+LOCK_POLL_S = 0.005
+LOCK_TIMEOUT_S = 30.0  # a click waits this long for another click on its task, then goes on unheld
+SHM = Path("/dev/shm")
+
+
+def state_directory(settings: Settings) -> Path:
+    """``PROMPT_STATE_DIR``, else a folder of ``/dev/shm`` named after ``MODEL_DIR``, else under ``MODEL_DIR``."""
+    if settings.prompt_state_dir:
+        return Path(settings.prompt_state_dir)
+    if SHM.is_dir() and os.access(SHM, os.W_OK):
+        model_dir = os.path.realpath(settings.model_dir)
+        return SHM / f"sam-trimap-prompts-{hashlib.sha256(model_dir.encode()).hexdigest()[:16]}"
+    return Path(settings.model_dir) / "prompt-state"
+
+
+class FileStorage:
+    """Objects as files in ``directory``, shared by every process that opens it (see the module's notes)."""
+
+    def __init__(self, directory: Path, *, max_bytes: int, max_entries: int, ttl_s: float,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.directory = Path(directory)
+        self.max_bytes, self.max_entries, self.ttl_s = max_bytes, max_entries, ttl_s
+        self._clock = clock
+        self._last_stamp = 0
+        (self.directory / "locks").mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            self.directory.chmod(0o700)  # other users of the host read no prompts nor plant objects
+        except OSError as exc:
+            logger.warning("prompt state: cannot make %s private (%s)", self.directory, exc)
+
+    def path_for(self, key: TaskKey) -> Path:
+        digest = hashlib.sha256(json.dumps([key.project, key.task, key.image]).encode()).hexdigest()
+        return self.directory / (digest + SUFFIX)
+
+    # --- locking -------------------------------------------------------------
+    @contextlib.contextmanager
+    def hold(self, key: TaskKey) -> Iterator[None]:
+        """An exclusive ``flock`` on the key's stripe (each call opens its own descriptor, so threads of one
+        process exclude each other too)."""
+        stripe = int(self.path_for(key).name[:2], 16) % LOCK_STRIPES
+        fd = os.open(self.directory / "locks" / f"{stripe:02x}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            held = _flock(fd, LOCK_TIMEOUT_S)
+            if not held:
+                logger.warning("prompt state of %s: another click held it for %.0f s; going on without it", key,
+                               LOCK_TIMEOUT_S)
+            try:
+                yield
+            finally:
+                if held:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    # --- reading -------------------------------------------------------------
+    def load(self, key: TaskKey) -> ObjectState | None:
+        path = self.path_for(key)
+        try:
+            with open(path, "rb") as file:
+                last_click = os.fstat(file.fileno()).st_mtime_ns / 1e9
+                payload = file.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            logger.warning("prompt state: cannot read %s (%s); starting over", path.name, exc)
+            return None
+        if last_click + self.ttl_s <= self._clock():
+            lru_files.unlink_quietly(path)
+            return None
+        try:
+            return decode(payload, key)
+        except Exception as exc:  # noqa: BLE001 -- whatever the file holds, a click must not fail on it
+            logger.warning("prompt state: %s is unreadable (%s: %s); deleting it, the object starts over",
+                           path.name, type(exc).__name__, exc)
+            lru_files.unlink_quietly(path)
+            return None
+
+    # --- writing -------------------------------------------------------------
+    def save(self, key: TaskKey, state: ObjectState) -> None:
+        path = self.path_for(key)
+        try:
+            lru_files.write_atomically(path, encode(key, state))
+            stamp = max(int(self._clock() * 1e9), self._last_stamp + 1)  # distinct stamps keep the LRU order
+            self._last_stamp = stamp
+            os.utime(path, ns=(stamp, stamp))
+        except OSError as exc:
+            logger.warning("prompt state: cannot write %s (%s); the next click on this task starts over",
+                           path.name, exc)
+            lru_files.unlink_quietly(path)
+        self._sweep()
+
+    def delete(self, key: TaskKey) -> None:
+        lru_files.unlink_quietly(self.path_for(key))
+
+    def _live_files(self) -> list[tuple[int, int, Path]]:
+        """(last click in ns, size, path) of the unexpired files; expired ones are deleted."""
+        now_ns = self._clock() * 1e9
+        live = []
+        for entry in lru_files.list_files([self.directory], SUFFIX):
+            if entry[0] + self.ttl_s * 1e9 <= now_ns:
+                lru_files.unlink_quietly(entry[2])
+            else:
+                live.append(entry)
+        return live
+
+    def _sweep(self) -> None:
+        live = sorted(self._live_files())
+        for _, _, path in live[:max(0, len(live) - self.max_entries)]:
+            lru_files.unlink_quietly(path)
+        lru_files.evict(live[max(0, len(live) - self.max_entries):], self.max_bytes)
+
+    def __len__(self) -> int:
+        return len(self._live_files())
+
+    @property
+    def current_bytes(self) -> int:
+        return sum(size for _, size, _ in self._live_files())
+
+
+# --- the file format ---------------------------------------------------------------------------------------
+def encode(key: TaskKey, state: ObjectState) -> bytes:
+    from safetensors.numpy import save
+
+    tensors: dict[str, np.ndarray] = {}
+    regions = []
+    for index, region in enumerate(state.regions):
+        box, points = region.signature
+        tensors[f"answered.{index}"] = np.ascontiguousarray(region.answered, np.float32)
+        if region.given is not None:
+            tensors[f"given.{index}"] = np.ascontiguousarray(region.given, np.float32)
+        regions.append({"box": box, "points": sorted(points)})
+    meta = {
+        "format": FORMAT,
+        "key": [key.project, key.task, key.image],
+        "label": state.label,
+        "size": list(state.size),
+        "groups": [{"group": [name, list(labels)], "items": [_item_json(item) for item in items]}
+                   for (name, labels), items in state.groups.items()],
+        "regions": regions,
+        "result_ids": sorted(state.result_ids),
+    }
+    return save(tensors, metadata={"state": json.dumps(meta)})
+
+
+def decode(payload: bytes, key: TaskKey) -> ObjectState:
+    """The object in ``payload``; raises (ValueError, KeyError, TypeError, SafetensorError) on anything else."""
+    from safetensors.numpy import load
+
+    tensors = load(payload)
+    header_size = int.from_bytes(payload[:8], "little")
+    meta = json.loads(json.loads(payload[8:8 + header_size])["__metadata__"]["state"])
+    if meta["format"] != FORMAT:
+        raise ValueError(f"format {meta['format']!r}, not {FORMAT}")
+    if meta["key"] != [key.project, key.task, key.image]:
+        raise ValueError("it belongs to another task")
+    groups = {}
+    for entry in meta["groups"]:
+        name, labels = entry["group"]
+        group = (_str(name), tuple(_str(label) for label in labels))
+        groups[group] = tuple(_item(item, group) for item in entry["items"])
+    regions = []
+    for index, region in enumerate(meta["regions"]):
+        box = None if region["box"] is None else tuple(float(v) for v in region["box"])
+        if box is not None and len(box) != 4:
+            raise ValueError("a box of another length")
+        points = frozenset((float(x), float(y), int(label)) for x, y, label in region["points"])
+        answered = _logits(tensors[f"answered.{index}"])
+        given = tensors.get(f"given.{index}")
+        regions.append(RegionMemory(signature=(box, points), given=None if given is None else _logits(given),
+                                    answered=answered))
+    width, height = (int(v) for v in meta["size"])
+    return ObjectState(groups=groups, label=_optional_str(meta["label"]), size=(width, height),
+                       regions=tuple(regions), result_ids=frozenset(_str(i) for i in meta["result_ids"]))
+
+
+def _item_json(item: KeyPoint | Rectangle) -> dict[str, Any]:
+    if isinstance(item, KeyPoint):
+        return {"kind": "point", "x": item.x, "y": item.y, "positive": item.positive, "label": item.label,
+                "id": item.item_id, "negative_label": item.negative_label}
+    return {"kind": "rectangle", "anchor": list(item.anchor), "size": list(item.size), "angle": item.angle,
+            "box": list(item.box), "label": item.label, "id": item.item_id}
+
+
+def _item(data: dict[str, Any], group: tuple[str, tuple[str, ...]]) -> KeyPoint | Rectangle:
+    label, item_id = _optional_str(data["label"]), _optional_str(data["id"])
+    if data["kind"] == "point":
+        return KeyPoint(x=float(data["x"]), y=float(data["y"]), positive=_bool(data["positive"]), label=label,
+                        item_id=item_id, group=group, negative_label=_bool(data["negative_label"]))
+    if data["kind"] == "rectangle":
+        anchor, size, box = (tuple(float(v) for v in data[name]) for name in ("anchor", "size", "box"))
+        if (len(anchor), len(size), len(box)) != (2, 2, 4):
+            raise ValueError("a rectangle of another shape")
+        return Rectangle(anchor=anchor, size=size, angle=float(data["angle"]), box=box, label=label,
+                         item_id=item_id, group=group)
+    raise ValueError(f"an item of kind {data['kind']!r}")
+
+
+def _logits(array: np.ndarray) -> np.ndarray:
+    if array.dtype != np.float32:
+        raise ValueError(f"logits of dtype {array.dtype}")
+    return array
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{type(value).__name__} where a string belongs")
+    return value
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value is None else _str(value)
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{type(value).__name__} where a boolean belongs")
+    return value
+
+
+def _flock(fd: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(LOCK_POLL_S)
