@@ -10,6 +10,10 @@ replayed under ``cProfile``; each stage's share of the profiled time (the cumula
 time of the function that does it) is applied to the unprofiled median. The profiler
 inflates Python-heavy stages more than tensor-heavy ones, so the shares are a guide,
 the total is exact.
+
+``--shared-prompt-state``: each further click is also sent with the prompt state in files
+shared by worker processes (``PROMPT_STATE_SHARED=on``), alternating click by click with the
+in-memory state on the same task, so both medians come from the same run and machine load.
 """
 
 from __future__ import annotations
@@ -65,11 +69,12 @@ def _keypoint(x_pct: float, y_pct: float, width: int, height: int) -> dict:
             "value": {"x": x_pct, "y": y_pct, "width": 1, "keypointlabels": ["Object"]}}
 
 
-def run(quick: bool, clicks: int) -> dict:
+def run(quick: bool, clicks: int, shared_prompt_state: bool = False) -> dict:
     import keras
     from PIL import Image
 
     from ml_backend.app import create_app
+    from ml_backend.prompt_state import PromptMemory
     from ml_backend.runtime import Runtime
     from ml_backend.sam import SamEngine
     from benchmarks.sam import base_architecture, quick_architecture, synthetic_image
@@ -84,7 +89,12 @@ def run(quick: bool, clicks: int) -> dict:
         settings = dataclasses.replace(Settings(), model_dir=root / "models", image_cache_dir=root / "cache",
                                        local_files_document_root=str(root))
         engine = SamEngine(build_segmenter(arch), source="random")
-        client = create_app(settings, runtime=Runtime(settings, engine=engine)).test_client()
+        runtime = Runtime(settings, engine=engine)
+        client = create_app(settings, runtime=runtime).test_client()
+        in_memory = runtime.prompt_state
+        shared = PromptMemory.from_settings(dataclasses.replace(
+            settings, prompt_state_shared="on", prompt_state_dir=str(root / "prompt-state"))) \
+            if shared_prompt_state else None
         Image.fromarray(synthetic_image(height, width)).save(root / "photo.jpg", quality=92)
         task = {"id": 1, "data": {"image": str(root / "photo.jpg")}}
 
@@ -99,7 +109,13 @@ def run(quick: bool, clicks: int) -> dict:
             return elapsed
 
         first = click(0)
-        further = [click(i) for i in range(1, clicks + 1)]
+        further, further_shared = [], []
+        for i in range(1, clicks + 1):
+            further.append(click(i))
+            if shared is not None:
+                runtime.prompt_state = shared
+                further_shared.append(click(i))
+                runtime.prompt_state = in_memory
         median = statistics.median(further)
         profile = cProfile.Profile()
         profile.enable()
@@ -107,27 +123,36 @@ def run(quick: bool, clicks: int) -> dict:
             click(i)
         profile.disable()
     stages = stage_breakdown(profile, median)
-    return {"image": f"{width}x{height}", "model": "quick" if quick else "base (vit_b shapes)",
-            "first_click_s": round(first, 4), "further_click_median_s": round(median, 4),
-            "first_over_further": round(first / median, 1),
-            "further_click_stages_s": {k: None if v is None else round(v, 4) for k, v in stages.items()}}
+    report = {"image": f"{width}x{height}", "model": "quick" if quick else "base (vit_b shapes)",
+              "first_click_s": round(first, 4), "further_click_median_s": round(median, 4),
+              "first_over_further": round(first / median, 1),
+              "further_click_stages_s": {k: None if v is None else round(v, 4) for k, v in stages.items()}}
+    if further_shared:
+        report["further_click_shared_state_median_s"] = round(statistics.median(further_shared), 4)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.click", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small model and a 640x480 image")
     parser.add_argument("--clicks", type=int, default=5, help="further clicks to time (default 5)")
+    parser.add_argument("--shared-prompt-state", action="store_true",
+                        help="also time each further click with the prompt state shared by worker processes")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.clicks < 1:
         parser.error("--clicks must be at least 1")
-    report = run(args.quick, args.clicks)
+    report = run(args.quick, args.clicks, args.shared_prompt_state)
     if args.json:
         print(json.dumps(report))
     else:
         print(f"{report['model']}, {report['image']} JPEG through the app: first click {report['first_click_s']:.3f} s, "
               f"further clicks {report['further_click_median_s'] * 1000:.0f} ms (median), "
               f"{report['first_over_further']}x")
+        if "further_click_shared_state_median_s" in report:
+            print(f"further clicks with the prompt state shared by worker processes (files, alternating): "
+                  f"{report['further_click_shared_state_median_s'] * 1000:.1f} ms (median) against "
+                  f"{report['further_click_median_s'] * 1000:.1f} ms in memory")
         print("a further click, by stage (profile shares of the median):")
         for stage, seconds in report["further_click_stages_s"].items():
             print(f"  {stage:40s} {'n/a' if seconds is None else f'{seconds * 1000:8.1f} ms'}")

@@ -2,7 +2,7 @@
 
 One file per task key, named by the SHA-256 of the key, in ``PROMPT_STATE_DIR`` (by default a
 folder of ``/dev/shm``, memory-backed, named after ``MODEL_DIR`` so that two backends on one
-host never share it; ``MODEL_DIR/prompt-state`` where there is no ``/dev/shm``). A file is a
+host never share it; else ``MODEL_DIR/prompt-state``, see *Where* below). A file is a
 safetensors file (no pickle): the object's prompts, labels, region signatures and answered
 region ids as JSON in its metadata, its low-resolution logits as float32 tensors, so what a
 process reads back is exactly what another stored.
@@ -16,6 +16,9 @@ process reads back is exactly what another stored.
   than ``PROMPT_STATE_TTL_S`` is expired (not read, deleted by the next write), and after
   each write the oldest files go until at most ``PROMPT_STATE_ENTRIES`` files of at most
   ``PROMPT_STATE_MB`` in all remain.
+* **Where.** ``/dev/shm`` is memory: no disk write per click. Docker gives a container 64 MB of it
+  by default, so the folder goes under ``MODEL_DIR`` when ``/dev/shm`` cannot hold twice
+  ``PROMPT_STATE_MB``.
 * **Never fatal.** A file that cannot be read or parsed (truncated, foreign, another
   version) is logged, deleted and treated as no object; a file that cannot be written is
   logged and the click is answered anyway (the next one starts over).
@@ -52,13 +55,19 @@ SHM = Path("/dev/shm")
 
 
 def state_directory(settings: Settings) -> Path:
-    """``PROMPT_STATE_DIR``, else a folder of ``/dev/shm`` named after ``MODEL_DIR``, else under ``MODEL_DIR``."""
+    """``PROMPT_STATE_DIR``, else a folder of ``/dev/shm`` named after ``MODEL_DIR`` when ``/dev/shm`` has room
+    for twice ``PROMPT_STATE_MB`` (Docker gives containers 64 MB), else ``MODEL_DIR/prompt-state``."""
     if settings.prompt_state_dir:
         return Path(settings.prompt_state_dir)
-    if SHM.is_dir() and os.access(SHM, os.W_OK):
+    if SHM.is_dir() and os.access(SHM, os.W_OK) and _free_bytes(SHM) >= 2 * (settings.prompt_state_mb << 20):
         model_dir = os.path.realpath(settings.model_dir)
         return SHM / f"sam-trimap-prompts-{hashlib.sha256(model_dir.encode()).hexdigest()[:16]}"
     return Path(settings.model_dir) / "prompt-state"
+
+
+def _free_bytes(folder: Path) -> int:
+    stats = os.statvfs(folder)
+    return stats.f_bavail * stats.f_frsize
 
 
 class FileStorage:

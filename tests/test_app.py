@@ -409,6 +409,7 @@ def test_click_bench_runs_through_the_app(capsys) -> None:
 
     from benchmarks.click import main
 
-    assert main(["--quick", "--clicks", "2", "--json"]) == 0
+    assert main(["--quick", "--clicks", "2", "--json", "--shared-prompt-state"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["first_click_s"] > 0 and report["further_click_median_s"] > 0 and report["image"] == "640x480"
+    assert report["further_click_shared_state_median_s"] > 0

@@ -290,3 +290,13 @@ def test_the_settings_choose_the_storage(tmp_path: Path) -> None:
     assert one != other  # two backends of one host never share objects
     if Path("/dev/shm").is_dir():
         assert one.parent == Path("/dev/shm")
+
+
+def test_a_small_dev_shm_is_not_used(tmp_path: Path, monkeypatch) -> None:
+    from ml_backend import prompt_state_files
+
+    settings = Settings.from_env({"MODEL_DIR": str(tmp_path / "models"), "PROMPT_STATE_MB": "64"})
+    monkeypatch.setattr(prompt_state_files, "_free_bytes", lambda folder: 64 << 20)  # Docker's default shm_size
+    assert state_directory(settings) == tmp_path / "models" / "prompt-state"
+    monkeypatch.setattr(prompt_state_files, "SHM", tmp_path / "no-such-folder")
+    assert state_directory(settings) == tmp_path / "models" / "prompt-state"
