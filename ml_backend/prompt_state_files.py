@@ -14,8 +14,9 @@ process reads back is exactly what another stored.
   never taken on a file another process is unlinking).
 * **Bounded.** A file's mtime is its last click (every click writes its object); one older
   than ``PROMPT_STATE_TTL_S`` is expired (not read, deleted by the next write), and after
-  each write the oldest files go until at most ``PROMPT_STATE_ENTRIES`` files of at most
-  ``PROMPT_STATE_MB`` in all remain.
+  a write (at most once a second per process: a sweep stats every file, ~4 ms for 1000) the
+  oldest files go until at most ``PROMPT_STATE_ENTRIES`` files of at most ``PROMPT_STATE_MB``
+  in all remain.
 * **Where.** ``/dev/shm`` is memory: no disk write per click. Docker gives a container 64 MB of it
   by default, so the folder goes under ``MODEL_DIR`` when ``/dev/shm`` cannot hold twice
   ``PROMPT_STATE_MB``.
@@ -51,6 +52,7 @@ FORMAT = 1  # bumped when the metadata changes; files of another format are trea
 LOCK_STRIPES = 256
 LOCK_POLL_S = 0.005
 LOCK_TIMEOUT_S = 30.0  # a click waits this long for another click on its task, then goes on unheld
+SWEEP_INTERVAL_S = 1.0  # a process enforces the bounds on the folder at most this often (a sweep stats every file)
 SHM = Path("/dev/shm")
 
 
@@ -74,11 +76,13 @@ class FileStorage:
     """Objects as files in ``directory``, shared by every process that opens it (see the module's notes)."""
 
     def __init__(self, directory: Path, *, max_bytes: int, max_entries: int, ttl_s: float,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, sweep_interval_s: float = SWEEP_INTERVAL_S) -> None:
         self.directory = Path(directory)
         self.max_bytes, self.max_entries, self.ttl_s = max_bytes, max_entries, ttl_s
+        self.sweep_interval_s = sweep_interval_s
         self._clock = clock
         self._last_stamp = 0
+        self._last_sweep = -float("inf")
         (self.directory / "locks").mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
             self.directory.chmod(0o700)  # other users of the host read no prompts nor plant objects
@@ -86,8 +90,7 @@ class FileStorage:
             logger.warning("prompt state: cannot make %s private (%s)", self.directory, exc)
 
     def path_for(self, key: TaskKey) -> Path:
-        digest = hashlib.sha256(json.dumps([key.project, key.task, key.image]).encode()).hexdigest()
-        return self.directory / (digest + SUFFIX)
+        return self.directory / (key_digest(key) + SUFFIX)
 
     # --- locking -------------------------------------------------------------
     @contextlib.contextmanager
@@ -144,7 +147,8 @@ class FileStorage:
             logger.warning("prompt state: cannot write %s (%s); the next click on this task starts over",
                            path.name, exc)
             lru_files.unlink_quietly(path)
-        self._sweep()
+        if time.monotonic() - self._last_sweep >= self.sweep_interval_s:
+            self._sweep()
 
     def delete(self, key: TaskKey) -> None:
         lru_files.unlink_quietly(self.path_for(key))
@@ -161,6 +165,7 @@ class FileStorage:
         return live
 
     def _sweep(self) -> None:
+        self._last_sweep = time.monotonic()
         live = sorted(self._live_files())
         for _, _, path in live[:max(0, len(live) - self.max_entries)]:
             lru_files.unlink_quietly(path)
@@ -175,6 +180,11 @@ class FileStorage:
 
 
 # --- the file format ---------------------------------------------------------------------------------------
+def key_digest(key: TaskKey) -> str:
+    """The file's name and its check of whose object it holds (the image URL may be a long data: URI)."""
+    return hashlib.sha256(json.dumps([key.project, key.task, key.image]).encode()).hexdigest()
+
+
 def encode(key: TaskKey, state: ObjectState) -> bytes:
     from safetensors.numpy import save
 
@@ -188,7 +198,7 @@ def encode(key: TaskKey, state: ObjectState) -> bytes:
         regions.append({"box": box, "points": sorted(points)})
     meta = {
         "format": FORMAT,
-        "key": [key.project, key.task, key.image],
+        "key": key_digest(key),
         "label": state.label,
         "size": list(state.size),
         "groups": [{"group": [name, list(labels)], "items": [_item_json(item) for item in items]}
@@ -208,7 +218,7 @@ def decode(payload: bytes, key: TaskKey) -> ObjectState:
     meta = json.loads(json.loads(payload[8:8 + header_size])["__metadata__"]["state"])
     if meta["format"] != FORMAT:
         raise ValueError(f"format {meta['format']!r}, not {FORMAT}")
-    if meta["key"] != [key.project, key.task, key.image]:
+    if meta["key"] != key_digest(key):
         raise ValueError("it belongs to another task")
     groups = {}
     for entry in meta["groups"]:

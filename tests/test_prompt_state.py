@@ -61,7 +61,7 @@ class Session:
         self.clock = Clock()
         options = {"max_bytes": 64 << 20, "max_entries": 100, "ttl_s": 900.0, **limits}
         storage = None if self.shared_dir is None else FileStorage(
-            self.shared_dir / str(next(Session.sessions)), clock=self.clock, **options)
+            self.shared_dir / str(next(Session.sessions)), clock=self.clock, sweep_interval_s=0, **options)
         self.memory = PromptMemory(clock=self.clock, storage=storage, **options)
         self.answers = 0
 

@@ -29,9 +29,10 @@ WORKER = Path(__file__).with_name("prompt_state_worker.py")
 LIMITS = {"max_bytes": 64 << 20, "max_entries": 100, "ttl_s": 900.0}
 
 
-def shared(directory: Path, clock=time.time, **limits) -> PromptMemory:
+def shared(directory: Path, clock=time.time, sweep_interval_s: float = 0, **limits) -> PromptMemory:
     options = {**LIMITS, **limits}
-    return PromptMemory(**options, storage=FileStorage(directory, clock=clock, **options))
+    return PromptMemory(**options, storage=FileStorage(directory, clock=clock, sweep_interval_s=sweep_interval_s,
+                                                       **options))
 
 
 def send(memory: PromptMemory, request: dict, fill: float) -> tuple:
@@ -195,6 +196,18 @@ def test_the_folder_is_bounded_by_entries_and_by_bytes(tmp_path: Path) -> None:
     sizes = [p.stat().st_size for p in files(tmp_path / "bytes")]
     assert len(sizes) == 2 and sum(sizes) <= 2.5 * one and by_bytes.current_bytes == sum(sizes)
     assert [by_bytes.get(k) is not None for k in keys] == [False] * 3 + [True] * 2
+
+
+def test_the_folder_is_swept_at_most_once_per_interval(tmp_path: Path) -> None:
+    memory = shared(tmp_path, max_entries=1, sweep_interval_s=3600)
+    for task_id in range(3):
+        request = body("keypoint")
+        request["tasks"][0]["id"] = task_id
+        send(memory, request, float(task_id))
+    assert len(files(tmp_path)) == 3  # swept after the first write only
+    memory.storage.sweep_interval_s = 0
+    send(memory, body("keypoint"), 9.0)
+    assert len(files(tmp_path)) == 1
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "another task", "wrong dtype", "bad json",
