@@ -219,7 +219,8 @@ class MemoryStorage:
 
 
 class PromptMemory:
-    """Per-task object state: the rules, over a :class:`StateStorage` (in memory unless one is given)."""
+    """Per-task object state: the rules, over a :class:`StateStorage` (a :class:`MemoryStorage` of these limits
+    unless ``storage`` is given, which has its own)."""
 
     def __init__(self, *, max_bytes: int, max_entries: int, ttl_s: float,
                  clock: Callable[[], float] = time.monotonic, storage: StateStorage | None = None) -> None:
@@ -233,7 +234,7 @@ class PromptMemory:
                   "ttl_s": settings.prompt_state_ttl_s}
         if not shared_state(settings):
             return cls(**limits)
-        from ml_backend.prompt_state_files import FileStorage, state_directory
+        from ml_backend.prompt_state_files import FileStorage, state_directory  # it imports this module
 
         directory = state_directory(settings)
         logger.info("prompt state shared by the worker processes in %s", directory)
