@@ -160,6 +160,7 @@ class StateStorage(Protocol):
 
 
 LOCK_STRIPES = 64  # tasks share this many locks: two tasks on one stripe only wait for each other's click
+LOCK_TIMEOUT_S = 30.0  # a click waits this long for another click on its task, then goes on unheld
 
 
 class MemoryStorage:
@@ -183,8 +184,16 @@ class MemoryStorage:
 
     @contextlib.contextmanager
     def hold(self, key: TaskKey) -> Iterator[None]:
-        with self._stripes[hash(key) % LOCK_STRIPES]:
+        stripe = self._stripes[hash(key) % LOCK_STRIPES]
+        held = stripe.acquire(timeout=LOCK_TIMEOUT_S)
+        if not held:
+            logger.warning("prompt state of %s: another click held it for %.0f s; going on without it", key,
+                           LOCK_TIMEOUT_S)
+        try:
             yield
+        finally:
+            if held:
+                stripe.release()
 
     def load(self, key: TaskKey) -> ObjectState | None:
         with self._lock:

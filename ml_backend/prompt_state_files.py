@@ -42,7 +42,7 @@ import numpy as np
 
 from ml_backend import lru_files
 from ml_backend.labeling.context import KeyPoint, Rectangle
-from ml_backend.prompt_state import ObjectState, RegionMemory, TaskKey
+from ml_backend.prompt_state import LOCK_TIMEOUT_S, ObjectState, RegionMemory, TaskKey
 from ml_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,6 @@ SUFFIX = ".state"
 FORMAT = 1  # bumped when the metadata changes; files of another format are treated as no object
 LOCK_STRIPES = 256
 LOCK_POLL_S = 0.005
-LOCK_TIMEOUT_S = 30.0  # a click waits this long for another click on its task, then goes on unheld
 SWEEP_INTERVAL_S = 1.0  # a process enforces the bounds on the folder at most this often (a sweep stats every file)
 SHM = Path("/dev/shm")
 
