@@ -313,3 +313,32 @@ def test_a_small_dev_shm_is_not_used(tmp_path: Path, monkeypatch) -> None:
     assert state_directory(settings) == tmp_path / "models" / "prompt-state"
     monkeypatch.setattr(prompt_state_files, "SHM", tmp_path / "no-such-folder")
     assert state_directory(settings) == tmp_path / "models" / "prompt-state"
+
+
+@pytest.mark.parametrize("kind", ["memory", "files"])
+def test_a_click_held_up_too_long_goes_on_with_a_warning(tmp_path: Path, monkeypatch, caplog, kind: str) -> None:
+    from ml_backend import prompt_state, prompt_state_files
+
+    monkeypatch.setattr(prompt_state, "LOCK_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(prompt_state_files, "LOCK_TIMEOUT_S", 0.2)
+    memory = shared(tmp_path) if kind == "files" else PromptMemory(**LIMITS)
+    key = task_key(1, {"id": 1}, "u")
+    taken, release = threading.Event(), threading.Event()
+
+    def stuck_click() -> None:
+        with memory.hold(key):
+            taken.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=stuck_click)
+    thread.start()
+    assert taken.wait(10)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        with memory.hold(key):
+            waited = time.monotonic() - started
+    release.set()
+    thread.join()
+    assert 0.2 <= waited < 5 and "going on without it" in caplog.text
+    with memory.hold(key):  # and the lock is free again
+        pass
