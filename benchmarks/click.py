@@ -14,6 +14,8 @@ the total is exact.
 ``--shared-prompt-state``: each further click is also sent with the prompt state in files
 shared by worker processes (``PROMPT_STATE_SHARED=on``), alternating click by click with the
 in-memory state on the same task, so both medians come from the same run and machine load.
+The files go where the backend would put them (``/dev/shm`` when it has room; deleted at
+the end), or under ``--prompt-state-dir``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import cProfile
 import dataclasses
 import json
 import pstats
+import shutil
 import statistics
 import sys
 import tempfile
@@ -69,12 +72,13 @@ def _keypoint(x_pct: float, y_pct: float, width: int, height: int) -> dict:
             "value": {"x": x_pct, "y": y_pct, "width": 1, "keypointlabels": ["Object"]}}
 
 
-def run(quick: bool, clicks: int, shared_prompt_state: bool = False) -> dict:
+def run(quick: bool, clicks: int, shared_prompt_state: bool = False, prompt_state_dir: str = "") -> dict:
     import keras
     from PIL import Image
 
     from ml_backend.app import create_app
     from ml_backend.prompt_state import PromptMemory
+    from ml_backend.prompt_state_files import state_directory
     from ml_backend.runtime import Runtime
     from ml_backend.sam import SamEngine
     from benchmarks.sam import base_architecture, quick_architecture, synthetic_image
@@ -92,8 +96,9 @@ def run(quick: bool, clicks: int, shared_prompt_state: bool = False) -> dict:
         runtime = Runtime(settings, engine=engine)
         client = create_app(settings, runtime=runtime).test_client()
         in_memory = runtime.prompt_state
-        shared = PromptMemory.from_settings(dataclasses.replace(
-            settings, prompt_state_shared="on", prompt_state_dir=str(root / "prompt-state"))) \
+        shared_settings = dataclasses.replace(settings, prompt_state_shared="on")
+        shared_dir = Path(prompt_state_dir) if prompt_state_dir else state_directory(shared_settings)
+        shared = PromptMemory.from_settings(dataclasses.replace(shared_settings, prompt_state_dir=str(shared_dir))) \
             if shared_prompt_state else None
         Image.fromarray(synthetic_image(height, width)).save(root / "photo.jpg", quality=92)
         task = {"id": 1, "data": {"image": str(root / "photo.jpg")}}
@@ -122,6 +127,8 @@ def run(quick: bool, clicks: int, shared_prompt_state: bool = False) -> dict:
         for i in range(clicks + 1, 2 * clicks + 1):
             click(i)
         profile.disable()
+        if shared is not None and not prompt_state_dir:
+            shutil.rmtree(shared_dir, ignore_errors=True)  # outside the temporary folder when in /dev/shm
     stages = stage_breakdown(profile, median)
     report = {"image": f"{width}x{height}", "model": "quick" if quick else "base (vit_b shapes)",
               "first_click_s": round(first, 4), "further_click_median_s": round(median, 4),
@@ -129,6 +136,7 @@ def run(quick: bool, clicks: int, shared_prompt_state: bool = False) -> dict:
               "further_click_stages_s": {k: None if v is None else round(v, 4) for k, v in stages.items()}}
     if further_shared:
         report["further_click_shared_state_median_s"] = round(statistics.median(further_shared), 4)
+        report["shared_state_dir"] = str(shared_dir)
     return report
 
 
@@ -138,11 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clicks", type=int, default=5, help="further clicks to time (default 5)")
     parser.add_argument("--shared-prompt-state", action="store_true",
                         help="also time each further click with the prompt state shared by worker processes")
+    parser.add_argument("--prompt-state-dir", default="",
+                        help="where the shared prompt state goes (default: where the backend would put it)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.clicks < 1:
         parser.error("--clicks must be at least 1")
-    report = run(args.quick, args.clicks, args.shared_prompt_state)
+    report = run(args.quick, args.clicks, args.shared_prompt_state, args.prompt_state_dir)
     if args.json:
         print(json.dumps(report))
     else:
@@ -150,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
               f"further clicks {report['further_click_median_s'] * 1000:.0f} ms (median), "
               f"{report['first_over_further']}x")
         if "further_click_shared_state_median_s" in report:
-            print(f"further clicks with the prompt state shared by worker processes (files, alternating): "
+            print(f"further clicks with the prompt state shared by worker processes (files in "
+                  f"{report['shared_state_dir']}, alternating): "
                   f"{report['further_click_shared_state_median_s'] * 1000:.1f} ms (median) against "
                   f"{report['further_click_median_s'] * 1000:.1f} ms in memory")
         print("a further click, by stage (profile shares of the median):")
