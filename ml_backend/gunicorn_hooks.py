@@ -5,6 +5,8 @@ operator, a crashed supervisor) otherwise runs on unsupervised through its grace
 it keeps the listening socket and holds the click in flight until that click finishes or the
 graceful timeout passes, so the click hangs and the restarted master competes for the port.
 With no master to report to, the orphan goes at once instead (tests/test_faults_serving.py).
+
+When the master exits, the prompt state's folder in ``/dev/shm`` (memory) goes with it.
 """
 
 from __future__ import annotations
@@ -35,3 +37,14 @@ def post_fork(server, worker) -> None:
         return
     if os.getppid() != server.pid:  # the master died between fork and prctl
         os._exit(1)
+
+
+def on_exit(server) -> None:
+    """Remove the prompt state's ``/dev/shm`` folder (``ml_backend.prompt_state_files``)."""
+    from ml_backend.prompt_state_files import remove_shm_directory
+    from ml_backend.settings import Settings, SettingsError
+
+    try:
+        remove_shm_directory(Settings.from_env())
+    except (OSError, SettingsError) as exc:
+        logger.warning("could not remove the prompt state's folder: %s", exc)

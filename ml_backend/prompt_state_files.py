@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -61,9 +62,20 @@ def state_directory(settings: Settings) -> Path:
     if settings.prompt_state_dir:
         return Path(settings.prompt_state_dir)
     if SHM.is_dir() and os.access(SHM, os.W_OK) and _free_bytes(SHM) >= 2 * (settings.prompt_state_mb << 20):
-        model_dir = os.path.realpath(settings.model_dir)
-        return SHM / f"sam-trimap-prompts-{hashlib.sha256(model_dir.encode()).hexdigest()[:16]}"
+        return _shm_directory(settings)
     return Path(settings.model_dir) / "prompt-state"
+
+
+def _shm_directory(settings: Settings) -> Path:
+    model_dir = os.path.realpath(settings.model_dir)
+    return SHM / f"sam-trimap-prompts-{hashlib.sha256(model_dir.encode()).hexdigest()[:16]}"
+
+
+def remove_shm_directory(settings: Settings) -> None:
+    """Delete the ``/dev/shm`` folder :func:`state_directory` derives (memory that would outlive the backend);
+    run when gunicorn's master exits. A folder named by ``PROMPT_STATE_DIR`` is the operator's: kept."""
+    if not settings.prompt_state_dir:
+        shutil.rmtree(_shm_directory(settings), ignore_errors=True)
 
 
 def _free_bytes(folder: Path) -> int:
@@ -82,6 +94,10 @@ class FileStorage:
         self._clock = clock
         self._last_stamp = 0
         self._last_sweep = -float("inf")
+        self._make_directory()
+
+    def _make_directory(self) -> None:
+        """Also after the folder vanished under a running backend (a cleaner of /dev/shm, systemd's RemoveIPC)."""
         (self.directory / "locks").mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
             self.directory.chmod(0o700)  # other users of the host read no prompts nor plant objects
@@ -97,7 +113,10 @@ class FileStorage:
         """An exclusive ``flock`` on the key's stripe (each call opens its own descriptor, so threads of one
         process exclude each other too)."""
         stripe = int(self.path_for(key).name[:2], 16) % LOCK_STRIPES
-        fd = os.open(self.directory / "locks" / f"{stripe:02x}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = self._open_lock(self.directory / "locks" / f"{stripe:02x}.lock")
+        if fd is None:
+            yield
+            return
         try:
             held = _flock(fd, LOCK_TIMEOUT_S)
             if not held:
@@ -110,6 +129,25 @@ class FileStorage:
                     fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+    def _open_lock(self, path: Path) -> int | None:
+        for attempt in range(2):
+            try:
+                return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            except FileNotFoundError:
+                if attempt == 0:
+                    self._make_directory_quietly()
+            except OSError as exc:
+                logger.warning("prompt state: cannot open %s (%s); this click goes on unheld", path, exc)
+                return None
+        logger.warning("prompt state: %s cannot be made; this click goes on unheld", path.parent)
+        return None
+
+    def _make_directory_quietly(self) -> None:
+        try:
+            self._make_directory()
+        except OSError as exc:
+            logger.warning("prompt state: cannot make %s (%s)", self.directory, exc)
 
     # --- reading -------------------------------------------------------------
     def load(self, key: TaskKey) -> ObjectState | None:
@@ -137,8 +175,13 @@ class FileStorage:
     # --- writing -------------------------------------------------------------
     def save(self, key: TaskKey, state: ObjectState) -> None:
         path = self.path_for(key)
+        payload = encode(key, state)
         try:
-            lru_files.write_atomically(path, encode(key, state))
+            try:
+                lru_files.write_atomically(path, payload)
+            except FileNotFoundError:
+                self._make_directory()
+                lru_files.write_atomically(path, payload)
             stamp = max(int(self._clock() * 1e9), self._last_stamp + 1)  # distinct stamps keep the LRU order
             self._last_stamp = stamp
             os.utime(path, ns=(stamp, stamp))

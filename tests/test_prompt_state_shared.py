@@ -342,3 +342,34 @@ def test_a_click_held_up_too_long_goes_on_with_a_warning(tmp_path: Path, monkeyp
     assert 0.2 <= waited < 5 and "going on without it" in caplog.text
     with memory.hold(key):  # and the lock is free again
         pass
+
+
+def test_a_folder_that_vanished_is_made_again(tmp_path: Path) -> None:
+    import shutil
+
+    memory = shared(tmp_path / "state")
+    send(memory, body("keypoint"), 1.0)
+    shutil.rmtree(tmp_path / "state")  # e.g. systemd's RemoveIPC cleaning /dev/shm
+    with pytest.raises(InvalidPromptError, match="click the object"):
+        send(memory, body("background_alone"), 2.0)  # the object is gone, the click is answered (422, not 500)
+    send(memory, body("keypoint"), 3.0)
+    assert len(files(tmp_path / "state")) == 1 and send(memory, body("alt_click"), 4.0)[0].regions
+
+
+def test_the_masters_exit_removes_the_derived_shm_folder_only(tmp_path: Path, monkeypatch) -> None:
+    from ml_backend import gunicorn_hooks, prompt_state_files
+
+    monkeypatch.setattr(prompt_state_files, "SHM", tmp_path / "shm")
+    (tmp_path / "shm").mkdir()
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "models"))
+    monkeypatch.delenv("PROMPT_STATE_DIR", raising=False)
+    derived = state_directory(Settings.from_env())
+    assert derived.parent == tmp_path / "shm"
+    send(shared(derived), body("keypoint"), 1.0)
+    gunicorn_hooks.on_exit(None)
+    assert not derived.exists()
+
+    monkeypatch.setenv("PROMPT_STATE_DIR", str(tmp_path / "mine"))
+    send(shared(tmp_path / "mine"), body("keypoint"), 1.0)
+    gunicorn_hooks.on_exit(None)
+    assert len(files(tmp_path / "mine")) == 1
