@@ -334,9 +334,8 @@ def test_a_click_held_up_too_long_goes_on_with_a_warning(tmp_path: Path, monkeyp
     thread.start()
     assert taken.wait(10)
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING):
-        with memory.hold(key):
-            waited = time.monotonic() - started
+    with caplog.at_level(logging.WARNING), memory.hold(key):
+        waited = time.monotonic() - started
     release.set()
     thread.join()
     assert 0.2 <= waited < 5 and "going on without it" in caplog.text
