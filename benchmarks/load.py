@@ -52,7 +52,8 @@ LABEL_STUDIO_TIMEOUT_S = 100.0  # how long Label Studio waits for /predict
 TARGET_ERRORS = 0
 TARGET_CACHED_P95_VS_SINGLE = 3.0  # p95 cached click under load / single-user p95, at most
 TARGET_BUSY_ANSWER_S = 1.0  # a refused first click is answered within, at most
-RSS_WORKING_ALLOWANCE_MB = 1024  # encodes and requests in flight, beyond the caches
+THREADS = 8  # gunicorn threads per worker (the README's default)
+REQUEST_WORKING_MB = 128  # one click in flight: a 4000x3000 image decoded, one full-size mask upsampled
 REFINEMENT_CACHE_MB = 64  # ml_backend.runtime.REFINEMENT_CACHE_BYTES
 ENCODED = re.compile(r"encoded image ([0-9a-f]+) in ")
 LABEL_CONFIG = """<View><Image name="image" value="$image"/>
@@ -145,7 +146,7 @@ def serve(workdir: Path, preset: Path, workers: int, env_extra: dict[str, str]) 
     port = free_port()
     log = workdir / f"backend-w{workers}.log"
     env = {**os.environ, "PYTHONPATH": str(REPO), "HOST": "127.0.0.1", "PORT": str(port), "WORKERS": str(workers),
-           "THREADS": "8", "LOG_LEVEL": "INFO", "SAM_MODEL": str(preset), "MODEL_DIR": str(workdir / "models"),
+           "THREADS": str(THREADS), "LOG_LEVEL": "INFO", "SAM_MODEL": str(preset), "MODEL_DIR": str(workdir / "models"),
            "IMAGE_CACHE_DIR": str(workdir / "image-cache"), "LOCAL_FILES_DOCUMENT_ROOT": str(workdir / "files"),
            "EMBEDDING_STORE_DIR": str(workdir / f"embeddings-w{workers}"),  # fresh: every encode counted
            **env_extra}
@@ -292,6 +293,7 @@ def run_config(workdir: Path, preset: Path, workers: int, work: Workload, env_ex
         rss_ready_mb = rss.sample()[1]
         single = Recorder()
         annotate(server, [single_image], work, single, random.Random(0))
+        rss_single_mb = rss.peak_worker_mb  # ready + one encode's working set, measured
         team = Recorder()
         threads = [threading.Thread(target=annotate, args=(server, names, work, team, random.Random(a + 1)))
                    for a, names in enumerate(team_images)]
@@ -305,7 +307,9 @@ def run_config(workdir: Path, preset: Path, workers: int, work: Workload, env_ex
     single_p95 = summary(single.times["cached"]).get("p95_s")
     team_p95 = summary(team.times["cached"]).get("p95_s")
     cache_mb = int(env_extra.get("EMBEDDING_CACHE_MB", "1024"))
-    rss_bound_mb = rss_ready_mb + cache_mb + REFINEMENT_CACHE_MB + RSS_WORKING_ALLOWANCE_MB
+    # What a worker may hold: what one annotator's image needed (the model, one encode's working set: ~2.7 GB
+    # for vit_b in float32 on a CPU), the two caches full, and one click in flight on every thread.
+    rss_bound_mb = rss_single_mb + cache_mb + REFINEMENT_CACHE_MB + THREADS * REQUEST_WORKING_MB
     busy = summary(team.times["busy"])
     return {
         "workers": workers,
@@ -319,6 +323,7 @@ def run_config(workdir: Path, preset: Path, workers: int, work: Workload, env_ex
         "distinct_images": 1 + work.annotators * work.images,
         "distinct_images_encoded": len(set(encoded)),
         "rss_ready_worker_mb": round(rss_ready_mb),
+        "rss_single_user_worker_mb": round(rss_single_mb),
         "rss_peak_worker_mb": round(rss.peak_worker_mb),
         "rss_peak_total_mb": round(rss.peak_total_mb),
         "rss_bound_worker_mb": round(rss_bound_mb),
@@ -367,7 +372,8 @@ def print_report(report: dict) -> None:
         print(f"  errors {config['errors']} (target 0) {config['error_examples'] or ''}")
         print(f"  encodes {config['encodes']} for {config['distinct_images']} distinct images "
               f"({config['distinct_images_encoded']} of them encoded); team phase {config['team_wall_s']} s")
-        print(f"  RSS per worker: ready {config['rss_ready_worker_mb']} MB, peak {config['rss_peak_worker_mb']} MB "
+        print(f"  RSS per worker: ready {config['rss_ready_worker_mb']} MB, after one user's image "
+              f"{config['rss_single_user_worker_mb']} MB, peak {config['rss_peak_worker_mb']} MB "
               f"(bound {config['rss_bound_worker_mb']} MB); all processes peak {config['rss_peak_total_mb']} MB")
         for name, ok in config["checks"].items():
             print(f"  [{'ok' if ok else 'MISSED'}] {name}")

@@ -27,6 +27,9 @@ from ml_backend.settings import Settings
 logger = logging.getLogger(__name__)
 
 SAM_WAIT_S = 80.0  # Label Studio gives /predict 100 s: answer 503 "still loading" before that
+# A first click queued for an encode is served while its answer still fits in Label Studio's 100 s,
+# less this much for downloading, decoding, the decoder and the JSON answer.
+ENCODE_ANSWER_WITHIN_S = 85.0
 PREENCODE_SAM_WAIT_S = 3600.0  # background work waits for SAM to load
 WARMUP_PROJECT = 0  # /warmup with bare tasks: their progress shows under project "0"
 
@@ -56,7 +59,8 @@ class Runtime:
         self.url_index = UrlIndex(lambda url: self.images.local_file(url, label_studio_url=self.access.url or None),
                                   ttl_s=settings.url_key_ttl_s, origin=lambda: self.access.url)
         # At most N encodes at once; further first clicks queue briefly, then get 503 + Retry-After.
-        self.encode_gate = EncodeGate(encode_slots(settings), settings.encode_queue_timeout_s)
+        self.encode_gate = EncodeGate(encode_slots(settings), settings.encode_queue_timeout_s,
+                                      answer_within_s=ENCODE_ANSWER_WITHIN_S)
         self.preencoder = self._build_preencoder(settings)
         self._connected: set[int] = set()
         self._image_keys: dict[int, str] = {}  # project -> its config's image field

@@ -234,8 +234,11 @@ def test_through_the_app_a_busy_encoder_answers_503_with_retry_after_and_cached_
         Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
         paths.append(str(tmp_path / f"{name}.png"))
 
-    engine.release.set()
+    # Image a's encode takes 1.5 s: the gate's estimate for a click queued behind b is then about that,
+    # past the 0.3 s bound (a click the estimate admits is served, however long it then waits).
+    threading.Timer(1.5, engine.release.set).start()
     assert client.post("/predict", json=click_body(paths[0])).status_code == 200  # cached from now on
+    assert runtime.encode_gate.mean_encode_s >= 1.4
     engine.release.clear()
     engine.encoding.clear()
     answers: dict[str, int] = {}
@@ -256,3 +259,58 @@ def test_through_the_app_a_busy_encoder_answers_503_with_retry_after_and_cached_
     assert client.post("/predict", json=click_body(paths[2])).status_code == 200  # free again
     assert engine.encodes == 3  # a, b, c: the refused click did not encode
     assert runtime.sam_status()["encodes"]["refused"] == 1
+
+
+def test_a_queued_click_is_served_past_the_bound_while_its_answer_still_fits() -> None:
+    """The estimate admitted it; encodes then ran slower (clicks decoding beside them). Refusing it at the bound
+    would waste its wait: it is served while one more encode still fits in ``answer_within_s``."""
+    clock = FakeClock()
+    gate = EncodeGate(slots=1, max_wait_s=45, answer_within_s=85, clock=clock)
+    with gate.slot():  # one measured encode of 10 s
+        clock.now += 10
+    release, entered = threading.Event(), threading.Event()
+    order: list[str] = []
+    holder = hold(gate, Priority.INTERACTIVE, order, "running", release, entered)
+    assert entered.wait(5)
+    waiter = hold(gate, Priority.INTERACTIVE, order, "queued", release)  # estimated 10 s: admitted
+    wait_until(lambda: gate.status()["waiting"] == 1)
+    clock.now += 60  # the running encode is far slower than estimated: past the 45 s bound
+    with gate._cond:
+        gate._cond.notify_all()  # wake the waiter to look at the clock
+    time.sleep(0.2)
+    assert gate.status()["waiting"] == 1, "refused although its answer still fits in 85 s"
+    release.set()
+    holder.join(5)
+    waiter.join(5)
+    assert order == ["running", "queued"]
+    assert gate.status()["refused"] == 0
+
+
+def test_a_queued_click_is_refused_once_its_answer_could_no_longer_arrive_in_time() -> None:
+    clock = FakeClock()
+    gate = EncodeGate(slots=1, max_wait_s=45, answer_within_s=85, clock=clock)
+    with gate.slot():
+        clock.now += 10
+    release, entered = threading.Event(), threading.Event()
+    holder = hold(gate, Priority.INTERACTIVE, [], "running", release, entered)
+    assert entered.wait(5)
+    refused: list[EncodeBusyError] = []
+
+    def queued() -> None:
+        try:
+            with gate.slot():
+                pass
+        except EncodeBusyError as exc:
+            refused.append(exc)
+
+    thread = threading.Thread(target=queued)
+    thread.start()
+    wait_until(lambda: gate.status()["waiting"] == 1)
+    clock.now += 76  # 85 s less one 10 s encode: 75 s is the most it may wait
+    with gate._cond:
+        gate._cond.notify_all()
+    thread.join(5)
+    assert refused and refused[0].status_code == 503 and refused[0].retry_after_s >= 1
+    assert gate.status()["waiting"] == 0
+    release.set()
+    holder.join(5)

@@ -6,8 +6,11 @@ then takes eight times as long and all miss Label Studio's 100 s); one at a time
 answers the first quickly and the rest in turn. A caller who would wait longer than
 the bound is refused at once with :class:`EncodeBusyError` (HTTP 503 with
 ``Retry-After``) instead of timing out; the wait is estimated from the encodes
-measured so far, and a caller whose estimate was too hopeful is refused when its
-wait reaches the bound.
+measured so far. A caller once queued is served even when the estimate was too
+hopeful (encodes slow down while other clicks decode), as long as its answer can
+still reach the client in time (``answer_within_s``, less one encode): refusing it
+then would throw away the wait it already sat through. Without an estimate (no
+encode measured yet) the bound is all there is.
 
 Interactive first clicks go before background encodes (warm-up, pre-encoding), which
 wait without a bound. Decoding (further clicks) never passes through the gate.
@@ -16,7 +19,7 @@ Hand-written because a semaphore has neither priorities nor a wait estimate.
 
 Usage::
 
-    gate = EncodeGate(slots=1, max_wait_s=45)
+    gate = EncodeGate(slots=1, max_wait_s=45, answer_within_s=90)
     with gate.slot():                                   # interactive: bounded wait, may raise
         embedding = engine.embed(image)
     with gate.slot(Priority.BACKGROUND):                # background: waits for free slots
@@ -84,11 +87,13 @@ _DEFAULT = object()
 class EncodeGate:
     """A priority queue in front of ``slots`` concurrent encodes."""
 
-    def __init__(self, slots: int, max_wait_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, slots: int, max_wait_s: float, *, answer_within_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if slots < 1:
             raise ValueError(f"an encode gate needs at least one slot (got {slots})")
         self.slots = slots
         self.max_wait_s = max_wait_s
+        self.answer_within_s = answer_within_s
         self._clock = clock
         self._cond = threading.Condition()
         self._waiting: list[tuple[int, int]] = []  # heap of (priority, arrival number)
@@ -121,6 +126,13 @@ class EncodeGate:
         """How long a caller arriving now would wait for a slot (None: no encode measured yet)."""
         with self._cond:
             return self._estimate_locked(self._ahead_locked(priority))
+
+    def _give_up_after_locked(self, max_wait_s: float) -> float:
+        """How long an admitted caller may wait for its slot: the bound, or longer while its answer (one
+        more encode) still fits in ``answer_within_s``."""
+        if self.answer_within_s is None or self._mean_s is None:
+            return max_wait_s
+        return max(max_wait_s, self.answer_within_s - self._mean_s)
 
     def _ahead_locked(self, priority: int) -> int:
         return sum(1 for p, _ in self._waiting if p <= priority)
@@ -180,15 +192,15 @@ class EncodeGate:
                     raise self._refusal(ahead, estimate, max_wait_s)
             heapq.heappush(self._waiting, ticket)
             arrived = self._clock()
-            deadline = None if max_wait_s is None else arrived + max_wait_s
             while not (len(self._active) < self.slots and self._waiting[0] == ticket):
-                remaining = None if deadline is None else deadline - self._clock()
+                remaining = (None if max_wait_s is None
+                             else arrived + self._give_up_after_locked(max_wait_s) - self._clock())
                 if remaining is not None and remaining <= 0:
                     self._waiting.remove(ticket)
                     heapq.heapify(self._waiting)
                     self._cond.notify_all()  # the head may have changed
                     self.counters.refused_after_waiting += 1
-                    raise self._refusal(self._ahead_locked(ticket[0]), None, max_wait_s)
+                    raise self._refusal(self._ahead_locked(ticket[0]), None, self._clock() - arrived)
                 self._cond.wait(remaining)
             heapq.heappop(self._waiting)
             started = self._clock()
