@@ -8,6 +8,7 @@ ends in a complete file or a miss. Used by the image download cache and the embe
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import tempfile
@@ -83,3 +84,20 @@ def evict(entries: list[tuple[int, int, Path]], max_bytes: int) -> None:
             break
         unlink_quietly(path)
         total -= size
+
+
+def flock_exclusive(fd: int, *, timeout_s: float | None = None, blocking: bool = True, poll_s: float = 0.05) -> bool:
+    """Take an exclusive ``flock`` on ``fd``: True once held, False when ``timeout_s`` passed (or at once
+    when not ``blocking``). Blocking with no timeout waits in the kernel; with one it polls every ``poll_s``."""
+    if blocking and timeout_s is None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return True
+    deadline = time.monotonic() + (timeout_s or 0.0)
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if not blocking or time.monotonic() >= deadline:
+                return False
+            time.sleep(poll_s)

@@ -118,7 +118,7 @@ class FileStorage:
             yield
             return
         try:
-            held = _flock(fd, LOCK_TIMEOUT_S)
+            held = lru_files.flock_exclusive(fd, timeout_s=LOCK_TIMEOUT_S, poll_s=LOCK_POLL_S)
             if not held:
                 logger.warning("prompt state of %s: another click held it for %.0f s; going on without it", key,
                                LOCK_TIMEOUT_S)
@@ -324,15 +324,3 @@ def _bool(value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{type(value).__name__} where a boolean belongs")
     return value
-
-
-def _flock(fd: int, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(LOCK_POLL_S)

@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,7 +126,7 @@ class EmbeddingStore:
         path = self.directory / "locks" / (key + ".lock")
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            acquired = _flock(fd, blocking=blocking, timeout_s=timeout_s)
+            acquired = lru_files.flock_exclusive(fd, blocking=blocking, timeout_s=timeout_s, poll_s=LOCK_POLL_S)
             try:
                 yield acquired
             finally:
@@ -175,18 +174,3 @@ def _check_key(key: str) -> None:
     # Keys are hex digests we computed; refuse anything that could name another path.
     if not key or len(key) > 128 or not all(c in "0123456789abcdef" for c in key):
         raise ValueError(f"not an embedding key: {key[:20]!r}")
-
-
-def _flock(fd: int, *, blocking: bool, timeout_s: float | None) -> bool:
-    if blocking and timeout_s is None:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return True
-    deadline = time.monotonic() + (timeout_s or 0.0)
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if not blocking or time.monotonic() >= deadline:
-                return False
-            time.sleep(LOCK_POLL_S)
