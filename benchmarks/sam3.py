@@ -27,6 +27,8 @@ CONFIGS = {
     # name: (image_size, hidden, vision_layers, queries)
     "tiny": dict(image_size=112, hidden=32, vision_layers=2, queries=10),
     "larger": dict(image_size=336, hidden=256, vision_layers=4, queries=100),
+    # SAM 3's own resolution (1008 px: a 288x288 pixel decoder per phrase) and query count; few, narrow layers.
+    "full-res": dict(image_size=1008, hidden=256, vision_layers=2, queries=200),
 }
 
 
@@ -106,11 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny config only, fewer images")
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per side; the median is kept")
+    parser.add_argument("--config", choices=list(CONFIGS), action="append",
+                        help="run only this config (repeatable); default: all of them")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     import ml_backend  # noqa: F401  (torch backend before keras)
 
-    names = ["tiny"] if args.quick else list(CONFIGS)
+    names = ["tiny"] if args.quick else args.config or list(CONFIGS)
     with tempfile.TemporaryDirectory() as tmp:
         rows = [bench(name, 2 if args.quick else args.images, args.repeat, Path(tmp)) for name in names]
     if args.json:

@@ -129,3 +129,9 @@ def test_segment_keeps_instances_above_the_threshold_best_first(engine) -> None:
             assert instance.mask.shape == (60, 90)
             assert np.array_equal(instance.mask, raw.mask_probabilities[row, query] > 0.5)
             np.testing.assert_allclose(instance.box, raw.boxes[row, query], atol=1e-4)
+
+
+def test_the_compared_engine_runs_the_fast_convolutions(engine) -> None:
+    """The parity above is of the copy-free layers (ml_backend.sam3.fast_layers): loading installs them."""
+    replaced = [layer for layer in engine.backbone.mask_decoder._flatten_layers() if "call" in vars(layer)]
+    assert {type(layer).__name__ for layer in replaced} == {"Conv2D", "GroupNormalization"}

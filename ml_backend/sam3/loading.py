@@ -68,10 +68,12 @@ def resolve_source(source: str) -> str:
 
 
 def load_backbone(source: str, *, dtype: str | None = None):
-    """keras-hub's ``SAM3PromptableConceptBackbone`` with our corrections (:mod:`ml_backend.sam3.compat`)."""
+    """keras-hub's ``SAM3PromptableConceptBackbone`` with our corrections (:mod:`ml_backend.sam3.compat`) and
+    copy-free convolutions and group norms (:mod:`ml_backend.sam3.fast_layers`)."""
     import keras_hub
 
     from ml_backend.sam3 import compat
+    from ml_backend.sam3.fast_layers import use_fast_layers
 
     resolved = resolve_source(source)
     compat.install()
@@ -84,6 +86,7 @@ def load_backbone(source: str, *, dtype: str | None = None):
         raise ModelSourceError(f"Could not load SAM 3 from {resolved} ({exc.__class__.__name__}: {exc}).{hint}") \
             from exc
     compat.match_reference_epsilons(backbone)
+    use_fast_layers(backbone)
     return backbone
 
 
