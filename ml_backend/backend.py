@@ -90,11 +90,14 @@ class SegmentationBackend(LabelStudioMLBase):
 
     # --- interactive SAM -----------------------------------------------------
     def _interactive(self, task: dict, context: dict) -> dict:
-        """Parse this request, add what earlier clicks on the task said, embed, decode, answer."""
+        """Parse this request, add what earlier clicks on the task said, embed, decode, answer (rectangles of
+        ``SAM3_EXEMPLAR_LABELS`` go to SAM 3 instead: :mod:`ml_backend.sam3.exemplar`)."""
         settings = self.runtime.settings
         request = labeling.read_context(context, self.config, negative_labels=settings.negative_labels)
         if request is None:
             raise InvalidPromptError("The request carries no keypoint or rectangle prompts for this image.")
+        if self.runtime.exemplars is not None and (exemplar := self.runtime.exemplars.match(request)) is not None:
+            return self.runtime.exemplars.predict(self._task_image(task), exemplar, self.label_config, self.config)
         url, task_id = self._task_image_url(task)
         memory = self.runtime.prompt_state
         key = task_key(self.project, task, url)

@@ -283,12 +283,16 @@ class Runtime:
     # --- SAM 3 concept pre-annotation (sam3) ------------------------------------
     def _build_concept_preannotation(self, sam3_engine) -> None:
         """Project jobs on RQ workers when ``REDIS_URL`` is set (:mod:`ml_backend.sam3.rq_jobs`), else on a
-        thread of this process (:class:`ml_backend.sam3.job.ProjectPreannotationJobs`)."""
+        thread of this process (:class:`ml_backend.sam3.job.ProjectPreannotationJobs`); interactive exemplars
+        (:mod:`ml_backend.sam3.exemplar`) when ``SAM3_EXEMPLAR_LABELS`` names labels."""
+        from ml_backend.sam3.exemplar import ExemplarSegmenter
         from ml_backend.sam3.preannotate import ConceptPreannotator
         from ml_backend.sam3.service import Sam3Service
 
-        self.sam3 = Sam3Service(self.settings, sam3_engine) if self.settings.preannotate != "trimap" else None
-        self.concepts = ConceptPreannotator(self.settings, self.sam3.engine) if self.sam3 else None
+        s = self.settings
+        self.sam3 = Sam3Service(s, sam3_engine) if s.preannotate != "trimap" or s.sam3_exemplar_labels else None
+        self.concepts = ConceptPreannotator(s, self.sam3.engine) if s.preannotate != "trimap" else None
+        self.exemplars = ExemplarSegmenter(s, self._segment_exemplars) if s.sam3_exemplar_labels else None
         if self.settings.redis_url:
             from ml_backend.retrain.jobs import redis_connection
             from ml_backend.sam3.rq_jobs import RQProjectJobs
@@ -319,6 +323,15 @@ class Runtime:
         from ml_backend.backend import SegmentationBackend
 
         return SegmentationBackend(label_config, runtime=self, project=project).preannotation(task)
+
+    def _segment_exemplars(self, image: np.ndarray, phrase: str, boxes: list) -> list:
+        """SAM 3 instances of ``phrase`` like the positive exemplar ``boxes``, as an interactive request: through
+        the encode gate (a busy backend answers 503 with Retry-After), ahead of project jobs."""
+        engine = self.sam3.engine()
+        with self.encode_gate.slot(Priority.INTERACTIVE) as slot:
+            slot.untimed()  # not a SAM encode: keep the gate's wait estimate clean
+            return engine.segment(image, [phrase], threshold=self.settings.sam3_score_threshold, boxes=boxes,
+                                  box_labels=[1] * len(boxes))[0]
 
     @contextlib.contextmanager
     def _background_slot(self):

@@ -162,6 +162,7 @@ class Settings:
     sam3_phrases: tuple[tuple[str, str], ...] = ()  # (lower-case label, phrase)
     sam3_trimap_min_overlap: float = 0.5
     sam3_on_import: bool = True  # TASKS_CREATED queues the project's pre-annotation job
+    sam3_exemplar_labels: tuple[str, ...] = ()  # lower-case rectangle labels whose boxes are SAM 3 exemplars
     # --- prompt state per task (editor-prompts) ---
     prompt_state_mb: int = 64  # its previous low-resolution logits: 256 KiB per region for SAM
     prompt_state_entries: int = 1000  # tasks remembered at once
@@ -258,6 +259,7 @@ class Settings:
             sam3_phrases=_phrases(env, "SAM3_PHRASES"),
             sam3_trimap_min_overlap=_float(env, "SAM3_TRIMAP_MIN_OVERLAP", d.sam3_trimap_min_overlap),
             sam3_on_import=_bool(env, "SAM3_ON_IMPORT", d.sam3_on_import),
+            sam3_exemplar_labels=tuple(n.lower() for n in _list(env, "SAM3_EXEMPLAR_LABELS", d.sam3_exemplar_labels)),
             prompt_state_mb=_int(env, "PROMPT_STATE_MB", d.prompt_state_mb),
             prompt_state_entries=_int(env, "PROMPT_STATE_ENTRIES", d.prompt_state_entries),
             prompt_state_ttl_s=_float(env, "PROMPT_STATE_TTL_S", d.prompt_state_ttl_s),
@@ -297,6 +299,8 @@ class Settings:
             raise SettingsError(f"PREANNOTATE must be trimap, sam3 or both (got {self.preannotate!r})")
         if self.preannotate != "trimap" and not self.sam3_model:
             raise SettingsError(f"PREANNOTATE={self.preannotate} needs SAM3_MODEL (sam3_pcs or a local directory)")
+        if self.sam3_exemplar_labels and not self.sam3_model:
+            raise SettingsError("SAM3_EXEMPLAR_LABELS needs SAM3_MODEL (sam3_pcs or a local directory)")
         for name in ("sam3_score_threshold", "sam3_dedup_iou", "sam3_trimap_min_overlap"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise SettingsError(f"{name.upper()} must be between 0 and 1 (got {getattr(self, name)})")

@@ -20,6 +20,7 @@ import numpy as np
 from ml_backend.errors import InvalidPromptError
 
 PAD_LABEL = -10  # keras-hub's and transformers' padding value for box prompts
+UPSAMPLE_CHUNK = 4  # masks upsampled to the image's size at once
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,9 @@ class Sam3Engine:
         found: list[list[ConceptInstance]] = []
         for row in range(len(phrases)):
             keep = [int(q) for q in np.argsort(-scores[row], kind="stable") if scores[row, q] > threshold]
-            masks = self._upsample(logits[row, keep], height, width) if keep else []
-            found.append([ConceptInstance(float(scores[row, q]), tuple(float(v) for v in pboxes[row, q]), m > 0.5)
+            # A few masks at a time: full-size float32 for every kept query could be gigabytes.
+            masks = [mask > 0.5 for start in range(0, len(keep), UPSAMPLE_CHUNK)
+                     for mask in self._upsample(logits[row, keep[start:start + UPSAMPLE_CHUNK]], height, width)]
+            found.append([ConceptInstance(float(scores[row, q]), tuple(float(v) for v in pboxes[row, q]), m)
                           for q, m in zip(keep, masks)])
         return found
