@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"{'config':8} {'params':>9} {'ours img/s':>11} {'transformers img/s':>19} {'speed-up':>9} {'max |dscore|':>13}")
         for r in rows:
-            print(f"{r['config']:8} {r['params']:>9} {r['ours_images_per_s']:>11.2f} {r['transformers_images_per_s']:>19.2f}"
+            print(f"{r['config']:8} {r['params']:>9} {r['ours_images_per_s']:>11.3f} {r['transformers_images_per_s']:>19.3f}"
                   f" {r['speedup']:>9.2f} {r['max_score_difference']:>13.2e}")
     return 0
 
