@@ -204,3 +204,29 @@ def test_the_state_file_is_written_durably(tmp_path, gated: GatedJobs, monkeypat
     make(tmp_path).on_webhook("ANNOTATION_CREATED", created())
     assert len(synced) >= 2  # the file's data and the folder's entry
     assert not list(Path(tmp_path).glob(".retraining.json.*.tmp"))
+
+
+def test_a_training_export_bounds_declared_mask_sizes_by_this_process_settings(tmp_path, monkeypatch):
+    """MAX_IMAGE_PIXELS of the process running the job (backend or RQ worker) bounds what an annotation may declare."""
+    import pytest
+
+    from ml_backend import export
+    from ml_backend.retrain.jobs import execute_training
+    from ml_backend.retrain.spec import JobSpec
+
+    seen = []
+
+    def export_stub(data_dir, *, options, **kwargs):
+        seen.append(options.max_pixels)
+        raise RuntimeError("stopped after the export's options")
+
+    monkeypatch.setattr(export, "export_from_label_studio", export_stub)
+    monkeypatch.setenv("MAX_IMAGE_PIXELS", "123456")
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path / "models"))
+    spec = JobSpec(job_id="j1", project=3, reason="test", model_dir=str(tmp_path / "models" / "3"),
+                   label_studio_url="http://ls", token="t", epochs=1, image_size=64, batch_size=2,
+                   promotion_margin=0.0, boundary_width=2, ground_truth_only=False, foreground_labels=("cat",),
+                   background_labels=(), boundary_labels=())
+    with pytest.raises(RuntimeError, match="stopped after"):
+        execute_training(spec)
+    assert seen == [123456]

@@ -89,7 +89,7 @@ def execute_training(spec: JobSpec, cancel: threading.Event | None = None) -> di
     cancel = cancel or threading.Event()
     settings = Settings.from_env()  # this process's image cache and download limits
     options = ExportOptions(LabelRoles(spec.foreground_labels, spec.background_labels, spec.boundary_labels),
-                            spec.boundary_width, spec.ground_truth_only)
+                            spec.boundary_width, spec.ground_truth_only, max_pixels=settings.max_image_pixels)
     loader = ImageLoader(settings)
     try:
         with held_folder(work_root() / f"project-{spec.project}-{spec.job_id}") as data_dir:
