@@ -8,7 +8,7 @@ import pytest
 from ml_backend.brush import decode_rle
 from ml_backend.labeling import parse_label_config
 from ml_backend.sam3.concepts import ConceptPrompt, concept_prompts, filter_by_trimap, mask_iou, select_instances
-from ml_backend.sam3.engine import ConceptInstance
+from ml_backend.sam3.engine import ConceptCandidate, ConceptInstance
 from ml_backend.sam3.preannotate import ConceptPreannotator
 from ml_backend.settings import Settings, SettingsError
 
@@ -70,6 +70,29 @@ def test_duplicates_across_labels_keep_the_higher_score() -> None:
     assert [(k.label, k.instance.score) for k in kept] == [("Dog", 0.9), ("Cat", 0.8), ("Dog", 0.6)]
     assert len(select_instances(found, iou_threshold=0.99, max_instances=2)) == 2
     assert mask_iou(cat, cat_again_as_dog) == pytest.approx(380 / 400)
+
+
+def test_masks_are_made_one_at_a_time_and_only_until_enough_are_kept() -> None:
+    """The engine's candidates hold low-resolution logits; a full-size mask exists only when selection asks."""
+    shape = (40, 40)
+    made: list[float] = []
+
+    def candidate(score: float, mask: np.ndarray) -> ConceptCandidate:
+        def upsample() -> np.ndarray:
+            made.append(score)
+            return mask
+        return ConceptCandidate(score, (0.0, 0.0, 1.0, 1.0), upsample)
+
+    found = [("Cat", [candidate(0.5, _mask(shape, 0, 10, 0, 10)), candidate(0.9, _mask(shape, 0, 10, 0, 11))]),
+             ("Dog", [candidate(0.7, _mask(shape, 20, 30, 20, 30)), candidate(0.6, _mask(shape, 30, 40, 0, 9)),
+                      candidate(0.4, _mask(shape, 0, 5, 30, 40))])]
+    kept = select_instances(found, iou_threshold=0.7, max_instances=2)
+    assert [(k.label, k.instance.score) for k in kept] == [("Cat", 0.9), ("Dog", 0.7)]
+    assert made == [0.9, 0.7]  # best first; the three others never reached the image's size
+    made.clear()
+    kept = select_instances(found, iou_threshold=0.7, max_instances=10)
+    assert [k.instance.score for k in kept] == [0.9, 0.7, 0.6, 0.4]  # 0.5 duplicates 0.9
+    assert made == [0.9, 0.7, 0.6, 0.5, 0.4]
 
 
 def test_trimap_filter_keeps_instances_inside_the_foreground() -> None:

@@ -124,7 +124,7 @@ def test_segment_keeps_instances_above_the_threshold_best_first(engine) -> None:
     for row, instances in enumerate(found):
         expected = np.sort(raw.scores[row][raw.scores[row] > threshold])[::-1]
         np.testing.assert_allclose([i.score for i in instances], expected, atol=1e-6)
-        for instance in instances:
+        for instance in (candidate.materialize() for candidate in instances):
             query = int(np.argmin(np.abs(raw.scores[row] - instance.score)))
             assert instance.mask.shape == (60, 90)
             assert np.array_equal(instance.mask, raw.mask_probabilities[row, query] > 0.5)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ml_backend.errors import LabelConfigError
-from ml_backend.sam3.engine import ConceptInstance
+from ml_backend.sam3.engine import ConceptCandidate, ConceptInstance
 
 MAX_PHRASE_CHARS = 200
 
@@ -75,18 +75,20 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return np.count_nonzero(a & b) / union if union else 0.0
 
 
-def select_instances(found: list[tuple[str, list[ConceptInstance]]], *, iou_threshold: float,
+def select_instances(found: list[tuple[str, list[ConceptCandidate | ConceptInstance]]], *, iou_threshold: float,
                      max_instances: int) -> list[LabelledInstance]:
-    """Best first; an empty mask is dropped; a mask overlapping a kept one above ``iou_threshold`` is dropped."""
-    candidates = sorted(
-        (LabelledInstance(label, inst) for label, instances in found for inst in instances if inst.mask.any()),
-        key=lambda item: -item.instance.score)
+    """Best first; an empty mask is dropped; a mask overlapping a kept one above ``iou_threshold`` is dropped.
+    Masks are made one at a time and only until ``max_instances`` are kept: memory holds the kept ones."""
+    candidates = sorted(((label, candidate) for label, instances in found for candidate in instances),
+                        key=lambda item: -item[1].score)
     kept: list[LabelledInstance] = []
-    for item in candidates:
+    for label, candidate in candidates:
         if len(kept) >= max_instances:
             break
-        if all(mask_iou(item.instance.mask, other.instance.mask) <= iou_threshold for other in kept):
-            kept.append(item)
+        instance = candidate.materialize()
+        if instance.mask.any() and all(mask_iou(instance.mask, other.instance.mask) <= iou_threshold
+                                       for other in kept):
+            kept.append(LabelledInstance(label, instance))
     return kept
 
 

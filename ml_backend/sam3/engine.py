@@ -12,7 +12,9 @@ original size (bilinear, then > 0.5). ``tests/test_sam3_parity.py`` holds this a
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +22,6 @@ import numpy as np
 from ml_backend.errors import InvalidPromptError
 
 PAD_LABEL = -10  # keras-hub's and transformers' padding value for box prompts
-UPSAMPLE_CHUNK = 4  # masks upsampled to the image's size at once
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,23 @@ class ConceptInstance:
     score: float
     box: tuple[float, float, float, float]  # x1, y1, x2, y2
     mask: np.ndarray  # bool, (height, width)
+
+    def materialize(self) -> ConceptInstance:
+        return self
+
+
+@dataclass(frozen=True)
+class ConceptCandidate:
+    """An instance as the engine finds it: its full-size mask is computed by :meth:`materialize`, so that only
+    the instances kept after de-duplication ever exist at the image's size (each is a byte per pixel; a
+    100-megapixel image with a hundred candidates would need ten gigabytes at once)."""
+
+    score: float
+    box: tuple[float, float, float, float]
+    upsample: Callable[[], np.ndarray]
+
+    def materialize(self) -> ConceptInstance:
+        return ConceptInstance(self.score, self.box, self.upsample())
 
 
 @dataclass(frozen=True)
@@ -155,17 +173,20 @@ class Sam3Engine:
 
     def segment(self, image: np.ndarray, phrases: list[str], *, threshold: float,
                 boxes: list[tuple[float, float, float, float]] | None = None,
-                box_labels: list[int] | None = None) -> list[list[ConceptInstance]]:
-        """Instances scoring above ``threshold``, per phrase, best first; ``boxes`` are exemplars (xyxy pixels)."""
+                box_labels: list[int] | None = None) -> list[list[ConceptCandidate]]:
+        """Instances scoring above ``threshold``, per phrase, best first; ``boxes`` are exemplars (xyxy pixels).
+        Their masks are upsampled to the image's size only when asked (:meth:`ConceptCandidate.materialize`)."""
         scores, pboxes, logits = self._run(image, phrases, boxes, box_labels)
         height, width = image.shape[:2]
         scores, pboxes = scores.cpu().numpy(), pboxes.cpu().numpy()
-        found: list[list[ConceptInstance]] = []
+        found: list[list[ConceptCandidate]] = []
         for row in range(len(phrases)):
             keep = [int(q) for q in np.argsort(-scores[row], kind="stable") if scores[row, q] > threshold]
-            # A few masks at a time: full-size float32 for every kept query could be gigabytes.
-            masks = [mask > 0.5 for start in range(0, len(keep), UPSAMPLE_CHUNK)
-                     for mask in self._upsample(logits[row, keep[start:start + UPSAMPLE_CHUNK]], height, width)]
-            found.append([ConceptInstance(float(scores[row, q]), tuple(float(v) for v in pboxes[row, q]), m)
-                          for q, m in zip(keep, masks)])
+            found.append([ConceptCandidate(float(scores[row, q]), tuple(float(v) for v in pboxes[row, q]),
+                                           functools.partial(self._mask, logits[row, q], height, width))
+                          for q in keep])
         return found
+
+    @classmethod
+    def _mask(cls, logits, height: int, width: int) -> np.ndarray:
+        return cls._upsample(logits[None], height, width)[0] > 0.5

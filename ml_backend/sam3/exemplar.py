@@ -23,7 +23,7 @@ from ml_backend.errors import InvalidPromptError
 from ml_backend.formats import PolygonOptions
 from ml_backend.labeling import ContextPrompts, LabelConfig
 from ml_backend.sam3 import concepts
-from ml_backend.sam3.engine import ConceptInstance
+from ml_backend.sam3.engine import ConceptCandidate
 from ml_backend.sam3.preannotate import sam3_model_version
 from ml_backend.settings import Settings
 
@@ -49,7 +49,7 @@ class ExemplarSegmenter:
     process's heavy-work gate and waits for SAM 3 to load)."""
 
     def __init__(self, settings: Settings,
-                 segment: Callable[[np.ndarray, str, list[Box]], list[ConceptInstance]]) -> None:
+                 segment: Callable[[np.ndarray, str, list[Box]], list[ConceptCandidate]]) -> None:
         self.settings = settings
         self._segment = segment
 
