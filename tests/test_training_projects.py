@@ -12,7 +12,7 @@ from conftest_training import TINY_IMAGE, _fitted_store, fitted_store, tiny_data
 from training.__main__ import main
 from training.errors import StoreError
 from training.fit import fit
-from training.layout import adopt, check_project, export_base, project_ids, project_store_dir
+from training.layout import adopt, check_project, project_ids, project_store_dir
 from training.store import ModelStore
 
 
