@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from e2e.servers import Backend, LabelStudio, start_backend, start_label_studio, stop
+from e2e.browser import logged_in_chromium, missing_browser
+from e2e.servers import LS_PASSWORD, LS_USER, Backend, LabelStudio, start_backend, start_label_studio, stop
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -53,3 +54,17 @@ def backend_factory(e2e_dir: Path, label_studio: LabelStudio, tiny_sam_preset: P
 @pytest.fixture(scope="session")
 def backend(backend_factory: Callable[..., Backend]) -> Backend:
     return backend_factory()
+
+
+@pytest.fixture(scope="module")
+def browser_ready() -> None:
+    reason = missing_browser()
+    if reason:
+        pytest.skip(reason)  # a failure under CI=true (tests/ci_policy.py)
+
+
+@pytest.fixture(scope="module")
+def driver(browser_ready, label_studio: LabelStudio, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """Chromium logged in to Label Studio as the annotator, one per test module."""
+    with logged_in_chromium(label_studio.url, LS_USER, LS_PASSWORD, tmp_path_factory.mktemp("chromium")) as chrome:
+        yield chrome

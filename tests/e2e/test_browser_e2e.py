@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from e2e.browser import logged_in_chromium, missing_browser, wait
+from e2e.browser import wait
 from e2e.editor import Editor
 from e2e.recording_proxy import RecordingProxy
-from e2e.servers import LS_PASSWORD, LS_USER, Backend, LabelStudio
+from e2e.servers import Backend, LabelStudio
 from ml_backend.formats import (
     PolygonOptions,
     mask_to_polygons,
@@ -62,13 +62,6 @@ def png(seed: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def browser_ready() -> None:
-    reason = missing_browser()
-    if reason:
-        pytest.skip(reason)  # a failure under CI=true (tests/ci_policy.py)
-
-
-@pytest.fixture(scope="module")
 def engine(tiny_sam_preset: Path) -> SamEngine:
     return SamEngine(load_segmenter(str(tiny_sam_preset), converted_root=tiny_sam_preset.parent / "browser"))
 
@@ -81,12 +74,6 @@ def proxy(browser_ready, backend_factory: Callable[..., Backend]) -> Iterator[Re
     recording = RecordingProxy(backend.url).start()
     yield recording
     recording.stop()
-
-
-@pytest.fixture(scope="module")
-def driver(browser_ready, label_studio: LabelStudio, tmp_path_factory: pytest.TempPathFactory):
-    with logged_in_chromium(label_studio.url, LS_USER, LS_PASSWORD, tmp_path_factory.mktemp("chromium")) as chrome:
-        yield chrome
 
 
 def pixels(item: dict) -> tuple[float, float]:

@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from e2e.browser import logged_in_chromium, missing_browser, wait
+from e2e.browser import wait
 from e2e.editor import Editor
 from e2e.recording_proxy import RecordingProxy
-from e2e.servers import LS_PASSWORD, LS_USER, Backend, LabelStudio
+from e2e.servers import Backend, LabelStudio
 from ml_backend.formats import region_mask
 from ml_backend.sam import Prompts, SamEngine, load_segmenter
 from ml_backend.sam3.concepts import select_instances
@@ -64,13 +64,6 @@ def png() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def browser_ready() -> None:
-    reason = missing_browser()
-    if reason:
-        pytest.skip(reason)  # a failure under CI=true (tests/ci_policy.py)
-
-
-@pytest.fixture(scope="module")
 def checkpoint(e2e_dir: Path) -> Path:
     from sam3_factory import save_tiny_checkpoint
 
@@ -92,12 +85,6 @@ def proxy(browser_ready, backend_factory: Callable[..., Backend], checkpoint: Pa
     recording = RecordingProxy(backend.url).start()
     yield recording
     recording.stop()
-
-
-@pytest.fixture(scope="module")
-def driver(browser_ready, label_studio: LabelStudio, tmp_path_factory: pytest.TempPathFactory):
-    with logged_in_chromium(label_studio.url, LS_USER, LS_PASSWORD, tmp_path_factory.mktemp("chromium")) as chrome:
-        yield chrome
 
 
 def box_of(item: dict) -> Box:

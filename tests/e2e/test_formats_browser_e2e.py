@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -21,23 +20,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from e2e.browser import logged_in_chromium, missing_browser, wait
+from e2e.browser import wait
 from e2e.known_mask import HEIGHT, WIDTH, iou, known_mask
-from e2e.servers import LS_PASSWORD, LS_USER, LabelStudio
+from e2e.servers import LabelStudio
 from ml_backend.formats import BITMASK, POLYGON, PolygonOptions, mask_values, region_mask
 from ml_backend.settings import Settings
 
 TAGS = {BITMASK: "BitmaskLabels", POLYGON: "PolygonLabels"}
-
-
-@pytest.fixture(scope="module")
-def driver(label_studio: LabelStudio, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    reason = missing_browser()
-    if reason:
-        pytest.skip(reason)  # a failure under CI=true (tests/ci_policy.py)
-    folder = tmp_path_factory.mktemp("chromium-formats")
-    with logged_in_chromium(label_studio.url, LS_USER, LS_PASSWORD, folder) as chrome:
-        yield chrome
 
 
 def open_annotated_task(label_studio: LabelStudio, driver, result_type: str, tmp_path: Path) -> list[dict]:
