@@ -158,12 +158,13 @@ class BackendViews:
         return jsonify(self.runtime.preannotation_jobs.start(int(key))), 202
 
     def status(self) -> Response:
-        """Everything an operator wants in one place: SAM, pre-encoding, the served trimap version, training."""
+        """Everything an operator wants in one place: SAM, pre-encoding, the served trimap version, training
+        (``{"error": ...}`` while its shared state is unreachable), SAM 3 and its project jobs."""
         return jsonify({
             "sam": self.runtime.sam_status(),
             "preencode": self.runtime.preencode_status(),
             "trimap_model_version": self.runtime.trimaps.current_version(_query_project()),
-            "training": self.runtime.training_status(request.args.get("project")),
+            "training": _section(lambda: self.runtime.training_status(request.args.get("project"))),
             "preannotate": self.runtime.settings.preannotate,
             "sam3": self.runtime.sam3.status() if self.runtime.sam3 else {"state": "off"},
             "preannotation_jobs": self.runtime.preannotation_jobs.status(),
@@ -179,6 +180,14 @@ class BackendViews:
 
     def metrics(self) -> Response:
         return jsonify({"sam": self.runtime.sam_status()})
+
+
+def _section(read: Callable[[], dict]) -> dict:
+    """One part of ``/status``: a part that cannot be read (its Redis down) says why; the others still show."""
+    try:
+        return read()
+    except BackendError as exc:
+        return {"error": exc.message}
 
 
 def _auth_guard(authenticator: Authenticator) -> Callable[[], Any]:

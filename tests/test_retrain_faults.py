@@ -32,6 +32,7 @@ class StubEngine:
     source = "stub"
     cache: dict = {}
     store = None  # no embedding store
+    images_encoded = 0
 
 
 def start_redis(port: int, workdir: Path) -> subprocess.Popen:
@@ -74,6 +75,9 @@ def test_webhooks_answer_at_once_while_redis_is_down_and_count_once_when_it_is_b
         assert [send()["status"] for _ in range(4)] == ["kept"] * 4
         down = client.get("/is_training?project=8")
         assert down.status_code == 503 and "Redis" in down.json["error"]
+        status = client.get("/status")  # the operator's page still shows everything else, and why training cannot
+        assert status.status_code == 200 and "Redis" in status.json["training"]["error"]
+        assert status.json["sam"]["state"] == "ready"
         redis = start_redis(port, tmp_path)
         runtime.retrainer.tick()  # the ticker applies what was kept
         assert client.get("/is_training?project=8").json["accepted_changes"] == 7
