@@ -24,7 +24,7 @@ from ml_backend.formats import PolygonOptions
 from ml_backend.labeling import ContextPrompts, LabelConfig
 from ml_backend.sam3 import concepts
 from ml_backend.sam3.engine import ConceptCandidate
-from ml_backend.sam3.preannotate import sam3_model_version
+from ml_backend.sam3.preannotate import instances_prediction, sam3_model_version
 from ml_backend.settings import Settings
 
 Box = tuple[float, float, float, float]
@@ -83,9 +83,4 @@ class ExemplarSegmenter:
         found = self._segment(image, self.phrase(label_config, config, mask_label), prompt.boxes_for(width, height))
         kept = concepts.select_instances([(mask_label, found)], iou_threshold=s.sam3_dedup_iou,
                                          max_instances=s.sam3_max_instances)
-        polygon = PolygonOptions.from_settings(s)
-        results = [result for item in kept
-                   for result in labeling.build_mask_results(item.instance.mask, config=config, label=item.label,
-                                                             score=item.instance.score, polygon=polygon)]
-        score = float(np.mean([item.instance.score for item in kept])) if kept else 0.0
-        return labeling.build_prediction(results, score, sam3_model_version(s.sam3_model))
+        return instances_prediction(kept, config, PolygonOptions.from_settings(s), sam3_model_version(s.sam3_model))

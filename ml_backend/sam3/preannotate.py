@@ -60,9 +60,15 @@ class ConceptPreannotator:
                 results = labeling.build_mask_results(trimap[1], config=config, label=label, score=1.0,
                                                       polygon=polygon)
                 return labeling.build_prediction(results, 1.0, version)
-        results = [item for kept_item in kept
-                   for item in labeling.build_mask_results(kept_item.instance.mask, config=config,
-                                                           label=kept_item.label, score=kept_item.instance.score,
-                                                           polygon=polygon)]
-        score = float(np.mean([k.instance.score for k in kept])) if kept else 0.0
-        return labeling.build_prediction(results, score, version)
+        return instances_prediction(kept, config, polygon, version)
+
+
+def instances_prediction(kept: list[concepts.LabelledInstance], config: LabelConfig, polygon: PolygonOptions,
+                         model_version: str) -> dict:
+    """One region per kept instance in the mask tag's form, with its label and score; the prediction's score
+    is their mean (0 with none)."""
+    results = [result for item in kept
+               for result in labeling.build_mask_results(item.instance.mask, config=config, label=item.label,
+                                                         score=item.instance.score, polygon=polygon)]
+    score = float(np.mean([item.instance.score for item in kept])) if kept else 0.0
+    return labeling.build_prediction(results, score, model_version)
