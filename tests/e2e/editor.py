@@ -4,6 +4,7 @@ each interactive step waits for its ``/predict`` on the :class:`RecordingProxy` 
 
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
@@ -171,7 +172,25 @@ class Editor:
              f"{name} accepted")
         self.shot(f"accept-{name}")
 
+    def suggestions_shown(self, count: int, what: str) -> None:
+        wait(self.driver, lambda d: self.js("return Htx.annotationStore.selected.suggestions.size") == count, what)
+
     def submit(self) -> None:
         [button] = self.find("[data-testid=bottombar-submit-button]")
         button.click()
         self.shot("submit")
+
+    def submitted(self, label_studio, task_id: int) -> list[dict]:
+        """The result of the task's first annotation, once Label Studio has stored the submission."""
+        def stored() -> list | None:
+            annotations = label_studio.ok("GET", f"/api/tasks/{task_id}/annotations")
+            return annotations[0]["result"] if annotations else None
+
+        return wait(self.driver, lambda d: stored(), "the submitted annotation")
+
+    def save_record(self) -> None:
+        """The browser's console and every recorded request with its answer, beside the screenshots."""
+        (self.folder / "console.json").write_text(json.dumps(self.driver.get_log("browser"), indent=1))
+        (self.folder / "requests.json").write_text(json.dumps([
+            {"step": name, "request": request, "status": status, "answer": answer}
+            for name, request, status, answer in self.steps], indent=1))

@@ -15,7 +15,6 @@ console.
 from __future__ import annotations
 
 import io
-import json
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +23,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from e2e.browser import wait
 from e2e.editor import Editor
 from e2e.recording_proxy import RecordingProxy
 from e2e.servers import Backend, LabelStudio
@@ -163,20 +161,12 @@ def test_an_annotator_segments_two_objects_in_the_editor(
         editor.click("keypoint_after_background", 200, 150)
         editor.accept("cat")
         editor.submit()
-
-        def submitted() -> list | None:
-            annotations = label_studio.ok("GET", f"/api/tasks/{task_id}/annotations")
-            return annotations[0]["result"] if annotations else None
-
-        result = wait(driver, lambda d: submitted(), "the submitted annotation")
+        result = editor.submitted(label_studio, task_id)
     except Exception:
         editor.shot("failure")
         raise
     finally:
-        (tmp_path / "console.json").write_text(json.dumps(driver.get_log("browser"), indent=1))
-        (tmp_path / "requests.json").write_text(json.dumps([
-            {"step": name, "request": request, "status": status} for name, request, status, _ in editor.steps
-        ], indent=1))
+        editor.save_record()
 
     steps = {name: request for name, request, _, _ in editor.steps}
     assert [request["project"].split(".")[0] for request in steps.values()] == [str(project["id"])] * len(steps)

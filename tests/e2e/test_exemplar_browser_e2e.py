@@ -16,7 +16,6 @@ Artefacts in the test's output folder (``tmp_path``): a screenshot per step, the
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,7 +23,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from e2e.browser import wait
 from e2e.editor import Editor
 from e2e.recording_proxy import RecordingProxy
 from e2e.servers import Backend, LabelStudio
@@ -162,8 +160,7 @@ def test_an_exemplar_rectangle_in_the_editor_gives_every_similar_instance(
         plain = exemplar_instances(sam3_engine, image, [box_of(first_box)], phrase="cat")
         assert scores(plain) != pytest.approx(scores(expected_first), abs=1e-4), \
             "the label's hint changes nothing here: the test would not see the label itself sent as the phrase"
-        wait(driver, lambda d: editor.js("return Htx.annotationStore.selected.suggestions.size") ==
-             len(expected_first), "every instance shown as a suggestion")
+        editor.suggestions_shown(len(expected_first), "every instance shown as a suggestion")
         editor.shot("suggestions")
 
         # A second rectangle of the label: the editor sends both, the answer is for both exemplars. (The editor
@@ -178,8 +175,7 @@ def test_an_exemplar_rectangle_in_the_editor_gives_every_similar_instance(
         assert_answer_is(second_answer, checkpoint, expected_both, "second answer")
         assert scores(expected_both) != pytest.approx(scores(expected_first), abs=1e-4), \
             "the second exemplar changes nothing here: the test would not see it ignored"
-        wait(driver, lambda d: editor.js("return Htx.annotationStore.selected.suggestions.size") ==
-             len(expected_both), "the second answer's instances shown")
+        editor.suggestions_shown(len(expected_both), "the second answer's instances shown")
         editor.accept("cats")
 
         # "Dog" is not an exemplar label: its rectangle is SAM's box, as before.
@@ -192,20 +188,12 @@ def test_an_exemplar_rectangle_in_the_editor_gives_every_similar_instance(
         assert [r["value"]["brushlabels"] for r in dog_answer["results"][0]["result"]] == [["Dog"]]
         editor.accept("dog")
         editor.submit()
-
-        def submitted() -> list | None:
-            annotations = label_studio.ok("GET", f"/api/tasks/{task_id}/annotations")
-            return annotations[0]["result"] if annotations else None
-
-        result = wait(driver, lambda d: submitted(), "the submitted annotation")
+        result = editor.submitted(label_studio, task_id)
     except Exception:
         editor.shot("failure")
         raise
     finally:
-        (tmp_path / "console.json").write_text(json.dumps(driver.get_log("browser"), indent=1))
-        (tmp_path / "requests.json").write_text(json.dumps([
-            {"step": name, "request": request, "status": status, "answer": answer}
-            for name, request, status, answer in editor.steps], indent=1))
+        editor.save_record()
 
     assert not [item for item in result if item["type"] == "rectanglelabels"], "smart prompts must not be submitted"
     assert {item["value"]["brushlabels"][0] for item in result} == {"Cat", "Dog"}, result
