@@ -19,14 +19,14 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ml_backend import labeling
-from ml_backend.backend import SegmentationBackend
+from ml_backend.backend import SegmentationBackend, serve_project_jobs
 from ml_backend.errors import BackendError
 from ml_backend.label_studio_api import api_get, iter_project_tasks
 from ml_backend.logs import configure_logging
 from ml_backend.runtime import Runtime
 from ml_backend.security import limits
 from ml_backend.security.auth import Authenticator, webhook_secret
-from ml_backend.security.webhooks import WebhookSecretInstaller
+from ml_backend.webhook_secret import WebhookSecretInstaller
 from ml_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -230,6 +230,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
     runtime = runtime or Runtime(settings)
+    serve_project_jobs(runtime)
     secret = webhook_secret(settings)
     installer = None
     if secret is not None:

@@ -16,20 +16,13 @@ from label_studio_ml.model import LabelStudioMLBase
 from ml_backend import labeling
 from ml_backend.errors import BackendError, ImageFetchError, InvalidPromptError, LabelConfigError
 from ml_backend.formats import PolygonOptions
-from ml_backend.preannotation import mask_bounding_box
+from ml_backend.preannotation import NO_TRIMAP_VERSION, mask_bounding_box, trimap_model_version
 from ml_backend.prompt_state import task_key
 from ml_backend.runtime import Runtime
 from ml_backend.sam.prompts import Prompts
 from ml_backend.trimaps import LabelRoles, TrimapValue
 
 logger = logging.getLogger(__name__)
-
-NO_TRIMAP_VERSION = "trimap-none"
-
-
-def trimap_model_version(version: str | None) -> str:
-    return f"trimap-{version}" if version else NO_TRIMAP_VERSION
-
 
 def sam_model_version(source: str) -> str:
     """``sam-<preset name or file/directory name>``: no local paths in Label Studio's UI."""
@@ -179,3 +172,14 @@ def _rescale(prompts: Prompts, expressed_in: tuple[int, int] | None, actual: tup
     box = None if prompts.box is None else (prompts.box[0] * sx, prompts.box[1] * sy,
                                             prompts.box[2] * sx, prompts.box[3] * sy)
     return Prompts(points, prompts.labels, box, prompts.mask_logits)
+
+
+def serve_project_jobs(runtime: Runtime) -> None:
+    """Give ``runtime``'s project jobs their prediction: this backend's batch pre-annotation of one task.
+
+    The runtime sits below the backend and so cannot build a :class:`SegmentationBackend` itself; the
+    process that serves jobs (the app, a SAM 3 worker) calls this once after building its runtime."""
+    def predict(task: dict, label_config: str, project: int) -> dict:
+        return SegmentationBackend(label_config, runtime=runtime, project=project).preannotation(task)
+
+    runtime.predict_task = predict

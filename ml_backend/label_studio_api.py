@@ -7,6 +7,7 @@ own origin, only ``/api/`` paths built here, never following a redirect.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import requests
@@ -17,6 +18,14 @@ from ml_backend.security.urls import UrlPolicy, URLRefused, failure_reason
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 600.0  # Label Studio builds a large project's export while we wait
 TASK_PAGE_SIZE = 100
+
+
+@dataclass
+class LabelStudioAccess:
+    """Where Label Studio is and the token to reach it: from the settings, else from ``/setup``."""
+
+    url: str = ""
+    token: str = ""
 
 
 class LabelStudioAPIError(BackendError):

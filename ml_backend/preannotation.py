@@ -19,6 +19,14 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 FOREGROUND, BACKGROUND, BOUNDARY = 0, 1, 2  # class ids of training's trimap model
+NO_TRIMAP_VERSION = "trimap-none"  # the model version of a prediction no trimap model served
+
+
+def trimap_model_version(version: str | None) -> str:
+    """The ``model_version`` Label Studio sees for predictions of trimap ``version``."""
+    return f"trimap-{version}" if version else NO_TRIMAP_VERSION
+
+
 MODELS_HELD = 4  # loaded trimap models kept per process (a few MB each at the default size)
 
 

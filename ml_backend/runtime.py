@@ -11,17 +11,29 @@ import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import numpy as np
 
+from ml_backend.embeddings.jobs import IN_FLIGHT, RQEncoder
 from ml_backend.embeddings.projects import image_key_of, project_images, task_image
 from ml_backend.embeddings.scheduler import EncodeJob, PreEncodeScheduler, project_id
 from ml_backend.embeddings.urls import UrlIndex
 from ml_backend.errors import BackendError, ModelSourceError
+from ml_backend.images import ImageLoader
+from ml_backend.label_studio_api import LabelStudioAccess
+from ml_backend.preannotation import TrimapPredictor, trimap_model_version
 from ml_backend.prompt_state import PromptMemory
+from ml_backend.retrain import build_retrainer
+from ml_backend.retrain.jobs import redis_connection
 from ml_backend.sam.encode_gate import EncodeGate, Priority
 from ml_backend.sam.engine import ImageEmbedding, image_key
+from ml_backend.sam import loading as sam_loading
+from ml_backend.sam3.exemplar import ExemplarSegmenter
+from ml_backend.sam3.job import JobContext, ProjectPreannotationJobs
+from ml_backend.sam3.preannotate import ConceptPreannotator
+from ml_backend.sam3.rq_jobs import RQProjectJobs
+from ml_backend.sam3.service import Sam3Service
 from ml_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -34,21 +46,10 @@ PREENCODE_SAM_WAIT_S = 3600.0  # background work waits for SAM to load
 WARMUP_PROJECT = 0  # /warmup with bare tasks: their progress shows under project "0"
 
 
-@dataclass
-class LabelStudioAccess:
-    """Where Label Studio is and the token to reach it: from the settings, else from ``/setup``."""
-
-    url: str = ""
-    token: str = ""
-
-
 class Runtime:
     """The long-lived parts of one backend process."""
 
     def __init__(self, settings: Settings, *, engine=None, sam3_engine=None) -> None:
-        from ml_backend.images import ImageLoader
-        from ml_backend.preannotation import TrimapPredictor
-
         self.settings = settings
         self.access = LabelStudioAccess(settings.label_studio_url, settings.label_studio_api_key)
         self.images = ImageLoader(settings)
@@ -71,7 +72,10 @@ class Runtime:
         if engine is not None:
             self.url_index.store = engine.store
             self._engine_ready.set()
-        self.retrainer = _build_retrainer(settings, lambda: (self.access.url, self.access.token))
+        # The batch pre-annotation of one task (task, label config, project) -> prediction, for project jobs.
+        # The backend layer owns it; whoever serves jobs (the app, a SAM 3 worker) installs it here.
+        self.predict_task: Callable[[dict, str, int], dict] | None = None
+        self.retrainer = build_retrainer(settings, lambda: (self.access.url, self.access.token))
         self._build_concept_preannotation(sam3_engine)
 
     # --- SAM -----------------------------------------------------------------
@@ -81,10 +85,8 @@ class Runtime:
         threading.Thread(target=self._load_sam, name="sam-loader", daemon=True).start()
 
     def _load_sam(self) -> None:
-        from ml_backend.sam.loading import load_engine
-
         try:
-            engine = load_engine(self.settings)
+            engine = sam_loading.load_engine(self.settings)  # looked up at call time: tests stand in for it
             self._warm_up(engine)
             self.url_index.store = engine.store
             self._engine = engine
@@ -181,8 +183,6 @@ class Runtime:
         """Encode here (one thread, through the encode gate) or on RQ workers (several jobs in flight)."""
         encode, threads = self._preencode, 1
         if settings.preencode_executor == "rq":
-            from ml_backend.embeddings.jobs import IN_FLIGHT, RQEncoder
-
             on_workers = RQEncoder(settings.redis_url, lambda: (self.access.url, self.access.token))
             encode, threads = (lambda job: self._already_ready(job) or on_workers(job)), IN_FLIGHT
         return PreEncodeScheduler(encode, lookahead=settings.preencode_lookahead,
@@ -285,44 +285,32 @@ class Runtime:
         """Project jobs on RQ workers when ``REDIS_URL`` is set (:mod:`ml_backend.sam3.rq_jobs`), else on a
         thread of this process (:class:`ml_backend.sam3.job.ProjectPreannotationJobs`); interactive exemplars
         (:mod:`ml_backend.sam3.exemplar`) when ``SAM3_EXEMPLAR_LABELS`` names labels."""
-        from ml_backend.sam3.exemplar import ExemplarSegmenter
-        from ml_backend.sam3.preannotate import ConceptPreannotator
-        from ml_backend.sam3.service import Sam3Service
-
         s = self.settings
         self.sam3 = Sam3Service(s, sam3_engine) if s.preannotate != "trimap" or s.sam3_exemplar_labels else None
         self.concepts = ConceptPreannotator(s, self.sam3.engine) if s.preannotate != "trimap" else None
         self.exemplars = ExemplarSegmenter(s, self._segment_exemplars) if s.sam3_exemplar_labels else None
         if self.settings.redis_url:
-            from ml_backend.retrain.jobs import redis_connection
-            from ml_backend.sam3.rq_jobs import RQProjectJobs
-
             self.preannotation_jobs = RQProjectJobs(redis_connection(self.settings.redis_url, fail_fast=True),
                                                     lambda: (self.access.url, self.access.token))
         else:
-            from ml_backend.sam3.job import ProjectPreannotationJobs
-
             self.preannotation_jobs = ProjectPreannotationJobs(self.job_context(),
                                                                self.settings.model_dir / "sam3-jobs.json")
 
     def job_context(self):
         """What a project job needs from this process (the thread here, or an RQ worker's own runtime)."""
-        from ml_backend.sam3.job import JobContext
-
         return JobContext(access=lambda: (self.access.url, self.access.token), predict=self._job_prediction,
                           model_version=self.batch_model_version, background_slot=self._background_slot)
 
     def batch_model_version(self, project: int | None = None) -> str:
         """The model version of a project's batch predictions under PREANNOTATE and its trimap version."""
-        from ml_backend.backend import trimap_model_version
-
         trimap_version = self.trimaps.current_version(project)
         return self.concepts.model_version(trimap_version) if self.concepts else trimap_model_version(trimap_version)
 
     def _job_prediction(self, task: dict, label_config: str, project: int) -> dict:
-        from ml_backend.backend import SegmentationBackend
-
-        return SegmentationBackend(label_config, runtime=self, project=project).preannotation(task)
+        if self.predict_task is None:
+            raise BackendError("This process serves no project jobs (no prediction function was installed).",
+                               status_code=500)
+        return self.predict_task(task, label_config, project)
 
     def _segment_exemplars(self, image: np.ndarray, phrase: str, boxes: list) -> list:
         """SAM 3 instances of ``phrase`` like the positive exemplar ``boxes``, as an interactive request: through
@@ -378,8 +366,3 @@ def encode_slots(settings: Settings) -> int:
         return 2 if torch.cuda.is_available() else 1
     return 1
 
-
-def _build_retrainer(settings: Settings, access):
-    from ml_backend.retrain import build_retrainer
-
-    return build_retrainer(settings, access)

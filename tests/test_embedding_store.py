@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ml_backend.embeddings.identity import model_identity
-from ml_backend.embeddings.store import EmbeddingStore
+from ml_backend.sam.identity import model_identity
+from ml_backend.sam.store import EmbeddingStore
 from ml_backend.sam import Prompts, SamEngine, load_segmenter
 from ml_backend.sam.engine import image_key
 
@@ -82,7 +82,7 @@ def test_eviction_counts_every_models_embeddings_in_the_directory(tmp_path: Path
 
 WRITER = textwrap.dedent("""
     import sys, numpy as np
-    from ml_backend.embeddings.store import EmbeddingStore
+    from ml_backend.sam.store import EmbeddingStore
     root, value = sys.argv[1], float(sys.argv[2])
     store = EmbeddingStore(root, "m", max_bytes=1 << 30)
     for _ in range(150):
@@ -224,8 +224,8 @@ ENCODER_PROCESS = textwrap.dedent("""
     import sys, time, numpy as np
     from pathlib import Path
     import ml_backend
-    from ml_backend.embeddings.identity import model_identity
-    from ml_backend.embeddings.store import EmbeddingStore
+    from ml_backend.sam.identity import model_identity
+    from ml_backend.sam.store import EmbeddingStore
     from ml_backend.sam import SamEngine, load_segmenter
     preset, root, image_file, go = sys.argv[1:5]
     segmenter = load_segmenter(preset, converted_root=Path(root) / "c")

@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 from ml_backend.app import create_app
-from ml_backend.embeddings.identity import model_identity
+from ml_backend.sam.identity import model_identity
 from ml_backend.embeddings.scheduler import PreEncodeScheduler, TaskImage, project_id
-from ml_backend.embeddings.store import EmbeddingStore
+from ml_backend.sam.store import EmbeddingStore
 from ml_backend.runtime import Runtime
 from ml_backend.sam import Prompts, SamEngine
 from ml_backend.sam.engine import image_key

@@ -11,20 +11,18 @@ this process, so the container restarts them all.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import subprocess
 import sys
 import threading
 
-from ml_backend.command_line import settings_for_command
+from ml_backend.command_line import run_worker, settings_for_command, worker_arguments
 
 logger = logging.getLogger(__name__)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ml_backend.embeddings.worker", description=__doc__.splitlines()[0])
-    parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    parser = worker_arguments("python -m ml_backend.embeddings.worker", __doc__)
     parser.add_argument("--with-training-worker", action="store_true",
                         help="also run the training worker (python -m ml_backend.retrain.worker) beside this one")
     parser.add_argument("--with-sam3-worker", action="store_true",
@@ -37,8 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     if settings.embedding_store_mb <= 0:
         print("error: EMBEDDING_STORE_MB is 0; the embedding worker writes into the shared store", file=sys.stderr)
         return 2
-    from rq import Queue, SimpleWorker
-
     from ml_backend.embeddings.jobs import QUEUE_NAME, load_worker_context
     from ml_backend.retrain.jobs import redis_connection
 
@@ -51,9 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             _start_child("ml_backend.sam3.worker", "SAM 3 worker")
     context = load_worker_context(settings)
     logger.info("embedding worker on queue %s, store %s", QUEUE_NAME, context.engine.store.directory)
-    connection = redis_connection(settings.redis_url)
-    worker = SimpleWorker([Queue(QUEUE_NAME, connection=connection)], connection=connection)
-    worker.work(burst=args.burst)
+    run_worker(QUEUE_NAME, redis_connection(settings.redis_url), burst=args.burst)
     return 0
 
 

@@ -6,7 +6,7 @@ the light mask decoder. Inputs and outputs are in original-image pixels; the
 model's padded square never leaves this module.
 
 Embeddings are looked up in memory (an LRU by bytes), then in the optional on-disk
-:class:`~ml_backend.embeddings.store.EmbeddingStore` shared with other processes, and
+:class:`~ml_backend.sam.store.EmbeddingStore` shared with other processes, and
 only then encoded, under the store's per-image lock so no two processes encode the
 same image.
 """
@@ -30,7 +30,7 @@ from ml_backend.sam.prompts import Prompts, SegmentationResult
 from ml_backend.sam.transforms import InputGeometry, logits_to_mask, prepare_image
 
 if TYPE_CHECKING:
-    from ml_backend.embeddings.store import EmbeddingStore, StoredEmbedding
+    from ml_backend.sam.store import EmbeddingStore, StoredEmbedding
 
 logger = logging.getLogger(__name__)
 

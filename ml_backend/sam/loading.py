@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from ml_backend.errors import ModelSourceError
 
 if TYPE_CHECKING:
-    from ml_backend.embeddings.store import EmbeddingStore
+    from ml_backend.sam.store import EmbeddingStore
     from ml_backend.sam.engine import SamEngine
     from ml_backend.settings import Settings
 
@@ -115,8 +115,8 @@ def open_store(settings: "Settings", segmenter) -> "EmbeddingStore | None":
     """The on-disk embedding store for this model, or None when disabled or unusable (memory only then)."""
     if settings.embedding_store_mb <= 0:
         return None
-    from ml_backend.embeddings.identity import model_identity
-    from ml_backend.embeddings.store import EmbeddingStore
+    from ml_backend.sam.identity import model_identity
+    from ml_backend.sam.store import EmbeddingStore
 
     model_id = model_identity(segmenter.backbone.image_encoder)
     try:

@@ -11,12 +11,12 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from ml_backend.errors import BackendError
+from ml_backend.label_studio_api import LabelStudioAccess
 from ml_backend.sam3.job import JobSuperseded, ProjectProgress, run_project
 from ml_backend.sam3.rq_jobs import HEARTBEAT_S, PROGRESS_TTL_S, owner_key, progress_key, redis_errors
 
 logger = logging.getLogger(__name__)
-
-LOAD_WAIT_S = 3600.0  # a worker waits this long for SAM 3 to load (a large checkpoint converted on a slow disk)
 
 # KEYS[1] progress, KEYS[2] owner; ARGV[1] job id, ARGV[2] progress JSON, ARGV[3] TTL.
 _WRITE_IF_OWNER = """
@@ -71,34 +71,23 @@ class ProgressWriter:
                 logger.warning("SAM 3 progress of project %s not written: %s", self.progress.project, exc)
 
 
-_runtime = None
+_runtime = None  # this worker process's runtime, installed by ``python -m ml_backend.sam3.worker``
 
 
-def load_runtime(settings=None):
-    """This worker process's runtime (SAM 3 loaded), built once: the same predictor the web process's thread uses.
+def install_runtime(runtime) -> None:
+    """Hand this process's runtime (SAM 3 loaded) to the jobs: the same predictor the web process's thread uses.
 
-    Held here, not in the ``__main__`` of ``python -m ml_backend.sam3.worker``, so the jobs find it."""
+    Held here, not in the ``__main__`` of ``python -m ml_backend.sam3.worker``, so the jobs find it; built by
+    that command (:func:`ml_backend.sam3.worker.build_runtime`), since a runtime sits above this module."""
     global _runtime
-    if _runtime is None:
-        from ml_backend.runtime import Runtime
-        from ml_backend.settings import Settings
-
-        settings = settings or Settings.from_env()
-        runtime = Runtime(settings)
-        if runtime.sam3 is not None:
-            runtime.sam3.start_loading()
-            runtime.sam3.engine(LOAD_WAIT_S)  # raises the loader's error
-        if runtime.concepts is None and settings.trimap_sam_refine:
-            runtime.start_loading_sam()  # PREANNOTATE=trimap refines its masks with SAM
-        _runtime = runtime
-    return _runtime
+    _runtime = runtime
 
 
 def worker_context(label_studio_url: str, token: str):
     """The job context for one job: Label Studio's URL and token as the web process knew them."""
-    from ml_backend.runtime import LabelStudioAccess
-
-    runtime = load_runtime()
+    runtime = _runtime
+    if runtime is None:
+        raise BackendError("No runtime in this process: run SAM 3 jobs with python -m ml_backend.sam3.worker.")
     runtime.access = LabelStudioAccess(label_studio_url or runtime.settings.label_studio_url,
                                        token or runtime.settings.label_studio_api_key)
     return runtime.job_context()

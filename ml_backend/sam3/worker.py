@@ -11,39 +11,49 @@ their model version.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
-from ml_backend.command_line import settings_for_command
+from ml_backend.command_line import run_worker, settings_for_command, worker_arguments
 
 logger = logging.getLogger(__name__)
 
+LOAD_WAIT_S = 3600.0  # a worker waits this long for SAM 3 to load (a large checkpoint converted on a slow disk)
+
+
+def build_runtime(settings):
+    """This worker's runtime, SAM 3 loaded (raises the loader's error), serving the backend's predictions."""
+    from ml_backend.backend import serve_project_jobs
+    from ml_backend.runtime import Runtime
+
+    runtime = Runtime(settings)
+    serve_project_jobs(runtime)
+    if runtime.sam3 is not None:
+        runtime.sam3.start_loading()
+        runtime.sam3.engine(LOAD_WAIT_S)  # raises the loader's error
+    if runtime.concepts is None and settings.trimap_sam_refine:
+        runtime.start_loading_sam()  # PREANNOTATE=trimap refines its masks with SAM
+    return runtime
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ml_backend.sam3.worker", description=__doc__.splitlines()[0])
-    parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
-    args = parser.parse_args(argv)
+    args = worker_arguments("python -m ml_backend.sam3.worker", __doc__).parse_args(argv)
     settings = settings_for_command(worker="SAM 3 worker")
     if settings is None:
         return 2
-    from rq import Queue, SimpleWorker
-
     from ml_backend.errors import BackendError
     from ml_backend.retrain.jobs import redis_connection
-    from ml_backend.sam3.rq_job import load_runtime
+    from ml_backend.sam3.rq_job import install_runtime
     from ml_backend.sam3.rq_jobs import QUEUE_NAME
 
     try:
-        load_runtime(settings)
+        install_runtime(build_runtime(settings))
     except BackendError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
     logger.info("SAM 3 worker on queue %s (PREANNOTATE=%s, SAM3_MODEL=%s)", QUEUE_NAME, settings.preannotate,
                 settings.sam3_model)
-    connection = redis_connection(settings.redis_url)
-    worker = SimpleWorker([Queue(QUEUE_NAME, connection=connection)], connection=connection)
-    worker.work(burst=args.burst)
+    run_worker(QUEUE_NAME, redis_connection(settings.redis_url), burst=args.burst)
     return 0
 
 

@@ -3,7 +3,7 @@
 * :mod:`ml_backend.security.urls`: where a URL goes, and whether it may carry Label Studio's token.
 * :mod:`ml_backend.security.auth`: who may call the backend (basic auth, the webhook secret, exposure).
 * :mod:`ml_backend.security.limits`: what a request may hold (sizes, counts, numbers, project ids).
-* :mod:`ml_backend.security.webhooks`: the webhook secret installed on Label Studio's side.
 
-SECURITY.md at the repository root states the threat model and the rules.
+The webhook secret is installed on Label Studio's side by :mod:`ml_backend.webhook_secret` (a Label
+Studio API client, so it sits above this package). SECURITY.md at the repository root states the threat model and the rules.
 """

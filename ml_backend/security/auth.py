@@ -7,7 +7,7 @@ Rules (SECURITY.md):
 * With basic auth set, every route but ``/health`` needs the credentials. The one exception is
   ``/webhook``, which also accepts the webhook secret in :data:`SECRET_HEADER`: Label Studio 1.23.2
   sends no credentials on the deliveries of the webhook it registers for the backend, so the backend
-  adds that header to its own webhook (:mod:`ml_backend.security.webhooks`).
+  adds that header to its own webhook (:mod:`ml_backend.webhook_secret`).
 * Only an authenticated caller may tell the backend where Label Studio is and which token to use
   (``/setup``'s ``hostname`` and ``access_token``); without basic auth no caller is authenticated,
   so ``LABEL_STUDIO_URL``/``LABEL_STUDIO_API_KEY`` must be set.

@@ -7,7 +7,7 @@ Layout under ``EMBEDDING_STORE_DIR``::
     <model id>/locks/<pixel key>.lock        flock held while one process encodes that image
 
 The model id is derived from the encoder's weights, config, input size and dtype
-(:mod:`ml_backend.embeddings.identity`), so a different SAM never reads another's
+(:mod:`ml_backend.sam.identity`), so a different SAM never reads another's
 embeddings. Files are written to a temporary file, fsynced and renamed into place, so a
 reader sees a whole file or none; a file that does not parse is deleted and treated as
 missing (the caller re-encodes). Reading stamps the file's mtime; after each write the
