@@ -1,6 +1,6 @@
 """All configuration, read once from the environment.
 
-Every variable is documented in the README's settings table; nothing else in the
+Every variable is documented in :data:`MEANINGS` (docs/configuration.md is generated from it); nothing else in the
 project reads ``os.environ`` for configuration. Build one :class:`Settings` with
 :meth:`Settings.from_env` at start-up and pass what each part needs.
 """
@@ -333,3 +333,138 @@ class Settings:
     @property
     def max_download_bytes(self) -> int:
         return self.max_download_mb * 1024 * 1024
+
+
+# What each setting means, for people: docs/configuration.md is generated from these, the fields' names
+# and their defaults (python -m ml_backend.settings_reference; tests/test_settings_reference.py fails when
+# the page is stale or a field has no meaning here).
+MEANINGS: dict[str, str] = {
+    "host": "where gunicorn listens; any non-loopback `HOST` needs basic auth or `ALLOW_UNAUTHENTICATED=true`",
+    "port": "the port gunicorn listens on",
+    "workers": "gunicorn worker processes (each process holds its own SAM, embedding cache and encode slots)",
+    "threads": "threads per gunicorn worker",
+    "log_level": "logging level",
+    "basic_auth_user": "with `BASIC_AUTH_PASS`: when set, every route but `/health` and `/ready` needs HTTP basic auth "
+                       "(`/webhook` also takes the webhook secret)",
+    "basic_auth_pass": "the password of `BASIC_AUTH_USER` (set both or neither)",
+    "sam_model": "empty: `sam_huge_sa1b` on GPU, `sam_base_sa1b` on CPU. A keras-hub preset name (`sam_base_sa1b`, "
+                 "`sam_large_sa1b`, `sam_huge_sa1b`), a local preset directory, or an official SAM checkpoint "
+                 "(`.pth`, converted once into `MODEL_DIR/sam-presets/`)",
+    "sam_device": "`auto` (GPU when torch sees one), `cpu`, `cuda`, `cuda:N`",
+    "sam_half": "half precision on GPU",
+    "sam_trace_decoder": "run SAM's prompt encoder + mask decoder as a traced torch graph (same outputs, ~3× less "
+                         "Python overhead per click); `false` runs the Keras layers eagerly",
+    "embedding_cache_mb": "size of the image-embedding cache in memory (LRU by bytes; a base/huge embedding is 4 MiB)",
+    "label_studio_url": "Label Studio's address for images; default: what `/setup` sends (from an authenticated "
+                        "caller only). The token goes only to this origin's media paths "
+                        "(see [Image sources](image-sources.md))",
+    "label_studio_api_key": "Label Studio's token (legacy `Token` key or personal access token) for images; "
+                            "default: what `/setup` sends (from an authenticated caller only)",
+    "max_image_pixels": "larger images are refused (decompression bombs); also bounds every declared mask size",
+    "max_download_mb": "download size cap (also the largest `data:` URI)",
+    "download_timeout_s": "download timeout in seconds",
+    "allowed_hosts": "other hosts images may be downloaded from, without the token (`host` or `*.domain`, "
+                     "comma-separated); listed hosts may have private addresses",
+    "local_files_document_root": "Label Studio's local-files root, read directly from disk when set",
+    "image_cache_dir": "the on-disk download cache (LRU by bytes)",
+    "image_cache_mb": "size of the download cache",
+    "negative_labels": "keypoint labels that mean \"not this object\" (comma-separated, case-insensitive)",
+    "brush_label": "force every mask under this label of the mask tag (empty: the prompt's label when the mask tag "
+                   "has it, else its first label)",
+    "model_dir": "the trimap model stores (shared by backend and workers), converted SAM presets, the SAM 3 job "
+                 "list and the retraining state",
+    "trimap_include_boundary": "pre-annotation mask = foreground + boundary classes",
+    "trimap_sam_refine": "prompt SAM with the trimap foreground's box to refine the edge",
+    "redis_url": "run training jobs and SAM 3 project pre-annotation jobs on RQ workers through this Redis "
+                 "instead of in-process (also needed by `PREENCODE_EXECUTOR=rq`)",
+    "retrain_min_annotations": "accepted annotations since the last version before training starts",
+    "retrain_min_interval_min": "minutes between trainings of a project",
+    "retrain_schedule_min": "also train on a fixed schedule (minutes; 0 = off)",
+    "retrain_ground_truth_only": "train only on annotations marked ground truth",
+    "retrain_epochs": "fine-tuning epochs",
+    "retrain_image_size": "fine-tuning image size in pixels (a multiple of 8)",
+    "retrain_batch_size": "fine-tuning batch size",
+    "retrain_job_timeout_s": "a training job is stopped and recorded as failed after this long (RQ's job timeout; "
+                             "in-process, the fit stops at its next batch)",
+    "promotion_margin": "a new version must beat the current foreground IoU by this much",
+    "boundary_width": "width in pixels of the boundary band drawn around painted foreground",
+    "foreground_labels": "mask labels mapped to the trimap's foreground (empty: every mask label that is not "
+                         "background or boundary)",
+    "background_labels": "mask labels mapped to the trimap's background",
+    "boundary_labels": "mask labels mapped to the trimap's boundary",
+    "max_image_mb": "images whose decoded RGB (width × height × 3 bytes) is larger are refused, from the header, "
+                    "before decoding",
+    "encode_concurrency": "0: auto (1 on CPU, 2 on a GPU). Image encodes (SAM's expensive step, a first click on "
+                          "an image) running at once per worker process; further first clicks queue, interactive "
+                          "ones before warm-up/background encodes",
+    "encode_queue_timeout_s": "longest a first click may expect to wait for an encode slot; one that would wait "
+                              "longer (estimated from the encodes measured so far) gets 503 with `Retry-After` at "
+                              "once. One admitted is served while its answer still fits in Label Studio's 100 s. "
+                              "Further clicks on an encoded image never queue",
+    "mask_tag": "name of the mask tag that receives masks when the image has several (empty: `BrushLabels`, else "
+                "`BitmaskLabels`, else `PolygonLabels`)",
+    "polygon_min_area": "pixels: smaller components get no polygon and smaller holes are filled",
+    "polygon_tolerance": "pixels: Douglas–Peucker simplification of polygon outlines (0 keeps every corner of the "
+                         "pixel outline)",
+    "embedding_store_dir": "on-disk image embeddings shared by workers, restarts and replicas (per model identity)",
+    "embedding_store_mb": "size of the embedding store (LRU by bytes; a base/huge embedding is 4 MiB in float32); "
+                          "`0` disables it",
+    "embedding_store_dtype": "`float32` or `float16` (halves the store; masks barely change, see "
+                             "[Deployment](deployment.md#pre-encoding-and-the-embedding-store))",
+    "preencode": "encode a project's images when it connects, new tasks as they are created, opened tasks and "
+                 "their look-ahead first (needs a Label Studio token)",
+    "preencode_lookahead": "tasks after an opened one that jump the queue with it",
+    "preencode_max_tasks": "tasks listed per project when it connects",
+    "preencode_log_every": "a progress line per project every N images",
+    "preencode_executor": "`local`: a thread in each backend process; `rq`: jobs on the `sam-embeddings` queue "
+                          "for `python -m ml_backend.embeddings.worker` (needs `REDIS_URL`)",
+    "url_key_ttl_s": "how long a click trusts an `http(s)` image URL to still hold the same pixels (local files: "
+                     "checked by mtime and size on every click)",
+    "retrain_backoff_min": "after a failed training the next automatic attempt waits this long (minutes), "
+                           "doubling per consecutive failure up to `RETRAIN_BACKOFF_MAX_MIN`",
+    "retrain_backoff_max_min": "the longest back-off after failed trainings (minutes)",
+    "retrain_concurrency": "in-process training (no `REDIS_URL`): fits at once per backend process",
+    "retrain_queue_max": "in-process training: jobs waiting for a slot (more are refused and recorded as failed)",
+    "keep_versions": "versions kept per project store after each training (`0`: all); the current version and its "
+                     "parent are never removed",
+    "base_model": "a trimap version directory or `.keras` file serving projects without a model of their own, and "
+                  "what their first fine-tuning starts from (empty: an older single store in `MODEL_DIR`, if any, "
+                  "else from scratch)",
+    "min_mask_area": "a pre-annotation mask with fewer pixels gives no region",
+    "preannotate": "what batch predictions (Retrieve Predictions, project jobs) use: `trimap`, `sam3` or `both`; "
+                   "`sam3` when `SAM3_MODEL` is set and this is not (see [SAM 3](sam3.md))",
+    "sam3_model": "`sam3_pcs` (keras-hub preset, downloaded from Kaggle), a local keras-hub preset directory, or a "
+                  "Hugging Face SAM 3 checkpoint directory (`config.json` of model type `sam3_video`, safetensors, "
+                  "tokenizer files, as `facebook/sam3` publishes)",
+    "sam3_device": "SAM 3's device: `auto` (GPU when torch sees one), `cpu`, `cuda`, `cuda:N`",
+    "sam3_half": "SAM 3 in float16 on GPU",
+    "sam3_score_threshold": "an instance becomes a region when its score (query score × presence score) is above "
+                            "this",
+    "sam3_dedup_iou": "two masks (any labels) overlapping with a higher IoU are one object: the higher score keeps "
+                      "it",
+    "sam3_max_instances": "regions per image at most, best first",
+    "sam3_phrases": "phrases for labels that are not good ones, `Label=phrase;Label=phrase` (e.g. "
+                    "`Cat=tabby cat;Car=car`)",
+    "sam3_trimap_min_overlap": "with `PREANNOTATE=both`, the share of an instance's area that must lie in the "
+                               "trimap foreground",
+    "sam3_on_import": "with SAM 3 on, Label Studio's `TASKS_CREATED` webhook (an import) queues the project's "
+                      "pre-annotation job",
+    "sam3_exemplar_labels": "rectangle labels whose smart rectangles are SAM 3 exemplars (every similar instance "
+                            "comes back; comma-separated, case-insensitive; needs `SAM3_MODEL`)",
+    "prompt_state_mb": "memory for the logits of the objects being segmented (256 KiB per region for SAM)",
+    "prompt_state_entries": "tasks whose object being segmented is remembered at once",
+    "prompt_state_ttl_s": "seconds an object being segmented is remembered after its last click",
+    "allow_unauthenticated": "serve a non-loopback `HOST` without basic auth, on purpose",
+    "webhook_secret": "the `X-ML-Backend-Secret` value `/webhook` accepts and the backend installs on its Label "
+                      "Studio webhook; empty: derived from the basic-auth user and password",
+    "max_request_mb": "largest request body (413 beyond)",
+    "max_tasks_per_request": "tasks per `/predict` (Label Studio's default ML batch size)",
+    "max_prompt_regions": "rectangles per interactive request (plus the keypoint group: one SAM decode each)",
+    "max_prompt_points": "keypoints per interactive request",
+    "max_warmup_tasks": "most tasks one `/warmup` may embed",
+    "prompt_state_shared": "keep the prompt state in files every worker process of the backend shares: `auto` "
+                           "when `WORKERS` > 1, `on`, `off` (each process its own memory); see "
+                           "[Deployment](deployment.md#several-worker-processes)",
+    "prompt_state_dir": "the folder of those files; empty: `/dev/shm/sam-trimap-prompts-<hash of MODEL_DIR>` when "
+                        "`/dev/shm` has room for twice `PROMPT_STATE_MB`, else `MODEL_DIR/prompt-state`",
+}

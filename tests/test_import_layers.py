@@ -16,10 +16,11 @@ PACKAGES = ("ml_backend", "training")
 
 # Top to bottom. A module may import its own layer and any layer below it. A module belongs to the entry
 # with the longest matching name (``ml_backend.sam3.worker`` is a command, the rest of ``ml_backend.sam3``
-# a service). ``ml_backend`` alone is the package's ``__init__`` (it selects Keras's torch backend).
+# a service). ``ml_backend`` names the package's ``__init__`` only (it selects Keras's torch backend).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("command lines", ("ml_backend.__main__", "ml_backend.sam.__main__", "ml_backend.embeddings.worker",
-                       "ml_backend.retrain.worker", "ml_backend.sam3.worker", "ml_backend.gunicorn_hooks")),
+                       "ml_backend.retrain.worker", "ml_backend.sam3.worker", "ml_backend.gunicorn_hooks",
+                       "ml_backend.settings_reference")),
     ("app", ("ml_backend.app",)),
     ("backend", ("ml_backend.backend",)),
     ("runtime", ("ml_backend.runtime",)),
@@ -85,7 +86,8 @@ def layer_of(module: str) -> int | None:
     best: tuple[int, int] | None = None
     for index, (_, prefixes) in enumerate(LAYERS):
         for prefix in prefixes:
-            if (module == prefix or module.startswith(prefix + ".")) and (best is None or len(prefix) > best[1]):
+            inside = module == prefix or (prefix != "ml_backend" and module.startswith(prefix + "."))
+            if inside and (best is None or len(prefix) > best[1]):
                 best = (index, len(prefix))
     return None if best is None else best[0]
 
