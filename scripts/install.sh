@@ -73,5 +73,9 @@ segment_anything_module().SamPredictor" \
         [ -x "$tool" ] || die "$tool is missing after installing chromium and chromium-driver (browser test)"
     done
     .venv/bin/python -c "import selenium" || die "selenium does not import (browser test)"
+
+    # --- the manual (issue 24): tests/test_docs.py runs `mkdocs build --strict` on docs/ ---
+    "${PIP[@]}" "mkdocs>=1.6,<2"
+    .venv/bin/python -c "import mkdocs" || die "mkdocs does not import (tests/test_docs.py builds the manual)"
 fi
 log "done"

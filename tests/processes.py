@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -40,3 +43,17 @@ def wait_for(check: Callable[[], T], timeout_s: float, what: str, log: Path | No
         time.sleep(interval_s)
     tail = f"\n{log.read_text(errors='replace')[-4000:]}" if log else ""
     raise AssertionError(f"{what} not within {timeout_s} s{tail}")
+
+
+def start_gunicorn_backend(env: Mapping[str, str], log: Path, *, port: int | None = None,
+                  new_session: bool = False) -> tuple[subprocess.Popen, str]:
+    """``python -m ml_backend serve`` (gunicorn, as the README starts it) on 127.0.0.1 and ``port`` (a free one
+    by default), its output appended to ``log``; the process and its URL. ``env`` is the whole environment
+    (start from ``os.environ``; ``HOST`` is 127.0.0.1 unless it says otherwise); ``PORT`` is set here. ``new_session`` gives gunicorn's master and
+    workers a process group of their own, so a test can kill them all at once. Each caller waits for what it
+    needs (``/health``, SAM ready, ``/ready``)."""
+    port = port or free_port()
+    process = subprocess.Popen([sys.executable, "-m", "ml_backend", "serve"], cwd=REPO,
+                               env={"HOST": "127.0.0.1", **env, "PORT": str(port)}, stdout=log.open("ab"),
+                               stderr=subprocess.STDOUT, start_new_session=new_session)
+    return process, f"http://127.0.0.1:{port}"

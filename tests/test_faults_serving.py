@@ -23,7 +23,7 @@ import pytest
 import requests
 import yaml
 from PIL import Image
-from processes import free_port, wait_for
+from processes import free_port, start_gunicorn_backend, wait_for
 
 from ml_backend.app import create_app
 from ml_backend.brush import decode_rle
@@ -114,11 +114,9 @@ class Backends:
     def start(self, port: int | None = None, **env: str) -> Server:
         port = port or free_port()
         log = self.tmp_path / f"backend-{port}-{len(self.groups)}.log"
-        process = subprocess.Popen([sys.executable, "-m", "ml_backend", "serve"], cwd=REPO,
-                                   env={**self.env, "PORT": str(port), **env}, stdout=log.open("wb"),
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process, url = start_gunicorn_backend({**self.env, **env}, log, port=port, new_session=True)
         self.groups.append(process.pid)
-        return Server(f"http://127.0.0.1:{port}", process, log)
+        return Server(url, process, log)
 
     def close(self) -> None:
         for group in self.groups:

@@ -8,19 +8,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import requests
 
-from e2e.servers import REPO
 from fake_label_studio import TOKEN, fake_label_studio
 from ml_backend.app import create_app
 from ml_backend.runtime import Runtime
 from ml_backend.settings import Settings
-from processes import free_port, stop, wait_for
+from processes import free_port, start_gunicorn_backend, stop, wait_for
 from redis_fixture import redis_server  # noqa: F401  (fixture: skips like the other Redis tests)
 from conftest_training import _fitted_store, fitted_store, tiny_data  # noqa: F401  (fixtures)
 from test_retrain import created
@@ -138,11 +136,7 @@ def test_label_studio_unreachable_during_an_export_fails_cleanly_and_is_retried_
 
 
 def _backend(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "ml_backend", "serve"], cwd=REPO, start_new_session=True,
-                               env={**os.environ, **env, "PORT": str(port), "HOST": "127.0.0.1"},
-                               stdout=log.open("ab"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    process, url = start_gunicorn_backend({**os.environ, **env, "HOST": "127.0.0.1"}, log, new_session=True)
 
     def up() -> bool:
         if process.poll() is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from sam3_fixture import checkpoint, sam3_engine  # noqa: F401  (fixtures)
 
 from ml_backend.app import create_app
 from ml_backend.brush import decode_rle
@@ -29,20 +30,6 @@ from ml_backend.settings import Settings, SettingsError
 
 EDITOR = Path(__file__).parent / "fixtures" / "editor"
 THRESHOLD, DEDUP = 0.2, 0.5
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sam3_factory import save_tiny_checkpoint
-
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("sam3") / "sam3-tiny", weight_scale=3.0)
-
-
-@pytest.fixture(scope="module")
-def sam3_engine(checkpoint: Path):
-    from ml_backend.sam3.loading import load_sam3_engine
-
-    return load_sam3_engine(str(checkpoint), device="cpu")
 
 
 @pytest.fixture

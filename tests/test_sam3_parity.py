@@ -8,22 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sam3_fixture import checkpoint, sam3_engine  # noqa: F401  (fixtures)
 
 from ml_backend.sam3.engine import Sam3Engine
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sam3_factory import save_tiny_checkpoint
-
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("sam3") / "hf", weight_scale=3.0)
-
-
-@pytest.fixture(scope="module")
-def engine(checkpoint: Path) -> Sam3Engine:
-    from ml_backend.sam3.loading import load_sam3_engine
-
-    return load_sam3_engine(str(checkpoint), device="cpu")
+def engine(sam3_engine) -> Sam3Engine:
+    return sam3_engine
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ from PIL import Image
 from ml_backend.brush import encode_rle
 from ml_backend.security.auth import SECRET_HEADER, webhook_secret
 from ml_backend.settings import Settings
-from processes import free_port, stop, wait_for
+from processes import free_port, start_gunicorn_backend, stop, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "5ec7e7" + "ab" * 17  # 40 hex characters, as Label Studio's legacy tokens
@@ -268,16 +268,13 @@ def servers(tmp_path_factory, tiny_sam_preset) -> Iterator[dict]:
     trap_server, ls_server = trap.start(), ls.start()
     ls.routes["/api/projects/1/export"] = (200, json.dumps(malicious_export(ls.url, trap.url)).encode(),
                                            "application/json")
-    port = free_port()
-    env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "THREADS": "4", "SAM_MODEL": str(tiny_sam_preset),
+    env = {**os.environ, "HOST": "127.0.0.1", "THREADS": "4", "SAM_MODEL": str(tiny_sam_preset),
            "MODEL_DIR": str(work / "models"), "IMAGE_CACHE_DIR": str(work / "cache"), "BASIC_AUTH_USER": USER,
            "BASIC_AUTH_PASS": PASSWORD, "MAX_REQUEST_MB": str(MAX_REQUEST_MB), "RETRAIN_MIN_ANNOTATIONS": "1000"}
     for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "REDIS_URL", "ALLOWED_HOSTS", "WEBHOOK_SECRET"):
         env.pop(name, None)
     log = work / "backend.log"
-    process = subprocess.Popen([sys.executable, "-m", "ml_backend", "serve"], env=env, cwd=REPO,
-                               stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    process, url = start_gunicorn_backend(env, log)
 
     def ready() -> bool:
         try:

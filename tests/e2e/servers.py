@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
 
-from processes import free_port, stop  # noqa: F401  (stop is part of this module's API)
+from processes import free_port, start_gunicorn_backend, stop  # noqa: F401  (stop is part of this module's API)
 
 REPO = Path(__file__).resolve().parents[2]
 LABEL_STUDIO_BIN = REPO / ".venv-ls" / "bin" / "label-studio"
@@ -113,11 +112,10 @@ class Backend:
 def start_backend(workdir: Path, env_overrides: dict[str, str]) -> Backend:
     port = free_port()
     log = workdir / f"backend-{port}.log"
-    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "THREADS": "4", "LOG_LEVEL": "INFO",
+    env = {**os.environ, "HOST": "127.0.0.1", "THREADS": "4", "LOG_LEVEL": "INFO",
            "IMAGE_CACHE_DIR": str(workdir / f"image-cache-{port}"), **env_overrides}
-    process = subprocess.Popen([sys.executable, "-m", "ml_backend", "serve"], env=env, cwd=REPO,
-                               stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    backend = Backend(url=f"http://127.0.0.1:{port}", process=process, log=log)
+    process, url = start_gunicorn_backend(env, log, port=port)
+    backend = Backend(url=url, process=process, log=log)
     if env_overrides.get("BASIC_AUTH_USER"):
         backend.auth = (env_overrides["BASIC_AUTH_USER"], env_overrides["BASIC_AUTH_PASS"])
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from sam3_fixture import checkpoint, sam3_engine  # noqa: F401  (fixtures)
 
 from e2e.editor import Editor
 from e2e.recording_proxy import RecordingProxy
@@ -59,21 +60,6 @@ def png() -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def checkpoint(e2e_dir: Path) -> Path:
-    from sam3_factory import save_tiny_checkpoint
-
-    return save_tiny_checkpoint(e2e_dir / "sam3-exemplar", weight_scale=3.0)
-
-
-@pytest.fixture(scope="module")
-def sam3_engine(checkpoint: Path):
-    """The backend's SAM 3, loaded here to compute what its answers must hold."""
-    from ml_backend.sam3.loading import load_sam3_engine
-
-    return load_sam3_engine(str(checkpoint), device="cpu")
 
 
 @pytest.fixture(scope="module")

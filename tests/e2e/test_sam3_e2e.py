@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from sam3_fixture import checkpoint  # noqa: F401  (fixture)
 
 from e2e.servers import Backend, LabelStudio
 from ml_backend.brush import decode_rle
@@ -32,13 +33,6 @@ CONFIG = """<View>
 </View>"""
 SAM3_ENV = {"PREANNOTATE": "sam3", "SAM3_SCORE_THRESHOLD": "0.2", "SAM3_DEDUP_IOU": "0.5",
             "SAM3_ON_IMPORT": "false"}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(e2e_dir: Path) -> Path:
-    from sam3_factory import save_tiny_checkpoint
-
-    return save_tiny_checkpoint(e2e_dir / "sam3-tiny", weight_scale=3.0)
 
 
 def _png(seed: int) -> bytes:
