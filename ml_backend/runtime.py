@@ -39,9 +39,6 @@ from ml_backend.settings import Settings
 logger = logging.getLogger(__name__)
 
 SAM_WAIT_S = 80.0  # Label Studio gives /predict 100 s: answer 503 "still loading" before that
-# A first click queued for an encode is served while its answer still fits in Label Studio's 100 s,
-# less this much for downloading, decoding, the decoder and the JSON answer.
-ENCODE_ANSWER_WITHIN_S = 85.0
 PREENCODE_SAM_WAIT_S = 3600.0  # background work waits for SAM to load
 WARMUP_PROJECT = 0  # /warmup with bare tasks: their progress shows under project "0"
 
@@ -60,8 +57,7 @@ class Runtime:
         self.url_index = UrlIndex(lambda url: self.images.local_file(url, label_studio_url=self.access.url or None),
                                   ttl_s=settings.url_key_ttl_s, origin=lambda: self.access.url)
         # At most N encodes at once; further first clicks queue briefly, then get 503 + Retry-After.
-        self.encode_gate = EncodeGate(encode_slots(settings), settings.encode_queue_timeout_s,
-                                      answer_within_s=ENCODE_ANSWER_WITHIN_S)
+        self.encode_gate = EncodeGate.from_settings(settings)
         self.preencoder = self._build_preencoder(settings)
         self._connected: set[int] = set()
         self._image_keys: dict[int, str] = {}  # project -> its config's image field
@@ -351,18 +347,3 @@ class Runtime:
         """A project's versions and what serves it; without a project, what serves projects without a model."""
         return {"project": project, "serving": self.trimaps.current_version(project),
                 "versions": self.trimaps.list_versions(project)}
-
-
-def encode_slots(settings: Settings) -> int:
-    """ENCODE_CONCURRENCY, or by device: 1 on CPU (an encode takes every core), 2 on a GPU (one
-    image's host-side resizing and transfer overlap the other's encode)."""
-    if settings.encode_concurrency:
-        return settings.encode_concurrency
-    if settings.sam_device.startswith("cuda"):
-        return 2
-    if settings.sam_device == "auto":
-        import torch
-
-        return 2 if torch.cuda.is_available() else 1
-    return 1
-

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from ml_backend.app import create_app
-from ml_backend.runtime import Runtime, encode_slots
+from ml_backend.runtime import Runtime
+from ml_backend.sam.encode_gate import encode_slots
 from ml_backend.sam import SamEngine
 from ml_backend.sam.encode_gate import EncodeBusyError, EncodeGate, Priority
 from ml_backend.settings import Settings, SettingsError

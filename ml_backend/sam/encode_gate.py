@@ -40,9 +40,13 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from ml_backend.errors import BackendError
+from ml_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+# A first click queued for an encode is served while its answer still fits in Label Studio's 100 s,
+# less this much for downloading, decoding, the decoder and the JSON answer.
+ENCODE_ANSWER_WITHIN_S = 85.0
 EWMA_WEIGHT = 0.3  # weight of the newest measured encode in the running estimate
 
 
@@ -86,6 +90,11 @@ _DEFAULT = object()
 
 class EncodeGate:
     """A priority queue in front of ``slots`` concurrent encodes."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "EncodeGate":
+        """``ENCODE_CONCURRENCY`` slots (by device when 0), ``ENCODE_QUEUE_TIMEOUT_S``, Label Studio's answer time."""
+        return cls(encode_slots(settings), settings.encode_queue_timeout_s, answer_within_s=ENCODE_ANSWER_WITHIN_S)
 
     def __init__(self, slots: int, max_wait_s: float, *, answer_within_s: float | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -220,3 +229,17 @@ class EncodeGate:
                     self._mean_s = took if self._mean_s is None else (
                         EWMA_WEIGHT * took + (1 - EWMA_WEIGHT) * self._mean_s)
                 self._cond.notify_all()
+
+
+def encode_slots(settings: Settings) -> int:
+    """ENCODE_CONCURRENCY, or by device: 1 on CPU (an encode takes every core), 2 on a GPU (one
+    image's host-side resizing and transfer overlap the other's encode)."""
+    if settings.encode_concurrency:
+        return settings.encode_concurrency
+    if settings.sam_device.startswith("cuda"):
+        return 2
+    if settings.sam_device == "auto":
+        import torch
+
+        return 2 if torch.cuda.is_available() else 1
+    return 1
