@@ -50,9 +50,8 @@ def default_text(value: object) -> str:
             value = ";".join("=".join(pair) for pair in value)
         else:
             value = ",".join(value)
-    if isinstance(value, Path):
-        home = str(Path.home())
-        value = "~" + str(value)[len(home):] if str(value).startswith(home) else str(value)
+    if isinstance(value, Path):  # the same page whoever generates it: ~ for the home directory
+        value = f"~/{value.relative_to(Path.home())}" if value.is_relative_to(Path.home()) else str(value)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     return f"`{value}`" if value != "" else "empty"
