@@ -157,6 +157,13 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
+def recent_click_projects() -> set[int]:
+    """Projects clicked in during the last hour (any worker)."""
+    now = time.time()
+    return {project for stamp, _, _, project in _all_recent_clicks()
+            if isinstance(project, int) and now - stamp <= RECENT_WINDOW_S}
+
+
 def recent_click_latency(project: int | None = None, now: float | None = None) -> dict[str, dict]:
     """p50/p95 (seconds) and count of the last hour's clicks of each kind, over every worker; one project's
     when ``project`` is given."""

@@ -78,10 +78,10 @@ def _section(read) -> dict[str, Any]:
 
 
 def projects_known(runtime, training: dict[str, Any], preencode: dict[str, Any], sam3: dict[str, Any]) -> list[int]:
-    """Every project something is known about: a store, a training state, pre-encoding or a SAM 3 job."""
+    """Every project something is known about: a store, a training state, pre-encoding, a SAM 3 job or clicks."""
     from training.layout import project_ids
 
-    found = set(project_ids(runtime.settings.model_dir))
+    found = set(project_ids(runtime.settings.model_dir)) | metrics.recent_click_projects()
     for section in (training.get("projects", {}), preencode.get("projects", {}), sam3.get("projects", {})):
         found |= {int(key) for key in section if str(key).isdigit() and int(key) > 0}
     return sorted(found)
