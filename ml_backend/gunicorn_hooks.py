@@ -45,6 +45,7 @@ def on_starting(server) -> None:
     if os.environ.get(METRICS_DIR_ENV):
         logger.info("%s=%s replaced by the backend's own %s", METRICS_DIR_ENV, os.environ[METRICS_DIR_ENV], folder)
     os.environ[METRICS_DIR_ENV] = folder
+    logger.info("workers' metrics in %s", folder)
 
 
 def child_exit(server, worker) -> None:
@@ -79,11 +80,11 @@ def post_fork(server, worker) -> None:
 
 def on_exit(server) -> None:
     """Remove the prompt state's ``/dev/shm`` folder (``ml_backend.prompt_state_files``) and the metrics folder."""
+    if folder := os.environ.get(METRICS_DIR_ENV):  # first: the imports below take seconds on a busy machine
+        shutil.rmtree(folder, ignore_errors=True)
     from ml_backend.prompt_state_files import remove_shm_directory
     from ml_backend.settings import Settings, SettingsError
 
-    if folder := os.environ.get(METRICS_DIR_ENV):
-        shutil.rmtree(folder, ignore_errors=True)
     try:
         remove_shm_directory(Settings.from_env())
     except (OSError, SettingsError) as exc:
