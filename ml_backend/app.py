@@ -27,13 +27,14 @@ from ml_backend.label_studio_api import api_get, iter_project_tasks
 from ml_backend.logs import configure_logging
 from ml_backend.runtime import Runtime
 from ml_backend.security import limits
-from ml_backend.security.auth import Authenticator, route_path, webhook_secret
+from ml_backend.security.auth import Authenticator, webhook_secret
 from ml_backend.security.webhooks import WebhookSecretInstaller
 from ml_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_WARMUP_LIMIT = 200
+PROJECT_PREFIX = "/projects/<int:project>"  # a backend URL per project: Label Studio's calls then carry it
 
 
 def _project_id(value: object) -> int | None:
@@ -102,16 +103,17 @@ class BackendViews:
         data = self._json()
         _check_path_project(data.get("project"))
         hostname, token = data.get("hostname"), data.get("access_token")
-        backend = self._backend(data.get("schema"), data.get("project"))
+        project_value = data.get("project") or g.get("path_project")
+        backend = self._backend(data.get("schema"), project_value)
         if g.get("authenticated"):
             self.runtime.remember_label_studio(limits.setup_hostname(hostname), limits.setup_token(token))
-            project = limits.project_id(data.get("project"))
+            project = limits.project_id(project_value)
             if self.installer is not None and project is not None and self.runtime.access.url:
                 self.installer.ensure(project, request.host)
         elif hostname or token:
             logger.info("/setup from an unauthenticated caller: its hostname/access_token are not used "
                         "(set LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY, or BASIC_AUTH_USER/BASIC_AUTH_PASS)")
-        self.runtime.project_connected(data.get("project"), data.get("schema"))  # queues pre-encoding once
+        self.runtime.project_connected(project_value, data.get("schema"))  # queues pre-encoding once
         return jsonify({"model_version": backend.model_version})
 
     def webhook(self) -> tuple[Response, int]:
@@ -240,8 +242,8 @@ def _started() -> None:
 
 def _observed(response: Response) -> Response:
     """Count and time every answered request by route (``/projects/<id>`` stripped), kind and status."""
-    rule = request.url_rule.rule if request.url_rule is not None else None
-    route = route_path(rule.replace("<int:project>", "0")) if rule else "unmatched"
+    rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    route = rule.removeprefix(PROJECT_PREFIX) or "/"
     metrics.observe_request(route, g.get("request_kind", "other"), response.status_code,
                             time.perf_counter() - g.get("started", time.perf_counter()), g.get("request_project"))
     return response
@@ -309,7 +311,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
             if rule.endpoint == "get_version":
                 methods.add("GET")  # Label Studio 1.23 asks with GET; the library routes POST only
             app.add_url_rule(rule.rule, endpoint=rule.endpoint, view_func=ours[rule.endpoint], methods=methods)
-            app.add_url_rule(f"/projects/<int:project>{rule.rule}", endpoint=f"project_{rule.endpoint}",
+            app.add_url_rule(PROJECT_PREFIX + rule.rule, endpoint=f"project_{rule.endpoint}",
                              view_func=per_project[rule.endpoint], methods=methods)
     app.add_url_rule("/status", endpoint="status", view_func=_handle_errors(views.status), methods=["GET"])
     app.add_url_rule("/ready", endpoint="ready", view_func=_handle_errors(views.ready), methods=["GET"])
