@@ -183,3 +183,38 @@ def test_two_workers_counts_add_up_and_the_folder_goes_with_the_master(two_worke
 
     stop(process, timeout_s=120)
     assert not folder.exists()
+
+
+# --- training outcomes ----------------------------------------------------------------------------------
+class HeldExecutor:
+    """Takes jobs and runs nothing: the test records their outcomes."""
+
+    owner = None
+
+    def submit(self, spec, record) -> None:
+        pass
+
+    def lost(self, job_id: str, owner: str | None) -> str | None:
+        return None
+
+
+@pytest.mark.parametrize("outcome, label", [({"status": "succeeded", "promoted": True}, "promoted"),
+                                            ({"status": "succeeded", "promoted": False}, "not_promoted"),
+                                            ({"status": "not_enough_data"}, "not_enough_data"),
+                                            ({"status": "failed", "error": "boom"}, "failed")])
+def test_a_training_outcome_is_counted_once_by_outcome(tmp_path: Path, outcome: dict, label: str) -> None:
+    from prometheus_client import REGISTRY
+
+    from ml_backend.retrain.coordinator import Retrainer
+    from ml_backend.retrain.state import FileStateStore
+
+    def count() -> float:
+        return REGISTRY.get_sample_value("ml_backend_training_jobs_total", {"outcome": label}) or 0.0
+
+    retrainer = Retrainer(FileStateStore(tmp_path), HeldExecutor(), lambda project, job_id, reason: None,
+                          policy=None, tick_s=0)
+    started = retrainer.request(4, "START_TRAINING", forced=True)
+    before = count()
+    assert retrainer.finish(4, started.job_id, outcome).action == "finished"
+    assert retrainer.finish(4, started.job_id, outcome).action == "ignored"  # recorded once: counted once
+    assert count() - before == 1
