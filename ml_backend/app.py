@@ -12,14 +12,16 @@ call with the library's route table (same URLs and methods) and our views.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from ml_backend import labeling
+from ml_backend import labeling, metrics
 from ml_backend.backend import SegmentationBackend, serve_project_jobs
+from ml_backend.dashboard import register_dashboard
 from ml_backend.errors import BackendError
 from ml_backend.label_studio_api import api_get, iter_project_tasks
 from ml_backend.logs import configure_logging
@@ -32,6 +34,7 @@ from ml_backend.settings import Settings
 logger = logging.getLogger(__name__)
 
 DEFAULT_WARMUP_LIMIT = 200
+PROJECT_PREFIX = "/projects/<int:project>"  # a backend URL per project: Label Studio's calls then carry it
 
 
 def _project_id(value: object) -> int | None:
@@ -49,6 +52,19 @@ def _query_project() -> int | None:
     return _project_id(request.args.get("project"))
 
 
+def _check_path_project(value: object) -> None:
+    """Under a per-project backend URL (``/projects/<id>/``), a body naming another project is refused: the
+    URL was copied into the wrong project's model settings."""
+    expected = g.get("path_project")
+    if expected is None or value is None or value == "":
+        return
+    if isinstance(value, dict):
+        value = value.get("id")
+    if _project_id(value) != expected:
+        raise BackendError(f"This backend URL serves project {expected} (/projects/{expected}/), but the request is "
+                           f"for project {str(value)[:40]!r}: give each project its own URL in its model settings.")
+
+
 def _error(message: str, status: int) -> tuple[Response, int]:
     return jsonify({"error": message, "status": status}), status
 
@@ -60,6 +76,7 @@ class BackendViews:
         self.runtime = runtime
         self.limits = limits.RequestLimits.from_settings(runtime.settings)
         self.installer = installer
+        self.sampler: metrics.Sampler | None = None
 
     def _json(self) -> dict:
         return limits.parse_json_body(request.content_type, request.get_data(cache=True))
@@ -69,26 +86,34 @@ class BackendViews:
 
     def predict(self) -> Response:
         data = self._json()
+        _check_path_project(data.get("project"))
         tasks, context = limits.predict_request(data, self.limits)
-        backend = self._backend(data.get("label_config"), data.get("project"))
-        predictions = backend.predict(tasks, context=context, project=data.get("project"))
+        g.request_kind = "click" if context and context.get("result") else "batch"
+        backend = self._backend(data.get("label_config"), data.get("project") or g.get("path_project"))
+        g.request_project = backend.project
+        try:
+            predictions = backend.predict(tasks, context=context, project=data.get("project"))
+        finally:
+            g.request_kind = backend.request_kind
         return jsonify({"results": predictions, "model_version": backend.model_version})
 
     def setup(self) -> Response:
         """Validate the labeling config first; only then, and only for an authenticated caller, take
         Label Studio's address and token from the body (never over ``LABEL_STUDIO_URL``)."""
         data = self._json()
+        _check_path_project(data.get("project"))
         hostname, token = data.get("hostname"), data.get("access_token")
-        backend = self._backend(data.get("schema"), data.get("project"))
+        project_value = data.get("project") or g.get("path_project")
+        backend = self._backend(data.get("schema"), project_value)
         if g.get("authenticated"):
             self.runtime.remember_label_studio(limits.setup_hostname(hostname), limits.setup_token(token))
-            project = limits.project_id(data.get("project"))
+            project = limits.project_id(project_value)
             if self.installer is not None and project is not None and self.runtime.access.url:
                 self.installer.ensure(project, request.host)
         elif hostname or token:
             logger.info("/setup from an unauthenticated caller: its hostname/access_token are not used "
                         "(set LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY, or BASIC_AUTH_USER/BASIC_AUTH_PASS)")
-        self.runtime.project_connected(data.get("project"), data.get("schema"))  # queues pre-encoding once
+        self.runtime.project_connected(project_value, data.get("schema"))  # queues pre-encoding once
         return jsonify({"model_version": backend.model_version})
 
     def webhook(self) -> tuple[Response, int]:
@@ -96,6 +121,7 @@ class BackendViews:
         event = data.get("action")
         if not isinstance(event, str):
             raise BackendError("A webhook needs an 'action'.")
+        _check_path_project(data.get("project"))
         answer = self.runtime.on_webhook(event, data)
         if event == "TASKS_CREATED" and self.runtime.settings.sam3_on_import:
             key = limits.project_id(data.get("project")) if isinstance(data.get("project"), dict) else None
@@ -171,15 +197,22 @@ class BackendViews:
         })
 
     def versions(self) -> Response:
-        """A project's versions (``?project=`` or a JSON body's ``project``). Label Studio 1.23's own GET
-        carries no project: it then gets what serves projects without a model of their own."""
-        project = _query_project()
+        """A project's versions: from a per-project URL (``/projects/<id>/versions``), ``?project=`` or a JSON
+        body's ``project``. Label Studio 1.23's own GET carries no project, so only a per-project backend URL
+        makes its version list the project's; without one it gets what serves projects without a model."""
+        project = g.get("path_project")
+        if project is None:
+            project = _query_project()
         if project is None and request.method == "POST" and request.content_length:
             project = _project_id(self._json().get("project"))
         return jsonify(self.runtime.trimap_versions(project))
 
     def metrics(self) -> Response:
-        return jsonify({"sam": self.runtime.sam_status()})
+        """Prometheus text (every worker's values); the SAM state that this route used to answer is on ``/status``."""
+        if self.sampler is not None:
+            self.sampler.sample()  # this worker's gauges as of now
+        body, content_type = metrics.exposition()
+        return Response(body, content_type=content_type)
 
 
 def _section(read: Callable[[], dict]) -> dict:
@@ -203,10 +236,33 @@ def _auth_guard(authenticator: Authenticator) -> Callable[[], Any]:
     return guard
 
 
-def _handle_errors(view: Callable[[], Any]) -> Callable[[], Any]:
-    def wrapped() -> Any:
+def _started() -> None:
+    g.started = time.perf_counter()
+
+
+def _observed(response: Response) -> Response:
+    """Count and time every answered request by route (``/projects/<id>`` stripped), kind and status."""
+    rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+    route = rule.removeprefix(PROJECT_PREFIX) or "/"
+    metrics.observe_request(route, g.get("request_kind", "other"), response.status_code,
+                            time.perf_counter() - g.get("started", time.perf_counter()), g.get("request_project"))
+    return response
+
+
+def _per_project(view: Callable[[], Any]) -> Callable[..., Any]:
+    """The same view under ``/projects/<id>/``: the project comes from the URL (Label Studio's calls then carry it)."""
+    def wrapped(project: int) -> Any:
+        g.path_project = project
+        return view()
+
+    wrapped.__name__ = f"project_{view.__name__}"
+    return wrapped
+
+
+def _handle_errors(view: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapped(**kwargs: Any) -> Any:
         try:
-            return view()
+            return view(**kwargs)
         except BackendError as exc:
             logger.info("%s %s -> %d: %s", request.method, request.path, exc.status_code, exc.message)
             response, status = _error(exc.message, exc.status_code)
@@ -247,6 +303,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
         "metrics": views.metrics,
     }
     ours = {endpoint: _handle_errors(view) for endpoint, view in endpoints.items()}
+    per_project = {endpoint: _per_project(view) for endpoint, view in ours.items()}
     app = Flask("ml_backend")
     app.config["MAX_CONTENT_LENGTH"] = views.limits.max_body_bytes
     for rule in api._server.url_map.iter_rules():
@@ -255,12 +312,21 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
             if rule.endpoint == "get_version":
                 methods.add("GET")  # Label Studio 1.23 asks with GET; the library routes POST only
             app.add_url_rule(rule.rule, endpoint=rule.endpoint, view_func=ours[rule.endpoint], methods=methods)
+            app.add_url_rule(PROJECT_PREFIX + rule.rule, endpoint=f"project_{rule.endpoint}",
+                             view_func=per_project[rule.endpoint], methods=methods)
     app.add_url_rule("/status", endpoint="status", view_func=_handle_errors(views.status), methods=["GET"])
     app.add_url_rule("/ready", endpoint="ready", view_func=_handle_errors(views.ready), methods=["GET"])
     app.add_url_rule("/warmup", endpoint="warmup", view_func=_handle_errors(views.warmup), methods=["POST"])
     app.add_url_rule("/preannotate", endpoint="preannotate", view_func=_handle_errors(views.preannotate),
                      methods=["POST"])
+    app.before_request(_started)
     app.before_request(_auth_guard(Authenticator(settings)))
+    app.after_request(_observed)
+    register_dashboard(app, runtime, _handle_errors)
+    views.sampler = metrics.Sampler(runtime.encode_gate.status, runtime.preencoder.status,
+                                    runtime.preannotation_jobs.status)
+    if metrics.multiproc_dir() is not None:  # several workers: each samples its gauges for the others' scrapes
+        views.sampler.start()
     for code in (400, 404, 405):
         app.register_error_handler(code, lambda exc: _error(exc.description, exc.code))
     app.register_error_handler(RequestEntityTooLarge,

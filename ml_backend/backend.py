@@ -44,6 +44,9 @@ class SegmentationBackend(LabelStudioMLBase):
         self.runtime = runtime
         # Label Studio sends "<id>.<created timestamp>"; batch predictions and versions are per project.
         self.project = project_key(project)
+        # What predict() served, for the request metrics: batch, or a click on a new object (first_click) or
+        # on one segmented before (further_click: its earlier answer goes back to SAM); "click" until known.
+        self.request_kind = "other"
 
     @property
     def model_version(self) -> str:
@@ -57,12 +60,14 @@ class SegmentationBackend(LabelStudioMLBase):
         if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
             raise BackendError("'tasks' must be a list of task objects.")
         if context and context.get("result"):
+            self.request_kind = "click"
             if len(tasks) != 1:
                 raise BackendError(f"Interactive annotation works on one task at a time, got {len(tasks)}.")
             prediction = self._interactive(tasks[0], context)
             # Its look-ahead, once this one is served ("project" as Label Studio sends it: "<id>.<timestamp>").
             self.runtime.task_opened(tasks[0], self.config.image_key, kwargs.get("project"))
             return [prediction]
+        self.request_kind = "batch"
         if len(tasks) == 1:  # Label Studio's automatic /predict when an annotator opens a task
             self.runtime.task_opened(tasks[0], self.config.image_key, kwargs.get("project"))
         return [self._preannotate(task) for task in tasks]
@@ -96,6 +101,7 @@ class SegmentationBackend(LabelStudioMLBase):
         key = task_key(self.project, task, url)
         with memory.hold(key):  # the next click on this task, in any worker process, plans after this one
             plan = memory.plan(key, request, task)
+            self.request_kind = "further_click" if plan.state.regions else "first_click"
             engine = self.runtime.sam()
             embedding = self.runtime.task_embedding(url, task_id)
             height, width = embedding.geometry.original_size

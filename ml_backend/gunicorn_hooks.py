@@ -7,6 +7,11 @@ graceful timeout passes, so the click hangs and the restarted master competes fo
 With no master to report to, the orphan goes at once instead (tests/test_faults_serving.py).
 
 When the master exits, the prompt state's folder in ``/dev/shm`` (memory) goes with it.
+
+Prometheus metrics of several workers (:mod:`ml_backend.metrics`): the master makes a private folder and
+names it in ``PROMETHEUS_MULTIPROC_DIR`` before forking any worker (a value inherited from the environment
+is replaced: files left by another run would add its counts to ours); a worker's live gauges go when it
+exits, and the folder when the master does.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +34,27 @@ MALLOC_ARENAS = 2
 # backends (or test servers) on one host would overwrite each other's, and nothing here uses it.
 # A setting in a config module, not a flag: older gunicorn ignores unknown names here but refuses unknown flags.
 control_socket_disable = True
+
+
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's variable (ml_backend.metrics.MULTIPROC_ENV)
+
+
+def on_starting(server) -> None:
+    """A private folder for the workers' metrics (mode 0700), before the first fork."""
+    folder = tempfile.mkdtemp(prefix="sam-trimap-metrics-")
+    if os.environ.get(METRICS_DIR_ENV):
+        logger.info("%s=%s replaced by the backend's own %s", METRICS_DIR_ENV, os.environ[METRICS_DIR_ENV], folder)
+    os.environ[METRICS_DIR_ENV] = folder
+    logger.info("workers' metrics in %s", folder)
+
+
+def child_exit(server, worker) -> None:
+    """Drop the exited worker's live gauges (its counters stay counted)."""
+    from prometheus_client import multiprocess
+
+    folder = os.environ.get(METRICS_DIR_ENV)
+    if folder:
+        multiprocess.mark_process_dead(worker.pid, folder)
 
 
 def post_fork(server, worker) -> None:
@@ -51,7 +79,9 @@ def post_fork(server, worker) -> None:
 
 
 def on_exit(server) -> None:
-    """Remove the prompt state's ``/dev/shm`` folder (``ml_backend.prompt_state_files``)."""
+    """Remove the prompt state's ``/dev/shm`` folder (``ml_backend.prompt_state_files``) and the metrics folder."""
+    if folder := os.environ.get(METRICS_DIR_ENV):  # first: the imports below take seconds on a busy machine
+        shutil.rmtree(folder, ignore_errors=True)
     from ml_backend.prompt_state_files import remove_shm_directory
     from ml_backend.settings import Settings, SettingsError
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ml_backend import metrics
 from ml_backend.embeddings.jobs import IN_FLIGHT, RQEncoder
 from ml_backend.embeddings.projects import image_key_of, project_images, task_image
 from ml_backend.embeddings.scheduler import EncodeJob, PreEncodeScheduler, project_id
@@ -133,13 +134,16 @@ class Runtime:
             engine.wait_while_encoded_elsewhere(key)
             embedding = engine.cached(key)
         if embedding is not None:
+            metrics.embedding_lookup(True, priority.name.lower())
             return embedding
         with self.encode_gate.slot(priority) as slot:
+            metrics.encode_waited(priority.name.lower(), slot.waited_s)
             if engine.is_ready(key):  # encoded (here or by another process) while this caller queued
                 slot.untimed()
             started = time.perf_counter()
             encodes = engine.images_encoded
             embedding = engine.embed(image)
+            metrics.embedding_lookup(engine.images_encoded == encodes, priority.name.lower())
             if engine.images_encoded == encodes:
                 slot.untimed()
             if slot.timed:
@@ -166,6 +170,7 @@ class Runtime:
         validator = self.url_index.validator(url)
         key = self.url_index.lookup(url, validator)
         if key is not None and (embedding := engine.cached(key)) is not None:
+            metrics.embedding_lookup(True, Priority.INTERACTIVE.name.lower())
             return embedding
         # Most likely a new image: when the queue is already too long, refuse before spending seconds on
         # downloading, decoding and hashing it, so an overloaded backend answers at once.

@@ -178,6 +178,8 @@ class Settings:
     # --- prompt state shared by the worker processes (shared-prompts) ---
     prompt_state_shared: str = "auto"  # auto: when WORKERS > 1; on; off (each process keeps its own)
     prompt_state_dir: str = ""  # empty: /dev/shm/sam-trimap-prompts-<hash of MODEL_DIR>, else MODEL_DIR/prompt-state
+    # --- operators' view: Prometheus metrics and the dashboard (ops) ---
+    metrics_public: bool = False  # serve /metrics without credentials (a Prometheus on a private network)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -273,6 +275,7 @@ class Settings:
             # prompt state shared by the worker processes (shared-prompts)
             prompt_state_shared=_str(env, "PROMPT_STATE_SHARED", d.prompt_state_shared).lower(),
             prompt_state_dir=_str(env, "PROMPT_STATE_DIR"),
+            metrics_public=_bool(env, "METRICS_PUBLIC", d.metrics_public),
         )
         settings.check()
         return settings

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ml_backend import metrics
 from ml_backend.retrain.jobs import Executor
 from ml_backend.retrain.policy import (
     ANNOTATION_EVENTS,
@@ -243,7 +244,10 @@ class Retrainer:
             self._mark_started(state, next_id, why, now)
             return Decision("started", next_id, why)
 
-        return self._apply(project, next_id, change)
+        decision = self._apply(project, next_id, change)
+        if decision.action != "ignored":  # counted once, by the process that recorded it
+            metrics.training_finished(outcome)
+        return decision
 
     def reconcile(self, project: int) -> None:
         """Record a failure for a running job that can no longer finish (its worker died, it timed out)."""

@@ -39,6 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 
+from ml_backend import metrics
 from ml_backend.errors import BackendError
 from ml_backend.settings import Settings
 
@@ -178,6 +179,7 @@ class EncodeGate:
             estimate = self._estimate_locked(ahead)
             if estimate is not None and estimate > self.max_wait_s:
                 self.counters.refused_at_once += 1
+                metrics.encode_refused("at_once")
                 raise self._refusal(ahead, estimate, self.max_wait_s)
 
     @contextmanager
@@ -198,6 +200,7 @@ class EncodeGate:
                 estimate = self._estimate_locked(ahead)
                 if estimate is not None and estimate > max_wait_s:
                     self.counters.refused_at_once += 1
+                    metrics.encode_refused("at_once")
                     raise self._refusal(ahead, estimate, max_wait_s)
             heapq.heappush(self._waiting, ticket)
             arrived = self._clock()
@@ -209,6 +212,7 @@ class EncodeGate:
                     heapq.heapify(self._waiting)
                     self._cond.notify_all()  # the head may have changed
                     self.counters.refused_after_waiting += 1
+                    metrics.encode_refused("after_waiting")
                     raise self._refusal(self._ahead_locked(ticket[0]), None, self._clock() - arrived)
                 self._cond.wait(remaining)
             heapq.heappop(self._waiting)

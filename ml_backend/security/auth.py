@@ -4,7 +4,8 @@ Rules (SECURITY.md):
 
 * The backend refuses to start on a non-loopback ``HOST`` unless ``BASIC_AUTH_USER``/``BASIC_AUTH_PASS``
   are set or ``ALLOW_UNAUTHENTICATED=true`` says that serving without authentication is deliberate.
-* With basic auth set, every route but ``/health`` needs the credentials. The one exception is
+* With basic auth set, every route but ``/health`` and ``/ready`` (and ``/metrics`` with ``METRICS_PUBLIC=true``)
+  needs the credentials, under a per-project prefix (``/projects/<id>/...``) too. The one exception is
   ``/webhook``, which also accepts the webhook secret in :data:`SECRET_HEADER`: Label Studio 1.23.2
   sends no credentials on the deliveries of the webhook it registers for the backend, so the backend
   adds that header to its own webhook (:mod:`ml_backend.webhook_secret`).
@@ -23,6 +24,7 @@ import binascii
 import hashlib
 import hmac
 import ipaddress
+import re
 from collections.abc import Mapping
 
 from ml_backend.settings import Settings, SettingsError
@@ -30,6 +32,10 @@ from ml_backend.settings import Settings, SettingsError
 SECRET_HEADER = "X-ML-Backend-Secret"
 PUBLIC_PATHS = frozenset({"/health", "/ready"})  # states only, for Label Studio and healthchecks
 WEBHOOK_PATH = "/webhook"
+METRICS_PATH = "/metrics"  # public only with METRICS_PUBLIC=true (a Prometheus without credentials)
+# A backend URL per project (``/projects/<id>/``, so Label Studio's calls carry the project): its routes
+# follow the same rules as the plain ones.
+_PROJECT_PREFIX = re.compile(r"^/projects/[0-9]+(?=/)")
 _SECRET_CONTEXT = b"sam-trimap-backend webhook secret v1"
 
 
@@ -102,11 +108,17 @@ def basic_credentials(header: str | None) -> tuple[bytes, bytes] | None:
     return (user, password) if colon else None
 
 
+def route_path(path: str) -> str:
+    """The route a path reaches: ``/projects/7/webhook`` is ``/webhook``."""
+    return _PROJECT_PREFIX.sub("", path, count=1)
+
+
 class Authenticator:
     """Decides, per request, whether the caller proved it is Label Studio (or its operator)."""
 
     def __init__(self, settings: Settings) -> None:
         self.required = settings.basic_auth
+        self.public = PUBLIC_PATHS | ({METRICS_PATH} if settings.metrics_public else set())
         self._user = settings.basic_auth_user
         self._password = settings.basic_auth_pass
         self._secret = webhook_secret(settings)
@@ -121,7 +133,7 @@ class Authenticator:
             password_ok = _equal(credentials[1], self._password)
             if user_ok and password_ok:
                 return True
-        if path == WEBHOOK_PATH and self._secret is not None:
+        if route_path(path) == WEBHOOK_PATH and self._secret is not None:
             given = headers.get(SECRET_HEADER)
             if given is not None:
                 try:
@@ -132,4 +144,4 @@ class Authenticator:
 
     def may_pass(self, path: str, authenticated: bool) -> bool:
         """Whether the request may reach its view."""
-        return authenticated or not self.required or path in PUBLIC_PATHS
+        return authenticated or not self.required or route_path(path) in self.public
