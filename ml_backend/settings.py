@@ -470,4 +470,6 @@ MEANINGS: dict[str, str] = {
                            "[Deployment](deployment.md#several-worker-processes)",
     "prompt_state_dir": "the folder of those files; empty: `/dev/shm/sam-trimap-prompts-<hash of MODEL_DIR>` when "
                         "`/dev/shm` has room for twice `PROMPT_STATE_MB`, else `MODEL_DIR/prompt-state`",
+    "metrics_public": "serve `/metrics` (Prometheus text) without credentials, for a Prometheus on a private network; "
+                      "every other route keeps its authentication",
 }

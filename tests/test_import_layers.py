@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("command lines", ("ml_backend.__main__", "ml_backend.sam.__main__", "ml_backend.embeddings.worker",
                        "ml_backend.retrain.worker", "ml_backend.sam3.worker", "ml_backend.gunicorn_hooks",
                        "ml_backend.settings_reference")),
-    ("app", ("ml_backend.app",)),
+    ("app", ("ml_backend.app", "ml_backend.dashboard")),
     ("backend", ("ml_backend.backend",)),
     ("runtime", ("ml_backend.runtime",)),
     ("services", ("ml_backend.sam3", "ml_backend.prompt_state", "ml_backend.prompt_state_files",
@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("images", ("ml_backend.images", "ml_backend.brush")),
     ("security and the trimap model", ("ml_backend.security", "ml_backend.preannotation")),
     ("foundation", ("ml_backend.settings", "ml_backend.errors", "ml_backend.lru_files", "ml_backend.logs",
-                    "ml_backend.command_line", "ml_backend")),
+                    "ml_backend.command_line", "ml_backend.metrics", "ml_backend")),
     ("training", ("training",)),  # knows nothing of Label Studio: never imports ml_backend
 ]
 
