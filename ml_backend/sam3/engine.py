@@ -4,9 +4,10 @@ The engine runs keras-hub's SAM 3 layers itself instead of the backbone's functi
 the vision encoder (nearly all the compute) then runs once per image rather than once per phrase, and box
 prompts reach the geometry encoder as (boxes, masks, labels) — keras-hub 0.32's backbone passes the labels
 where the mask belongs and the mask where the labels belong, which turns a negative box into an ignored
-positive one. Images are resized to the model's square without keeping the aspect ratio and box coordinates
-are normalised by the original size, as transformers' ``Sam3Processor`` does; masks come back at the
-original size (bilinear, then > 0.5). ``tests/test_sam3_parity.py`` holds this against transformers.
+positive one. Images are resized to the model's square as uint8 without keeping the aspect ratio and box
+coordinates are normalised by the original size, as transformers' ``Sam3Processor`` does; masks come back at
+the original size (bilinear, then > 0.5), as its ``post_process_instance_segmentation`` does.
+``tests/test_sam3_parity.py`` holds this against transformers' pipeline from an image file.
 """
 
 from __future__ import annotations
@@ -76,15 +77,29 @@ class Sam3Engine:
         return keras.device(self.device) if self.device else contextlib.nullcontext()
 
     def _pixels(self, image: np.ndarray) -> np.ndarray:
+        """(1, S, S, 3) float32 pixels exactly as transformers' ``Sam3ImageProcessor`` makes them on the CPU.
+
+        Its torchvision backend resizes the *uint8* image to the square (bilinear, antialiased, aspect ratio
+        not kept) and the result stays uint8: torchvision resizes uint8 natively where torch's CPU build
+        reports AVX2, and elsewhere in float32 rounded back to uint8 (``_do_native_uint8_resize_on_cpu``).
+        Then rescale and normalisation, fused: ``(x - 127.5) / 127.5`` in float32. Resizing in float without
+        the rounding moved mask borders by a pixel (IoU ~0.985 against the reference)."""
         import torch
         import torch.nn.functional as F
 
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise InvalidPromptError("SAM 3 needs an RGB uint8 image")
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
-        tensor = F.interpolate(tensor, size=(self.image_size, self.image_size), mode="bilinear",
-                               align_corners=False, antialias=True)
-        return ((tensor - 0.5) / 0.5).permute(0, 2, 3, 1).numpy()
+        # The channel-first copy is also writable: torch warns on a read-only array (decoded images are).
+        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
+        size = (self.image_size, self.image_size)
+        if tuple(tensor.shape[-2:]) != size:
+            if "AVX2" in torch.backends.cpu.get_cpu_capability():
+                tensor = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False, antialias=True)
+            else:
+                tensor = F.interpolate(tensor.float(), size=size, mode="bilinear", align_corners=False,
+                                       antialias=True).round_().to(torch.uint8)
+        pixels = tensor.to(torch.float32).sub_(127.5).div_(127.5)
+        return pixels.permute(0, 2, 3, 1).numpy()
 
     @staticmethod
     def _box_prompts(boxes: list[tuple[float, float, float, float]] | None, labels: list[int] | None,
