@@ -51,7 +51,8 @@ class ConceptPreannotator:
             return labeling.build_prediction([], 0.0, version)
         found = self._engine().segment(image, [p.phrase for p in prompts], threshold=s.sam3_score_threshold)
         kept = concepts.select_instances([(p.label, f) for p, f in zip(prompts, found)],
-                                         iou_threshold=s.sam3_dedup_iou, max_instances=s.sam3_max_instances)
+                                         iou_threshold=s.sam3_dedup_iou, max_instances=s.sam3_max_instances,
+                                         min_area=s.min_mask_area)
         polygon = PolygonOptions.from_settings(s)
         if self.with_trimap and trimap is not None:
             kept = concepts.filter_by_trimap(kept, trimap[1], s.sam3_trimap_min_overlap)
