@@ -28,7 +28,7 @@ class PlantedEngine:
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
 
-    def segment(self, image, phrases, *, threshold, boxes=None, box_labels=None):
+    def segment(self, image, phrases, *, threshold, boxes=None, box_labels=None, slot=None):
         self.calls.append(list(phrases))
         mask = np.zeros(image.shape[:2], bool)
         mask[:, : image.shape[1] // 2] = True

@@ -110,7 +110,7 @@ class FakeEngine:
     def __init__(self, planted: dict[str, list[ConceptInstance]]) -> None:
         self.planted, self.calls = planted, []
 
-    def segment(self, image, phrases, *, threshold, boxes=None, box_labels=None):
+    def segment(self, image, phrases, *, threshold, boxes=None, box_labels=None, slot=None):
         self.calls.append((list(phrases), threshold))
         return [[i for i in self.planted.get(p, []) if i.score > threshold] for p in phrases]
 

@@ -23,6 +23,13 @@ import numpy as np
 from ml_backend.errors import InvalidPromptError
 
 PAD_LABEL = -10  # keras-hub's and transformers' padding value for box prompts
+ENCODE_PIECE = "sam3 encode"  # the pieces of work :meth:`Sam3Engine.segment` runs in a caller's slots
+PHRASE_PIECE = "sam3 phrase"
+WorkSlot = Callable[[str], contextlib.AbstractContextManager]  # piece name -> the slot it runs in
+
+
+def _no_slot(piece: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -118,11 +125,11 @@ class Sam3Engine:
         label_array = np.asarray(labels if labels is not None else [1] * len(boxes), np.int32)
         return np.asarray(rows, np.float32)[None], label_array[None]
 
-    def _forward(self, pixels: np.ndarray, phrases: list[str], boxes: np.ndarray, labels: np.ndarray) -> dict:
+    def _encode(self, pixels: np.ndarray, boxes: np.ndarray, labels: np.ndarray) -> tuple:
+        """The image's features and the box prompts' encoding: shared by every phrase."""
         from keras import ops
 
         b = self.backbone
-        count = len(phrases)
         fpn, pos = b.vision_encoder(pixels)
         fpn, pos = fpn[:-1], pos[:-1]
         # The box prompts do not depend on the phrase: encode them once, on the one image. (keras-hub's
@@ -131,6 +138,15 @@ class Sam3Engine:
             box_embeddings=ops.convert_to_tensor(boxes), box_masks=ops.convert_to_tensor(labels != PAD_LABEL),
             box_labels=ops.convert_to_tensor(np.where(labels == PAD_LABEL, 0, labels)),
             fpn_hidden_states=fpn[-1], fpn_position_encodings=pos[-1])
+        return fpn, pos, geometry, geometry_mask
+
+    def _decode(self, encoded_image: tuple, phrases: list[str]) -> dict:
+        """Every query's outputs for ``phrases`` on the encoded image."""
+        from keras import ops
+
+        b = self.backbone
+        count = len(phrases)
+        fpn, pos, geometry, geometry_mask = encoded_image
         geometry, geometry_mask = ops.repeat(geometry, count, axis=0), ops.repeat(geometry_mask, count, axis=0)
         fpn = [ops.repeat(f, count, axis=0) for f in fpn]
         pos = [ops.repeat(p, count, axis=0) for p in pos]
@@ -152,8 +168,12 @@ class Sam3Engine:
                                        prompt_masks=prompt_masks)
         return {"logits": pred_logits, "presence": presence_logits, "boxes": pred_boxes, "masks": pred_masks}
 
-    def _run(self, image: np.ndarray, phrases: list[str], boxes, box_labels):
-        """Scores (P, Q), boxes in original pixels (P, Q, 4), low-resolution mask logits (P, Q, h, w): torch."""
+    def _run(self, image: np.ndarray, phrases: list[str], boxes, box_labels, slot: WorkSlot | None = None):
+        """Scores (P, Q), boxes in original pixels (P, Q, 4), low-resolution mask logits (P, Q, h, w): torch.
+
+        With ``slot``, the image encode and then each phrase run inside ``slot(ENCODE_PIECE)`` and
+        ``slot(PHRASE_PIECE)``: separate pieces of work, between which others (annotators' clicks) may go
+        first. Without, every phrase runs in one batch."""
         import torch
 
         if not phrases:
@@ -161,11 +181,18 @@ class Sam3Engine:
         height, width = image.shape[:2]
         pixels = self._pixels(image)
         box_array, label_array = self._box_prompts(boxes, box_labels, width, height)
-        with self._lock, torch.no_grad(), self._device_scope():
-            out = self._forward(pixels, phrases, box_array, label_array)
-            scores = (torch.sigmoid(out["logits"]) * torch.sigmoid(out["presence"])).float()
-            scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=scores.device)
-            return scores, out["boxes"].float() * scale, out["masks"].permute(0, 3, 1, 2).float()
+        slot = slot or _no_slot
+        with slot(ENCODE_PIECE), self._lock, torch.no_grad(), self._device_scope():
+            encoded_image = self._encode(pixels, box_array, label_array)
+        parts = []
+        for group in ([phrases] if slot is _no_slot else [[phrase] for phrase in phrases]):
+            with slot(PHRASE_PIECE), self._lock, torch.no_grad(), self._device_scope():
+                out = self._decode(encoded_image, group)
+                scores = (torch.sigmoid(out["logits"]) * torch.sigmoid(out["presence"])).float()
+                parts.append((scores, out["boxes"].float(), out["masks"].permute(0, 3, 1, 2).float()))
+        scores, pboxes, masks = (torch.cat(column) for column in zip(*parts))
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=scores.device)
+        return scores, pboxes * scale, masks
 
     @staticmethod
     def _upsample(logits, height: int, width: int) -> np.ndarray:
@@ -188,10 +215,11 @@ class Sam3Engine:
 
     def segment(self, image: np.ndarray, phrases: list[str], *, threshold: float,
                 boxes: list[tuple[float, float, float, float]] | None = None,
-                box_labels: list[int] | None = None) -> list[list[ConceptCandidate]]:
+                box_labels: list[int] | None = None, slot: WorkSlot | None = None) -> list[list[ConceptCandidate]]:
         """Instances scoring above ``threshold``, per phrase, best first; ``boxes`` are exemplars (xyxy pixels).
-        Their masks are upsampled to the image's size only when asked (:meth:`ConceptCandidate.materialize`)."""
-        scores, pboxes, logits = self._run(image, phrases, boxes, box_labels)
+        Their masks are upsampled to the image's size only when asked (:meth:`ConceptCandidate.materialize`).
+        ``slot`` (see :meth:`_run`) lets other work go first between the image encode and each phrase."""
+        scores, pboxes, logits = self._run(image, phrases, boxes, box_labels, slot)
         height, width = image.shape[:2]
         scores, pboxes = scores.cpu().numpy(), pboxes.cpu().numpy()
         found: list[list[ConceptCandidate]] = []
