@@ -66,6 +66,7 @@ class Runtime:
                                       answer_within_s=ENCODE_ANSWER_WITHIN_S)
         self.preencoder = self._build_preencoder(settings)
         self._connected: set[int] = set()
+        self._preannotated_on_connect: set[int] = set()  # projects whose SAM 3 job /setup queued here
         self._image_keys: dict[int, str] = {}  # project -> its config's image field
         self._connect_lock = threading.Lock()
         self._engine = engine
@@ -351,6 +352,28 @@ class Runtime:
         its own kind, when a project job runs it; nothing otherwise (a batch ``/predict``)."""
         priority = _SAM3_PRIORITY.get()
         return contextlib.nullcontext() if priority is None else self.encode_gate.slot(priority, kind=piece)
+
+    def preannotate_on_connect(self, project_value: object) -> bool:
+        """A project's first ``/setup`` in this process (``SAM3_ON_CONNECT``): queue its SAM 3 pre-annotation
+        job, which writes a prediction for each task lacking one from the current model version (as an import
+        does), so a project connected before it had any gets them without a curl. True when queued."""
+        project = project_id(project_value)
+        if (not self.settings.sam3_on_connect or self.concepts is None or project is None
+                or not (self.access.url and self.access.token)):
+            return False
+        with self._connect_lock:
+            if project in self._preannotated_on_connect:
+                return False
+            self._preannotated_on_connect.add(project)
+        try:
+            self.preannotation_jobs.start(project)
+        except BackendError as exc:  # Redis down: /setup still answers; the next process or /preannotate retries
+            logger.warning("SAM 3 pre-annotation of project %s not started on connect: %s", project, exc.message)
+            with self._connect_lock:
+                self._preannotated_on_connect.discard(project)
+            return False
+        logger.info("project %s connected: SAM 3 pre-annotation of its tasks without a prediction queued", project)
+        return True
 
     def start_background_work(self) -> None:
         """Load SAM 3 (when pre-annotation uses it) and resume the project jobs a previous process left."""
