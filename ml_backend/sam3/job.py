@@ -9,8 +9,9 @@ Two executors run it:
 
 * :class:`ProjectPreannotationJobs` (no ``REDIS_URL``): one daemon thread of the web process works through a
   queue of projects. The projects still queued or running are kept in a small JSON file
-  (``MODEL_DIR/sam3-jobs.json``) and resumed at start-up. The thread takes each image through the SAM
-  encode gate at background priority, so annotators' first clicks go first.
+  (``MODEL_DIR/sam3-jobs.json``) and resumed at start-up. Each task's prediction runs in
+  ``JobContext.background_slot``: its SAM 3 work goes through the SAM encode gate at background priority one
+  piece at a time (the image encode, then each phrase), so annotators' first clicks go first between pieces.
 * :mod:`ml_backend.sam3.rq_jobs` (``REDIS_URL`` set): RQ workers (``python -m ml_backend.sam3.worker``).
 """
 
