@@ -114,6 +114,7 @@ class BackendViews:
             logger.info("/setup from an unauthenticated caller: its hostname/access_token are not used "
                         "(set LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY, or BASIC_AUTH_USER/BASIC_AUTH_PASS)")
         self.runtime.project_connected(project_value, data.get("schema"))  # queues pre-encoding once
+        self.runtime.preannotate_on_connect(project_value)  # SAM 3 predictions for tasks lacking them
         return jsonify({"model_version": backend.model_version})
 
     def webhook(self) -> tuple[Response, int]:

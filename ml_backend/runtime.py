@@ -8,6 +8,7 @@ first click waits for it.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import threading
 import time
@@ -42,6 +43,8 @@ logger = logging.getLogger(__name__)
 SAM_WAIT_S = 80.0  # Label Studio gives /predict 100 s: answer 503 "still loading" before that
 PREENCODE_SAM_WAIT_S = 3600.0  # background work waits for SAM to load
 WARMUP_PROJECT = 0  # /warmup with bare tasks: their progress shows under project "0"
+# Set while a project job runs on this thread: the priority its SAM 3 work takes in the encode gate.
+_SAM3_PRIORITY: contextvars.ContextVar[Priority | None] = contextvars.ContextVar("sam3_priority", default=None)
 
 
 class Runtime:
@@ -61,6 +64,7 @@ class Runtime:
         self.encode_gate = EncodeGate.from_settings(settings)
         self.preencoder = self._build_preencoder(settings)
         self._connected: set[int] = set()
+        self._preannotated_on_connect: set[int] = set()  # projects whose SAM 3 job /setup queued here
         self._image_keys: dict[int, str] = {}  # project -> its config's image field
         self._connect_lock = threading.Lock()
         self._engine = engine
@@ -288,7 +292,8 @@ class Runtime:
         (:mod:`ml_backend.sam3.exemplar`) when ``SAM3_EXEMPLAR_LABELS`` names labels."""
         s = self.settings
         self.sam3 = Sam3Service(s, sam3_engine) if s.preannotate != "trimap" or s.sam3_exemplar_labels else None
-        self.concepts = ConceptPreannotator(s, self.sam3.engine) if s.preannotate != "trimap" else None
+        self.concepts = ConceptPreannotator(s, self.sam3.engine, self._sam3_piece) if s.preannotate != "trimap" \
+            else None
         self.exemplars = ExemplarSegmenter(s, self._segment_exemplars) if s.sam3_exemplar_labels else None
         if self.settings.redis_url:
             self.preannotation_jobs = RQProjectJobs(redis_connection(self.settings.redis_url, fail_fast=True),
@@ -317,17 +322,47 @@ class Runtime:
         """SAM 3 instances of ``phrase`` like the positive exemplar ``boxes``, as an interactive request: through
         the encode gate (a busy backend answers 503 with Retry-After), ahead of project jobs."""
         engine = self.sam3.engine()
-        with self.encode_gate.slot(Priority.INTERACTIVE) as slot:
-            slot.untimed()  # not a SAM encode: keep the gate's wait estimate clean
+        with self.encode_gate.slot(Priority.INTERACTIVE, kind="sam3 exemplar"):  # timed as its own kind
             return engine.segment(image, [phrase], threshold=self.settings.sam3_score_threshold, boxes=boxes,
                                   box_labels=[1] * len(boxes))[0]
 
     @contextlib.contextmanager
     def _background_slot(self):
-        """Project jobs run one image at a time behind annotators' first clicks (the SAM encode gate)."""
-        with self.encode_gate.slot(Priority.BACKGROUND) as slot:
-            slot.untimed()  # a SAM 3 image is not a SAM encode: keep the gate's wait estimate clean
+        """A project job's SAM 3 work on this thread goes through the encode gate at background priority, one
+        piece at a time (:meth:`_sam3_piece`): annotators' first clicks go first between pieces."""
+        token = _SAM3_PRIORITY.set(Priority.BACKGROUND)
+        try:
             yield
+        finally:
+            _SAM3_PRIORITY.reset(token)
+
+    def _sam3_piece(self, piece: str) -> contextlib.AbstractContextManager:
+        """The slot one piece of SAM 3 work (its image encode, one phrase) runs in: the encode gate, timed as
+        its own kind, when a project job runs it; nothing otherwise (a batch ``/predict``)."""
+        priority = _SAM3_PRIORITY.get()
+        return contextlib.nullcontext() if priority is None else self.encode_gate.slot(priority, kind=piece)
+
+    def preannotate_on_connect(self, project_value: object) -> bool:
+        """A project's first ``/setup`` in this process (``SAM3_ON_CONNECT``): queue its SAM 3 pre-annotation
+        job, which writes a prediction for each task lacking one from the current model version (as an import
+        does), so a project connected before it had any gets them without a curl. True when queued."""
+        project = project_id(project_value)
+        if (not self.settings.sam3_on_connect or self.concepts is None or project is None
+                or not (self.access.url and self.access.token)):
+            return False
+        with self._connect_lock:
+            if project in self._preannotated_on_connect:
+                return False
+            self._preannotated_on_connect.add(project)
+        try:
+            self.preannotation_jobs.start(project)
+        except BackendError as exc:  # Redis down: /setup still answers; the next process or /preannotate retries
+            logger.warning("SAM 3 pre-annotation of project %s not started on connect: %s", project, exc.message)
+            with self._connect_lock:
+                self._preannotated_on_connect.discard(project)
+            return False
+        logger.info("project %s connected: SAM 3 pre-annotation of its tasks without a prediction queued", project)
+        return True
 
     def start_background_work(self) -> None:
         """Load SAM 3 (when pre-annotation uses it) and resume the project jobs a previous process left."""

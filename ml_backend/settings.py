@@ -162,6 +162,7 @@ class Settings:
     sam3_phrases: tuple[tuple[str, str], ...] = ()  # (lower-case label, phrase)
     sam3_trimap_min_overlap: float = 0.5
     sam3_on_import: bool = True  # TASKS_CREATED queues the project's pre-annotation job
+    sam3_on_connect: bool = True  # a project's first /setup in a process queues its pre-annotation job
     sam3_exemplar_labels: tuple[str, ...] = ()  # lower-case rectangle labels whose boxes are SAM 3 exemplars
     # --- prompt state per task (editor-prompts) ---
     prompt_state_mb: int = 64  # its previous low-resolution logits: 256 KiB per region for SAM
@@ -261,6 +262,7 @@ class Settings:
             sam3_phrases=_phrases(env, "SAM3_PHRASES"),
             sam3_trimap_min_overlap=_float(env, "SAM3_TRIMAP_MIN_OVERLAP", d.sam3_trimap_min_overlap),
             sam3_on_import=_bool(env, "SAM3_ON_IMPORT", d.sam3_on_import),
+            sam3_on_connect=_bool(env, "SAM3_ON_CONNECT", d.sam3_on_connect),
             sam3_exemplar_labels=tuple(n.lower() for n in _list(env, "SAM3_EXEMPLAR_LABELS", d.sam3_exemplar_labels)),
             prompt_state_mb=_int(env, "PROMPT_STATE_MB", d.prompt_state_mb),
             prompt_state_entries=_int(env, "PROMPT_STATE_ENTRIES", d.prompt_state_entries),

@@ -28,7 +28,7 @@ class PlantedEngine:
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
 
-    def segment(self, image, phrases, *, threshold, boxes=None, box_labels=None):
+    def segment(self, image, phrases, *, threshold, boxes=None, box_labels=None, slot=None):
         self.calls.append(list(phrases))
         mask = np.zeros(image.shape[:2], bool)
         mask[:, : image.shape[1] // 2] = True
@@ -84,3 +84,27 @@ def test_preannotate_route_and_status(app_parts, monkeypatch: pytest.MonkeyPatch
     status = client.get("/status").get_json()
     assert status["preannotate"] == "sam3" and status["sam3"]["state"] == "ready"
     assert "projects" in status["preannotation_jobs"]
+
+
+@pytest.mark.parametrize("on_connect", [True, False])
+def test_a_connected_project_is_preannotated_once_unless_turned_off(tmp_path: Path, tiny_segmenter,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      on_connect: bool) -> None:
+    """A project's first /setup queues its SAM 3 job (tasks lacking a prediction of the current version get
+    one, as on import); later /setup calls (Label Studio sends many) do not; SAM3_ON_CONNECT=false turns it off."""
+    settings = dataclasses.replace(Settings(), model_dir=tmp_path / "models", image_cache_dir=tmp_path / "cache",
+                                   preannotate="sam3", sam3_model="/models/sam3-tiny", preencode=False,
+                                   label_studio_url="http://127.0.0.1:9", label_studio_api_key="a" * 40,
+                                   sam3_on_connect=on_connect)
+    runtime = Runtime(settings, engine=SamEngine(tiny_segmenter, source="tiny"), sam3_engine=PlantedEngine())
+    client = create_app(settings, runtime=runtime).test_client()
+    started = []
+    monkeypatch.setattr(runtime.preannotation_jobs, "start", lambda p: started.append(p) or {"project": p})
+    for project in ("5.1732800000", "5.1732800001", "6", "x"):
+        assert client.post("/setup", json={"project": project, "schema": CONFIG}).status_code == 200
+    assert started == ([5, 6] if on_connect else [])
+
+
+def test_setting_sam3_on_connect() -> None:
+    assert Settings.from_env({}).sam3_on_connect is True
+    assert Settings.from_env({"SAM3_ON_CONNECT": "false"}).sam3_on_connect is False

@@ -52,3 +52,17 @@ def test_modes_bench_runs_the_three_modes_on_synthetic_data(capsys) -> None:
     assert rows["sam3"]["regions_per_image"] > 0  # the low threshold lets random SAM 3's instances through
     # "both" only removes SAM 3's instances (or falls back to the one trimap region when none is left).
     assert rows["both"]["regions_per_image"] <= max(rows["sam3"]["regions_per_image"], 1.0)
+
+
+@pytest.mark.slow
+def test_coexistence_bench_runs_every_scenario(capsys) -> None:
+    """The success path of ``benchmarks.coexistence``: its figures are printed, never asserted."""
+    from benchmarks import coexistence
+
+    assert coexistence.main(["--quick", "--images", "1", "--further", "1", "--pause", "0", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["scenarios"]) == list(coexistence.SCENARIOS)
+    for scenario, row in report["scenarios"].items():
+        assert row["first_click"]["n"] == 1 and row["further_click"]["n"] == 1
+        assert (row["job_images_done"] > 0) == scenario.startswith("job")
+    assert all(seconds > 0 for seconds in report["sam3_pieces_s"].values())  # the job's pieces were timed

@@ -110,7 +110,7 @@ class FakeEngine:
     def __init__(self, planted: dict[str, list[ConceptInstance]]) -> None:
         self.planted, self.calls = planted, []
 
-    def segment(self, image, phrases, *, threshold, boxes=None, box_labels=None):
+    def segment(self, image, phrases, *, threshold, boxes=None, box_labels=None, slot=None):
         self.calls.append((list(phrases), threshold))
         return [[i for i in self.planted.get(p, []) if i.score > threshold] for p in phrases]
 
@@ -164,3 +164,43 @@ def test_a_config_with_only_background_asks_nothing() -> None:
     prediction = _predictor(engine).predict(np.zeros((8, 8, 3), np.uint8), config_xml,
                                             parse_label_config(config_xml), trimap=None)
     assert prediction["result"] == [] and engine.calls == []
+
+
+def test_instances_below_min_mask_area_give_no_region() -> None:
+    """MIN_MASK_AREA holds for SAM 3 as for every prediction: a tiny instance is dropped as if not found (it
+    takes no place among SAM3_MAX_INSTANCES and hides nothing by de-duplication)."""
+    shape = (30, 50)
+    speck, cat = _mask(shape, 0, 3, 0, 5), _mask(shape, 10, 20, 10, 30)  # 15 and 200 pixels
+    engine = FakeEngine({"tabby cat": [_inst(0.95, speck), _inst(0.9, cat)]})
+    image = np.zeros((*shape, 3), np.uint8)
+    config = parse_label_config(CONFIG)
+    kept = _predictor(engine, MIN_MASK_AREA="16", SAM3_MAX_INSTANCES="1").predict(image, CONFIG, config, trimap=None)
+    assert [np.count_nonzero(decode_rle(r["value"]["rle"], 30, 50)) for r in kept["result"]] == [200]
+    both = _predictor(engine, MIN_MASK_AREA="15").predict(image, CONFIG, config, trimap=None)
+    assert [r["score"] for r in both["result"]] == [0.95, 0.9]
+
+
+@pytest.mark.parametrize("tag, result_type", [("BitmaskLabels", "bitmasklabels"), ("PolygonLabels", "polygonlabels")])
+def test_regions_in_the_bitmask_and_polygon_forms(tag: str, result_type: str) -> None:
+    """SAM 3's regions take the mask tag's form like every prediction: each reads back as its instance (a
+    polygon as the outline the polygon settings promise)."""
+    from ml_backend.formats import PolygonOptions, mask_values, region_mask
+
+    shape = (30, 50)
+    cat, dog = _mask(shape, 2, 12, 3, 20), _mask(shape, 15, 28, 25, 45)
+    config_xml = CONFIG.replace("BrushLabels", tag)
+    engine = FakeEngine({"tabby cat": [_inst(0.9, cat)], "Dog": [_inst(0.7, dog)]})
+    predictor = _predictor(engine)
+    prediction = predictor.predict(np.zeros((*shape, 3), np.uint8), config_xml, parse_label_config(config_xml),
+                                   trimap=None)
+    regions = prediction["result"]
+    assert [(r["type"], r["value"][result_type], r["score"]) for r in regions] == [
+        (result_type, ["Cat"], 0.9), (result_type, ["Dog"], 0.7)]
+    for region, mask in zip(regions, (cat, dog)):
+        restored = region_mask(region, (50, 30), max_pixels=10**6)
+        if result_type == "polygonlabels":
+            [value] = mask_values(mask, result_type, PolygonOptions.from_settings(predictor.settings))
+            assert region["value"]["points"] == value["points"] and region["value"]["closed"]
+            assert np.count_nonzero(restored & mask) / np.count_nonzero(restored | mask) > 0.8
+        else:
+            np.testing.assert_array_equal(restored, mask)

@@ -123,3 +123,20 @@ def test_a_damaged_state_file_resumes_nothing(tmp_path: Path, raw: str) -> None:
     (tmp_path / "jobs.json").write_text(raw)
     jobs = _jobs("http://127.0.0.1:9", tmp_path / "jobs.json")
     assert jobs.resume() == []
+
+
+def test_the_log_has_one_line_at_start_per_tenth_and_at_end(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from ml_backend.sam3.job import ProjectProgress, run_project
+
+    caplog.set_level(logging.INFO, logger="ml_backend.sam3.job")
+    with fake_api(20, [{"task": 1, "model_version": VERSION}]) as (url, _):
+        jobs = _jobs(url, tmp_path / "jobs.json")
+        run_project(ProjectProgress(7), jobs.context)
+    lines = [r.getMessage() for r in caplog.records if r.name == "ml_backend.sam3.job"]
+    assert lines[0] == f"SAM 3 pre-annotation of project 7 started: 20 tasks, 1 already hold a prediction of {VERSION}"
+    assert lines[1:10] == [f"SAM 3 pre-annotation of project 7: {n} of 20 tasks ({n - 1} written, 1 skipped, 0 failed)"
+                           for n in range(2, 20, 2)]
+    assert lines[10].startswith("SAM 3 pre-annotation of project 7 done in ")
+    assert lines[10].endswith(": 19 written, 1 skipped, 0 failed of 20") and len(lines) == 11

@@ -127,3 +127,117 @@ def test_the_compared_engine_runs_the_fast_convolutions(engine) -> None:
     """The parity above is of the copy-free layers (ml_backend.sam3.fast_layers): loading installs them."""
     replaced = [layer for layer in engine.backbone.mask_decoder._flatten_layers() if "call" in vars(layer)]
     assert {type(layer).__name__ for layer in replaced} == {"Conv2D", "GroupNormalization"}
+
+
+# --- From the image file, as a user starts: transformers' whole pipeline against our loader, engine, results ---
+
+MASK_CONFIG = """<View><Image name="image" value="$image"/>
+<BrushLabels name="tag" toName="image"><Label value="cat"/></BrushLabels></View>"""
+
+
+def _file(directory: Path, name: str, size: tuple[int, int], orientation: int | None) -> Path:
+    """A smooth, textured image (not noise: JPEG keeps it) saved as PNG, or as JPEG with an EXIF orientation."""
+    from PIL import Image
+
+    height, width = size
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    rng = np.random.default_rng(height * width)
+    channels = [127 + 120 * np.sin(x / rng.uniform(3, 9) + rng.uniform(0, 6)) * np.cos(y / rng.uniform(3, 9))
+                for _ in range(3)]
+    picture = Image.fromarray(np.clip(np.stack(channels, axis=-1), 0, 255).astype(np.uint8))
+    path = directory / name
+    if orientation is None:
+        picture.save(path)
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        picture.save(path, quality=92, exif=exif)
+    return path
+
+
+FILE_CASES = {
+    # name: (stored height, width), EXIF orientation, phrases, exemplar boxes (in the upright image), labels
+    "png, odd and wide": ((97, 141), None, ["cat", "yellow school bus"], None, None),
+    "jpeg turned by EXIF": ((75, 131), 6, ["Golden Retriever", "tree"], None, None),
+    "jpeg mirrored by EXIF, with boxes": ((123, 89), 2, ["dog"], [[8.0, 10.0, 60.0, 70.0], [50.0, 60.0, 85.0, 110.0]],
+                                          [1, 0]),
+}
+
+
+THRESHOLD = 0.0  # every query: all ten instances of each phrase are compared
+
+
+@pytest.fixture(scope="module")
+def reference_runs(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict]]:
+    """Each case's file and the reference pipeline's outputs for it (one process for all cases)."""
+    import json
+    import subprocess
+    import sys
+
+    directory = tmp_path_factory.mktemp("sam3-files")
+    runs, files = [], {}
+    for number, (case, (size, orientation, phrases, boxes, labels)) in enumerate(FILE_CASES.items()):
+        path = _file(directory, f"{number}.png" if orientation is None else f"{number}.jpg", size, orientation)
+        files[case] = path
+        runs.append({"image": str(path), "phrases": phrases, "boxes": boxes, "labels": labels,
+                     "threshold": THRESHOLD, "out": str(directory / f"{number}.npz")})
+    spec = directory / "spec.json"
+    spec.write_text(json.dumps({"checkpoint": str(checkpoint), "runs": runs}))
+    script = Path(__file__).resolve().parent / "sam3_reference_pipeline.py"
+    done = subprocess.run([sys.executable, str(script), str(spec)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {case: (files[case], dict(np.load(run["out"]))) for case, run in zip(FILE_CASES, runs)}
+
+
+@pytest.mark.parametrize("case", list(FILE_CASES))
+def test_from_the_file_masks_and_scores_match_the_reference_pipeline(case: str, engine, reference_runs) -> None:
+    """uint8 file -> transformers' load_image, Sam3Processor, Sam3Model, post_process_instance_segmentation,
+    against our decoder (ml_backend.images), engine and brush results: the same pixels, masks at the original
+    size with IoU >= 0.999 and scores within 1e-4."""
+    from ml_backend import labeling
+    from ml_backend.brush import decode_rle
+    from ml_backend.images.decode import decode_image
+
+    size, orientation, phrases, boxes, labels = FILE_CASES[case]
+    path, reference = reference_runs[case]
+
+    image = decode_image(path.read_bytes(), max_pixels=10**7)
+    if orientation in (5, 6, 7, 8):
+        assert image.shape[:2] == size[::-1]  # the EXIF turn is applied on both sides
+    pixels = engine._pixels(image)
+    assert np.array_equal(pixels, reference["pixels"].transpose(0, 2, 3, 1))  # bit for bit
+
+    config = labeling.parse_label_config(MASK_CONFIG)
+    found = engine.segment(image, phrases, threshold=THRESHOLD,
+                           boxes=[tuple(b) for b in boxes] if boxes else None, box_labels=labels)
+    compared = 0
+    for index, candidates in enumerate(found):
+        scores, masks = reference[f"scores_{index}"], reference[f"masks_{index}"]
+        order = np.argsort(-scores, kind="stable")
+        assert len(candidates) == len(scores) > 0
+        np.testing.assert_allclose([c.score for c in candidates], scores[order], atol=1e-4)
+        for candidate, expected in zip(candidates, masks[order]):
+            ours = candidate.materialize().mask
+            assert ours.shape == expected.shape == image.shape[:2]
+            for result in labeling.build_mask_results(ours, config=config, label="cat", score=candidate.score):
+                ours = decode_rle(result["value"]["rle"], *image.shape[:2])  # what Label Studio stores
+            union = np.count_nonzero(ours | expected)
+            if union:
+                assert np.count_nonzero(ours & expected) / union >= 0.999
+                compared += 1
+            else:
+                assert not ours.any()
+    assert compared >= len(phrases) * 3  # masks that are not empty were compared
+
+
+def test_the_float_resize_of_before_differs_from_the_reference(engine) -> None:
+    """The test above can fail: resizing in float without rounding to uint8 (what the engine did) does not give
+    the reference's pixels."""
+    import torch
+    import torch.nn.functional as F
+
+    image = np.random.default_rng(3).integers(0, 256, (97, 141, 3), dtype=np.uint8)
+    tensor = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
+    size = (engine.image_size, engine.image_size)
+    old = ((F.interpolate(tensor, size=size, mode="bilinear", align_corners=False, antialias=True) - 0.5) / 0.5)
+    assert np.abs(old.permute(0, 2, 3, 1).numpy() - engine._pixels(image)).max() > 1e-3

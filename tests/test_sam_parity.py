@@ -155,3 +155,53 @@ def test_quick_bench_runs_and_its_masks_agree(capsys):
     assert set(report["met"]) == set(report["ratios"]) == set(report["targets"])
     assert report["parity"]["mask_iou"] >= MIN_IOU
     assert report["parity"]["score_difference"] <= SCORE_ATOL
+
+
+# --- From the image file, as a user starts: the official README's cv2 reading against our decoder ---
+
+def _saved(directory, name: str, image: np.ndarray, orientation: int | None):
+    """``image`` stored upright as PNG, or stored turned back with an EXIF orientation that turns it upright."""
+    path = directory / name
+    if orientation is None:
+        Image.fromarray(image).save(path)
+        return path
+    stored = Image.fromarray(image).transpose(Image.Transpose.ROTATE_90)  # orientation 6 turns it back
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(path, quality=95, exif=exif)
+    return path
+
+
+FILES = {"png, odd sizes": ("image.png", _image(151, 263, seed=7), None),
+         "jpeg turned by EXIF": ("image.jpg", _image(137, 229, seed=8), 6)}
+
+
+@pytest.mark.parametrize("file_case", list(FILES))
+@pytest.mark.parametrize("prompt_name", ["one positive point", "box and points"])
+def test_from_the_file_masks_and_scores_match_the_official_predictor(engine, predictor, tmp_path, file_case,
+                                                                     prompt_name):
+    """uint8 file -> ``cv2.imread`` + BGR to RGB + ``SamPredictor`` (the official README's steps) against our
+    decoder (ml_backend.images), engine and brush result, masks compared at the original size."""
+    import cv2
+
+    from ml_backend import labeling
+    from ml_backend.brush import decode_rle
+    from ml_backend.images.decode import decode_image
+
+    name, upright, orientation = FILES[file_case]
+    path = _saved(tmp_path, name, upright, orientation)
+    official_image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    image = decode_image(path.read_bytes(), max_pixels=10**7)
+    assert image.shape == official_image.shape == upright.shape  # both apply the EXIF turn
+    assert np.abs(image.astype(int) - official_image).max() <= 1  # the same pixels (JPEG decoders may round)
+
+    prompt = _in_pixels(PROMPTS[prompt_name], image)
+    expected_mask, expected_score, _ = _official(predictor, official_image, prompt)
+    assert 0.02 < expected_mask.mean() < 0.98
+    result = engine.segment(image, Prompts.from_lists(**prompt))
+    config = labeling.parse_label_config('<View><Image name="image" value="$image"/><BrushLabels name="tag" '
+                                         'toName="image"><Label value="cat"/></BrushLabels></View>')
+    [item] = labeling.build_mask_results(result.mask, config=config, label="cat", score=result.score)
+    stored = decode_rle(item["value"]["rle"], item["original_height"], item["original_width"])
+    assert _iou(stored, expected_mask) >= 0.999
+    assert result.score == pytest.approx(expected_score, abs=1e-4)

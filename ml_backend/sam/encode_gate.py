@@ -15,6 +15,11 @@ encode measured yet) the bound is all there is.
 Interactive first clicks go before background encodes (warm-up, pre-encoding), which
 wait without a bound. Decoding (further clicks) never passes through the gate.
 
+Other CPU-bound work shares the slots under its own ``kind`` (SAM 3's image encode and each
+of its phrases): every kind's duration is measured apart, so the wait estimate counts the
+piece of SAM 3 work holding a slot as what it is, not as a SAM encode. Background work
+takes one slot per piece, so a first click waits at most for the piece in progress.
+
 Hand-written because a semaphore has neither priorities nor a wait estimate.
 
 Usage::
@@ -24,6 +29,8 @@ Usage::
         embedding = engine.embed(image)
     with gate.slot(Priority.BACKGROUND):                # background: waits for free slots
         engine.embed(image)
+    with gate.slot(Priority.BACKGROUND, kind="sam3 phrase"):  # another kind of work, timed apart
+        ...
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ logger = logging.getLogger(__name__)
 # less this much for downloading, decoding, the decoder and the JSON answer.
 ENCODE_ANSWER_WITHIN_S = 85.0
 EWMA_WEIGHT = 0.3  # weight of the newest measured encode in the running estimate
+ENCODE = "encode"  # the kind of a SAM image encode, the gate's first job
 
 
 class Priority(IntEnum):
@@ -107,35 +115,51 @@ class EncodeGate:
         self._clock = clock
         self._cond = threading.Condition()
         self._waiting: list[tuple[int, int]] = []  # heap of (priority, arrival number)
+        self._kinds: dict[int, str] = {}  # arrival number -> kind of work, for those waiting or running
         self._arrivals = itertools.count()
-        self._active: dict[int, float] = {}  # arrival number -> start time of the encodes running now
-        self._mean_s: float | None = None
+        self._active: dict[int, float] = {}  # arrival number -> start time of the work running now
+        self._means: dict[str, float] = {}  # kind -> running estimate of one piece's duration
         self.counters = GateCounters()
 
     # --- the estimate ---------------------------------------------------------------
+    @property
+    def _mean_s(self) -> float | None:
+        return self._means.get(ENCODE)
+
     @property
     def mean_encode_s(self) -> float | None:
         """Running estimate of one encode's duration; None before the first was measured."""
         return self._mean_s
 
-    def _estimate_locked(self, ahead: int) -> float | None:
-        """Seconds until a slot frees for a caller with ``ahead`` queued callers before it."""
-        if len(self._active) < self.slots and ahead == 0:
+    def mean_s(self, kind: str) -> float | None:
+        """Running estimate of one piece of ``kind``; None before the first was measured."""
+        return self._means.get(kind)
+
+    def _duration_locked(self, number: int) -> float | None:
+        """The expected duration of ticket ``number``'s work: its kind's, else a SAM encode's."""
+        return self._means.get(self._kinds[number], self._mean_s)
+
+    def _estimate_locked(self, priority: int) -> float | None:
+        """Seconds until a slot frees for a caller of ``priority`` arriving now (it queues behind the waiting
+        callers of its priority or better, and after the work running now, each of its own kind's length)."""
+        ahead = [number for p, number in self._waiting if p <= priority]
+        if len(self._active) < self.slots and not ahead:
             return 0.0
-        if self._mean_s is None:
+        durations = [self._duration_locked(n) for n in (*self._active, *ahead)]
+        if any(d is None for d in durations):
             return None
         now = self._clock()
-        free_at = [max(self._mean_s - (now - start), 0.0) for start in self._active.values()]
+        free_at = [max(d - (now - start), 0.0) for d, start in zip(durations, self._active.values())]
         free_at += [0.0] * (self.slots - len(free_at))
         heapq.heapify(free_at)
-        for _ in range(ahead):
-            heapq.heapreplace(free_at, free_at[0] + self._mean_s)
+        for duration in durations[len(self._active):]:
+            heapq.heapreplace(free_at, free_at[0] + duration)
         return free_at[0]
 
     def estimated_wait_s(self, priority: Priority = Priority.INTERACTIVE) -> float | None:
         """How long a caller arriving now would wait for a slot (None: no encode measured yet)."""
         with self._cond:
-            return self._estimate_locked(self._ahead_locked(priority))
+            return self._estimate_locked(int(priority))
 
     def _give_up_after_locked(self, max_wait_s: float) -> float:
         """How long an admitted caller may wait for its slot: the bound, or longer while its answer (one
@@ -154,6 +178,8 @@ class EncodeGate:
                 "active": len(self._active),
                 "waiting": len(self._waiting),
                 "mean_encode_s": None if self._mean_s is None else round(self._mean_s, 3),
+                "mean_s": {kind: round(mean, 3) for kind, mean in self._means.items()},
+                "running": sorted(self._kinds[number] for number in self._active),
                 "admitted": self.counters.admitted,
                 "refused": self.counters.refused_at_once + self.counters.refused_after_waiting,
             }
@@ -176,16 +202,16 @@ class EncodeGate:
         lets a caller skip expensive preparation (download, decoding) of an encode it would not get."""
         with self._cond:
             ahead = self._ahead_locked(int(priority))
-            estimate = self._estimate_locked(ahead)
+            estimate = self._estimate_locked(int(priority))
             if estimate is not None and estimate > self.max_wait_s:
                 self.counters.refused_at_once += 1
                 metrics.encode_refused("at_once")
                 raise self._refusal(ahead, estimate, self.max_wait_s)
 
     @contextmanager
-    def slot(self, priority: Priority = Priority.INTERACTIVE, *, max_wait_s: float | None | object = _DEFAULT
-             ) -> Iterator[Slot]:
-        """Hold one encode slot for the ``with`` block.
+    def slot(self, priority: Priority = Priority.INTERACTIVE, *, kind: str = ENCODE,
+             max_wait_s: float | None | object = _DEFAULT) -> Iterator[Slot]:
+        """Hold one encode slot for the ``with`` block; ``kind`` names the work, timed apart from others.
 
         ``max_wait_s`` defaults to the gate's bound for interactive callers and to no
         bound (None) for background ones; with a bound, raises :class:`EncodeBusyError`
@@ -197,11 +223,12 @@ class EncodeGate:
             ticket = (int(priority), next(self._arrivals))
             ahead = self._ahead_locked(ticket[0])
             if max_wait_s is not None:
-                estimate = self._estimate_locked(ahead)
+                estimate = self._estimate_locked(ticket[0])
                 if estimate is not None and estimate > max_wait_s:
                     self.counters.refused_at_once += 1
                     metrics.encode_refused("at_once")
                     raise self._refusal(ahead, estimate, max_wait_s)
+            self._kinds[ticket[1]] = kind
             heapq.heappush(self._waiting, ticket)
             arrived = self._clock()
             while not (len(self._active) < self.slots and self._waiting[0] == ticket):
@@ -209,6 +236,7 @@ class EncodeGate:
                              else arrived + self._give_up_after_locked(max_wait_s) - self._clock())
                 if remaining is not None and remaining <= 0:
                     self._waiting.remove(ticket)
+                    del self._kinds[ticket[1]]
                     heapq.heapify(self._waiting)
                     self._cond.notify_all()  # the head may have changed
                     self.counters.refused_after_waiting += 1
@@ -228,10 +256,11 @@ class EncodeGate:
         finally:
             with self._cond:
                 del self._active[ticket[1]]
+                del self._kinds[ticket[1]]
                 if ok and slot.timed:
                     took = self._clock() - started
-                    self._mean_s = took if self._mean_s is None else (
-                        EWMA_WEIGHT * took + (1 - EWMA_WEIGHT) * self._mean_s)
+                    mean = self._means.get(kind)
+                    self._means[kind] = took if mean is None else EWMA_WEIGHT * took + (1 - EWMA_WEIGHT) * mean
                 self._cond.notify_all()
 
 

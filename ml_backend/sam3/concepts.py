@@ -4,8 +4,8 @@
   background or boundary (``BACKGROUND_LABELS``/``BOUNDARY_LABELS``: "Background" is no concept). The phrase
   is, first found: ``SAM3_PHRASES`` (``"Cat=tabby cat;Car=car"``), the ``<Label hint="...">``
   attribute, else the label's value itself.
-* **Regions.** Each instance scoring above ``SAM3_SCORE_THRESHOLD`` becomes one region with its label and
-  score, best first, at most ``SAM3_MAX_INSTANCES`` per image. Two masks (of any labels) overlapping with an
+* **Regions.** Each instance scoring above ``SAM3_SCORE_THRESHOLD`` and covering at least ``MIN_MASK_AREA``
+  pixels becomes one region with its label and score, best first, at most ``SAM3_MAX_INSTANCES`` per image. Two masks (of any labels) overlapping with an
   IoU above ``SAM3_DEDUP_IOU`` are one object found twice: the higher score keeps it.
 * **With the trimap model** (``PREANNOTATE=both``): the trimap model is fine-tuned on this project's accepted
   annotations, SAM 3 is not. An instance is kept only when at least ``SAM3_TRIMAP_MIN_OVERLAP`` of its area
@@ -76,8 +76,9 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def select_instances(found: list[tuple[str, list[ConceptCandidate | ConceptInstance]]], *, iou_threshold: float,
-                     max_instances: int) -> list[LabelledInstance]:
-    """Best first; an empty mask is dropped; a mask overlapping a kept one above ``iou_threshold`` is dropped.
+                     max_instances: int, min_area: int = 1) -> list[LabelledInstance]:
+    """Best first; a mask of fewer than ``min_area`` pixels (``MIN_MASK_AREA``, as for every prediction) is
+    dropped as if not found; a mask overlapping a kept one above ``iou_threshold`` is dropped.
     Masks are made one at a time and only until ``max_instances`` are kept: memory holds the kept ones."""
     candidates = sorted(((label, candidate) for label, instances in found for candidate in instances),
                         key=lambda item: -item[1].score)
@@ -86,7 +87,7 @@ def select_instances(found: list[tuple[str, list[ConceptCandidate | ConceptInsta
         if len(kept) >= max_instances:
             break
         instance = candidate.materialize()
-        if instance.mask.any() and all(mask_iou(instance.mask, other.instance.mask) <= iou_threshold
+        if np.count_nonzero(instance.mask) >= max(min_area, 1) and all(mask_iou(instance.mask, other.instance.mask) <= iou_threshold
                                        for other in kept):
             kept.append(LabelledInstance(label, instance))
     return kept

@@ -4,9 +4,10 @@ The engine runs keras-hub's SAM 3 layers itself instead of the backbone's functi
 the vision encoder (nearly all the compute) then runs once per image rather than once per phrase, and box
 prompts reach the geometry encoder as (boxes, masks, labels) — keras-hub 0.32's backbone passes the labels
 where the mask belongs and the mask where the labels belong, which turns a negative box into an ignored
-positive one. Images are resized to the model's square without keeping the aspect ratio and box coordinates
-are normalised by the original size, as transformers' ``Sam3Processor`` does; masks come back at the
-original size (bilinear, then > 0.5). ``tests/test_sam3_parity.py`` holds this against transformers.
+positive one. Images are resized to the model's square as uint8 without keeping the aspect ratio and box
+coordinates are normalised by the original size, as transformers' ``Sam3Processor`` does; masks come back at
+the original size (bilinear, then > 0.5), as its ``post_process_instance_segmentation`` does.
+``tests/test_sam3_parity.py`` holds this against transformers' pipeline from an image file.
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ import numpy as np
 from ml_backend.errors import InvalidPromptError
 
 PAD_LABEL = -10  # keras-hub's and transformers' padding value for box prompts
+ENCODE_PIECE = "sam3 encode"  # the pieces of work :meth:`Sam3Engine.segment` runs in a caller's slots
+PHRASE_PIECE = "sam3 phrase"
+WorkSlot = Callable[[str], contextlib.AbstractContextManager]  # piece name -> the slot it runs in
+
+
+def _no_slot(piece: str) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -76,15 +84,29 @@ class Sam3Engine:
         return keras.device(self.device) if self.device else contextlib.nullcontext()
 
     def _pixels(self, image: np.ndarray) -> np.ndarray:
+        """(1, S, S, 3) float32 pixels exactly as transformers' ``Sam3ImageProcessor`` makes them on the CPU.
+
+        Its torchvision backend resizes the *uint8* image to the square (bilinear, antialiased, aspect ratio
+        not kept) and the result stays uint8: torchvision resizes uint8 natively where torch's CPU build
+        reports AVX2, and elsewhere in float32 rounded back to uint8 (``_do_native_uint8_resize_on_cpu``).
+        Then rescale and normalisation, fused: ``(x - 127.5) / 127.5`` in float32. Resizing in float without
+        the rounding moved mask borders by a pixel (IoU ~0.985 against the reference)."""
         import torch
         import torch.nn.functional as F
 
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise InvalidPromptError("SAM 3 needs an RGB uint8 image")
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
-        tensor = F.interpolate(tensor, size=(self.image_size, self.image_size), mode="bilinear",
-                               align_corners=False, antialias=True)
-        return ((tensor - 0.5) / 0.5).permute(0, 2, 3, 1).numpy()
+        # The channel-first copy is also writable: torch warns on a read-only array (decoded images are).
+        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
+        size = (self.image_size, self.image_size)
+        if tuple(tensor.shape[-2:]) != size:
+            if "AVX2" in torch.backends.cpu.get_cpu_capability():
+                tensor = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False, antialias=True)
+            else:
+                tensor = F.interpolate(tensor.float(), size=size, mode="bilinear", align_corners=False,
+                                       antialias=True).round_().to(torch.uint8)
+        pixels = tensor.to(torch.float32).sub_(127.5).div_(127.5)
+        return pixels.permute(0, 2, 3, 1).numpy()
 
     @staticmethod
     def _box_prompts(boxes: list[tuple[float, float, float, float]] | None, labels: list[int] | None,
@@ -103,11 +125,11 @@ class Sam3Engine:
         label_array = np.asarray(labels if labels is not None else [1] * len(boxes), np.int32)
         return np.asarray(rows, np.float32)[None], label_array[None]
 
-    def _forward(self, pixels: np.ndarray, phrases: list[str], boxes: np.ndarray, labels: np.ndarray) -> dict:
+    def _encode(self, pixels: np.ndarray, boxes: np.ndarray, labels: np.ndarray) -> tuple:
+        """The image's features and the box prompts' encoding: shared by every phrase."""
         from keras import ops
 
         b = self.backbone
-        count = len(phrases)
         fpn, pos = b.vision_encoder(pixels)
         fpn, pos = fpn[:-1], pos[:-1]
         # The box prompts do not depend on the phrase: encode them once, on the one image. (keras-hub's
@@ -116,6 +138,15 @@ class Sam3Engine:
             box_embeddings=ops.convert_to_tensor(boxes), box_masks=ops.convert_to_tensor(labels != PAD_LABEL),
             box_labels=ops.convert_to_tensor(np.where(labels == PAD_LABEL, 0, labels)),
             fpn_hidden_states=fpn[-1], fpn_position_encodings=pos[-1])
+        return fpn, pos, geometry, geometry_mask
+
+    def _decode(self, encoded_image: tuple, phrases: list[str]) -> dict:
+        """Every query's outputs for ``phrases`` on the encoded image."""
+        from keras import ops
+
+        b = self.backbone
+        count = len(phrases)
+        fpn, pos, geometry, geometry_mask = encoded_image
         geometry, geometry_mask = ops.repeat(geometry, count, axis=0), ops.repeat(geometry_mask, count, axis=0)
         fpn = [ops.repeat(f, count, axis=0) for f in fpn]
         pos = [ops.repeat(p, count, axis=0) for p in pos]
@@ -137,8 +168,12 @@ class Sam3Engine:
                                        prompt_masks=prompt_masks)
         return {"logits": pred_logits, "presence": presence_logits, "boxes": pred_boxes, "masks": pred_masks}
 
-    def _run(self, image: np.ndarray, phrases: list[str], boxes, box_labels):
-        """Scores (P, Q), boxes in original pixels (P, Q, 4), low-resolution mask logits (P, Q, h, w): torch."""
+    def _run(self, image: np.ndarray, phrases: list[str], boxes, box_labels, slot: WorkSlot | None = None):
+        """Scores (P, Q), boxes in original pixels (P, Q, 4), low-resolution mask logits (P, Q, h, w): torch.
+
+        With ``slot``, the image encode and then each phrase run inside ``slot(ENCODE_PIECE)`` and
+        ``slot(PHRASE_PIECE)``: separate pieces of work, between which others (annotators' clicks) may go
+        first. Without, every phrase runs in one batch."""
         import torch
 
         if not phrases:
@@ -146,11 +181,18 @@ class Sam3Engine:
         height, width = image.shape[:2]
         pixels = self._pixels(image)
         box_array, label_array = self._box_prompts(boxes, box_labels, width, height)
-        with self._lock, torch.no_grad(), self._device_scope():
-            out = self._forward(pixels, phrases, box_array, label_array)
-            scores = (torch.sigmoid(out["logits"]) * torch.sigmoid(out["presence"])).float()
-            scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=scores.device)
-            return scores, out["boxes"].float() * scale, out["masks"].permute(0, 3, 1, 2).float()
+        slot = slot or _no_slot
+        with slot(ENCODE_PIECE), self._lock, torch.no_grad(), self._device_scope():
+            encoded_image = self._encode(pixels, box_array, label_array)
+        parts = []
+        for group in ([phrases] if slot is _no_slot else [[phrase] for phrase in phrases]):
+            with slot(PHRASE_PIECE), self._lock, torch.no_grad(), self._device_scope():
+                out = self._decode(encoded_image, group)
+                scores = (torch.sigmoid(out["logits"]) * torch.sigmoid(out["presence"])).float()
+                parts.append((scores, out["boxes"].float(), out["masks"].permute(0, 3, 1, 2).float()))
+        scores, pboxes, masks = (torch.cat(column) for column in zip(*parts))
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=scores.device)
+        return scores, pboxes * scale, masks
 
     @staticmethod
     def _upsample(logits, height: int, width: int) -> np.ndarray:
@@ -173,10 +215,11 @@ class Sam3Engine:
 
     def segment(self, image: np.ndarray, phrases: list[str], *, threshold: float,
                 boxes: list[tuple[float, float, float, float]] | None = None,
-                box_labels: list[int] | None = None) -> list[list[ConceptCandidate]]:
+                box_labels: list[int] | None = None, slot: WorkSlot | None = None) -> list[list[ConceptCandidate]]:
         """Instances scoring above ``threshold``, per phrase, best first; ``boxes`` are exemplars (xyxy pixels).
-        Their masks are upsampled to the image's size only when asked (:meth:`ConceptCandidate.materialize`)."""
-        scores, pboxes, logits = self._run(image, phrases, boxes, box_labels)
+        Their masks are upsampled to the image's size only when asked (:meth:`ConceptCandidate.materialize`).
+        ``slot`` (see :meth:`_run`) lets other work go first between the image encode and each phrase."""
+        scores, pboxes, logits = self._run(image, phrases, boxes, box_labels, slot)
         height, width = image.shape[:2]
         scores, pboxes = scores.cpu().numpy(), pboxes.cpu().numpy()
         found: list[list[ConceptCandidate]] = []

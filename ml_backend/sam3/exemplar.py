@@ -82,5 +82,5 @@ class ExemplarSegmenter:
         height, width = image.shape[:2]
         found = self._segment(image, self.phrase(label_config, config, mask_label), prompt.boxes_for(width, height))
         kept = concepts.select_instances([(mask_label, found)], iou_threshold=s.sam3_dedup_iou,
-                                         max_instances=s.sam3_max_instances)
+                                         max_instances=s.sam3_max_instances, min_area=s.min_mask_area)
         return instances_prediction(kept, config, PolygonOptions.from_settings(s), sam3_model_version(s.sam3_model))

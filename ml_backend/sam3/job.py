@@ -9,8 +9,9 @@ Two executors run it:
 
 * :class:`ProjectPreannotationJobs` (no ``REDIS_URL``): one daemon thread of the web process works through a
   queue of projects. The projects still queued or running are kept in a small JSON file
-  (``MODEL_DIR/sam3-jobs.json``) and resumed at start-up. The thread takes each image through the SAM
-  encode gate at background priority, so annotators' first clicks go first.
+  (``MODEL_DIR/sam3-jobs.json``) and resumed at start-up. Each task's prediction runs in
+  ``JobContext.background_slot``: its SAM 3 work goes through the SAM encode gate at background priority one
+  piece at a time (the image encode, then each phrase), so annotators' first clicks go first between pieces.
 * :mod:`ml_backend.sam3.rq_jobs` (``REDIS_URL`` set): RQ workers (``python -m ml_backend.sam3.worker``).
 """
 
@@ -31,6 +32,7 @@ from ml_backend.label_studio_api import api_get, api_request, iter_project_tasks
 logger = logging.getLogger(__name__)
 
 PREDICTIONS_PAGE_SIZE = 1000
+PROGRESS_STEPS = 10  # the log gets one line per tenth of a project's tasks (and one at start and at end)
 
 
 @dataclass
@@ -188,6 +190,9 @@ def run_project(progress: ProjectProgress, context: JobContext, report: Report =
         report(progress)
         _write_predictions(progress, context, report)
         progress.state = "done"
+        logger.info("SAM 3 pre-annotation of project %s done in %.1f s: %d written, %d skipped, %d failed of %d",
+                    project, time.time() - progress.started_at, progress.written, progress.skipped,
+                    progress.failed, progress.total)
     except JobSuperseded:
         raise
     except BackendError as exc:
@@ -207,8 +212,15 @@ def _write_predictions(progress: ProjectProgress, context: JobContext, report: R
     done = existing_prediction_tasks(url, token, project, version)
     tasks = list(iter_project_tasks(url, token, project))
     progress.total = len(tasks)
+    logger.info("SAM 3 pre-annotation of project %s started: %d tasks, %d already hold a prediction of %s",
+                project, len(tasks), len(done & {t.get("id") for t in tasks}), version)
     report(progress)
-    for task in tasks:
+    logged_step = 0
+    for processed, task in enumerate(tasks):
+        if (step := processed * PROGRESS_STEPS // len(tasks)) > logged_step:
+            logged_step = step
+            logger.info("SAM 3 pre-annotation of project %s: %d of %d tasks (%d written, %d skipped, %d failed)",
+                        project, processed, len(tasks), progress.written, progress.skipped, progress.failed)
         if task.get("id") in done:
             progress.skipped += 1
             continue

@@ -14,6 +14,7 @@ from ml_backend import labeling
 from ml_backend.formats import PolygonOptions
 from ml_backend.labeling.config import LabelConfig
 from ml_backend.sam3 import concepts
+from ml_backend.sam3.engine import WorkSlot
 from ml_backend.settings import Settings
 
 
@@ -24,9 +25,10 @@ def sam3_model_version(source: str, trimap_version: str | None = None, *, with_t
 
 
 class ConceptPreannotator:
-    def __init__(self, settings: Settings, engine: Callable[[], object]) -> None:
+    def __init__(self, settings: Settings, engine: Callable[[], object], slot: WorkSlot | None = None) -> None:
         self.settings = settings
         self._engine = engine  # waits for SAM 3 to load
+        self._slot = slot  # where each piece of SAM 3 work runs (the encode gate, for project jobs)
 
     @property
     def with_trimap(self) -> bool:
@@ -49,9 +51,11 @@ class ConceptPreannotator:
         version = self.model_version(trimap[0] if trimap else None)
         if not prompts:
             return labeling.build_prediction([], 0.0, version)
-        found = self._engine().segment(image, [p.phrase for p in prompts], threshold=s.sam3_score_threshold)
+        found = self._engine().segment(image, [p.phrase for p in prompts], threshold=s.sam3_score_threshold,
+                                       slot=self._slot)
         kept = concepts.select_instances([(p.label, f) for p, f in zip(prompts, found)],
-                                         iou_threshold=s.sam3_dedup_iou, max_instances=s.sam3_max_instances)
+                                         iou_threshold=s.sam3_dedup_iou, max_instances=s.sam3_max_instances,
+                                         min_area=s.min_mask_area)
         polygon = PolygonOptions.from_settings(s)
         if self.with_trimap and trimap is not None:
             kept = concepts.filter_by_trimap(kept, trimap[1], s.sam3_trimap_min_overlap)

@@ -140,3 +140,35 @@ def test_preannotate_rejects_bad_input(backend_factory, checkpoint, e2e_dir) -> 
         assert answer.status_code == 400 and message in answer.json()["error"]
     status = backend.get("/status").json()
     assert status["preannotate"] == "sam3" and status["sam3"]["state"] in ("loading", "ready")
+
+
+def test_connecting_an_existing_project_preannotates_the_tasks_lacking_a_prediction(
+        label_studio, backend_factory, checkpoint, e2e_dir) -> None:
+    """SAM3_ON_CONNECT (default): connecting the backend to a project that already holds tasks (Settings >
+    Model in Label Studio, here ``POST /api/ml``) writes a prediction for each task lacking one from the current
+    model version, and none for a task that has one; with SAM3_ON_CONNECT=false connecting writes nothing."""
+    version = f"sam3-{checkpoint.name}"
+    project, images = _project(label_studio, "sam3-connect", 3)
+    first = min(images)
+    label_studio.ok("POST", "/api/predictions", json={"task": first, "result": [], "score": 0.0,
+                                                       "model_version": version})
+    backend = backend_factory(**SAM3_ENV, SAM3_MODEL=str(checkpoint), MODEL_DIR=str(e2e_dir / "models-connect"))
+    label_studio.ok("POST", "/api/ml", json={"url": backend.url, "project": project, "title": "sam3",
+                                             "is_interactive": False})
+    wait_for(lambda: _job(backend, project).get("state") == "done", 180, "SAM 3 job on connect", backend.log)
+    progress = _job(backend, project)
+    assert (progress["total"], progress["written"], progress["skipped"], progress["failed"]) == (3, 2, 1, 0)
+    stored = _predictions(label_studio, images)
+    assert all([p["model_version"] for p in predictions] == [version] for predictions in stored.values())
+    assert stored[first][0]["result"] == []  # the prediction it had was kept, not replaced
+    for task in set(images) - {first}:
+        expected = _expected(checkpoint, images[task])
+        assert [r["value"]["brushlabels"][0] for r in stored[task][0]["result"]] == [label for label, _, _ in expected]
+
+    off_project, off_images = _project(label_studio, "sam3-connect-off", 2)
+    off = backend_factory(**SAM3_ENV, SAM3_MODEL=str(checkpoint), MODEL_DIR=str(e2e_dir / "models-connect-off"),
+                          SAM3_ON_CONNECT="false")
+    label_studio.ok("POST", "/api/ml", json={"url": off.url, "project": off_project, "title": "sam3 off",
+                                             "is_interactive": False})
+    assert _job(off, off_project) == {}  # no job was queued: its status knows nothing of the project
+    assert all(not predictions for predictions in _predictions(label_studio, off_images).values())
