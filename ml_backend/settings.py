@@ -474,4 +474,6 @@ MEANINGS: dict[str, str] = {
                         "`/dev/shm` has room for twice `PROMPT_STATE_MB`, else `MODEL_DIR/prompt-state`",
     "metrics_public": "serve `/metrics` (Prometheus text) without credentials, for a Prometheus on a private network; "
                       "every other route keeps its authentication",
+    "sam3_on_connect": "with SAM 3 pre-annotation: a project's first `/setup` in a process (connecting it in Label "
+                       "Studio) queues a SAM 3 job for its tasks without a prediction from the current model version",
 }
