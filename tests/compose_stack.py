@@ -67,10 +67,24 @@ def private_engine() -> Iterator[Engine]:
             if started.returncode != 0:
                 raise RuntimeError(f"dockerd did not start: {started.stderr[-3000:]}")
             host = started.stdout.strip().splitlines()[-1].split("=", 1)[1]
-            yield Engine(env={**os.environ, "DOCKER_HOST": host, "DOCKER_BUILDKIT": "0"})
+            engine = Engine(env={**os.environ, "DOCKER_HOST": host, "DOCKER_BUILDKIT": "0"})
+            sweep(engine)
+            yield engine
         finally:
             subprocess.run(["bash", str(REPO / "scripts" / "docker_engine.sh"), "stop", str(run_dir)], timeout=120)
             shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def sweep(engine: Engine) -> None:
+    """Containers, networks and volumes a killed earlier run left in this (test-only) data root; images stay.
+
+    dockerd would otherwise restart such containers (restart: unless-stopped) on their fixed addresses.
+    """
+    containers = engine.docker("ps", "-aq").stdout.split()
+    if containers:
+        engine.docker("rm", "-f", "-v", *containers)
+    engine.docker("network", "prune", "-f")
+    engine.docker("volume", "prune", "-f")
 
 
 @dataclass

@@ -197,7 +197,7 @@ def test_label_studio_reaches_the_backend_and_no_other_private_address(stack: di
     }
     for what, url in addresses.items():
         refused = api.connect(project, url)
-        assert refused.status_code == 400, (what, refused.status_code, refused.text)
+        assert refused.status_code == 403, (what, refused.status_code, refused.text)
         assert "reserved network address" in refused.text, (what, refused.text)
     # Redis is not even visible from Label Studio's container: neither its name nor its address.
     unknown = api.connect(project, "http://redis:6379")
