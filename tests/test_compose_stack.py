@@ -43,7 +43,7 @@ LABEL_CONFIG = """
   <KeyPointLabels name="click" toName="image" smart="true"><Label value="Pet" smart="true"/></KeyPointLabels>
 </View>
 """
-BACKEND_URL = "http://backend:9090"  # its compose address, as a user types it in Label Studio
+BACKEND_URL = "http://backend.internal:9090"  # its compose address, as a user types it in Label Studio
 
 
 def png(index: int) -> bytes:
@@ -110,7 +110,7 @@ def images(engine: Engine) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def stack(engine: Engine, images: dict[str, str], tiny_sam_preset: Path,
+def stack(engine: Engine, images: dict[str, str], tiny_sam_preset: Path, request: pytest.FixtureRequest,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     workdir = tmp_path_factory.mktemp("compose")
     ls_port, backend_port = free_port(), free_port()
@@ -130,6 +130,7 @@ def stack(engine: Engine, images: dict[str, str], tiny_sam_preset: Path,
     env_file = workdir / "compose.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
     compose = Stack(engine, f"samtest{secrets.token_hex(3)}", env_file, ("docker-compose.yml",))
+    failed_before = request.session.testsfailed
     try:
         compose.compose("up", "--no-start", "--no-build")  # containers and volumes, nothing running yet
         # The tiny SAM into the models volume, owned by the backend's user as the volume's other files.
@@ -141,11 +142,18 @@ def stack(engine: Engine, images: dict[str, str], tiny_sam_preset: Path,
         yield {"compose": compose, "api": api, "backend": f"http://127.0.0.1:{backend_port}", "workdir": workdir,
                "settings": settings}
     except BaseException:
-        for service in ("backend", "worker", "label-studio", "redis"):
-            print(f"--- {service} ---\n{compose.logs(service)}")
+        print_logs(compose)
         raise
+    else:
+        if request.session.testsfailed > failed_before:
+            print_logs(compose)
     finally:
         compose.down()
+
+
+def print_logs(compose: Stack) -> None:
+    for service in ("backend", "worker", "label-studio", "redis"):
+        print(f"--- {service} ---\n{compose.logs(service, 150)}")
 
 
 def _answers(api: LabelStudioApi) -> bool:
@@ -277,6 +285,11 @@ def test_start_training_runs_on_the_worker_and_the_backend_serves_the_promoted_v
     connected = api.connect(project)
     assert connected.status_code == 201, connected.text
     ml = connected.json()["id"]
+    # Label Studio sends no credentials on its webhook deliveries: the backend adds its secret header to the
+    # webhook first (tests/e2e/test_auth_e2e.py), and only then are annotation webhooks accepted.
+    wait_for(lambda: any(hook["url"] == BACKEND_URL + "/webhook" and hook["headers"]
+                         for hook in api.ok("GET", f"/api/webhooks/?project={project}")),
+             120, "the backend's secret header on its webhook", interval_s=1)
     for i, task in enumerate(tasks[:ACCEPTED]):
         api.ok("POST", f"/api/tasks/{task}/annotations",
                json={"result": [{**brush_result(pet_image(i, SIZE)[1]), "from_name": "mask"}], "lead_time": 1.0})

@@ -128,6 +128,9 @@ def test_backend_is_published_on_loopback_only_and_label_studio_keeps_ssrf_prote
     if env.get("USE_DEFAULT_BANNED_SUBNETS", "true") != "false":
         banned += [ipaddress.ip_network(n) for n in LABEL_STUDIO_BANNED]
     assert not any(backend_ip in network for network in banned), "Label Studio could not reach the backend"
+    # Label Studio creates the backend's webhook only for a dotted host name (Django's URLValidator).
+    assert any("." in alias for alias in services["backend"]["networks"]["ml"].get("aliases", [])), \
+        "no dotted name for the backend: Label Studio would silently register no webhook for http://backend:9090"
     # Narrowest: every address Label Studio bans by default stays banned, except the backend's one.
     for default in map(ipaddress.ip_network, LABEL_STUDIO_BANNED):
         rest = [default] if backend_ip not in default else list(default.address_exclude(
