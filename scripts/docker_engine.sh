@@ -42,14 +42,18 @@ start)
     ;;
 stop)
     pid_file="$run_dir/docker.pid"
-    [ -f "$pid_file" ] || exit 0
-    pid="$(cat "$pid_file")"
-    kill -TERM "$pid" 2>/dev/null || exit 0
-    for _ in $(seq 1 60); do
-        kill -0 "$pid" 2>/dev/null || exit 0
-        sleep 0.5
-    done
-    kill -KILL "$pid" 2>/dev/null || true
+    if [ -f "$pid_file" ]; then
+        pid="$(cat "$pid_file")"
+        if kill -TERM "$pid" 2>/dev/null; then
+            for _ in $(seq 1 60); do
+                kill -0 "$pid" 2>/dev/null || break
+                sleep 0.5
+            done
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    fi
+    # A dockerd that did not exit cleanly leaves its network namespace mounted under the exec root.
+    awk -v dir="$run_dir/" 'index($2, dir) == 1 {print $2}' /proc/mounts | sort -r | xargs -r umount -l
     ;;
 *)
     die "unknown command $command_ (start|stop)"
