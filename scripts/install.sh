@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent installer: builds .venv in the repository (and, with --test, the test tools).
+#   --deps-only   the dependencies without the project itself (docker/Dockerfile: cached apart from the code)
 # Two packages must go in with --no-deps (see README "Why the installer exists"), so a plain
 # `pip install .` is not enough; this script runs the steps in the order that works.
 set -euo pipefail
@@ -9,7 +10,9 @@ PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"   # install torch first: a looser pin pulls a CUDA build on CPU-only hosts
 WITH_TEST=0
+DEPS_ONLY=0
 [ "${1:-}" = "--test" ] && WITH_TEST=1
+[ "${1:-}" = "--deps-only" ] && DEPS_ONLY=1
 
 log() { printf '[install] %s\n' "$*" >&2; }
 die() { printf '[install] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -28,7 +31,7 @@ log "installing runtime dependencies"
     "rq>=1.16" "redis>=5" "gunicorn>=22" "pillow>=10" "matplotlib>=3.8" tqdm safetensors "prometheus-client>=0.20" \
     "opencv-python-headless>=4.12,<4.13"  # what the tests run with; label-studio-sdk pins the same
 "${PIP[@]}" --no-deps "keras-hub==0.32.0" "label-studio-ml==1.0.9"
-"${PIP[@]}" --no-deps --no-build-isolation -e .
+[ "$DEPS_ONLY" = 1 ] || "${PIP[@]}" --no-deps --no-build-isolation -e .
 
 if [ "$WITH_TEST" = 1 ]; then
     log "installing test tools (pip's complaint that keras-hub lacks tensorflow-text is expected: we never use it)"
@@ -42,11 +45,14 @@ if [ "$WITH_TEST" = 1 ]; then
         "$PYTHON" -m venv .venv-ls
         .venv-ls/bin/python -m pip install --disable-pip-version-check -q "label-studio==1.23.2"
     fi
-    # Debian packages: a real Redis for the queue tests, docker-compose to validate docker/docker-compose.yml,
+    # Debian packages: a real Redis for the queue tests; the Docker engine, docker-compose and debootstrap for
+    # the compose test (tests/test_compose_stack.py builds every image here: no image registry is reachable);
     # Chromium and its driver for the browser test (selenium drives /usr/bin/chromedriver: nothing downloads one).
     missing=()
     command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
-    docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+    command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
+    command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+    command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
     [ -x /usr/bin/chromium ] || missing+=(chromium)
     [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
     if [ "${#missing[@]}" -gt 0 ]; then
@@ -60,8 +66,10 @@ if [ "$WITH_TEST" = 1 ]; then
     fi
     # The tests that need these fail under CI=true when they are missing: say so here, first.
     command -v redis-server >/dev/null 2>&1 || die "redis-server is still missing"
-    docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1 \
-        || die "neither docker compose nor docker-compose is available"
+    command -v dockerd >/dev/null 2>&1 || die "dockerd is still missing after installing docker.io (compose test)"
+    command -v docker-compose >/dev/null 2>&1 || die "docker-compose is still missing (compose test)"
+    command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] \
+        || die "debootstrap is still missing (the compose test builds its base image with it)"
     # segment_anything imports torchvision only to resize; the benchmarks' loader supplies a stand-in
     # (PyPI's torchvision does not load beside the torch we pin), so check the import the tests use.
     .venv/bin/python -c "import label_studio_sdk.converter.brush

@@ -1,7 +1,7 @@
-"""The Docker files: the compose file is accepted by Compose, and the image's entry points exist.
+"""The Docker files: the compose files are accepted by Compose, and the image's entry points exist.
 
-No Docker engine here: images are neither built nor run. ``docker compose config`` (or the
-older ``docker-compose config``) validates and resolves the compose file.
+``docker compose config`` (or the older ``docker-compose config``) validates and resolves the compose
+files; no engine is needed. tests/test_compose_stack.py builds the images and runs the stack.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 COMPOSE = REPO / "docker" / "docker-compose.yml"
+GPU = REPO / "docker" / "compose.gpu.yml"
 ENV = {"LABEL_STUDIO_API_KEY": "0123456789abcdef0123456789abcdef01234567", "LABEL_STUDIO_PASSWORD": "secret",
-       "BASIC_AUTH_USER": "label-studio", "BASIC_AUTH_PASS": "backend-secret"}
+       "BASIC_AUTH_USER": "label-studio", "BASIC_AUTH_PASS": "backend-secret", "REDIS_PASSWORD": "redis-secret"}
 # Label Studio 1.23.2's default banned networks (core/utils/io.py validate_ip), which its SSRF protection uses.
 LABEL_STUDIO_BANNED = (
     "0.0.0.0/8 10.0.0.0/8 100.64.0.0/10 127.0.0.0/8 169.254.0.0/16 172.16.0.0/12 192.0.0.0/24 192.0.2.0/24 "
@@ -39,34 +40,64 @@ def compose_command() -> list[str] | None:
     return None
 
 
-def compose_config(env: dict[str, str]) -> subprocess.CompletedProcess:
+def compose_config(env: dict[str, str], gpu: bool = False) -> subprocess.CompletedProcess:
     command = compose_command()
     if command is None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed")
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "RETRAIN_", "BASIC_AUTH_"))}
-    return subprocess.run([*command, "-f", str(COMPOSE), "config"], capture_output=True, text=True,
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("LABEL_STUDIO_", "RETRAIN_", "BASIC_AUTH_", "REDIS_", "BACKEND_"))}
+    files = ["-f", str(COMPOSE), *(["-f", str(GPU)] if gpu else [])]
+    return subprocess.run([*command, *files, "config"], capture_output=True, text=True,
                           env={**clean, **env}, cwd=REPO / "docker", timeout=120)
 
 
-def test_compose_config_is_accepted_and_wires_the_services():
-    result = compose_config(ENV)
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
+def test_compose_config_is_accepted_and_wires_the_services(gpu):
+    result = compose_config(ENV, gpu=gpu)
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load(result.stdout)
     services = config["services"]
     assert set(services) == {"label-studio", "backend", "redis", "worker"}
-    assert services["label-studio"]["image"].endswith(":1.23.2")
+    assert services["label-studio"]["image"] == "heartexlabs/label-studio:1.23.2"  # the official images by default
+    assert services["redis"]["image"].startswith("redis:")
     for name in ("backend", "worker"):
         service = services[name]
-        devices = service["deploy"]["resources"]["reservations"]["devices"]
-        assert any("gpu" in d["capabilities"] for d in devices), f"{name} reserves no GPU"
+        devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+        assert any("gpu" in d["capabilities"] for d in devices) == gpu, f"{name}: {devices}"
         env = service["environment"]
-        assert env["REDIS_URL"] == "redis://redis:6379/0" and env["MODEL_DIR"] == "/models"
+        assert env["REDIS_URL"] == "redis://:redis-secret@redis:6379/0" and env["MODEL_DIR"] == "/models"
         assert env["LABEL_STUDIO_URL"] == "http://label-studio:8080"
         assert env["LABEL_STUDIO_API_KEY"] == ENV["LABEL_STUDIO_API_KEY"]
         volumes = {str(v).split(":")[-2] if isinstance(v, str) else v["target"]: v for v in service["volumes"]}
         assert "/models" in volumes and "/cache" in volumes, f"{name}: {service['volumes']}"
         assert Path(service["build"]["dockerfile"]).name == "Dockerfile"
     assert services["label-studio"]["environment"]["LABEL_STUDIO_USER_TOKEN"] == ENV["LABEL_STUDIO_API_KEY"]
+
+
+def test_compose_takes_its_images_from_variables():
+    mirrors = {"LABEL_STUDIO_IMAGE": "mirror.example/ls:1.23.2", "REDIS_IMAGE": "mirror.example/redis:7",
+               "BACKEND_IMAGE": "mirror.example/backend:1", "BASE_IMAGE": "mirror.example/python:3.11",
+               "TORCH_SPEC": "torch==2.13.0+cpu"}
+    services = yaml.safe_load(compose_config({**ENV, **mirrors}).stdout)["services"]
+    assert services["label-studio"]["image"] == mirrors["LABEL_STUDIO_IMAGE"]
+    assert services["redis"]["image"] == mirrors["REDIS_IMAGE"]
+    for name in ("backend", "worker"):
+        assert services[name]["image"] == mirrors["BACKEND_IMAGE"]
+        args = services[name]["build"]["args"]
+        assert args["BASE_IMAGE"] == mirrors["BASE_IMAGE"] and args["TORCH_SPEC"] == mirrors["TORCH_SPEC"]
+
+
+def test_redis_wants_a_password_and_is_kept_off_label_studios_network():
+    services = yaml.safe_load(compose_config(ENV).stdout)["services"]
+    redis = services["redis"]
+    assert redis["command"][-2:] == ["--requirepass", "redis-secret"]
+    label_studio_networks = set(services["label-studio"]["networks"])
+    assert not label_studio_networks & set(redis["networks"]), "Redis shares a network with Label Studio"
+    for name in ("backend", "worker"):  # both reach Redis and Label Studio
+        assert set(redis["networks"]) & set(services[name]["networks"])
+        assert label_studio_networks & set(services[name]["networks"])
+    missing = compose_config({k: v for k, v in ENV.items() if k != "REDIS_PASSWORD"})
+    assert missing.returncode != 0 and "REDIS_PASSWORD" in missing.stderr
 
 
 def test_compose_refuses_to_start_without_the_key():
@@ -97,6 +128,9 @@ def test_backend_is_published_on_loopback_only_and_label_studio_keeps_ssrf_prote
     if env.get("USE_DEFAULT_BANNED_SUBNETS", "true") != "false":
         banned += [ipaddress.ip_network(n) for n in LABEL_STUDIO_BANNED]
     assert not any(backend_ip in network for network in banned), "Label Studio could not reach the backend"
+    # Label Studio creates the backend's webhook only for a dotted host name (Django's URLValidator).
+    assert any("." in alias for alias in services["backend"]["networks"]["ml"].get("aliases", [])), \
+        "no dotted name for the backend: Label Studio would silently register no webhook for http://backend:9090"
     # Narrowest: every address Label Studio bans by default stays banned, except the backend's one.
     for default in map(ipaddress.ip_network, LABEL_STUDIO_BANNED):
         rest = [default] if backend_ip not in default else list(default.address_exclude(
@@ -124,9 +158,17 @@ def test_dockerfile_runs_as_non_root_with_volumes_and_healthcheck():
     health = [arg for op, arg in instructions if op == "HEALTHCHECK"]
     assert health and "/ready" in health[0]  # run against a real backend in test_faults_serving.py
     run = " ".join(arg for op, arg in instructions if op == "RUN")
-    assert "scripts/install.sh" in run and "torch>=2.4" in run  # PyPI's CUDA build, not the CPU pin
+    assert "scripts/install.sh" in run
+    args = [arg for op, arg in instructions if op == "ARG"]
+    assert 'TORCH_SPEC="torch>=2.4"' in args  # PyPI's CUDA build by default, not the installer's CPU pin
+    assert "BASE_IMAGE=python:3.11-slim-bookworm" in args
+    # Two stages: the build stage's pip settings (docker/pip/, index URLs) never reach the final image.
+    stages = [arg for op, arg in instructions if op == "FROM"]
+    assert len(stages) == 2 and stages[-1] == "${BASE_IMAGE}", stages
+    final = instructions[max(i for i, (op, _) in enumerate(instructions) if op == "FROM"):]
+    assert not any("docker/pip" in arg or "PIP_" in arg for op, arg in final if op in ("COPY", "ENV", "ARG"))
     for op, arg in instructions:
-        if op == "COPY":
+        if op == "COPY" and "--from=" not in arg:
             sources = [s for s in shlex.split(arg) if not s.startswith("--")][:-1]
             for source in sources:
                 assert (REPO / source).exists(), f"COPY {source}: not in the repository"
@@ -155,6 +197,6 @@ def test_entry_points_exist_in_the_package():
     assert result.returncode == 2 and "REDIS_URL" in result.stderr
 
 
-def test_dockerignore_keeps_environments_out_of_the_build_context():
+def test_dockerignore_keeps_environments_and_tests_out_of_the_build_context():
     ignored = (REPO / ".dockerignore").read_text().split()
-    assert {".git", ".venv", ".venv-ls"} <= set(ignored)
+    assert {".git", ".venv", ".venv-ls", "tests"} <= set(ignored)
