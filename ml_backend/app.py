@@ -24,8 +24,9 @@ from ml_backend.errors import BackendError
 from ml_backend.label_studio_api import api_get, iter_project_tasks
 from ml_backend.logs import configure_logging
 from ml_backend.runtime import Runtime
-from ml_backend.security import limits
-from ml_backend.security.auth import Authenticator, webhook_secret
+from ml_backend.security import hosts, limits
+from ml_backend.security.auth import Authenticator, check_webhook_project
+from ml_backend.security.secrets import WebhookSecrets
 from ml_backend.security.webhooks import WebhookSecretInstaller
 from ml_backend.settings import Settings
 
@@ -62,7 +63,7 @@ class BackendViews:
         self.installer = installer
 
     def _json(self) -> dict:
-        return limits.parse_json_body(request.content_type, request.get_data(cache=True))
+        return limits.parse_json_body(request.content_type, request.get_data(cache=True), self.limits)
 
     def _backend(self, label_config: str | None, project: object = None) -> SegmentationBackend:
         return SegmentationBackend(label_config=label_config, runtime=self.runtime, project=project)
@@ -93,6 +94,7 @@ class BackendViews:
 
     def webhook(self) -> tuple[Response, int]:
         data = self._json()
+        check_webhook_project(g.get("webhook_project"), data)  # a project's secret opens that project only
         event = data.get("action")
         if not isinstance(event, str):
             raise BackendError("A webhook needs an 'action'.")
@@ -192,7 +194,9 @@ def _section(read: Callable[[], dict]) -> dict:
 
 def _auth_guard(authenticator: Authenticator) -> Callable[[], Any]:
     def guard() -> Any:
-        g.authenticated = authenticator.authenticated(request.path, request.headers)
+        basic = authenticator.basic(request.headers)
+        g.webhook_project = None if basic else authenticator.secret_project(request.path, request.headers)
+        g.authenticated = basic or g.webhook_project is not None
         if authenticator.may_pass(request.path, g.authenticated):
             return None
         response, status = _error("Authentication required: set the backend's basic-auth user and password "
@@ -230,10 +234,10 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     settings = settings or Settings.from_env()
     configure_logging(settings.log_level)
     runtime = runtime or Runtime(settings)
-    secret = webhook_secret(settings)
+    secrets = WebhookSecrets(settings.model_dir) if settings.basic_auth else None
     installer = None
-    if secret is not None:
-        installer = WebhookSecretInstaller(secret, lambda: (runtime.access.url, runtime.access.token))
+    if secrets is not None:
+        installer = WebhookSecretInstaller(secrets, lambda: (runtime.access.url, runtime.access.token))
     views = BackendViews(runtime, installer)
     endpoints = {
         "_predict": views.predict,
@@ -259,7 +263,9 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     app.add_url_rule("/warmup", endpoint="warmup", view_func=_handle_errors(views.warmup), methods=["POST"])
     app.add_url_rule("/preannotate", endpoint="preannotate", view_func=_handle_errors(views.preannotate),
                      methods=["POST"])
-    app.before_request(_auth_guard(Authenticator(settings)))
+    app.before_request(hosts.before_request(hosts.HostPolicy(settings)))  # DNS rebinding: before anything else
+    app.before_request(_auth_guard(Authenticator(settings, secrets)))
+    app.before_request(limits.before_request(views.limits))  # per-route body size, before reading it
     for code in (400, 404, 405):
         app.register_error_handler(code, lambda exc: _error(exc.description, exc.code))
     app.register_error_handler(RequestEntityTooLarge,

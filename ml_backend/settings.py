@@ -169,7 +169,7 @@ class Settings:
     prompt_state_ttl_s: float = 900.0  # forgotten this long after its last click
     # --- trust: who may call, what a request may hold (SECURITY.md) ---
     allow_unauthenticated: bool = False  # serve a non-loopback HOST without basic auth, deliberately
-    webhook_secret: str = ""  # empty: derived from BASIC_AUTH_USER/BASIC_AUTH_PASS
+    backend_hostnames: tuple[str, ...] = ()  # Host names accepted besides loopback, HOST and IP literals (proxy, compose)
     max_request_mb: int = 32
     max_tasks_per_request: int = 100  # Label Studio's default ML batch size
     max_prompt_regions: int = 16  # rectangles (plus the keypoint group): one SAM decode each
@@ -264,7 +264,7 @@ class Settings:
             prompt_state_entries=_int(env, "PROMPT_STATE_ENTRIES", d.prompt_state_entries),
             prompt_state_ttl_s=_float(env, "PROMPT_STATE_TTL_S", d.prompt_state_ttl_s),
             allow_unauthenticated=_bool(env, "ALLOW_UNAUTHENTICATED", d.allow_unauthenticated),
-            webhook_secret=_str(env, "WEBHOOK_SECRET"),
+            backend_hostnames=tuple(n.lower() for n in _list(env, "BACKEND_HOSTNAMES", d.backend_hostnames)),
             max_request_mb=_int(env, "MAX_REQUEST_MB", d.max_request_mb),
             max_tasks_per_request=_int(env, "MAX_TASKS_PER_REQUEST", d.max_tasks_per_request),
             max_prompt_regions=_int(env, "MAX_PROMPT_REGIONS", d.max_prompt_regions),
