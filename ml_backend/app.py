@@ -21,7 +21,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from ml_backend import labeling
 from ml_backend.backend import SegmentationBackend
 from ml_backend.errors import BackendError
-from ml_backend.label_studio_api import api_get, iter_project_tasks
+from ml_backend.label_studio_api import api_get, iter_project_tasks, visible_project
 from ml_backend.logs import configure_logging
 from ml_backend.runtime import Runtime
 from ml_backend.security import hosts, limits
@@ -157,6 +157,7 @@ class BackendViews:
         key = limits.project_id(self._json().get("project"))
         if key is None or key == "0":
             raise BackendError("'project' must be a Label Studio project id (a positive number).")
+        visible_project(self.runtime.access.url, self.runtime.access.token, int(key))  # 404 unless it exists for us
         return jsonify(self.runtime.preannotation_jobs.start(int(key))), 202
 
     def status(self) -> Response:

@@ -7,6 +7,11 @@ next ``lookahead`` tasks of the project jump to the front. One worker thread (or
 several that each wait for one queued job) takes jobs in that order and calls ``encode``;
 a job that raises is recorded as failed and the next one starts.
 
+What it holds is bounded: a task whose image URL is longer than
+:data:`~ml_backend.security.limits.MAX_URL_CHARS` (a ``data:`` URI) is not queued (its first click
+encodes it), at most ``max_entries`` tasks are known across projects (finished projects are forgotten
+first, then new tasks are not queued), and a finished task keeps only its state, not its URL.
+
 Interactive clicks never wait for this queue: they encode on their own, and a background
 encode starts only when no interactive one runs (:class:`~ml_backend.embeddings.priority.EncodePriority`).
 """
@@ -25,6 +30,7 @@ from ml_backend.security import limits
 logger = logging.getLogger(__name__)
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+MAX_ENTRIES = 50_000  # tasks known across projects (each ~300 bytes with its URL; finished ones ~150)
 Ident = int | str  # a task id, or the image URL for tasks given without one
 
 
@@ -67,6 +73,15 @@ class _Project:
         return counts
 
 
+def _keepable(task: TaskImage) -> bool:
+    """Whether the scheduler keeps ``task``: not when its URL is longer than a kept URL may be."""
+    if len(task.url) <= limits.MAX_URL_CHARS:
+        return True
+    logger.info("task %s not pre-encoded: its image URL has %d characters (a data: URI?); its first click "
+                "encodes it", task.task_id, len(task.url))
+    return False
+
+
 def project_id(value: object) -> int | None:
     """Label Studio's project id from ``3``, ``"3"`` or ``"3.1732800000"`` (what /setup and /predict send),
     by the one rule for project ids (:func:`ml_backend.security.limits.project_id`); 0 is none."""
@@ -83,8 +98,9 @@ class PreEncodeScheduler:
     """
 
     def __init__(self, encode: Callable[[EncodeJob], str], *, lookahead: int = 3, log_every: int = 10,
-                 threads: int = 1) -> None:
+                 threads: int = 1, max_entries: int = MAX_ENTRIES) -> None:
         self._encode = encode
+        self.max_entries = max_entries
         self.lookahead = lookahead
         self.log_every = max(1, log_every)
         self._threads = threads
@@ -98,15 +114,19 @@ class PreEncodeScheduler:
     # --- what to encode ------------------------------------------------------
     def add_project(self, project: int, tasks: Iterable[TaskImage]) -> int:
         """Queue a project's tasks (Label Studio's order), unlabeled ones first; the number newly queued."""
-        tasks = list(tasks)
+        tasks = [t for t in tasks if _keepable(t)]
         ordered = [t for t in tasks if not t.labeled] + [t for t in tasks if t.labeled]
         with self._cond:
             entry = self._projects.setdefault(project, _Project())
+            self._make_room(keep=project)
+            room = self.max_entries - self.held()
             for task in tasks:
-                self._know(entry, task)
+                if task.ident in entry.urls or (entry.state.get(task.ident) is None and room > 0):
+                    room -= task.ident not in entry.state
+                    self._know(entry, task)
             added = 0
             for task in ordered:
-                if entry.state.get(task.ident) is None:
+                if entry.state.get(task.ident) is None and task.ident in entry.urls:
                     entry.state[task.ident] = QUEUED
                     self._normal.append((project, task.ident))
                     added += 1
@@ -120,6 +140,8 @@ class PreEncodeScheduler:
 
     def opened(self, project: int, task: TaskImage) -> None:
         """An annotator opened ``task``: it and the next ``lookahead`` tasks go to the front."""
+        if not _keepable(task):
+            return
         with self._cond:
             entry = self._projects.setdefault(project, _Project())
             self._know(entry, task)
@@ -128,7 +150,7 @@ class PreEncodeScheduler:
             jump: list[tuple[int, Ident]] = []
             for ident in wanted:
                 state = entry.state.get(ident)
-                if state is None:
+                if state is None and ident in entry.urls:
                     entry.state[ident] = state = QUEUED
                     self._normal.append((project, ident))
                 if state == QUEUED:
@@ -137,6 +159,19 @@ class PreEncodeScheduler:
             self._urgent = deque(jump + rest)
             if jump:
                 self._wake()
+
+    def held(self) -> int:
+        """Tasks known across projects (call with the lock held)."""
+        return sum(len(entry.order) for entry in self._projects.values())
+
+    def _make_room(self, keep: int) -> None:
+        """Over ``max_entries``: forget whole finished projects, oldest first (call with the lock held)."""
+        for project in sorted(self._projects, key=lambda p: self._projects[p].started_at):
+            if self.held() < self.max_entries:
+                return
+            counts = self._projects[project].counts()
+            if project != keep and counts[QUEUED] + counts[RUNNING] == 0:
+                del self._projects[project]
 
     def is_known(self, project: int) -> bool:
         with self._cond:
@@ -163,8 +198,10 @@ class PreEncodeScheduler:
 
     # --- the worker ----------------------------------------------------------
     def _know(self, entry: _Project, task: TaskImage) -> None:
-        if task.ident not in entry.urls:
+        if task.ident not in entry.urls and task.ident not in entry.state:
             entry.order.append(task.ident)
+        if entry.state.get(task.ident) in (DONE, FAILED):
+            return  # finished: its URL is not kept again
         entry.urls[task.ident] = task.url
         entry.task_ids[task.ident] = task.task_id
 
@@ -183,8 +220,8 @@ class PreEncodeScheduler:
                 for source, urgent in ((self._urgent, True), (self._normal, False)):
                     while source:
                         project, ident = source.popleft()
-                        entry = self._projects[project]
-                        if entry.state.get(ident) == QUEUED:
+                        entry = self._projects.get(project)
+                        if entry is not None and entry.state.get(ident) == QUEUED:
                             entry.state[ident] = RUNNING
                             return EncodeJob(project, ident, entry.task_ids.get(ident), entry.urls[ident], urgent)
                 self._cond.wait()
@@ -205,6 +242,8 @@ class PreEncodeScheduler:
         with self._cond:
             entry = self._projects[job.project]
             entry.state[job.ident] = outcome
+            entry.urls.pop(job.ident, None)  # finished: only its state is kept
+            entry.task_ids.pop(job.ident, None)
             if error:
                 entry.last_error = error
             entry.finished += 1

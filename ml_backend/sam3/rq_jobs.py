@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict
 
 from ml_backend.errors import BackendError
-from ml_backend.sam3.job import ProjectProgress
+from ml_backend.sam3.job import MAX_QUEUED_PROJECTS, ProjectProgress, queue_full_error
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,9 @@ class RQProjectJobs:
             current = self._read(project)
             if current is not None and current["state"] in ACTIVE:
                 return current
+            if attempt == 0 and sum((r := self._read(p)) is not None and r["state"] in ACTIVE
+                                    for p in self._projects()) >= MAX_QUEUED_PROJECTS:
+                raise queue_full_error()
             return self._enqueue(project, attempt)
 
     def _enqueue(self, project: int, attempt: int) -> dict:

@@ -312,6 +312,18 @@ def setup_token(value: Any) -> str | None:
     return value.strip()
 
 
+# --- what the backend keeps ----------------------------------------------------------------------
+
+def url_key(url: str) -> str:
+    """``url`` as kept in a key (prompt state, caches): itself up to :data:`MAX_URL_CHARS` characters, else its
+    SHA-256, so a ``data:`` URI padded with whitespace to tens of MB costs 71 bytes wherever it is remembered."""
+    if len(url) <= MAX_URL_CHARS:
+        return url
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 # --- /warmup -------------------------------------------------------------------------------
 
 def warmup_limit(value: Any, limits: RequestLimits, default: int) -> int:
