@@ -62,14 +62,14 @@ class BackendViews:
         self.limits = limits.RequestLimits.from_settings(runtime.settings)
         self.installer = installer
 
-    def _json(self) -> dict:
-        return limits.parse_json_body(request.content_type, request.get_data(cache=True), self.limits)
+    def _json(self, check: Callable[[dict], object] | None = None) -> dict:
+        return limits.parse_json_body(request.content_type, request.get_data(cache=True), self.limits, check)
 
     def _backend(self, label_config: str | None, project: object = None) -> SegmentationBackend:
         return SegmentationBackend(label_config=label_config, runtime=self.runtime, project=project)
 
     def predict(self) -> Response:
-        data = self._json()
+        data = self._json(lambda body: limits.predict_request(body, self.limits))
         tasks, context = limits.predict_request(data, self.limits)
         backend = self._backend(data.get("label_config"), data.get("project"))
         predictions = backend.predict(tasks, context=context, project=data.get("project"))

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ml_backend.security import limits
+from ml_backend.security.urls import describe
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +236,8 @@ class PreEncodeScheduler:
             except Exception as exc:  # one bad image must not stop the rest
                 message = getattr(exc, "message", None) or f"{exc.__class__.__name__}: {exc}"
                 outcome, error = FAILED, str(message)
-                logger.warning("pre-encoding project %d, task %s failed: %s", job.project, job.ident, error)
+                logger.warning("pre-encoding project %d, task %s failed: %s", job.project,
+                               job.task_id if job.task_id is not None else describe(job.url), error)
             self._finish(job, outcome, error)
 
     def _finish(self, job: EncodeJob, outcome: str, error: str) -> None:

@@ -95,12 +95,14 @@ def load_runtime(settings=None):
 
 
 def worker_context(label_studio_url: str, token: str):
-    """The job context for one job: Label Studio's URL and token as the web process knew them."""
+    """The job context for one job: this worker's own Label Studio when it has one, else the job's with the
+    job's token only (:func:`ml_backend.security.jobs.job_access`)."""
     from ml_backend.runtime import LabelStudioAccess
+    from ml_backend.security.jobs import job_access
 
     runtime = load_runtime()
-    runtime.access = LabelStudioAccess(label_studio_url or runtime.settings.label_studio_url,
-                                       token or runtime.settings.label_studio_api_key)
+    runtime.access = LabelStudioAccess(*job_access(runtime.settings.label_studio_url,
+                                                   runtime.settings.label_studio_api_key, label_studio_url, token))
     return runtime.job_context()
 
 

@@ -137,17 +137,36 @@ def check_density(body: bytes) -> None:
                                 "costs ~70 bytes of memory once parsed).", status_code=413)
 
 
-def parse_json_body(content_type: str | None, body: bytes, limits: RequestLimits | None = None) -> dict:
+def parse_json_body(content_type: str | None, body: bytes, limits: RequestLimits | None = None,
+                    check: Callable[[dict], object] | None = None) -> dict:
     """The JSON object in ``body``; only for a JSON content type (415 otherwise), not denser in objects and
-    lists than :func:`check_density` allows, parsed within the process's :data:`PARSE_GATE`."""
+    lists than :func:`check_density` allows, parsed within the process's :data:`PARSE_GATE`.
+
+    ``check`` (the route's count limits) runs inside the gate too: a refused body is freed before the next
+    one is parsed (a parse holds the GIL, so a refused body's objects would otherwise outlive it).
+    """
     mimetype = (content_type or "").split(";", 1)[0].strip().lower()
     if not (mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))):
         raise RequestLimitError("Send the request body as JSON with 'Content-Type: application/json' "
                                 f"(got {mimetype or 'no content type'!r}).", status_code=415)
     check_density(body)
+    refused: RequestLimitError | None = None
+    with PARSE_GATE.hold(len(body), (limits or RequestLimits()).max_body_bytes):
+        try:
+            data = _loads(body)
+            _check_depth(data)
+            if check is not None:
+                check(data)
+        except RequestLimitError as exc:
+            refused, data = exc.with_traceback(None), None  # no frame keeps the parsed body alive
+    if refused is not None:
+        raise refused
+    return data
+
+
+def _loads(body: bytes) -> dict:
     try:
-        with PARSE_GATE.hold(len(body), (limits or RequestLimits()).max_body_bytes):
-            data = json.loads(body)
+        data = json.loads(body)
     except RecursionError:
         raise RequestLimitError(f"The request body nests deeper than {MAX_JSON_DEPTH} levels.",
                                 status_code=400) from None
@@ -155,7 +174,6 @@ def parse_json_body(content_type: str | None, body: bytes, limits: RequestLimits
         raise RequestLimitError("The request body is not valid JSON.", status_code=400) from None
     if not isinstance(data, dict):
         raise RequestLimitError("The request body must be a JSON object.", status_code=400)
-    _check_depth(data)
     return data
 
 
