@@ -405,3 +405,19 @@ def test_relative_urls_of_two_label_studio_servers_never_share_an_entry() -> Non
     assert index.lookup("/data/upload/1/cat.png", REMOTE) == "key-of-b"
     origin["url"] = "http://ls-a:8080"
     assert index.lookup("/data/upload/1/cat.png", REMOTE) == "key-of-a"
+
+
+def test_the_scheduler_keeps_no_long_urls_forgets_finished_ones_and_is_capped() -> None:
+    """Issue 21 item 3: a data: URI is not kept, a finished task keeps no URL, and at most max_entries tasks are
+    known (a finished project makes room; an unfinished one does not grow past the cap)."""
+    encode = Recorder()
+    encode.release.set()
+    scheduler = PreEncodeScheduler(encode, lookahead=0, max_entries=8)
+    long_url = "data:image/png;base64," + " " * (1 << 20) + "AAAA"
+    assert scheduler.add_project(1, [TaskImage(task_id=1, url=long_url), *tasks(2, 3)]) == 2
+    assert scheduler.wait_idle(30)
+    entry = scheduler._projects[1]
+    assert encode.order == [2, 3] and entry.urls == {} and entry.task_ids == {}
+    assert scheduler.add_project(2, tasks(*range(10, 20))) == 8  # project 1 (finished) forgotten to make room
+    assert 1 not in scheduler._projects and scheduler.held() == 8
+    assert scheduler.wait_idle(30) and scheduler.status()["2"]["done"] == 8

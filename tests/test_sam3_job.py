@@ -123,3 +123,18 @@ def test_a_damaged_state_file_resumes_nothing(tmp_path: Path, raw: str) -> None:
     (tmp_path / "jobs.json").write_text(raw)
     jobs = _jobs("http://127.0.0.1:9", tmp_path / "jobs.json")
     assert jobs.resume() == []
+
+
+def test_queued_and_remembered_projects_are_capped(tmp_path: Path) -> None:
+    """Issue 21 item 6: at most MAX_QUEUED_PROJECTS wait (then 429), and the state file lists only those."""
+    from ml_backend.sam3 import job as job_module
+
+    jobs = ProjectPreannotationJobs(JobContext(access=lambda: ("", ""), predict=None, model_version=lambda p: VERSION),
+                                    tmp_path / "jobs.json")
+    jobs._ensure_thread = lambda: None  # nothing runs: every project stays queued
+    for project in range(1, job_module.MAX_QUEUED_PROJECTS + 1):
+        jobs.start(project)
+    with pytest.raises(BackendError) as refused:
+        jobs.start(10_000)
+    assert refused.value.status_code == 429
+    assert len(json.loads((tmp_path / "jobs.json").read_text())["pending"]) == job_module.MAX_QUEUED_PROJECTS

@@ -119,7 +119,7 @@ class PreEncodeScheduler:
         ordered = [t for t in tasks if not t.labeled] + [t for t in tasks if t.labeled]
         with self._cond:
             entry = self._projects.setdefault(project, _Project())
-            self._make_room(keep=project)
+            self._make_room(keep=project, wanted=len(tasks))
             room = self.max_entries - self.held()
             for task in tasks:
                 if task.ident in entry.urls or (entry.state.get(task.ident) is None and room > 0):
@@ -165,10 +165,11 @@ class PreEncodeScheduler:
         """Tasks known across projects (call with the lock held)."""
         return sum(len(entry.order) for entry in self._projects.values())
 
-    def _make_room(self, keep: int) -> None:
-        """Over ``max_entries``: forget whole finished projects, oldest first (call with the lock held)."""
+    def _make_room(self, keep: int, wanted: int) -> None:
+        """Forget whole finished projects, oldest first, until ``wanted`` more tasks fit ``max_entries``
+        (call with the lock held)."""
         for project in sorted(self._projects, key=lambda p: self._projects[p].started_at):
-            if self.held() < self.max_entries:
+            if self.held() + wanted <= self.max_entries:
                 return
             counts = self._projects[project].counts()
             if project != keep and counts[QUEUED] + counts[RUNNING] == 0:
