@@ -7,8 +7,8 @@ next ``lookahead`` tasks of the project jump to the front. One worker thread (or
 several that each wait for one queued job) takes jobs in that order and calls ``encode``;
 a job that raises is recorded as failed and the next one starts.
 
-What it holds is bounded: a task whose image URL is longer than
-:data:`~ml_backend.security.limits.MAX_URL_CHARS` (a ``data:`` URI) is not queued (its first click
+What it holds is bounded: a base64 ``data:`` URI is kept without the whitespace it may be padded with,
+the URLs held total at most ``max_url_chars`` characters (a task beyond is not queued: its first click
 encodes it), at most ``max_entries`` tasks are known across projects (finished projects are forgotten
 first, then new tasks are not queued), and a finished task keeps only its state, not its URL.
 
@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 MAX_ENTRIES = 50_000  # tasks known across projects (each ~300 bytes with its URL; finished ones ~150)
-Ident = int | str  # a task id, or the image URL for tasks given without one
+MAX_URL_CHARS_HELD = 64 << 20  # characters of queued tasks' URLs (data: URIs) held at once
+Ident = int | str  # a task id, or the image URL (its hash past 2048 characters) for tasks given without one
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class TaskImage:
 
     @property
     def ident(self) -> Ident:
-        return self.task_id if self.task_id is not None else self.url
+        return self.task_id if self.task_id is not None else limits.url_key(self.url)
 
 
 @dataclass
@@ -74,13 +75,10 @@ class _Project:
         return counts
 
 
-def _keepable(task: TaskImage) -> bool:
-    """Whether the scheduler keeps ``task``: not when its URL is longer than a kept URL may be."""
-    if len(task.url) <= limits.MAX_URL_CHARS:
-        return True
-    logger.info("task %s not pre-encoded: its image URL has %d characters (a data: URI?); its first click "
-                "encodes it", task.task_id, len(task.url))
-    return False
+def _compact(task: TaskImage) -> TaskImage:
+    """``task`` with its URL as kept (:func:`~ml_backend.security.limits.compact_url`)."""
+    url = limits.compact_url(task.url)
+    return task if url is task.url else TaskImage(task.task_id, url, task.labeled)
 
 
 def project_id(value: object) -> int | None:
@@ -99,9 +97,11 @@ class PreEncodeScheduler:
     """
 
     def __init__(self, encode: Callable[[EncodeJob], str], *, lookahead: int = 3, log_every: int = 10,
-                 threads: int = 1, max_entries: int = MAX_ENTRIES) -> None:
+                 threads: int = 1, max_entries: int = MAX_ENTRIES, max_url_chars: int = MAX_URL_CHARS_HELD) -> None:
         self._encode = encode
         self.max_entries = max_entries
+        self.max_url_chars = max_url_chars
+        self._url_chars = 0  # characters of the URLs held now
         self.lookahead = lookahead
         self.log_every = max(1, log_every)
         self._threads = threads
@@ -115,16 +115,20 @@ class PreEncodeScheduler:
     # --- what to encode ------------------------------------------------------
     def add_project(self, project: int, tasks: Iterable[TaskImage]) -> int:
         """Queue a project's tasks (Label Studio's order), unlabeled ones first; the number newly queued."""
-        tasks = [t for t in tasks if _keepable(t)]
+        tasks = [_compact(t) for t in tasks]
         ordered = [t for t in tasks if not t.labeled] + [t for t in tasks if t.labeled]
         with self._cond:
             entry = self._projects.setdefault(project, _Project())
             self._make_room(keep=project, wanted=len(tasks))
             room = self.max_entries - self.held()
+            refused = 0
             for task in tasks:
                 if task.ident in entry.urls or (entry.state.get(task.ident) is None and room > 0):
-                    room -= task.ident not in entry.state
-                    self._know(entry, task)
+                    if self._url_room(entry, task):
+                        room -= task.ident not in entry.state
+                        self._know(entry, task)
+                    else:
+                        refused += 1
             added = 0
             for task in ordered:
                 if entry.state.get(task.ident) is None and task.ident in entry.urls:
@@ -133,6 +137,10 @@ class PreEncodeScheduler:
                     added += 1
             self._wake()
         logger.info("pre-encoding project %d: %d image(s) queued", project, added)
+        if refused:
+            logger.info("pre-encoding project %d: %d task(s) not queued: their image URLs (data: URIs) would hold "
+                        "more than %d characters; their first click encodes them", project, refused,
+                        self.max_url_chars)
         return added
 
     def add_tasks(self, project: int, tasks: Iterable[TaskImage]) -> int:
@@ -141,10 +149,11 @@ class PreEncodeScheduler:
 
     def opened(self, project: int, task: TaskImage) -> None:
         """An annotator opened ``task``: it and the next ``lookahead`` tasks go to the front."""
-        if not _keepable(task):
-            return
+        task = _compact(task)
         with self._cond:
             entry = self._projects.setdefault(project, _Project())
+            if not self._url_room(entry, task):
+                return
             self._know(entry, task)
             position = entry.order.index(task.ident)
             wanted = entry.order[position : position + 1 + self.lookahead]
@@ -199,11 +208,17 @@ class PreEncodeScheduler:
             self._cond.notify_all()
 
     # --- the worker ----------------------------------------------------------
+    def _url_room(self, entry: _Project, task: TaskImage) -> bool:
+        """Whether holding ``task``'s URL keeps the URLs held within ``max_url_chars`` (lock held)."""
+        held = len(entry.urls.get(task.ident, ""))
+        return self._url_chars - held + len(task.url) <= self.max_url_chars
+
     def _know(self, entry: _Project, task: TaskImage) -> None:
         if task.ident not in entry.urls and task.ident not in entry.state:
             entry.order.append(task.ident)
         if entry.state.get(task.ident) in (DONE, FAILED):
             return  # finished: its URL is not kept again
+        self._url_chars += len(task.url) - len(entry.urls.get(task.ident, ""))
         entry.urls[task.ident] = task.url
         entry.task_ids[task.ident] = task.task_id
 
@@ -245,7 +260,7 @@ class PreEncodeScheduler:
         with self._cond:
             entry = self._projects[job.project]
             entry.state[job.ident] = outcome
-            entry.urls.pop(job.ident, None)  # finished: only its state is kept
+            self._url_chars -= len(entry.urls.pop(job.ident, ""))  # finished: only its state is kept
             entry.task_ids.pop(job.ident, None)
             if error:
                 entry.last_error = error

@@ -332,6 +332,17 @@ def setup_token(value: Any) -> str | None:
 
 # --- what the backend keeps ----------------------------------------------------------------------
 
+def compact_url(url: str) -> str:
+    """``url`` without the whitespace a base64 ``data:`` URI may be padded with (its decoder ignores it), so
+    the URI kept for later is no longer than its image needs; any other URL unchanged."""
+    if url[:5].lower() != "data:":
+        return url
+    header, sep, payload = url.partition(",")
+    if not sep or not header.lower().endswith(";base64"):
+        return url
+    return header + sep + "".join(payload.split())
+
+
 def url_key(url: str) -> str:
     """``url`` as kept in a key (prompt state, caches): itself up to :data:`MAX_URL_CHARS` characters, else its
     SHA-256, so a ``data:`` URI padded with whitespace to tens of MB costs 71 bytes wherever it is remembered."""
