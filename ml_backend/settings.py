@@ -169,7 +169,7 @@ class Settings:
     prompt_state_ttl_s: float = 900.0  # forgotten this long after its last click
     # --- trust: who may call, what a request may hold (SECURITY.md) ---
     allow_unauthenticated: bool = False  # serve a non-loopback HOST without basic auth, deliberately
-    backend_hostnames: tuple[str, ...] = ()  # Host names accepted besides loopback, HOST and IP literals (proxy, compose)
+    backend_hostnames: tuple[str, ...] = ()  # Host names served besides loopback, HOST, IP literals (proxy, compose)
     max_request_mb: int = 32
     max_tasks_per_request: int = 100  # Label Studio's default ML batch size
     max_prompt_regions: int = 16  # rectangles (plus the keypoint group): one SAM decode each

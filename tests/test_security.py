@@ -420,8 +420,8 @@ def setup_project(url: str, ls_url: str, project: int = 1) -> None:
 
 
 def json_post(url: str, path: str, body: bytes, **kwargs) -> requests.Response:
-    return requests.post(url + path, data=body, headers={"Content-Type": "application/json", **kwargs.pop("headers", {})},
-                         timeout=120, **kwargs)
+    headers = {"Content-Type": "application/json", **kwargs.pop("headers", {})}
+    return requests.post(url + path, data=body, headers=headers, timeout=120, **kwargs)
 
 
 def test_dns_rebinding_host_names_are_refused_before_any_work(servers) -> None:
@@ -538,13 +538,16 @@ def test_webhook_secrets_are_random_per_project_and_rotated_by_setup(servers) ->
             return [json.loads(headers["_body"])["headers"][SECRET_HEADER] for method, path, headers in ls.seen
                     if method == "PATCH" and path == "/api/webhooks/41/"]
 
+        def send(event: dict, secret: str) -> requests.Response:
+            return requests.post(url + "/webhook", json=event, headers={SECRET_HEADER: secret}, timeout=30)
+
         first = wait_for(patched, 60, "the secret header PATCH", servers["log"])[-1]
         derived = hmac.new(f"{USER}:{PASSWORD}".encode(), b"sam-trimap-backend webhook secret v1",
                            hashlib.sha256).hexdigest()
         assert len(first) == 64 and first != derived and first == project_secret(servers, 1)
         assert (servers["model_dir"] / "webhook-secrets.json").stat().st_mode & 0o777 == 0o600
         event = {"action": "PROJECT_UPDATED", "project": {"id": 1}}
-        assert requests.post(url + "/webhook", json=event, headers={SECRET_HEADER: first}, timeout=30).status_code == 200
+        assert send(event, first).status_code == 200
         other = requests.post(url + "/webhook", json={**event, "project": {"id": 2}}, headers={SECRET_HEADER: first},
                               timeout=30)
         assert other.status_code == 403, other.text  # project 1's secret cannot start work on project 2
@@ -553,12 +556,12 @@ def test_webhook_secrets_are_random_per_project_and_rotated_by_setup(servers) ->
         # Rotation (as when the secret is older than a day): the old one works until the new one is installed.
         second = WebhookSecrets(servers["model_dir"], rotate_after_s=0).current(1, rotate=True)
         assert second != first
-        assert requests.post(url + "/webhook", json=event, headers={SECRET_HEADER: first}, timeout=30).status_code == 200
+        assert send(event, first).status_code == 200
         setup_project(url, ls.url)
         wait_for(lambda: second in patched(), 60, "the rotated secret's PATCH", servers["log"])
         wait_for(lambda: requests.post(url + "/webhook", json=event, headers={SECRET_HEADER: first},
                                        timeout=30).status_code == 401, 30, "the old secret retired")
-        assert requests.post(url + "/webhook", json=event, headers={SECRET_HEADER: second}, timeout=30).status_code == 200
+        assert send(event, second).status_code == 200
     finally:
         ls.routes["/api/webhooks/"] = (200, b"[]", "application/json")
     print("\n| webhook secret: random per project (not HMAC of the password), 0600 under MODEL_DIR; project 1's secret "
