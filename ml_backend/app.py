@@ -23,11 +23,12 @@ from ml_backend import labeling, metrics
 from ml_backend.backend import SegmentationBackend, serve_project_jobs
 from ml_backend.dashboard import register_dashboard
 from ml_backend.errors import BackendError
-from ml_backend.label_studio_api import api_get, iter_project_tasks
+from ml_backend.label_studio_api import api_get, iter_project_tasks, visible_project
 from ml_backend.logs import configure_logging
 from ml_backend.runtime import Runtime
-from ml_backend.security import limits
-from ml_backend.security.auth import Authenticator, webhook_secret
+from ml_backend.security import hosts, limits
+from ml_backend.security.auth import Authenticator, check_webhook_project
+from ml_backend.security.secrets import WebhookSecrets
 from ml_backend.webhook_secret import WebhookSecretInstaller
 from ml_backend.settings import Settings
 
@@ -78,14 +79,14 @@ class BackendViews:
         self.installer = installer
         self.sampler: metrics.Sampler | None = None
 
-    def _json(self) -> dict:
-        return limits.parse_json_body(request.content_type, request.get_data(cache=True))
+    def _json(self, check: Callable[[dict], object] | None = None) -> dict:
+        return limits.parse_json_body(request.content_type, request.get_data(cache=True), self.limits, check)
 
     def _backend(self, label_config: str | None, project: object = None) -> SegmentationBackend:
         return SegmentationBackend(label_config=label_config, runtime=self.runtime, project=project)
 
     def predict(self) -> Response:
-        data = self._json()
+        data = self._json(lambda body: limits.predict_request(body, self.limits))
         _check_path_project(data.get("project"))
         tasks, context = limits.predict_request(data, self.limits)
         g.request_kind = "click" if context and context.get("result") else "batch"
@@ -119,6 +120,7 @@ class BackendViews:
 
     def webhook(self) -> tuple[Response, int]:
         data = self._json()
+        check_webhook_project(g.get("webhook_project"), data)  # a project's secret opens that project only
         event = data.get("action")
         if not isinstance(event, str):
             raise BackendError("A webhook needs an 'action'.")
@@ -182,6 +184,7 @@ class BackendViews:
         key = limits.project_id(self._json().get("project"))
         if key is None or key == "0":
             raise BackendError("'project' must be a Label Studio project id (a positive number).")
+        visible_project(self.runtime.access.url, self.runtime.access.token, int(key))  # 404 unless it exists for us
         return jsonify(self.runtime.preannotation_jobs.start(int(key))), 202
 
     def status(self) -> Response:
@@ -226,7 +229,9 @@ def _section(read: Callable[[], dict]) -> dict:
 
 def _auth_guard(authenticator: Authenticator) -> Callable[[], Any]:
     def guard() -> Any:
-        g.authenticated = authenticator.authenticated(request.path, request.headers)
+        basic = authenticator.basic(request.headers)
+        g.webhook_project = None if basic else authenticator.secret_project(request.path, request.headers)
+        g.authenticated = basic or g.webhook_project is not None
         if authenticator.may_pass(request.path, g.authenticated):
             return None
         response, status = _error("Authentication required: set the backend's basic-auth user and password "
@@ -288,10 +293,10 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     configure_logging(settings.log_level)
     runtime = runtime or Runtime(settings)
     serve_project_jobs(runtime)
-    secret = webhook_secret(settings)
+    secrets = WebhookSecrets(settings.model_dir) if settings.basic_auth else None
     installer = None
-    if secret is not None:
-        installer = WebhookSecretInstaller(secret, lambda: (runtime.access.url, runtime.access.token))
+    if secrets is not None:
+        installer = WebhookSecretInstaller(secrets, lambda: (runtime.access.url, runtime.access.token))
     views = BackendViews(runtime, installer)
     endpoints = {
         "_predict": views.predict,
@@ -320,8 +325,10 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     app.add_url_rule("/warmup", endpoint="warmup", view_func=_handle_errors(views.warmup), methods=["POST"])
     app.add_url_rule("/preannotate", endpoint="preannotate", view_func=_handle_errors(views.preannotate),
                      methods=["POST"])
+    app.before_request(hosts.before_request(hosts.HostPolicy(settings)))  # DNS rebinding: before anything else
     app.before_request(_started)
-    app.before_request(_auth_guard(Authenticator(settings)))
+    app.before_request(_auth_guard(Authenticator(settings, secrets)))
+    app.before_request(limits.before_request(views.limits))  # per-route body size, before reading it
     app.after_request(_observed)
     register_dashboard(app, runtime, _handle_errors)
     views.sampler = metrics.Sampler(runtime.encode_gate.status, runtime.preencoder.status,

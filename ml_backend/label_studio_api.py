@@ -6,7 +6,7 @@ own origin, only ``/api/`` paths built here, never following a redirect.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,21 @@ class LabelStudioAPIError(BackendError):
     """Label Studio could not be reached or refused a request."""
 
     status_code = 502
+
+
+def visible_project(url: str, token: str, project: int) -> dict:
+    """Project ``project`` as Label Studio shows it to ``token``; a 404 naming it when Label Studio has no such
+    project or the token cannot see it (nothing is queued for a project Label Studio does not vouch for)."""
+    try:
+        answer = api_get(url, token, f"/api/projects/{project}")
+    except LabelStudioAPIError as exc:
+        if "HTTP 404" in exc.message or "HTTP 403" in exc.message:
+            raise BackendError(f"Label Studio has no project {project} that the backend's token can see.",
+                               status_code=404) from exc
+        raise
+    if not isinstance(answer, dict) or answer.get("id") != project:
+        raise BackendError(f"Label Studio's answer for project {project} is not that project.", status_code=502)
+    return answer
 
 
 def api_get(url: str, token: str, path: str, params: dict | None = None) -> Any:
@@ -73,14 +88,18 @@ def api_request(url: str, token: str, method: str, path: str, *, params: dict | 
         raise LabelStudioAPIError(f"Label Studio's answer from {target.url} is not JSON") from exc
 
 
-def iter_project_tasks(url: str, token: str, project: int, *, limit: int | None = None) -> Iterator[dict]:
-    """The project's tasks, page by page, at most ``limit`` of them."""
+def iter_project_tasks(url: str, token: str, project: int, *, limit: int | None = None,
+                       on_total: Callable[[int], None] | None = None) -> Iterator[dict]:
+    """The project's tasks, page by page (one page in memory at a time), at most ``limit`` of them;
+    ``on_total`` hears the count Label Studio announces."""
     page, served = 1, 0
     while limit is None or served < limit:
         answer = api_get(url, token, "/api/tasks", {"project": project, "page": page, "page_size": TASK_PAGE_SIZE})
         tasks = answer.get("tasks", []) if isinstance(answer, dict) else answer
         if not isinstance(tasks, list) or not tasks:
             return
+        if on_total is not None and isinstance(answer, dict) and isinstance(answer.get("total"), int):
+            on_total(answer["total"])
         for task in tasks:
             if limit is not None and served >= limit:
                 return

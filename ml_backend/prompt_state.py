@@ -59,6 +59,7 @@ from typing import Any, Protocol, Union
 import numpy as np
 
 from ml_backend.errors import InvalidPromptError
+from ml_backend.security import limits
 from ml_backend.labeling.context import ContextPrompts, GroupKey, KeyPoint, PromptRegion, Rectangle, group_regions
 from ml_backend.settings import Settings
 
@@ -85,7 +86,7 @@ def task_key(project: Any, task: Mapping[str, Any], image_url: str) -> TaskKey |
         return None
     project_id = project.split(".", 1)[0] if isinstance(project, str) else str(project) if isinstance(project, int) \
         else ""
-    return TaskKey(project=project_id[:64], task=str(task_id)[:64], image=image_url)
+    return TaskKey(project=project_id[:64], task=str(task_id)[:64], image=limits.url_key(image_url))
 
 
 @dataclass(frozen=True)

@@ -170,7 +170,7 @@ class Settings:
     prompt_state_ttl_s: float = 900.0  # forgotten this long after its last click
     # --- trust: who may call, what a request may hold (SECURITY.md) ---
     allow_unauthenticated: bool = False  # serve a non-loopback HOST without basic auth, deliberately
-    webhook_secret: str = ""  # empty: derived from BASIC_AUTH_USER/BASIC_AUTH_PASS
+    backend_hostnames: tuple[str, ...] = ()  # Host names served besides loopback, HOST, IP literals (proxy, compose)
     max_request_mb: int = 32
     max_tasks_per_request: int = 100  # Label Studio's default ML batch size
     max_prompt_regions: int = 16  # rectangles (plus the keypoint group): one SAM decode each
@@ -268,7 +268,7 @@ class Settings:
             prompt_state_entries=_int(env, "PROMPT_STATE_ENTRIES", d.prompt_state_entries),
             prompt_state_ttl_s=_float(env, "PROMPT_STATE_TTL_S", d.prompt_state_ttl_s),
             allow_unauthenticated=_bool(env, "ALLOW_UNAUTHENTICATED", d.allow_unauthenticated),
-            webhook_secret=_str(env, "WEBHOOK_SECRET"),
+            backend_hostnames=tuple(n.lower() for n in _list(env, "BACKEND_HOSTNAMES", d.backend_hostnames)),
             max_request_mb=_int(env, "MAX_REQUEST_MB", d.max_request_mb),
             max_tasks_per_request=_int(env, "MAX_TASKS_PER_REQUEST", d.max_tasks_per_request),
             max_prompt_regions=_int(env, "MAX_PROMPT_REGIONS", d.max_prompt_regions),
@@ -460,9 +460,11 @@ MEANINGS: dict[str, str] = {
     "prompt_state_entries": "tasks whose object being segmented is remembered at once",
     "prompt_state_ttl_s": "seconds an object being segmented is remembered after its last click",
     "allow_unauthenticated": "serve a non-loopback `HOST` without basic auth, on purpose",
-    "webhook_secret": "the `X-ML-Backend-Secret` value `/webhook` accepts and the backend installs on its Label "
-                      "Studio webhook; empty: derived from the basic-auth user and password",
-    "max_request_mb": "largest request body (413 beyond)",
+    "backend_hostnames": "host names the backend is reached by besides loopback names, `HOST` and IP literals (a "
+                         "proxy's name, the compose alias `backend.internal`); any other `Host` header is refused "
+                         "with 421 before any work (DNS rebinding)",
+    "max_request_mb": "largest body of `/predict`, `/webhook` and `/warmup` (413 beyond; every other route takes "
+                      "1 MB), and the most request bytes a process parses at once",
     "max_tasks_per_request": "tasks per `/predict` (Label Studio's default ML batch size)",
     "max_prompt_regions": "rectangles per interactive request (plus the keypoint group: one SAM decode each)",
     "max_prompt_points": "keypoints per interactive request",

@@ -4,11 +4,12 @@ Label Studio 1.23.2 registers ``<backend url>/webhook`` when the backend is conn
 its deliveries without the basic-auth credentials it uses for ``/setup`` and ``/predict``. Its
 webhooks carry custom ``headers``, so after an authenticated ``/setup`` the backend (holding the
 token) finds that webhook (``GET /api/webhooks/?project=``; its URL's host is the one Label Studio
-called ``/setup`` on) and adds :data:`~ml_backend.security.auth.SECRET_HEADER` with
-:func:`~ml_backend.security.auth.webhook_secret` (``PATCH /api/webhooks/{id}/``). The webhook is
-created only after Label Studio's first ``/setup`` succeeds, so the work runs in a background
-thread that tries a few times; later ``/setup`` calls (Label Studio sends many) try again until
-it is done. A failure is logged with what to do by hand, never raised into ``/setup``.
+called ``/setup`` on) and adds :data:`~ml_backend.security.auth.SECRET_HEADER` with the project's
+own secret (:class:`~ml_backend.security.secrets.WebhookSecrets`: random, rotated by ``/setup`` once
+a day) (``PATCH /api/webhooks/{id}/``). The webhook is created only after Label Studio's first
+``/setup`` succeeds, so the work runs in a background thread that tries a few times; later ``/setup``
+calls (Label Studio sends many) try again until the current secret is installed. A failure is
+logged with what to do by hand, never raised into ``/setup``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import requests
 from ml_backend.errors import BackendError
 from ml_backend.label_studio_api import api_get
 from ml_backend.security.auth import SECRET_HEADER, WEBHOOK_PATH
+from ml_backend.security.secrets import MAX_PROJECTS, WebhookSecrets
 from ml_backend.security.urls import UrlPolicy
 
 logger = logging.getLogger(__name__)
@@ -40,35 +42,40 @@ def _ours(webhook: object, backend_host: str) -> bool:
 
 
 class WebhookSecretInstaller:
-    """Adds the secret header to this backend's webhook in each project, once per project and host."""
+    """Puts each project's current secret on this backend's webhook in that project."""
 
-    def __init__(self, secret: str, access: Callable[[], tuple[str, str]],
+    def __init__(self, secrets: WebhookSecrets, access: Callable[[], tuple[str, str]],
                  retry_delays_s: Sequence[float] = RETRY_DELAYS_S) -> None:
-        self.secret = secret
+        self.secrets = secrets
         self.access = access  # () -> (Label Studio URL, token), as known now
         self.retry_delays_s = tuple(retry_delays_s)
         self._lock = threading.Lock()
-        self._done: set[tuple[str, str]] = set()
+        self._done: dict[tuple[str, str], str] = {}  # (project, host) -> the secret installed there
         self._running: set[tuple[str, str]] = set()
 
     def ensure(self, project: str, backend_host: str) -> None:
-        """Start installing in the background unless done or under way (returns at once)."""
+        """Rotate the project's secret when due, and install it in the background unless done or under way
+        (returns at once)."""
         key = (project, backend_host.lower())
+        secret = self.secrets.current(project, rotate=True)
         with self._lock:
-            if key in self._done or key in self._running:
+            if self._done.get(key) == secret or key in self._running:
                 return
             self._running.add(key)
-        threading.Thread(target=self._run, args=(key,), name=f"webhook-secret-{project}", daemon=True).start()
+            while len(self._done) > MAX_PROJECTS:  # bounded: forget the oldest
+                self._done.pop(next(iter(self._done)))
+        threading.Thread(target=self._run, args=(key, secret), name=f"webhook-secret-{project}", daemon=True).start()
 
-    def _run(self, key: tuple[str, str]) -> None:
+    def _run(self, key: tuple[str, str], secret: str) -> None:
         project, host = key
         try:
             for delay in self.retry_delays_s:
                 time.sleep(delay)
                 try:
-                    if self.install(project, host):
+                    if self.install(project, host, secret):
+                        self.secrets.installed(project, secret)
                         with self._lock:
-                            self._done.add(key)
+                            self._done[key] = secret
                         return
                 except (BackendError, requests.RequestException) as exc:
                     logger.warning("project %s: could not add the webhook secret yet: %s", project,
@@ -80,16 +87,16 @@ class WebhookSecretInstaller:
             with self._lock:
                 self._running.discard(key)
 
-    def install(self, project: str, backend_host: str) -> bool:
-        """One attempt: True when this backend's webhook in ``project`` carries the secret."""
+    def install(self, project: str, backend_host: str, secret: str) -> bool:
+        """One attempt: True when this backend's webhook in ``project`` carries ``secret``."""
         url, token = self.access()
         hooks = api_get(url, token, "/api/webhooks/", {"project": project})
         ours = [hook for hook in hooks if _ours(hook, backend_host)] if isinstance(hooks, list) else []
         for hook in ours:
             headers = hook.get("headers") if isinstance(hook.get("headers"), dict) else {}
-            if headers.get(SECRET_HEADER) == self.secret:
+            if headers.get(SECRET_HEADER) == secret:
                 continue
-            self._patch(url, token, hook["id"], {**headers, SECRET_HEADER: self.secret})
+            self._patch(url, token, hook["id"], {**headers, SECRET_HEADER: secret})
             logger.info("project %s: webhook %s now carries the backend's secret header", project, hook["id"])
         return bool(ours)
 

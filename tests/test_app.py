@@ -84,7 +84,8 @@ def test_batch_predict_gives_one_prediction_per_task_even_when_an_image_fails(cl
 
 @pytest.mark.parametrize("body,status,words", [
     (b"{oops", 400, "JSON"),
-    (b"[" * 100000 + b"]" * 100000, 400, "nests"),
+    (b"[" * 100000 + b"]" * 100000, 413, "objects and lists"),  # denser than Label Studio's JSON: unparsed
+    ((b"[" + b" " * 8) * 100000 + b"]" * 100000, 400, "nests"),
     (b'{"a": ' + b"9" * 5000 + b"}", 400, "JSON"),
     (b"\xff\xfe{}", 400, "JSON"),
     (b"[1, 2]", 400, "object"),
@@ -216,19 +217,28 @@ def test_raw_non_ascii_basic_auth_header_is_401_not_500(guarded_settings, engine
     assert answer.status_code == 401 and answer.json["error"]
 
 
-def test_the_webhook_secret_opens_the_webhook_and_nothing_else(guarded_settings, engine) -> None:
-    from ml_backend.security.auth import SECRET_HEADER, webhook_secret
+def test_the_webhook_secret_opens_its_projects_webhook_and_nothing_else(guarded_settings, engine) -> None:
+    import hashlib
+    import hmac
 
-    secret = webhook_secret(guarded_settings)
-    assert secret and len(secret) == 64 and secret != webhook_secret(
-        dataclasses.replace(guarded_settings, basic_auth_pass="other"))
+    from ml_backend.security.auth import SECRET_HEADER
+    from ml_backend.security.secrets import WebhookSecrets
+
+    store = WebhookSecrets(guarded_settings.model_dir)
+    secret, other = store.current(1), store.current(2)
+    assert len(secret) == 64 and secret != other and store.current(1) == secret
+    assert (guarded_settings.model_dir / "webhook-secrets.json").stat().st_mode & 0o777 == 0o600
     client = create_app(guarded_settings, runtime=Runtime(guarded_settings, engine=engine)).test_client()
     event = {"action": "PROJECT_UPDATED", "project": {"id": 1}}
     assert client.post("/webhook", json=event).status_code == 401
     assert client.post("/webhook", json=event, headers={SECRET_HEADER: secret[:-1] + "0"}).status_code == 401
     assert client.post("/webhook", json=event, headers={SECRET_HEADER: "é"}).status_code == 401
+    derived = hmac.new(f"{guarded_settings.basic_auth_user}:{guarded_settings.basic_auth_pass}".encode(),
+                       b"sam-trimap-backend webhook secret v1", hashlib.sha256).hexdigest()
+    assert client.post("/webhook", json=event, headers={SECRET_HEADER: derived}).status_code == 401  # the old one
     accepted = client.post("/webhook", json=event, headers={SECRET_HEADER: secret})
     assert accepted.status_code == 200 and accepted.json["status"] == "ignored"
+    assert client.post("/webhook", json=event, headers={SECRET_HEADER: other}).status_code == 403  # project 2's
     for path in ("/setup", "/train", "/predict"):
         assert client.post(path, json={"schema": CONFIG}, headers={SECRET_HEADER: secret}).status_code == 401
 

@@ -257,3 +257,22 @@ def test_two_processes_asked_for_the_same_image_encode_it_once(tmp_path: Path, t
     assert [p.returncode for p in processes] == [0, 0], outputs
     counts = sorted(int(line.split()[1]) for out in outputs for line in out.splitlines() if line.startswith("encodes"))
     assert counts == [0, 1], outputs
+
+
+def test_eviction_takes_lock_files_and_stale_url_records_with_it(tmp_path: Path) -> None:
+    """Issue 21 item 8: lock files and URL records of evicted embeddings do not pile up."""
+    probe = EmbeddingStore(tmp_path / "probe", "m", max_bytes=1 << 20)
+    probe.put("00", features(0.0), (8, 8))
+    store = EmbeddingStore(tmp_path / "store", "m", max_bytes=int(probe.usage().bytes * 2.5))
+    for i in range(200):
+        key = f"{i:04x}"
+        with store.lock(key):
+            store.put(key, features(float(i)), (8, 8))
+        store.put_url(f"http://ls/data/upload/1/{i}.png", key, "v", 1.0)
+        time.sleep(0.002)
+    locks = list((store.directory / "locks").iterdir())
+    urls = list((store.directory / "urls").iterdir())
+    assert store.usage().files == 2
+    assert len(locks) <= 3, len(locks)  # the kept ones (and the last one's, taken after its put)
+    assert len(urls) <= 2 * 2 + 64 + 1, len(urls)
+    assert store.get_url("http://ls/data/upload/1/199.png") == ("00c7", "v", 1.0)

@@ -359,3 +359,80 @@ def test_palette_images_match_pillows_own_conversion(fmt):
     data = encode(image, fmt)
     expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     np.testing.assert_array_equal(decode(data), expected)
+
+
+# --- high bit depths: the bound counts what decoding really allocates (issue 21 item 4) -------------------------
+
+MEASURE = """
+import io, sys, time
+from pathlib import Path
+import numpy as np
+from ml_backend.errors import InvalidImageError
+from ml_backend.images import decode_image
+data = Path(sys.argv[1]).read_bytes()
+def hwm():
+    line = next(l for l in Path('/proc/self/status').read_text().splitlines() if l.startswith('VmHWM'))
+    return int(line.split()[1]) * 1024
+def rss():
+    line = next(l for l in Path('/proc/self/status').read_text().splitlines() if l.startswith('VmRSS'))
+    return int(line.split()[1]) * 1024
+base = rss()
+Path('/proc/self/clear_refs').write_text('5')  # VmHWM := VmRSS: the peak of what follows
+try:
+    out = decode_image(data, max_pixels=10**9, max_bytes=int(sys.argv[2]))
+    print('decoded', out.shape[0], out.shape[1], int(out[0, 0, 0]), int(out[-1, -1, 0]), hwm() - base)
+except InvalidImageError as exc:
+    print('refused', hwm() - base, str(exc))
+"""
+
+
+def _wide_image(mode: str, pixels: int) -> bytes:
+    """A ``mode`` image of about ``pixels`` pixels, mostly constant: a file of a few hundred KB."""
+    width = 4000
+    height = pixels // width
+    if mode == "I;16":
+        values = np.full((height, width), 0x8000, dtype=np.uint16)
+        values[-1, -1] = 0xFFFF
+        return encode(Image.fromarray(values), "PNG")
+    if mode == "I":
+        values = np.full((height, width), 1 << 20, dtype=np.int32)
+        values[0, 0], values[-1, -1] = 0, 1 << 24
+        return encode(Image.fromarray(values, "I"), "TIFF", compression="tiff_adobe_deflate")
+    values = np.full((height, width), 0.5, dtype=np.float32)
+    values[0, 0], values[-1, -1] = np.nan, np.inf
+    values[1, 1], values[2, 2] = -3.0, 5.0
+    return encode(Image.fromarray(values, "F"), "TIFF", compression="tiff_adobe_deflate")
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_high_bit_depth_images_are_bounded_by_what_decoding_allocates(mode, tmp_path):
+    """At the limit a 16-bit PNG, a 32-bit integer TIFF and a float TIFF decode within the peak an RGB
+    image of MAX_IMAGE_MB needs (measured as the decoding process's peak RSS); a bit more is refused
+    from the header. Before, the float path went through float64 copies: over 40 bytes a pixel."""
+    import subprocess
+    import sys
+
+    from ml_backend.images.decode import peak_bytes_per_pixel_of
+
+    max_bytes = 48 << 20
+    budget = max_bytes // 3 * peak_bytes_per_pixel_of("RGB")
+    pixels = min(budget // peak_bytes_per_pixel_of(mode, tiff=mode != "I;16"), max_bytes // 3)
+    at_limit = pixels // 4000 * 4000
+    results = {}
+    for name, pixels in (("at the limit", at_limit), ("over", at_limit + 8000)):
+        path = tmp_path / f"{name}.img"
+        path.write_bytes(_wide_image(mode, pixels))
+        assert path.stat().st_size < 2 << 20
+        done = subprocess.run([sys.executable, "-c", MEASURE, str(path), str(max_bytes)], capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        results[name] = done.stdout.split()
+    decoded, refused = results["at the limit"], results["over"]
+    assert decoded[0] == "decoded" and int(decoded[1]) * int(decoded[2]) == at_limit
+    assert (int(decoded[3]), int(decoded[4])) == {"I;16": (0x80, 0xFF), "I": (0, 255), "F": (0, 255)}[mode]
+    peak = int(decoded[5])
+    print(f"\n{mode}: {at_limit / 1e6:.1f} Mpx at the limit, file {path.stat().st_size / 1024:.0f} KB, "
+          f"decode peak {peak / 2**20:.0f} MiB (budget {budget / 2**20:.0f} MiB); refused over it after "
+          f"{int(refused[1]) / 2**20:.1f} MiB")
+    assert peak <= budget * 1.05 + (16 << 20), (peak / at_limit, budget)
+    assert refused[0] == "refused" and "MAX_IMAGE_MB" in " ".join(refused) and int(refused[1]) < 8 << 20

@@ -405,3 +405,23 @@ def test_relative_urls_of_two_label_studio_servers_never_share_an_entry() -> Non
     assert index.lookup("/data/upload/1/cat.png", REMOTE) == "key-of-b"
     origin["url"] = "http://ls-a:8080"
     assert index.lookup("/data/upload/1/cat.png", REMOTE) == "key-of-a"
+
+
+def test_the_scheduler_bounds_the_urls_it_holds_forgets_finished_ones_and_is_capped() -> None:
+    """Issue 21 item 3: a padded data: URI is kept compact, URLs beyond max_url_chars are not queued, a finished
+    task keeps no URL, and at most max_entries tasks are known (a finished project makes room)."""
+    encode = Recorder()
+    encode.release.set()
+    scheduler = PreEncodeScheduler(encode, lookahead=0, max_entries=8, max_url_chars=4000)
+    padded = "data:image/png;base64,AAAA" + " " * (1 << 20) + "AAAA"
+    dense = "data:image/png;base64," + "A" * 8000
+    queued = scheduler.add_project(1, [TaskImage(task_id=1, url=padded), TaskImage(task_id=4, url=dense),
+                                       *tasks(2, 3)])
+    assert queued == 3 and scheduler._projects[1].urls[1] == "data:image/png;base64,AAAAAAAA"
+    assert scheduler.wait_idle(30)
+    entry = scheduler._projects[1]
+    assert sorted(encode.order) == [1, 2, 3] and entry.urls == {} and entry.task_ids == {}
+    assert scheduler._url_chars == 0
+    assert scheduler.add_project(2, tasks(*range(10, 20))) == 8  # project 1 (finished) forgotten to make room
+    assert 1 not in scheduler._projects and scheduler.held() == 8
+    assert scheduler.wait_idle(30) and scheduler.status()["2"]["done"] == 8

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from ml_backend.app import create_app
+from ml_backend.errors import BackendError
 from ml_backend.brush import decode_rle
 from ml_backend.runtime import Runtime
 from ml_backend.sam import SamEngine
@@ -75,6 +76,15 @@ def test_preannotate_route_and_status(app_parts, monkeypatch: pytest.MonkeyPatch
         assert answer.status_code == 400 and "project" in answer.get_json()["error"]
     started = []
     monkeypatch.setattr(runtime.preannotation_jobs, "start", lambda p: started.append(p) or {"project": p})
+
+    def visible(url: str, token: str, project: int) -> dict:  # Label Studio shows the token projects 3 and 4 only
+        if project not in (3, 4):
+            raise BackendError(f"Label Studio has no project {project} that the backend's token can see.",
+                               status_code=404)
+        return {"id": project}
+
+    monkeypatch.setattr("ml_backend.app.visible_project", visible)
+    assert client.post("/preannotate", json={"project": 2**62}).status_code == 404  # issue 21 item 6: not queued
     assert client.post("/preannotate", json={"project": 3}).status_code == 202
     assert client.post("/preannotate", json={"project": "03"}).status_code == 202  # one project, one key
     assert client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 4}}).status_code == 200

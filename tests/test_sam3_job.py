@@ -135,8 +135,23 @@ def test_the_log_has_one_line_at_start_per_tenth_and_at_end(tmp_path: Path, capl
         jobs = _jobs(url, tmp_path / "jobs.json")
         run_project(ProjectProgress(7), jobs.context)
     lines = [r.getMessage() for r in caplog.records if r.name == "ml_backend.sam3.job"]
-    assert lines[0] == f"SAM 3 pre-annotation of project 7 started: 20 tasks, 1 already hold a prediction of {VERSION}"
+    assert lines[0] == f"SAM 3 pre-annotation of project 7 started: model version {VERSION}"
     assert lines[1:10] == [f"SAM 3 pre-annotation of project 7: {n} of 20 tasks ({n - 1} written, 1 skipped, 0 failed)"
                            for n in range(2, 20, 2)]
     assert lines[10].startswith("SAM 3 pre-annotation of project 7 done in ")
     assert lines[10].endswith(": 19 written, 1 skipped, 0 failed of 20") and len(lines) == 11
+
+
+def test_queued_and_remembered_projects_are_capped(tmp_path: Path) -> None:
+    """Issue 21 item 6: at most MAX_QUEUED_PROJECTS wait (then 429), and the state file lists only those."""
+    from ml_backend.sam3 import job as job_module
+
+    jobs = ProjectPreannotationJobs(JobContext(access=lambda: ("", ""), predict=None, model_version=lambda p: VERSION),
+                                    tmp_path / "jobs.json")
+    jobs._ensure_thread = lambda: None  # nothing runs: every project stays queued
+    for project in range(1, job_module.MAX_QUEUED_PROJECTS + 1):
+        jobs.start(project)
+    with pytest.raises(BackendError) as refused:
+        jobs.start(10_000)
+    assert refused.value.status_code == 429
+    assert len(json.loads((tmp_path / "jobs.json").read_text())["pending"]) == job_module.MAX_QUEUED_PROJECTS

@@ -276,7 +276,8 @@ def test_the_worker_command_needs_redis_and_a_model_it_can_load(tmp_path: Path, 
 
 @pytest.mark.parametrize("redis_up", [True, False])
 def test_the_app_queues_on_redis_and_answers_clearly_without_it(redis_up: bool, redis_server: str,  # noqa: F811
-                                                                 tmp_path: Path, tiny_segmenter) -> None:
+                                                                 tmp_path: Path, tiny_segmenter,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     import dataclasses
 
     from ml_backend.app import create_app
@@ -291,6 +292,7 @@ def test_the_app_queues_on_redis_and_answers_clearly_without_it(redis_up: bool, 
                                    sam3_on_import=True)
     runtime = Runtime(settings, engine=SamEngine(tiny_segmenter, source="tiny"), sam3_engine=object())
     client = create_app(settings, runtime=runtime).test_client()
+    monkeypatch.setattr("ml_backend.app.visible_project", lambda url, token, project: {"id": project})  # Label Studio
     answer = client.post("/preannotate", json={"project": 3})
     webhook = client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 4}, "tasks": []})
     assert webhook.status_code == 200  # whether or not Redis answers

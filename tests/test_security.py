@@ -30,8 +30,7 @@ import requests
 from PIL import Image
 
 from ml_backend.brush import encode_rle
-from ml_backend.security.auth import SECRET_HEADER, webhook_secret
-from ml_backend.settings import Settings
+from ml_backend.security.auth import SECRET_HEADER
 from processes import free_port, start_gunicorn_backend, stop, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -284,11 +283,19 @@ def servers(tmp_path_factory, tiny_sam_preset) -> Iterator[dict]:
 
     try:
         wait_for(ready, 600, "the backend", log)
-        yield {"url": url, "trap": trap, "ls": ls, "process": process, "log": log}
+        yield {"url": url, "trap": trap, "ls": ls, "process": process, "log": log, "model_dir": work / "models",
+               "port": port}
     finally:
         stop(process)
         trap_server.shutdown()
         ls_server.shutdown()
+
+
+def project_secret(servers: dict, project: int) -> str:
+    """The project's webhook secret as the backend stored it (random; made by the authenticated /setup)."""
+    path = servers["model_dir"] / "webhook-secrets.json"
+    wait_for(path.exists, 30, "the webhook secrets file", servers["log"])
+    return json.loads(path.read_text())["projects"][str(project)]["secret"]
 
 
 def call(url: str, attack: Attack) -> requests.Response:
@@ -348,7 +355,7 @@ def test_attacks_get_4xx_json_and_never_the_token(servers) -> None:
                           f"one project key: {sorted(projects)}"))
 
     # The webhook secret opens /webhook; training on the malicious export skips every bad annotation.
-    secret = webhook_secret(Settings(basic_auth_user=USER, basic_auth_pass=PASSWORD))
+    secret = project_secret(servers, 1)
     answer = requests.post(url + "/webhook", json={"action": "START_TRAINING", "project": {"id": 1}},
                            headers={SECRET_HEADER: secret}, timeout=30)
     assert answer.status_code == 200 and answer.json()["status"] == "started", answer.text
@@ -387,3 +394,197 @@ def test_an_exposed_backend_without_authentication_refuses_to_start(tmp_path) ->
                                 cwd=REPO, capture_output=True, text=True, timeout=300)
         assert result.returncode == 2
         assert "BASIC_AUTH_USER" in result.stderr and "ALLOW_UNAUTHENTICATED=true" in result.stderr
+
+
+# --- issue 21: the second round ----------------------------------------------------------------------------------
+
+def reset_peak(pid: int) -> float:
+    """Reset the process's peak RSS to its current RSS (Linux ``clear_refs`` 5); that RSS in MB."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) / 1024
+
+
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) / 1024
+
+
+def setup_project(url: str, ls_url: str, project: int = 1) -> None:
+    answer = requests.post(url + "/setup", auth=(USER, PASSWORD), timeout=30, json={
+        "project": f"{project}.1700000000", "schema": LABEL_CONFIG, "hostname": ls_url, "access_token": TOKEN})
+    assert answer.status_code == 200, answer.text
+
+
+def json_post(url: str, path: str, body: bytes, **kwargs) -> requests.Response:
+    headers = {"Content-Type": "application/json", **kwargs.pop("headers", {})}
+    return requests.post(url + path, data=body, headers=headers, timeout=120, **kwargs)
+
+
+def test_dns_rebinding_host_names_are_refused_before_any_work(servers) -> None:
+    """Item 1: a page whose name rebinds to 127.0.0.1 sends its own name in Host: 421 before auth or routing."""
+    url, ls, port = servers["url"], servers["ls"], servers["port"]
+    seen = len(ls.seen)
+    evil = {"Host": f"rebind.attacker.example:{port}"}
+    for method, path, body in (("POST", "/predict", {"tasks": [{"id": 1, "data": {"image": "/data/upload/1/x.png"}}]}),
+                               ("POST", "/webhook", {"action": "START_TRAINING", "project": {"id": 1}}),
+                               ("POST", "/preannotate", {"project": 1}), ("GET", "/status", None),
+                               ("GET", "/health", None), ("POST", "/setup", {"schema": LABEL_CONFIG})):
+        answer = requests.request(method, url + path, json=body, headers=evil, auth=(USER, PASSWORD), timeout=30)
+        assert answer.status_code == 421 and "BACKEND_HOSTNAMES" in answer.json()["error"], (path, answer.text)
+    assert len(ls.seen) == seen  # nothing reached Label Studio on the way
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", f"10.1.2.3:{port}"):
+        answer = requests.get(url + "/status", headers={"Host": host}, auth=(USER, PASSWORD), timeout=30)
+        assert answer.status_code == 200, (host, answer.text)
+    print("\n| DNS rebinding: Host rebind.attacker.example on /predict, /webhook, /preannotate, /status, /health, "
+          "/setup | each | 421 before auth and routing; loopback names and IP literals served |")
+
+
+def test_json_amplification_is_bounded_before_parsing(servers) -> None:
+    """Item 2: the densest body is refused unparsed; the costliest admitted one and four at once stay bounded."""
+    url, auth = servers["url"], (USER, PASSWORD)
+    worker = worker_pid(servers["process"].pid)
+    limit = MAX_REQUEST_MB << 20
+    empties = b'{"tasks":[' + b",".join([b"{}"] * ((limit - 16) // 3)) + b"]}"
+    strings = b'{"tasks":[' + b",".join([b'"ab"'] * ((limit - 16) // 5)) + b"]}"
+    small = b'{"schema":[' + b",".join([b'"ab"'] * (((1 << 20) - 16) // 5)) + b"]}"
+    figures = {}
+    base = reset_peak(worker)
+    answer = json_post(url, "/predict", empties, auth=auth)
+    assert answer.status_code == 413 and "objects and lists" in answer.json()["error"], answer.text
+    figures["empty objects, 4 MB /predict"] = peak_rss_mb(worker) - base
+    base = reset_peak(worker)
+    answer = json_post(url, "/predict", strings, auth=auth)
+    assert answer.status_code == 413 and "MAX_TASKS_PER_REQUEST" in answer.json()["error"], answer.text
+    figures["short strings, 4 MB /predict"] = peak_rss_mb(worker) - base
+    base = reset_peak(worker)
+    answer = json_post(url, "/setup", small + b" " * ((1 << 20) - len(small) + 1), auth=auth)
+    assert answer.status_code == 413 and "KB" in answer.json()["error"], answer.text  # 1 MB + 1 byte: unread
+    answer = json_post(url, "/setup", small, auth=auth)
+    assert 400 <= answer.status_code < 500, answer.text
+    figures["short strings, 1 MB /setup"] = peak_rss_mb(worker) - base
+    base = reset_peak(worker)
+    threads = [threading.Thread(target=json_post, args=(url, "/predict", strings), kwargs={"auth": auth})
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    figures["4 x short strings, 4 MB /predict at once"] = peak_rss_mb(worker) - base
+    print("\n" + "; ".join(f"{name}: +{mb:.0f} MB peak RSS" for name, mb in figures.items()))
+    assert figures["empty objects, 4 MB /predict"] < 30, figures  # was ~200 MB parsed
+    assert figures["short strings, 4 MB /predict"] < 90, figures
+    assert figures["4 x short strings, 4 MB /predict at once"] < 1.6 * figures["short strings, 4 MB /predict"] + 30
+
+
+def float_tiff(pixels: int) -> bytes:
+    values = np.full((pixels // 4000, 4000), 0.5, dtype=np.float32)
+    values[0, 0] = 2.0
+    buffer = io.BytesIO()
+    Image.fromarray(values, "F").save(buffer, "TIFF", compression="tiff_adobe_deflate")
+    return buffer.getvalue()
+
+
+def test_request_data_kept_by_the_backend_is_bounded(servers) -> None:
+    """Items 3 and 4: whitespace-padded data: URIs are not kept whole (prompt state, scheduler); a 100 KB float TIFF
+    within MAX_IMAGE_MB's RGB size but needing ~2 GB through float64 is refused from its header."""
+    url, auth = servers["url"], (USER, PASSWORD)
+    worker = worker_pid(servers["process"].pid)
+    small = base64.b64encode(png(40, 30)).decode()
+    before = rss_mb(worker)
+    for i in range(12):
+        padded = "data:image/png;base64," + " " * (3 << 20) + small + " " * i  # 3 MB of spaces, 12 distinct URIs
+        answer = requests.post(url + "/predict", auth=auth, timeout=120, json={
+            "tasks": [{"id": 5000 + i, "data": {"image": padded}}], "label_config": LABEL_CONFIG, "project": "3.1",
+            "params": {"context": {"result": [keypoint(50, 50)]}}})
+        assert answer.status_code == 200 and answer.json()["results"][0]["result"], answer.text[:300]
+        warm = requests.post(url + "/warmup", auth=auth, timeout=60, json={
+            "tasks": [{"id": 9000 + i, "data": {"image": padded}}], "label_config": LABEL_CONFIG})
+        assert warm.status_code == 202 and warm.json()["queued"] == 1, warm.text  # queued compact
+    kept = rss_mb(worker) - before
+    bomb = float_tiff(60_000_000)
+    assert len(bomb) < 400_000
+    base = reset_peak(worker)
+    answer = requests.post(url + "/predict", auth=auth, timeout=120, json={
+        "tasks": [{"id": 1, "data": {"image": "data:image/tiff;base64," + base64.b64encode(bomb).decode()}}],
+        "label_config": LABEL_CONFIG})
+    assert answer.status_code == 200 and answer.json()["results"][0]["result"] == [], answer.text[:300]
+    bomb_peak = peak_rss_mb(worker) - base
+    assert "needs" in servers["log"].read_text(errors="replace") and "MAX_IMAGE_MB" in servers["log"].read_text()
+    print(f"\n12 clicks and 12 warm-ups with 3 MB whitespace-padded data: URIs: RSS +{kept:.0f} MB kept; "
+          f"{len(bomb) // 1024} KB float TIFF of 60 Mpx: refused, +{bomb_peak:.0f} MB peak RSS")
+    assert kept < 24, kept  # was 12 x 3 MB in prompt-state keys, and 12 x 3 MB in the scheduler
+    assert bomb_peak < 40, bomb_peak
+
+
+def test_webhook_secrets_are_random_per_project_and_rotated_by_setup(servers) -> None:
+    """Item 5: the secret on Label Studio's webhook is random (not the password's HMAC), opens its own project only,
+    is stored 0600 under MODEL_DIR, and a rotation installed by /setup retires the old one."""
+    import hashlib
+    import hmac
+
+    from ml_backend.security.secrets import WebhookSecrets
+
+    url, ls = servers["url"], servers["ls"]
+    hook = {"id": 41, "url": f"{url}/webhook", "project": 1, "headers": {}}
+    ls.routes["/api/webhooks/"] = (200, json.dumps([hook]).encode(), "application/json")
+    try:
+        setup_project(url, ls.url)
+
+        def patched() -> list[str]:
+            return [json.loads(headers["_body"])["headers"][SECRET_HEADER] for method, path, headers in ls.seen
+                    if method == "PATCH" and path == "/api/webhooks/41/"]
+
+        def send(event: dict, secret: str) -> requests.Response:
+            return requests.post(url + "/webhook", json=event, headers={SECRET_HEADER: secret}, timeout=30)
+
+        first = wait_for(patched, 60, "the secret header PATCH", servers["log"])[-1]
+        derived = hmac.new(f"{USER}:{PASSWORD}".encode(), b"sam-trimap-backend webhook secret v1",
+                           hashlib.sha256).hexdigest()
+        assert len(first) == 64 and first != derived and first == project_secret(servers, 1)
+        assert (servers["model_dir"] / "webhook-secrets.json").stat().st_mode & 0o777 == 0o600
+        event = {"action": "PROJECT_UPDATED", "project": {"id": 1}}
+        assert send(event, first).status_code == 200
+        other = requests.post(url + "/webhook", json={**event, "project": {"id": 2}}, headers={SECRET_HEADER: first},
+                              timeout=30)
+        assert other.status_code == 403, other.text  # project 1's secret cannot start work on project 2
+        assert requests.post(url + "/webhook", json=event, headers={SECRET_HEADER: derived},
+                             timeout=30).status_code == 401
+        # Rotation (as when the secret is older than a day): the old one works until the new one is installed.
+        second = WebhookSecrets(servers["model_dir"], rotate_after_s=0).current(1, rotate=True)
+        assert second != first
+        assert send(event, first).status_code == 200
+        setup_project(url, ls.url)
+        wait_for(lambda: second in patched(), 60, "the rotated secret's PATCH", servers["log"])
+        wait_for(lambda: requests.post(url + "/webhook", json=event, headers={SECRET_HEADER: first},
+                                       timeout=30).status_code == 401, 30, "the old secret retired")
+        assert send(event, second).status_code == 200
+    finally:
+        ls.routes["/api/webhooks/"] = (200, b"[]", "application/json")
+    print("\n| webhook secret: random per project (not HMAC of the password), 0600 under MODEL_DIR; project 1's secret "
+          "on project 2: 403; the old derived secret: 401; rotated by /setup, old secret 401 once the new one is "
+          "installed | /webhook |")
+
+
+def test_whole_project_work_is_bounded(servers) -> None:
+    """Item 6: /preannotate only for a project Label Studio shows the token; retraining.json stays small."""
+    url, ls, auth = servers["url"], servers["ls"], (USER, PASSWORD)
+    setup_project(url, ls.url)
+    ls.routes["/api/projects/4611686018427387904"] = (404, b'{"detail": "Not found."}', "application/json")
+    answer = requests.post(url + "/preannotate", json={"project": 2**62}, auth=auth, timeout=30)
+    assert answer.status_code == 404 and "token can see" in answer.json()["error"], answer.text
+    status = requests.get(url + "/status", auth=auth, timeout=30).json()["preannotation_jobs"]
+    assert str(2**62) not in status.get("projects", {}) and 2**62 not in status.get("queue", [])
+    for project in range(100, 400):  # annotation webhooks for 300 project ids
+        answer = requests.post(url + "/webhook", auth=auth, timeout=30, json={
+            "action": "ANNOTATION_CREATED", "project": {"id": project}, "task": {"id": 1},
+            "annotation": {"id": project, "was_cancelled": False, "result": [{
+                "type": "brushlabels", "from_name": "mask", "to_name": "image", "original_width": 8,
+                "original_height": 8, "value": {"format": "rle", "rle": encode_rle(np.ones((8, 8), bool)),
+                                                "brushlabels": ["Pet"]}}]}})
+        assert answer.status_code == 200, answer.text
+    state = servers["model_dir"] / "retraining.json"
+    projects = json.loads(state.read_text()) if state.exists() else {}
+    print(f"\n/preannotate for 2**62: 404; 300 projects' webhooks: retraining.json holds {len(projects)} projects, "
+          f"{state.stat().st_size if state.exists() else 0} bytes")
+    assert 100 <= len(projects) <= 200 and state.stat().st_size < 200_000, (len(projects), state.stat().st_size)

@@ -17,12 +17,13 @@ from typing import Any
 
 from ml_backend.embeddings.scheduler import EncodeJob
 from ml_backend.errors import BackendError
+from ml_backend.security.jobs import FINISHED_JOB_TTL_S, job_access
 
 logger = logging.getLogger(__name__)
 
 QUEUE_NAME = "sam-embeddings"
 JOB_TIMEOUT_S = 900
-RESULT_TTL_S = 3600
+RESULT_TTL_S = FINISHED_JOB_TTL_S  # the job carries the token
 POLL_S = 0.2
 IN_FLIGHT = 4  # jobs one web process keeps queued on Redis at once (the rest wait, in order, in its scheduler)
 
@@ -72,8 +73,9 @@ def encode_image(spec: dict[str, Any]) -> str:
     key = context.url_index.lookup(url, validator)
     if key is not None and context.engine.store.contains(key):
         return "ready"
-    image = context.images.load(url, label_studio_url=spec.get("label_studio_url") or None,
-                                token=spec.get("token") or None, task_id=task_id)
+    ls_url, token = job_access(context.settings.label_studio_url, context.settings.label_studio_api_key,
+                               spec.get("label_studio_url"), spec.get("token"))
+    image = context.images.load(url, label_studio_url=ls_url or None, token=token or None, task_id=task_id)
     encodes = context.engine.images_encoded
     embedding = context.engine.embed(image)
     context.url_index.remember(url, embedding.key, validator)

@@ -7,6 +7,11 @@ next ``lookahead`` tasks of the project jump to the front. One worker thread (or
 several that each wait for one queued job) takes jobs in that order and calls ``encode``;
 a job that raises is recorded as failed and the next one starts.
 
+What it holds is bounded: a base64 ``data:`` URI is kept without the whitespace it may be padded with,
+the URLs held total at most ``max_url_chars`` characters (a task beyond is not queued: its first click
+encodes it), at most ``max_entries`` tasks are known across projects (finished projects are forgotten
+first, then new tasks are not queued), and a finished task keeps only its state, not its URL.
+
 Interactive clicks never wait for this queue: they encode on their own, and a background
 encode starts only when no interactive one runs (:class:`~ml_backend.embeddings.priority.EncodePriority`).
 """
@@ -21,11 +26,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ml_backend.security import limits
+from ml_backend.security.urls import describe
 
 logger = logging.getLogger(__name__)
 
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
-Ident = int | str  # a task id, or the image URL for tasks given without one
+MAX_ENTRIES = 50_000  # tasks known across projects (each ~300 bytes with its URL; finished ones ~150)
+MAX_URL_CHARS_HELD = 64 << 20  # characters of queued tasks' URLs (data: URIs) held at once
+Ident = int | str  # a task id, or the image URL (its hash past 2048 characters) for tasks given without one
 
 
 @dataclass(frozen=True)
@@ -47,7 +55,7 @@ class TaskImage:
 
     @property
     def ident(self) -> Ident:
-        return self.task_id if self.task_id is not None else self.url
+        return self.task_id if self.task_id is not None else limits.url_key(self.url)
 
 
 @dataclass
@@ -67,6 +75,12 @@ class _Project:
         return counts
 
 
+def _compact(task: TaskImage) -> TaskImage:
+    """``task`` with its URL as kept (:func:`~ml_backend.security.limits.compact_url`)."""
+    url = limits.compact_url(task.url)
+    return task if url is task.url else TaskImage(task.task_id, url, task.labeled)
+
+
 def project_id(value: object) -> int | None:
     """Label Studio's project id from ``3``, ``"3"`` or ``"3.1732800000"`` (what /setup and /predict send),
     by the one rule for project ids (:func:`ml_backend.security.limits.project_id`); 0 is none."""
@@ -83,8 +97,11 @@ class PreEncodeScheduler:
     """
 
     def __init__(self, encode: Callable[[EncodeJob], str], *, lookahead: int = 3, log_every: int = 10,
-                 threads: int = 1) -> None:
+                 threads: int = 1, max_entries: int = MAX_ENTRIES, max_url_chars: int = MAX_URL_CHARS_HELD) -> None:
         self._encode = encode
+        self.max_entries = max_entries
+        self.max_url_chars = max_url_chars
+        self._url_chars = 0  # characters of the URLs held now
         self.lookahead = lookahead
         self.log_every = max(1, log_every)
         self._threads = threads
@@ -98,20 +115,32 @@ class PreEncodeScheduler:
     # --- what to encode ------------------------------------------------------
     def add_project(self, project: int, tasks: Iterable[TaskImage]) -> int:
         """Queue a project's tasks (Label Studio's order), unlabeled ones first; the number newly queued."""
-        tasks = list(tasks)
+        tasks = [_compact(t) for t in tasks]
         ordered = [t for t in tasks if not t.labeled] + [t for t in tasks if t.labeled]
         with self._cond:
             entry = self._projects.setdefault(project, _Project())
+            self._make_room(keep=project, wanted=len(tasks))
+            room = self.max_entries - self.held()
+            refused = 0
             for task in tasks:
-                self._know(entry, task)
+                if task.ident in entry.urls or (entry.state.get(task.ident) is None and room > 0):
+                    if self._url_room(entry, task):
+                        room -= task.ident not in entry.state
+                        self._know(entry, task)
+                    else:
+                        refused += 1
             added = 0
             for task in ordered:
-                if entry.state.get(task.ident) is None:
+                if entry.state.get(task.ident) is None and task.ident in entry.urls:
                     entry.state[task.ident] = QUEUED
                     self._normal.append((project, task.ident))
                     added += 1
             self._wake()
         logger.info("pre-encoding project %d: %d image(s) queued", project, added)
+        if refused:
+            logger.info("pre-encoding project %d: %d task(s) not queued: their image URLs (data: URIs) would hold "
+                        "more than %d characters; their first click encodes them", project, refused,
+                        self.max_url_chars)
         return added
 
     def add_tasks(self, project: int, tasks: Iterable[TaskImage]) -> int:
@@ -120,15 +149,18 @@ class PreEncodeScheduler:
 
     def opened(self, project: int, task: TaskImage) -> None:
         """An annotator opened ``task``: it and the next ``lookahead`` tasks go to the front."""
+        task = _compact(task)
         with self._cond:
             entry = self._projects.setdefault(project, _Project())
+            if not self._url_room(entry, task):
+                return
             self._know(entry, task)
             position = entry.order.index(task.ident)
             wanted = entry.order[position : position + 1 + self.lookahead]
             jump: list[tuple[int, Ident]] = []
             for ident in wanted:
                 state = entry.state.get(ident)
-                if state is None:
+                if state is None and ident in entry.urls:
                     entry.state[ident] = state = QUEUED
                     self._normal.append((project, ident))
                 if state == QUEUED:
@@ -137,6 +169,20 @@ class PreEncodeScheduler:
             self._urgent = deque(jump + rest)
             if jump:
                 self._wake()
+
+    def held(self) -> int:
+        """Tasks known across projects (call with the lock held)."""
+        return sum(len(entry.order) for entry in self._projects.values())
+
+    def _make_room(self, keep: int, wanted: int) -> None:
+        """Forget whole finished projects, oldest first, until ``wanted`` more tasks fit ``max_entries``
+        (call with the lock held)."""
+        for project in sorted(self._projects, key=lambda p: self._projects[p].started_at):
+            if self.held() + wanted <= self.max_entries:
+                return
+            counts = self._projects[project].counts()
+            if project != keep and counts[QUEUED] + counts[RUNNING] == 0:
+                del self._projects[project]
 
     def is_known(self, project: int) -> bool:
         with self._cond:
@@ -162,9 +208,17 @@ class PreEncodeScheduler:
             self._cond.notify_all()
 
     # --- the worker ----------------------------------------------------------
+    def _url_room(self, entry: _Project, task: TaskImage) -> bool:
+        """Whether holding ``task``'s URL keeps the URLs held within ``max_url_chars`` (lock held)."""
+        held = len(entry.urls.get(task.ident, ""))
+        return self._url_chars - held + len(task.url) <= self.max_url_chars
+
     def _know(self, entry: _Project, task: TaskImage) -> None:
-        if task.ident not in entry.urls:
+        if task.ident not in entry.urls and task.ident not in entry.state:
             entry.order.append(task.ident)
+        if entry.state.get(task.ident) in (DONE, FAILED):
+            return  # finished: its URL is not kept again
+        self._url_chars += len(task.url) - len(entry.urls.get(task.ident, ""))
         entry.urls[task.ident] = task.url
         entry.task_ids[task.ident] = task.task_id
 
@@ -183,8 +237,8 @@ class PreEncodeScheduler:
                 for source, urgent in ((self._urgent, True), (self._normal, False)):
                     while source:
                         project, ident = source.popleft()
-                        entry = self._projects[project]
-                        if entry.state.get(ident) == QUEUED:
+                        entry = self._projects.get(project)
+                        if entry is not None and entry.state.get(ident) == QUEUED:
                             entry.state[ident] = RUNNING
                             return EncodeJob(project, ident, entry.task_ids.get(ident), entry.urls[ident], urgent)
                 self._cond.wait()
@@ -198,13 +252,16 @@ class PreEncodeScheduler:
             except Exception as exc:  # one bad image must not stop the rest
                 message = getattr(exc, "message", None) or f"{exc.__class__.__name__}: {exc}"
                 outcome, error = FAILED, str(message)
-                logger.warning("pre-encoding project %d, task %s failed: %s", job.project, job.ident, error)
+                logger.warning("pre-encoding project %d, task %s failed: %s", job.project,
+                               job.task_id if job.task_id is not None else describe(job.url), error)
             self._finish(job, outcome, error)
 
     def _finish(self, job: EncodeJob, outcome: str, error: str) -> None:
         with self._cond:
             entry = self._projects[job.project]
             entry.state[job.ident] = outcome
+            self._url_chars -= len(entry.urls.pop(job.ident, ""))  # finished: only its state is kept
+            entry.task_ids.pop(job.ident, None)
             if error:
                 entry.last_error = error
             entry.finished += 1

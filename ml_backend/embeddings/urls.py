@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ml_backend.sam.cache import ByteBoundedLRU
+from ml_backend.security.urls import describe
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class UrlIndex:
             return None
         key, seen_validator, seen_at = entry
         if seen_validator != validator:
-            logger.info("image at %s changed since it was embedded; reading it again", url[:80])
+            logger.info("image at %s changed since it was embedded; reading it again", describe(url))
             return None
         if validator == REMOTE and time.time() - seen_at > self.ttl_s:
             return None

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 import requests
 
 from ml_backend.errors import ImageFetchError
-from ml_backend.security.urls import UrlPolicy, failure_reason
+from ml_backend.security.urls import UrlPolicy, describe, failure_reason
 
 log = logging.getLogger(__name__)
 
@@ -117,4 +117,4 @@ class LabelStudioAuth:
         # Without an exp claim, re-exchange only on 401.
         self._access_exp = float(exp) if isinstance(exp, (int, float)) else float("inf")
         self._access = access
-        log.debug("exchanged personal access token at %s", url)
+        log.debug("exchanged personal access token at %s", describe(url))

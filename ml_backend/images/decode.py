@@ -8,8 +8,11 @@ Only the common raster formats are opened (:data:`FORMATS`: PNG, JPEG, WebP, GIF
 TIFF); Pillow's other parsers (PSD, EPS via Ghostscript, ICNS, PCX, SGI, FITS...) are
 never reached with outside bytes. Multi-frame files (GIF, animated WebP/PNG, multi-page
 TIFF) give their first frame. Before any pixel is decoded, the header's size is checked
-against ``max_pixels`` and the RGB result's size (width x height x 3 bytes) against
-``max_bytes``, so a few kilobytes declaring a huge image cost nothing.
+against ``max_pixels``, the RGB result's size (width x height x 3 bytes) against
+``max_bytes``, and the peak the decoding path allocates for the file's colour mode
+(:func:`peak_bytes_per_pixel`: Pillow's storage, its conversions and our array) against the
+peak an RGB image of ``max_bytes`` costs, so a few kilobytes declaring a huge image, or a
+16-bit/float image that needs more bytes a pixel, cost nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ MIN_SIDE = 2
 # Pillow format ids (JPEG also opens phones' MPO files, whose first picture is the photo).
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 RGB_BYTES_PER_PIXEL = 3
+WIDE_CHUNK_PIXELS = 1 << 20  # 16/32-bit and float samples are scaled this many at a time
+# Bytes a pixel in Pillow's own storage, by mode (1-byte modes, 16-bit grey, everything else 4).
+_PILLOW_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
 
 
 def decode_image(
@@ -73,6 +79,13 @@ def decode_image(
                 f"{source}: {width}x{height} would decode to {width * height * RGB_BYTES_PER_PIXEL / 2**20:,.0f} MiB "
                 f"of RGB, over the limit of {max_bytes / 2**20:,.0f} MiB (MAX_IMAGE_MB)"
             )
+        peak = width * height * peak_bytes_per_pixel(image)
+        budget = max_bytes // RGB_BYTES_PER_PIXEL * peak_bytes_per_pixel_of("RGB")
+        if peak > budget:
+            raise InvalidImageError(
+                f"{source}: a {width}x{height} {image.mode} image needs {peak / 2**20:,.0f} MiB to decode, over the "
+                f"{budget / 2**20:,.0f} MiB an RGB image within MAX_IMAGE_MB needs (MAX_IMAGE_MB)"
+            )
         if min(width, height) < MIN_SIDE:
             raise InvalidImageError(
                 f"{source}: image is {width}x{height}; each side must be at least {MIN_SIDE} pixels"
@@ -98,10 +111,47 @@ def load_image_file(path: str | Path, *, max_pixels: int, max_bytes: int | None 
     return decode_image(data, max_pixels=max_pixels, max_bytes=max_bytes, source=str(path))
 
 
+def peak_bytes_per_pixel_of(mode: str, *, transposed: bool = False, transparency: bool = False,
+                            tiff: bool = False) -> int:
+    """The bytes a pixel that :func:`decode_image` allocates at its peak for an image in ``mode``.
+
+    Pillow's storage, plus what :func:`_to_rgb_array` makes of it: RGB 4 + the array's 3; 1-bit
+    1 + its grey copy 1 + the array 1 + RGB 3; grey 1 + 1 + 3; palette 1 + indices 1 + 3 (with
+    transparency via RGBA: 1 + 4 + 4 + 3); 16-bit grey 2 + 3, 32-bit integer and float 4 + 3 (read and
+    scaled in blocks of :data:`WIDE_CHUNK_PIXELS`); any other mode 4 + Pillow's RGB 4 + 3.
+    An EXIF rotation (``transposed``) holds a second Pillow copy while it runs; libtiff (``tiff``)
+    decodes a strip, up to the whole image, into a buffer of Pillow's size before unpacking it
+    (measured: a one-strip float TIFF peaks at ~9 bytes a pixel, not 7).
+    """
+    pillow = _PILLOW_BYTES.get(mode, 4)
+    if mode == "RGB":
+        extra = 3
+    elif mode == "1":
+        extra = 1 + 1 + 3
+    elif mode == "L" or (mode == "P" and not transparency):
+        extra = 1 + 3
+    elif mode == "P":
+        extra = 4 + 4 + 3
+    elif mode.startswith(("I", "F")):
+        extra = 3
+    else:
+        extra = 4 + 3
+    return pillow * (1 + transposed + tiff) + extra
+
+
+def peak_bytes_per_pixel(image: Image.Image) -> int:
+    """:func:`peak_bytes_per_pixel_of` for an opened (not yet decoded) image, from its header."""
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # a malformed EXIF block: counted as rotated, the costlier case
+        orientation = 0
+    return peak_bytes_per_pixel_of(image.mode, transposed=orientation not in (1, None),
+                                   transparency="transparency" in image.info, tiff=image.format == "TIFF")
+
+
 def _to_rgb_array(image: Image.Image) -> np.ndarray:
-    """The image as (H, W, 3) uint8, with as few full-size copies as each mode allows: peak memory
-    is about 7 bytes a pixel for RGB (Pillow's 4 and the array's 3), 6 for 1-bit and grey, 5 for
-    palette images without transparency (Pillow's RGB conversion would add 4 more)."""
+    """The image as (H, W, 3) uint8, with as few full-size copies as each mode allows
+    (:func:`peak_bytes_per_pixel_of` states the peak of each)."""
     mode = image.mode
     if mode == "RGB":
         return np.ascontiguousarray(np.asarray(image))
@@ -120,28 +170,48 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
         # kept and alpha dropped, as OpenCV does.
         image = image.convert("RGBA")
     if mode.startswith(("I", "F")):
-        rgb = np.repeat(_wide_to_uint8(np.asarray(image))[:, :, None], 3, axis=2)
+        return _wide_to_rgb(image)
     else:  # Pillow drops alpha and expands palettes like OpenCV; raises ValueError on LAB/HSV
         rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
     return np.ascontiguousarray(rgb)
 
 
-def _wide_to_uint8(values: np.ndarray) -> np.ndarray:
-    """Reduce 16/32-bit integer or float samples to 8 bits without clipping.
+def _wide_to_rgb(image: Image.Image) -> np.ndarray:
+    """Reduce 16/32-bit integer or float samples to 8-bit RGB without clipping.
 
     Samples in the 16-bit range keep their high byte (what OpenCV does for 16-bit PNG
     and TIFF); floats in [0, 1] are scaled by 255; anything else is stretched from its
-    own min..max to 0..255.
+    own min..max to 0..255 (non-finite values to the ends). Read from Pillow in blocks of
+    about :data:`WIDE_CHUNK_PIXELS` and written straight into the result: no full-size copy
+    of the samples (``np.asarray(image)`` peaks at twice their size) and no float64 one.
     """
-    kind = values.dtype.kind
-    if kind in "iu" and values.size and values.min() >= 0 and values.max() <= 0xFFFF:
-        return (values.astype(np.uint32) >> 8).astype(np.uint8)
-    values = values.astype(np.float64)
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return np.zeros(values.shape, dtype=np.uint8)
-    low, high = float(finite.min()), float(finite.max())
-    if kind == "f" and low >= 0.0 and high <= 1.0:
-        low, high = 0.0, 1.0
-    scaled = (np.nan_to_num(values, nan=low, posinf=high, neginf=low) - low) / max(high - low, 1e-12)
-    return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
+    width, height = image.size
+    rgb = np.empty((height, width, 3), dtype=np.uint8)
+    rows = max(1, WIDE_CHUNK_PIXELS // width)
+
+    def blocks():
+        for top in range(0, height, rows):
+            yield top, np.asarray(image.crop((0, top, width, min(top + rows, height))))
+
+    low, high = np.inf, -np.inf
+    floats = False
+    for _, block in blocks():
+        floats = block.dtype.kind == "f"
+        finite = block[np.isfinite(block)] if floats else block
+        if finite.size:
+            low, high = min(low, float(finite.min())), max(high, float(finite.max()))
+    if not floats and low >= 0 and high <= 0xFFFF:
+        for top, block in blocks():
+            rgb[top:top + block.shape[0], :, 0] = block >> 8
+    else:
+        if low > high:  # no finite sample at all
+            low, high = 0.0, 0.0
+        if floats and low >= 0.0 and high <= 1.0:
+            low, high = 0.0, 1.0
+        scale = 255.0 / max(high - low, 1e-12)
+        for top, block in blocks():
+            block = np.nan_to_num(block.astype(np.float64), nan=low, posinf=high, neginf=low)
+            rgb[top:top + block.shape[0], :, 0] = np.clip(np.rint((block - low) * scale), 0, 255)
+    rgb[:, :, 1] = rgb[:, :, 0]
+    rgb[:, :, 2] = rgb[:, :, 0]
+    return rgb

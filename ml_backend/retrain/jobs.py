@@ -35,11 +35,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ml_backend.errors import BackendError
+from ml_backend.security.jobs import FINISHED_JOB_TTL_S, job_access
 from ml_backend.retrain.spec import MIN_USABLE_PAIRS, QUEUE_NAME, JobSpec, NotEnoughData, TrainingJobError
 
 logger = logging.getLogger(__name__)
 
-RESULT_TTL_S = 7 * 24 * 3600
+RESULT_TTL_S = FINISHED_JOB_TTL_S  # the job carries the token
 WORK_ROOT_NAME = "sam-trimap-retrain"  # under the temporary folder: exported images and trimaps of running jobs
 
 Record = Callable[[int, str, dict[str, Any]], Any]  # (project, job id, outcome)
@@ -91,9 +92,10 @@ def execute_training(spec: JobSpec, cancel: threading.Event | None = None) -> di
     options = ExportOptions(LabelRoles(spec.foreground_labels, spec.background_labels, spec.boundary_labels),
                             spec.boundary_width, spec.ground_truth_only, max_pixels=settings.max_image_pixels)
     loader = ImageLoader(settings)
+    url, token = job_access(settings.label_studio_url, settings.label_studio_api_key, spec.label_studio_url, spec.token)
     try:
         with held_folder(work_root() / f"project-{spec.project}-{spec.job_id}") as data_dir:
-            report = export_from_label_studio(data_dir, url=spec.label_studio_url, token=spec.token,
+            report = export_from_label_studio(data_dir, url=url, token=token,
                                               project=spec.project, loader=loader, options=options)
             usable = len(report.written)
             tasks = _task_ids(report.written)

@@ -36,6 +36,7 @@ STATE_FILE = "retraining.json"
 REDIS_PREFIX = "sam-trimap:retrain:"
 KNOWN_TASKS_MAX = 1000  # annotated task ids remembered per project: only "at least two" matters
 APPLIED_MAX = 500  # ids of recently applied webhook changes, so a replayed change is not counted twice
+MAX_PROJECTS = 200  # projects kept in retraining.json: beyond, the idle ones finished longest ago are forgotten
 
 
 class StateStoreError(BackendError):
@@ -177,9 +178,25 @@ class FileStateStore:
             data = self._read()
             state = ProjectState.from_dict(data.get(str(project)))
             result = change(state)
-            data[str(project)] = state.to_dict()
+            if state == ProjectState():
+                data.pop(str(project), None)  # nothing worth keeping: an id that only ever got ignored events
+            else:
+                data[str(project)] = state.to_dict()
+            _forget_idle(data, keep=str(project))
             self._write(data)
             return result
+
+
+def _forget_idle(data: dict[str, Any], keep: str) -> None:
+    """At most :data:`MAX_PROJECTS` projects: drop idle ones (nothing running or pending), least recent first,
+    so a file fed every project id anyone sends stays small."""
+    if len(data) <= MAX_PROJECTS:
+        return
+    idle = [(ProjectState.from_dict(value), key) for key, value in data.items() if key != keep]
+    idle = [(state.last_finished_at or state.started_at or 0.0, key) for state, key in idle
+            if not (state.running or state.pending)]
+    for _, key in sorted(idle)[: len(data) - MAX_PROJECTS]:
+        del data[key]
 
 
 class RedisStateStore:

@@ -11,7 +11,10 @@ The model id is derived from the encoder's weights, config, input size and dtype
 embeddings. Files are written to a temporary file, fsynced and renamed into place, so a
 reader sees a whole file or none; a file that does not parse is deleted and treated as
 missing (the caller re-encodes). Reading stamps the file's mtime; after each write the
-least recently used embeddings are deleted until the whole directory fits ``max_bytes``.
+least recently used embeddings are deleted until the whole directory fits ``max_bytes``,
+their lock files with them (unless held), and the URL records pointing at deleted
+embeddings once they outnumber the embeddings (:data:`URL_FILES_PER_EMBEDDING`), so
+neither directory grows with every image ever seen.
 
 Two processes never encode the same image twice: the encoder holds an exclusive
 ``flock`` on the key's lock file while it encodes, and re-reads the store after taking
@@ -41,6 +44,7 @@ logger = logging.getLogger(__name__)
 SUFFIX = ".safetensors"
 STORE_DTYPES = ("float32", "float16")
 LOCK_POLL_S = 0.05
+URL_FILES_PER_EMBEDDING = 2  # URL records beyond this many per embedding (plus 64) trigger a sweep
 
 
 @dataclass(frozen=True)
@@ -162,8 +166,45 @@ class EmbeddingStore:
         return lru_files.list_files(self.root.glob("*/emb"), SUFFIX)
 
     def evict(self) -> None:
-        """Delete the least recently used embeddings (of any model) until the store fits ``max_bytes``."""
-        lru_files.evict(self._embedding_files(), self.max_bytes)
+        """Delete the least recently used embeddings (of any model) until the store fits ``max_bytes``, then
+        the lock files and URL records they leave behind."""
+        entries = self._embedding_files()
+        lru_files.evict(entries, self.max_bytes)
+        gone = [path for _, _, path in entries if not path.exists()]
+        for path in gone:
+            self._drop_lock(path.parent.parent / "locks" / (path.name[: -len(SUFFIX)] + ".lock"))
+        if gone:
+            self._sweep_urls(len(entries) - len(gone))
+
+    @staticmethod
+    def _drop_lock(path: Path) -> None:
+        """Delete a lock file unless a process holds it (then the next eviction does)."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            return
+        try:
+            if lru_files.flock_exclusive(fd, blocking=False):
+                lru_files.unlink_quietly(path)
+        finally:
+            os.close(fd)
+
+    def _sweep_urls(self, embeddings: int) -> None:
+        """Delete URL records whose embedding is gone, once there are more of them than embeddings warrant."""
+        for directory in self.root.glob("*/urls"):
+            names = [entry.path for entry in os.scandir(directory) if entry.name.endswith(".json")]
+            if len(names) <= URL_FILES_PER_EMBEDDING * embeddings + 64:
+                continue
+            emb = directory.parent / "emb"
+            for name in names:
+                try:
+                    key = json.loads(Path(name).read_text())["key"]
+                    _check_key(key)
+                    keep = (emb / (key + SUFFIX)).exists()
+                except (OSError, ValueError, KeyError, TypeError):
+                    keep = False
+                if not keep:
+                    lru_files.unlink_quietly(Path(name))
 
     def usage(self) -> StoreUsage:
         entries = self._embedding_files()

@@ -1,9 +1,12 @@
 """Whole-project SAM 3 pre-annotation in the background, written into Label Studio through its API.
 
 :func:`run_project` is the per-project work, the same for both executors: read the project's labeling
-config, list the predictions Label Studio already holds (``GET /api/predictions?project=``), and for every
-task without one from the current model version, predict and ``POST /api/predictions {task, result, score,
-model_version}``. Restarting is safe by construction: what Label Studio already holds is skipped.
+config, list its tasks page by page, and for every task without a prediction from the current model version
+(``GET /api/predictions?task=``: Label Studio 1.23's prediction list has no pages, and a whole project's
+predictions, brush masks included, can weigh hundreds of MB), predict and ``POST /api/predictions {task, result,
+score, model_version}``. Restarting is safe by construction: what Label Studio already holds is skipped.
+At most :data:`MAX_QUEUED_PROJECTS` projects wait at once and :data:`MAX_REMEMBERED_PROJECTS` finished ones are
+remembered for ``/status``; the state file holds only the waiting ones.
 
 Two executors run it:
 
@@ -31,8 +34,9 @@ from ml_backend.label_studio_api import api_get, api_request, iter_project_tasks
 
 logger = logging.getLogger(__name__)
 
-PREDICTIONS_PAGE_SIZE = 1000
 PROGRESS_STEPS = 10  # the log gets one line per tenth of a project's tasks (and one at start and at end)
+MAX_QUEUED_PROJECTS = 32  # projects waiting or running at once; more is a 429
+MAX_REMEMBERED_PROJECTS = 100  # finished projects kept for /status (oldest forgotten first)
 
 
 @dataclass
@@ -63,12 +67,17 @@ class JobSuperseded(Exception):
     """The project was started again elsewhere (its previous run was judged dead): this run stops quietly."""
 
 
-def existing_prediction_tasks(url: str, token: str, project: int, model_version: str) -> set[int]:
-    """Ids of the project's tasks that already hold a prediction from ``model_version``."""
-    answer = api_get(url, token, "/api/predictions", {"project": project})
+def has_prediction(url: str, token: str, task: int, model_version: str) -> bool:
+    """Whether Label Studio holds a prediction from ``model_version`` for ``task`` (one task's list only)."""
+    answer = api_get(url, token, "/api/predictions", {"task": task})
     items = answer.get("results", []) if isinstance(answer, dict) else answer
-    return {p["task"] for p in items or [] if isinstance(p, dict) and p.get("model_version") == model_version
-            and isinstance(p.get("task"), int)}
+    return any(isinstance(p, dict) and p.get("task") == task and p.get("model_version") == model_version
+               for p in items or [])
+
+
+def queue_full_error() -> BackendError:
+    return BackendError(f"{MAX_QUEUED_PROJECTS} projects are already waiting for SAM 3 pre-annotation; ask again "
+                        "when one has finished (see /status).", status_code=429)
 
 
 class ProjectPreannotationJobs:
@@ -89,6 +98,10 @@ class ProjectPreannotationJobs:
         with self._lock:
             current = self._progress.get(project)
             if not (current and current.state in ("queued", "running")):
+                if len(self._queue) >= MAX_QUEUED_PROJECTS:
+                    raise queue_full_error()
+                self._progress.pop(project, None)
+                self._forget_finished_locked()
                 self._progress[project] = ProjectProgress(project)
                 self._queue.append(project)
                 self._save_locked()
@@ -112,7 +125,7 @@ class ProjectPreannotationJobs:
         except (OSError, ValueError) as exc:
             logger.warning("SAM 3 job state %s unreadable (%s); nothing resumed", self.state_file, exc)
             return []
-        projects = [p for p in pending if isinstance(p, int) and not isinstance(p, bool)]
+        projects = [p for p in pending if isinstance(p, int) and not isinstance(p, bool)][:MAX_QUEUED_PROJECTS]
         for project in projects:
             logger.info("resuming SAM 3 pre-annotation of project %s", project)
             self.start(project)
@@ -150,6 +163,11 @@ class ProjectPreannotationJobs:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._work, name="sam3-preannotate", daemon=True)
                 self._thread.start()
+
+    def _forget_finished_locked(self) -> None:
+        finished = [p for p, progress in self._progress.items() if progress.state not in ("queued", "running")]
+        for project in finished[: max(0, len(finished) - MAX_REMEMBERED_PROJECTS + 1)]:
+            del self._progress[project]
 
     def _save_locked(self) -> None:
         pending = [p for p, progress in self._progress.items() if progress.state in ("queued", "running")]
@@ -209,19 +227,20 @@ def _write_predictions(progress: ProjectProgress, context: JobContext, report: R
     project = progress.project
     label_config = (api_get(url, token, f"/api/projects/{project}") or {}).get("label_config")
     version = progress.model_version = context.model_version(project)
-    done = existing_prediction_tasks(url, token, project, version)
-    tasks = list(iter_project_tasks(url, token, project))
-    progress.total = len(tasks)
-    logger.info("SAM 3 pre-annotation of project %s started: %d tasks, %d already hold a prediction of %s",
-                project, len(tasks), len(done & {t.get("id") for t in tasks}), version)
     report(progress)
+    logger.info("SAM 3 pre-annotation of project %s started: model version %s", project, version)
+
+    def total(count: int) -> None:
+        progress.total = count
+
     logged_step = 0
-    for processed, task in enumerate(tasks):
-        if (step := processed * PROGRESS_STEPS // len(tasks)) > logged_step:
+    for processed, task in enumerate(iter_project_tasks(url, token, project, on_total=total)):
+        progress.total = max(progress.total, progress.written + progress.skipped + progress.failed + 1)
+        if (step := processed * PROGRESS_STEPS // progress.total) > logged_step:
             logged_step = step
             logger.info("SAM 3 pre-annotation of project %s: %d of %d tasks (%d written, %d skipped, %d failed)",
-                        project, processed, len(tasks), progress.written, progress.skipped, progress.failed)
-        if task.get("id") in done:
+                        project, processed, progress.total, progress.written, progress.skipped, progress.failed)
+        if isinstance(task.get("id"), int) and has_prediction(url, token, task["id"], version):
             progress.skipped += 1
             continue
         try:

@@ -15,6 +15,7 @@ from ml_backend.errors import BackendError
 from ml_backend.label_studio_api import LabelStudioAccess
 from ml_backend.sam3.job import JobSuperseded, ProjectProgress, run_project
 from ml_backend.sam3.rq_jobs import HEARTBEAT_S, PROGRESS_TTL_S, owner_key, progress_key, redis_errors
+from ml_backend.security.jobs import job_access
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +85,13 @@ def install_runtime(runtime) -> None:
 
 
 def worker_context(label_studio_url: str, token: str):
-    """The job context for one job: Label Studio's URL and token as the web process knew them."""
+    """The job context for one job: this worker's own Label Studio when it has one, else the job's with the
+    job's token only (:func:`ml_backend.security.jobs.job_access`)."""
     runtime = _runtime
     if runtime is None:
         raise BackendError("No runtime in this process: run SAM 3 jobs with python -m ml_backend.sam3.worker.")
-    runtime.access = LabelStudioAccess(label_studio_url or runtime.settings.label_studio_url,
-                                       token or runtime.settings.label_studio_api_key)
+    runtime.access = LabelStudioAccess(*job_access(runtime.settings.label_studio_url,
+                                                   runtime.settings.label_studio_api_key, label_studio_url, token))
     return runtime.job_context()
 
 

@@ -33,7 +33,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict
 
 from ml_backend.errors import BackendError
-from ml_backend.sam3.job import ProjectProgress
+from ml_backend.security.jobs import FINISHED_JOB_TTL_S
+from ml_backend.sam3.job import MAX_QUEUED_PROJECTS, ProjectProgress, queue_full_error
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,9 @@ class RQProjectJobs:
             current = self._read(project)
             if current is not None and current["state"] in ACTIVE:
                 return current
+            if attempt == 0 and sum((r := self._read(p)) is not None and r["state"] in ACTIVE
+                                    for p in self._projects()) >= MAX_QUEUED_PROJECTS:
+                raise queue_full_error()
             return self._enqueue(project, attempt)
 
     def _enqueue(self, project: int, attempt: int) -> dict:
@@ -117,8 +121,8 @@ class RQProjectJobs:
             self.queue.enqueue("ml_backend.sam3.rq_job.run_job",
                                {"project": project, "job_id": job_id, "label_studio_url": url, "token": token,
                                 "restarts": attempt},
-                               job_id=job_id, job_timeout=JOB_TIMEOUT_S, result_ttl=PROGRESS_TTL_S,
-                               failure_ttl=PROGRESS_TTL_S, description=f"SAM 3 pre-annotation of project {project}",
+                               job_id=job_id, job_timeout=JOB_TIMEOUT_S, result_ttl=FINISHED_JOB_TTL_S,
+                               failure_ttl=FINISHED_JOB_TTL_S, description=f"SAM 3 pre-annotation of project {project}",
                                pipeline=pipe)
             pipe.execute()
         logger.info("SAM 3 pre-annotation of project %s queued on %s as %s", project, self.queue.name, job_id)

@@ -6,9 +6,10 @@ Rules (SECURITY.md):
   are set or ``ALLOW_UNAUTHENTICATED=true`` says that serving without authentication is deliberate.
 * With basic auth set, every route but ``/health`` and ``/ready`` (and ``/metrics`` with ``METRICS_PUBLIC=true``)
   needs the credentials, under a per-project prefix (``/projects/<id>/...``) too. The one exception is
-  ``/webhook``, which also accepts the webhook secret in :data:`SECRET_HEADER`: Label Studio 1.23.2
-  sends no credentials on the deliveries of the webhook it registers for the backend, so the backend
-  adds that header to its own webhook (:mod:`ml_backend.webhook_secret`).
+  ``/webhook``, which also accepts a project's webhook secret in :data:`SECRET_HEADER`, for that
+  project only: Label Studio 1.23.2 sends no credentials on the deliveries of the webhook it registers
+  for the backend, so the backend adds that header to its own webhook (:mod:`ml_backend.webhook_secret`;
+  the secrets are random per project, :mod:`ml_backend.security.secrets`).
 * Only an authenticated caller may tell the backend where Label Studio is and which token to use
   (``/setup``'s ``hostname`` and ``access_token``); without basic auth no caller is authenticated,
   so ``LABEL_STUDIO_URL``/``LABEL_STUDIO_API_KEY`` must be set.
@@ -21,12 +22,15 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import ipaddress
 import re
 from collections.abc import Mapping
+from typing import Any
 
+from ml_backend.errors import BackendError
+from ml_backend.security.limits import project_id
+from ml_backend.security.secrets import WebhookSecrets
 from ml_backend.settings import Settings, SettingsError
 
 SECRET_HEADER = "X-ML-Backend-Secret"
@@ -36,7 +40,6 @@ METRICS_PATH = "/metrics"  # public only with METRICS_PUBLIC=true (a Prometheus 
 # A backend URL per project (``/projects/<id>/``, so Label Studio's calls carry the project): its routes
 # follow the same rules as the plain ones.
 _PROJECT_PREFIX = re.compile(r"^/projects/[0-9]+(?=/)")
-_SECRET_CONTEXT = b"sam-trimap-backend webhook secret v1"
 
 
 def is_loopback(host: str) -> bool:
@@ -61,21 +64,6 @@ def check_exposure(settings: Settings) -> None:
         "settings), or set ALLOW_UNAUTHENTICATED=true to serve without authentication on purpose "
         "(e.g. on a private network only Label Studio can reach). HOST=127.0.0.1 serves this machine only."
     )
-
-
-def webhook_secret(settings: Settings) -> str | None:
-    """The value Label Studio's webhook deliveries must carry in :data:`SECRET_HEADER`.
-
-    ``WEBHOOK_SECRET`` when set; else derived from the basic-auth credentials (so every worker and
-    every restart agrees without more configuration, and it changes when the password does); None
-    without basic auth (nothing is authenticated then).
-    """
-    if not settings.basic_auth:
-        return None
-    if settings.webhook_secret:
-        return settings.webhook_secret
-    key = f"{settings.basic_auth_user}:{settings.basic_auth_pass}".encode()
-    return hmac.new(key, _SECRET_CONTEXT, hashlib.sha256).hexdigest()
 
 
 def _equal(given: bytes, expected: str) -> bool:
@@ -116,32 +104,37 @@ def route_path(path: str) -> str:
 class Authenticator:
     """Decides, per request, whether the caller proved it is Label Studio (or its operator)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, secrets: WebhookSecrets | None = None) -> None:
         self.required = settings.basic_auth
         self.public = PUBLIC_PATHS | ({METRICS_PATH} if settings.metrics_public else set())
         self._user = settings.basic_auth_user
         self._password = settings.basic_auth_pass
-        self._secret = webhook_secret(settings)
+        self.secrets = secrets if settings.basic_auth else None
 
-    def authenticated(self, path: str, headers: Mapping[str, str]) -> bool:
-        """Valid basic-auth credentials, or (on ``/webhook`` only) the webhook secret."""
+    def basic(self, headers: Mapping[str, str]) -> bool:
+        """Valid basic-auth credentials."""
         if not self.required:
             return False
         credentials = basic_credentials(headers.get("Authorization"))
-        if credentials is not None:
-            user_ok = _equal(credentials[0], self._user)
-            password_ok = _equal(credentials[1], self._password)
-            if user_ok and password_ok:
-                return True
-        if route_path(path) == WEBHOOK_PATH and self._secret is not None:
-            given = headers.get(SECRET_HEADER)
-            if given is not None:
-                try:
-                    return _equal(given.encode("latin-1"), self._secret)
-                except UnicodeEncodeError:
-                    return False
-        return False
+        return credentials is not None and _equal(credentials[0], self._user) & _equal(credentials[1], self._password)
+
+    def secret_project(self, path: str, headers: Mapping[str, str]) -> str | None:
+        """On ``/webhook`` only (plain or under a project prefix): the project whose webhook secret the
+        request carries, else None."""
+        if route_path(path) != WEBHOOK_PATH or self.secrets is None:
+            return None
+        return self.secrets.project_of(headers.get(SECRET_HEADER))
 
     def may_pass(self, path: str, authenticated: bool) -> bool:
         """Whether the request may reach its view."""
         return authenticated or not self.required or route_path(path) in self.public
+
+
+def check_webhook_project(secret_project: str | None, payload: Mapping[str, Any]) -> None:
+    """A delivery let in by a project's secret must be about that project (403 otherwise): a member who
+    reads one project's secret from Label Studio's webhook API cannot start work on another project."""
+    if secret_project is None:
+        return
+    if project_id(payload.get("project")) != secret_project:
+        raise BackendError(f"This webhook secret is project {secret_project}'s; the delivery names another "
+                           "project.", status_code=403)

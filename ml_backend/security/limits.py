@@ -6,8 +6,14 @@ webhooks and exports) call the size checks before allocating; every refusal is a
 otherwise) and a message naming the setting that raises the limit.
 
 * Body: JSON only (``Content-Type: application/json``: a cross-site ``text/plain`` form post
-  cannot reach a view), at most ``MAX_REQUEST_MB`` (Flask's ``MAX_CONTENT_LENGTH``), nesting at
-  most :data:`MAX_JSON_DEPTH`.
+  cannot reach a view), at most ``MAX_REQUEST_MB`` on the routes Label Studio sends tasks and
+  annotations to (:data:`LARGE_BODY_ROUTES`) and :data:`SMALL_BODY_BYTES` on the others (checked
+  before reading), nesting at most :data:`MAX_JSON_DEPTH`. Parsing JSON costs up to ~40 times the
+  text for empty objects and lists (``{"tasks":[{},{},...]}``), so before parsing a body may hold
+  at most one ``{`` or ``[`` per :data:`MIN_BYTES_PER_CONTAINER` bytes (Label Studio's JSON has one
+  per 20-40), which leaves short strings (~12 times) as the costliest body; and bodies being parsed
+  at once in a process total at most ``MAX_REQUEST_MB`` (:class:`ParseGate`), so threads do not
+  multiply that peak.
 * Batch ``/predict``: at most ``MAX_TASKS_PER_REQUEST`` tasks.
 * Interactive context: at most ``MAX_PROMPT_REGIONS`` rectangles and ``MAX_PROMPT_POINTS``
   keypoints; every number finite and within :data:`MAX_ABS_NUMBER` (a 400-digit integer, or
@@ -24,7 +30,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +44,10 @@ MAX_JSON_DEPTH = 64
 MAX_PROJECT_ID = 2**63 - 1
 DEFAULT_MAX_MASK_PIXELS = Settings().max_image_pixels
 RLE_HEADER_BYTES = 7
+SMALL_BODY_BYTES = 1 << 20  # /setup (a labeling config), /train, /versions, /preannotate: a few KB in practice
+LARGE_BODY_ROUTES = frozenset({"/predict", "/webhook", "/warmup"})  # tasks, annotations: MAX_REQUEST_MB
+MIN_BYTES_PER_CONTAINER = 8  # a body with more "{"/"[" than one per 8 bytes is refused unparsed
+FREE_CONTAINERS = 1024  # small bodies are never refused for density
 KEYPOINT_TYPES = frozenset({"keypointlabels", "keypoint"})
 RECTANGLE_TYPES = frozenset({"rectanglelabels", "rectangle"})
 
@@ -68,12 +80,91 @@ def body_too_large_message(limits: RequestLimits) -> str:
             "tasks per request or raise the limit.")
 
 
-def parse_json_body(content_type: str | None, body: bytes) -> dict:
-    """The JSON object in ``body``; only for a JSON content type (415 otherwise)."""
+def route_body_limit(path: str, limits: RequestLimits) -> int:
+    """The most bytes a body sent to ``path`` may hold."""
+    return limits.max_body_bytes if path in LARGE_BODY_ROUTES else min(SMALL_BODY_BYTES, limits.max_body_bytes)
+
+
+def before_request(limits: RequestLimits) -> Callable[[], object]:
+    """A Flask ``before_request`` hook: the route's body limit, applied before the body is read (413)."""
+    from flask import jsonify, request
+
+    def guard() -> object:
+        limit = route_body_limit(request.path, limits)
+        request.max_content_length = limit  # also bounds a body sent without Content-Length
+        if request.content_length is not None and request.content_length > limit:
+            shown = f"{limit >> 20} MB (MAX_REQUEST_MB)" if limit == limits.max_body_bytes else f"{limit >> 10} KB"
+            message = f"The request body is larger than {shown}, the most {request.path} takes."
+            return jsonify({"error": message, "status": 413}), 413
+        return None
+
+    return guard
+
+
+class ParseGate:
+    """Bodies being parsed at once total at most ``capacity`` bytes (one larger body runs alone).
+
+    Parsing is where a body's cost peaks (up to ~12 times its size after the density check);
+    without this, ``THREADS`` bodies at the limit would cost ``THREADS`` times that.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._in_use = 0
+
+    @contextmanager
+    def hold(self, size: int, capacity: int) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: self._in_use == 0 or self._in_use + size <= capacity)
+            self._in_use += size
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._in_use -= size
+                self._cond.notify_all()
+
+
+PARSE_GATE = ParseGate()
+
+
+def check_density(body: bytes) -> None:
+    """Refuse a body with more objects and lists than JSON Label Studio sends has, before parsing it."""
+    containers = body.count(b"{") + body.count(b"[")
+    if containers > len(body) // MIN_BYTES_PER_CONTAINER + FREE_CONTAINERS:
+        raise RequestLimitError(f"The request body holds {containers} JSON objects and lists in {len(body)} bytes: "
+                                f"more than one per {MIN_BYTES_PER_CONTAINER} bytes is refused unparsed (each "
+                                "costs ~70 bytes of memory once parsed).", status_code=413)
+
+
+def parse_json_body(content_type: str | None, body: bytes, limits: RequestLimits | None = None,
+                    check: Callable[[dict], object] | None = None) -> dict:
+    """The JSON object in ``body``; only for a JSON content type (415 otherwise), not denser in objects and
+    lists than :func:`check_density` allows, parsed within the process's :data:`PARSE_GATE`.
+
+    ``check`` (the route's count limits) runs inside the gate too: a refused body is freed before the next
+    one is parsed (a parse holds the GIL, so a refused body's objects would otherwise outlive it).
+    """
     mimetype = (content_type or "").split(";", 1)[0].strip().lower()
     if not (mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))):
         raise RequestLimitError("Send the request body as JSON with 'Content-Type: application/json' "
                                 f"(got {mimetype or 'no content type'!r}).", status_code=415)
+    check_density(body)
+    refused: RequestLimitError | None = None
+    with PARSE_GATE.hold(len(body), (limits or RequestLimits()).max_body_bytes):
+        try:
+            data = _loads(body)
+            _check_depth(data)
+            if check is not None:
+                check(data)
+        except RequestLimitError as exc:
+            refused, data = exc.with_traceback(None), None  # no frame keeps the parsed body alive
+    if refused is not None:
+        raise refused
+    return data
+
+
+def _loads(body: bytes) -> dict:
     try:
         data = json.loads(body)
     except RecursionError:
@@ -83,7 +174,6 @@ def parse_json_body(content_type: str | None, body: bytes) -> dict:
         raise RequestLimitError("The request body is not valid JSON.", status_code=400) from None
     if not isinstance(data, dict):
         raise RequestLimitError("The request body must be a JSON object.", status_code=400)
-    _check_depth(data)
     return data
 
 
@@ -238,6 +328,29 @@ def setup_token(value: Any) -> str | None:
             or " " in value.strip():
         raise RequestLimitError("'access_token' must be a Label Studio API token (printable ASCII).")
     return value.strip()
+
+
+# --- what the backend keeps ----------------------------------------------------------------------
+
+def compact_url(url: str) -> str:
+    """``url`` without the whitespace a base64 ``data:`` URI may be padded with (its decoder ignores it), so
+    the URI kept for later is no longer than its image needs; any other URL unchanged."""
+    if url[:5].lower() != "data:":
+        return url
+    header, sep, payload = url.partition(",")
+    if not sep or not header.lower().endswith(";base64"):
+        return url
+    return header + sep + "".join(payload.split())
+
+
+def url_key(url: str) -> str:
+    """``url`` as kept in a key (prompt state, caches): itself up to :data:`MAX_URL_CHARS` characters, else its
+    SHA-256, so a ``data:`` URI padded with whitespace to tens of MB costs 71 bytes wherever it is remembered."""
+    if len(url) <= MAX_URL_CHARS:
+        return url
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 # --- /warmup -------------------------------------------------------------------------------
