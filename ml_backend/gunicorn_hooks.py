@@ -51,8 +51,8 @@ def post_fork(server, worker) -> None:
 
 
 def on_exit(server) -> None:
-    """Remove the prompt state's ``/dev/shm`` folder (``ml_backend.prompt_state_files``)."""
-    from ml_backend.prompt_state_files import remove_shm_directory
+    """Remove the prompt state's ``/dev/shm`` folder (``ml_backend.prompt_state.files``)."""
+    from ml_backend.prompt_state.files import remove_shm_directory
     from ml_backend.settings import Settings, SettingsError
 
     try:
