@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 from ml_backend.errors import BackendError
 from ml_backend.retrain.spec import MIN_USABLE_PAIRS, QUEUE_NAME, JobSpec, NotEnoughData, TrainingJobError
+from ml_backend.security.private_folders import installation_token, private_directory
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,13 @@ WORK_ROOT_NAME = "sam-trimap-retrain"  # under the temporary folder: exported im
 Record = Callable[[int, str, dict[str, Any]], Any]  # (project, job id, outcome)
 
 
-def work_root() -> Path:
-    return Path(tempfile.gettempdir()) / WORK_ROOT_NAME
+def work_root(model_dir: str | Path) -> Path:
+    """Where running jobs export the project's images: a folder of the temporary folder that only this user can
+    enter (0700, this user's, not a link), named with the installation's random token kept in ``MODEL_DIR``, so
+    other users of the host can neither read the images nor plant some that would train the next model
+    (:mod:`ml_backend.security.private_folders`; raises ``UnsafeFolderError`` for a planted one)."""
+    token = installation_token(Path(model_dir))
+    return private_directory(Path(tempfile.gettempdir()) / f"{WORK_ROOT_NAME}-{token}")
 
 
 def remove_abandoned_work(model_dir: str | Path) -> list[str]:
@@ -54,7 +60,11 @@ def remove_abandoned_work(model_dir: str | Path) -> list[str]:
     from training.store import ModelStore
     from training.workdirs import remove_abandoned
 
-    removed = remove_abandoned(work_root())
+    try:
+        removed = remove_abandoned(work_root(model_dir))
+    except OSError as exc:
+        logger.warning("cannot look for abandoned training exports: %s", exc)
+        removed = []
     root = Path(model_dir)
     stores = [root, *sorted((root / "projects").glob("*"))] if root.is_dir() else []
     for store in stores:
@@ -92,7 +102,7 @@ def execute_training(spec: JobSpec, cancel: threading.Event | None = None) -> di
                             spec.boundary_width, spec.ground_truth_only, max_pixels=settings.max_image_pixels)
     loader = ImageLoader(settings)
     try:
-        with held_folder(work_root() / f"project-{spec.project}-{spec.job_id}") as data_dir:
+        with held_folder(work_root(settings.model_dir) / f"project-{spec.project}-{spec.job_id}") as data_dir:
             report = export_from_label_studio(data_dir, url=spec.label_studio_url, token=spec.token,
                                               project=spec.project, loader=loader, options=options)
             usable = len(report.written)
