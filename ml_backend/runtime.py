@@ -18,7 +18,7 @@ import numpy as np
 from ml_backend.embeddings.projects import image_key_of, project_images, task_image
 from ml_backend.embeddings.scheduler import EncodeJob, PreEncodeScheduler, project_id
 from ml_backend.embeddings.urls import UrlIndex
-from ml_backend.errors import BackendError, ModelSourceError
+from ml_backend.errors import BackendError, ModelSourceError, ModelUnavailableError
 from ml_backend.prompt_state import PromptMemory
 from ml_backend.sam.encode_gate import EncodeGate, Priority
 from ml_backend.sam.engine import ImageEmbedding, image_key
@@ -27,6 +27,7 @@ from ml_backend.settings import Settings
 logger = logging.getLogger(__name__)
 
 SAM_WAIT_S = 80.0  # Label Studio gives /predict 100 s: answer 503 "still loading" before that
+SAM_RETRY_AFTER_S = 60  # Retry-After of that answer
 # A first click queued for an encode is served while its answer still fits in Label Studio's 100 s,
 # less this much for downloading, decoding, the decoder and the JSON answer.
 ENCODE_ANSWER_WITHIN_S = 85.0
@@ -111,9 +112,11 @@ class Runtime:
     def sam(self, timeout_s: float | None = None):
         """The SAM engine, waiting for it to finish loading (less long than Label Studio waits for us)."""
         if not self._engine_ready.wait(SAM_WAIT_S if timeout_s is None else timeout_s):
-            raise BackendError("SAM is still loading; try again in a minute.", status_code=503)
-        if self._engine is None:
-            raise self._engine_error or ModelSourceError("SAM is not loaded.")
+            raise ModelUnavailableError("SAM is still loading; try again in a minute.", retry_after_s=SAM_RETRY_AFTER_S)
+        if self._engine is None:  # unavailable, not broken: 503 with the reason (a restart is needed, so no Retry-After)
+            reason = self._engine_error.message if self._engine_error else "SAM is not loaded."
+            raise ModelUnavailableError(f"SAM is unavailable: {reason} Fix the model settings (SAM_MODEL, SAM_DEVICE) "
+                                        "and restart the backend; batch pre-annotation works meanwhile.")
         return self._engine
 
     def sam_status(self) -> dict:
