@@ -31,6 +31,7 @@ from ml_backend.label_studio_api import api_get, api_request, iter_project_tasks
 logger = logging.getLogger(__name__)
 
 PREDICTIONS_PAGE_SIZE = 1000
+MAX_REFUSED_IN_A_ROW = 5  # predictions Label Studio refused one after the other: it is down, the job stops
 
 
 @dataclass
@@ -208,6 +209,7 @@ def _write_predictions(progress: ProjectProgress, context: JobContext, report: R
     tasks = list(iter_project_tasks(url, token, project))
     progress.total = len(tasks)
     report(progress)
+    refused_in_a_row = 0
     for task in tasks:
         if task.get("id") in done:
             progress.skipped += 1
@@ -220,8 +222,20 @@ def _write_predictions(progress: ProjectProgress, context: JobContext, report: R
             logger.warning("project %s task %s: no SAM 3 prediction: %s", project, task.get("id"), exc.message)
             report(progress)
             continue
-        api_request(url, token, "POST", "/api/predictions", json={
-            "task": task["id"], "result": prediction["result"], "score": prediction["score"],
-            "model_version": prediction["model_version"]})
+        try:
+            api_request(url, token, "POST", "/api/predictions", json={
+                "task": task["id"], "result": prediction["result"], "score": prediction["score"],
+                "model_version": prediction["model_version"]})
+        except BackendError as exc:  # that task's failure, not the project's: a later run writes it
+            progress.failed += 1
+            refused_in_a_row += 1
+            logger.warning("project %s task %s: Label Studio did not store its SAM 3 prediction: %s", project,
+                           task.get("id"), exc.message)
+            report(progress)
+            if refused_in_a_row >= MAX_REFUSED_IN_A_ROW:
+                raise BackendError(f"Label Studio refused {refused_in_a_row} predictions in a row (the last: "
+                                   f"{exc.message}); stopped, start the project again to write the rest") from exc
+            continue
+        refused_in_a_row = 0
         progress.written += 1
         report(progress)
