@@ -4,6 +4,8 @@
 * :mod:`ml_backend.security.auth`: who may call the backend (basic auth, the webhook secret, exposure).
 * :mod:`ml_backend.security.limits`: what a request may hold (sizes, counts, numbers, project ids).
 * :mod:`ml_backend.security.webhooks`: the webhook secret installed on Label Studio's side.
+* :mod:`ml_backend.security.private_folders`: folders in ``/tmp`` and ``/dev/shm`` other local users can
+  neither guess, read nor plant (0700, this user's, never through a symbolic link).
 
 SECURITY.md at the repository root states the threat model and the rules.
 """
