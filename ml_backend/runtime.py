@@ -113,7 +113,7 @@ class Runtime:
         """The SAM engine, waiting for it to finish loading (less long than Label Studio waits for us)."""
         if not self._engine_ready.wait(SAM_WAIT_S if timeout_s is None else timeout_s):
             raise ModelUnavailableError("SAM is still loading; try again in a minute.", retry_after_s=SAM_RETRY_AFTER_S)
-        if self._engine is None:  # unavailable, not broken: 503 with the reason (a restart is needed, so no Retry-After)
+        if self._engine is None:  # unavailable, not broken: 503 with the reason (no Retry-After: it needs a restart)
             reason = self._engine_error.message if self._engine_error else "SAM is not loaded."
             raise ModelUnavailableError(f"SAM is unavailable: {reason} Fix the model settings (SAM_MODEL, SAM_DEVICE) "
                                         "and restart the backend; batch pre-annotation works meanwhile.")

@@ -585,14 +585,16 @@ class ReplaceableImage:
     def __call__(self, handler) -> None:
         etag = f'"v{self.version}"'
         modified = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(1_700_000_000 + self.version))
-        asked = {name: handler.headers[name] for name in ("If-None-Match", "If-Modified-Since") if name in handler.headers}
+        asked = {name: handler.headers[name] for name in ("If-None-Match", "If-Modified-Since")
+                 if name in handler.headers}
         self.conditions.append(asked)
         headers = {"Content-Type": "image/png"}
         if "etag" in self.kinds:
             headers["ETag"] = etag
         if "last-modified" in self.kinds:
             headers["Last-Modified"] = modified
-        if asked.get("If-None-Match") == etag or ("If-None-Match" not in asked and asked.get("If-Modified-Since") == modified):
+        if asked.get("If-None-Match") == etag or (
+                "If-None-Match" not in asked and asked.get("If-Modified-Since") == modified):
             self.not_modified += 1
             reply(handler, 304, b"", headers, length=False)
         else:

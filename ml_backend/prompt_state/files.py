@@ -112,7 +112,8 @@ class FileStorage:
 
     def _make_directory(self) -> None:
         """Also after the folder vanished under a running backend (a cleaner of /dev/shm, systemd's RemoveIPC).
-        Raises :class:`~ml_backend.security.private_folders.UnsafeFolderError` for a folder other users could read or fill."""
+        Raises :class:`~ml_backend.security.private_folders.UnsafeFolderError` for a folder other users could
+        read or fill."""
         private_directory(self.directory)  # other users of the host read no prompts nor plant objects
         private_directory(self.directory / "locks")
 
