@@ -172,10 +172,11 @@ class Runtime:
         key = self.url_index.lookup(url, validator)
         if key is not None and (embedding := engine.cached(key)) is not None:
             return embedding
-        # Most likely a new image: when the queue is already too long, refuse before spending seconds on
-        # downloading, decoding and hashing it, so an overloaded backend answers at once.
-        self.encode_gate.check()
-        embedding = self.embed(self.load_image(url, task_id))
+        # Most likely a new image: when the queue (with the first clicks still preparing theirs) is already too
+        # long, refuse before spending seconds on downloading, decoding and hashing it: answered at once.
+        with self.encode_gate.preparing():
+            image = self.load_image(url, task_id)
+        embedding = self.embed(image)
         self.url_index.remember(url, embedding.key, validator)
         return embedding
 

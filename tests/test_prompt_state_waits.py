@@ -121,3 +121,20 @@ def test_a_click_waiting_for_its_encode_holds_no_prompt_state_and_other_tasks_go
         release.set()
         first.join(60)
     assert answers["slow"].status_code == 200, answers["slow"].json
+
+
+def test_first_clicks_preparing_their_images_count_as_queued_so_the_next_is_refused_at_once() -> None:
+    from ml_backend.sam.encode_gate import EncodeBusyError, EncodeGate
+
+    now = [0.0]
+    gate = EncodeGate(slots=1, max_wait_s=25, clock=lambda: now[0])
+    with gate.slot():  # one encode measured: 10 s
+        now[0] += 10
+    with gate.slot():  # one running, just started: a slot frees in 10 s
+        with gate.preparing():  # a first click downloading its image: its encode ends in 20 s
+            with gate.preparing():  # the next one's would start in 20 s: within 25 s
+                with pytest.raises(EncodeBusyError, match="2 waiting, about 30 s of work ahead"):
+                    with gate.preparing():  # the third's in 30 s: refused before it downloads anything
+                        pass
+        with gate.preparing():  # the others went on (or gave up): room again
+            pass

@@ -100,6 +100,7 @@ class EncodeGate:
         self._arrivals = itertools.count()
         self._active: dict[int, float] = {}  # arrival number -> start time of the encodes running now
         self._mean_s: float | None = None
+        self._preparing = 0  # interactive callers admitted by :meth:`preparing`, still downloading or decoding
         self.counters = GateCounters()
 
     # --- the estimate ---------------------------------------------------------------
@@ -170,6 +171,24 @@ class EncodeGate:
             if estimate is not None and estimate > self.max_wait_s:
                 self.counters.refused_at_once += 1
                 raise self._refusal(ahead, estimate, self.max_wait_s)
+
+    @contextmanager
+    def preparing(self) -> Iterator[None]:
+        """:meth:`check` for an interactive caller, which then counts as queued while it prepares its encode
+        (download, decoding): first clicks arriving together are refused at once, not each after preparing an
+        image whose encode would then be refused (seconds per 4000x3000 image on a busy CPU)."""
+        with self._cond:
+            ahead = self._ahead_locked(int(Priority.INTERACTIVE)) + self._preparing
+            estimate = self._estimate_locked(ahead)
+            if estimate is not None and estimate > self.max_wait_s:
+                self.counters.refused_at_once += 1
+                raise self._refusal(ahead, estimate, self.max_wait_s)
+            self._preparing += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._preparing -= 1
 
     @contextmanager
     def slot(self, priority: Priority = Priority.INTERACTIVE, *, max_wait_s: float | None | object = _DEFAULT
