@@ -166,11 +166,14 @@ class EncodeGate:
         """Raise :class:`EncodeBusyError` now if a caller arriving now would be refused (nothing is queued):
         lets a caller skip expensive preparation (download, decoding) of an encode it would not get."""
         with self._cond:
-            ahead = self._ahead_locked(int(priority))
-            estimate = self._estimate_locked(ahead)
-            if estimate is not None and estimate > self.max_wait_s:
-                self.counters.refused_at_once += 1
-                raise self._refusal(ahead, estimate, self.max_wait_s)
+            self._check_locked(int(priority))
+
+    def _check_locked(self, priority: int) -> None:
+        ahead = self._ahead_locked(priority) + self._preparing
+        estimate = self._estimate_locked(ahead)
+        if estimate is not None and estimate > self.max_wait_s:
+            self.counters.refused_at_once += 1
+            raise self._refusal(ahead, estimate, self.max_wait_s)
 
     @contextmanager
     def preparing(self) -> Iterator[None]:
@@ -178,11 +181,7 @@ class EncodeGate:
         (download, decoding): first clicks arriving together are refused at once, not each after preparing an
         image whose encode would then be refused (seconds per 4000x3000 image on a busy CPU)."""
         with self._cond:
-            ahead = self._ahead_locked(int(Priority.INTERACTIVE)) + self._preparing
-            estimate = self._estimate_locked(ahead)
-            if estimate is not None and estimate > self.max_wait_s:
-                self.counters.refused_at_once += 1
-                raise self._refusal(ahead, estimate, self.max_wait_s)
+            self._check_locked(int(Priority.INTERACTIVE))
             self._preparing += 1
         try:
             yield
