@@ -212,3 +212,11 @@ def test_the_derived_shm_folder_is_private_and_named_by_the_token(tmp_path: Path
     assert directory == shm / f"{prompt_files.SHM_PREFIX}{installation_token(tmp_path / 'models')}"
     FileStorage(directory, **LIMITS)
     assert is_private(directory) and is_private(directory / "locks")
+
+
+def test_a_backend_start_makes_no_folder_in_tmp(tmp_path: Path, monkeypatch) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(jobs.tempfile, "gettempdir", lambda: str(temp))
+    assert jobs.remove_abandoned_work(tmp_path / "models") == []  # what a backend or RQ worker does at start
+    assert list(temp.iterdir()) == [] and not (tmp_path / "models" / private_folders.TOKEN_FILE).exists()

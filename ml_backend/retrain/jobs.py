@@ -46,13 +46,16 @@ WORK_ROOT_NAME = "sam-trimap-retrain"  # under the temporary folder: exported im
 Record = Callable[[int, str, dict[str, Any]], Any]  # (project, job id, outcome)
 
 
-def work_root(model_dir: str | Path) -> Path:
+def work_root(model_dir: str | Path, *, create: bool = True) -> Path | None:
     """Where running jobs export the project's images: a folder of the temporary folder that only this user can
     enter (0700, this user's, not a link), named with the installation's random token kept in ``MODEL_DIR``, so
     other users of the host can neither read the images nor plant some that would train the next model
-    (:mod:`ml_backend.security.private_folders`; raises ``UnsafeFolderError`` for a planted one)."""
-    token = installation_token(Path(model_dir))
-    return private_directory(Path(tempfile.gettempdir()) / f"{WORK_ROOT_NAME}-{token}")
+    (:mod:`ml_backend.security.private_folders`; raises ``UnsafeFolderError`` for a planted one). Without
+    ``create``: None when the installation has no token yet (no job ever ran)."""
+    token = installation_token(Path(model_dir), create=create)
+    if token is None:
+        return None
+    return private_directory(Path(tempfile.gettempdir()) / f"{WORK_ROOT_NAME}-{token}", create=create)
 
 
 def remove_abandoned_work(model_dir: str | Path) -> list[str]:
@@ -61,7 +64,8 @@ def remove_abandoned_work(model_dir: str | Path) -> list[str]:
     from training.workdirs import remove_abandoned
 
     try:
-        removed = remove_abandoned(work_root(model_dir))
+        root = work_root(model_dir, create=False)  # a backend start makes nothing in /tmp
+        removed = remove_abandoned(root) if root is not None else []
     except OSError as exc:
         logger.warning("cannot look for abandoned training exports: %s", exc)
         removed = []
