@@ -78,7 +78,7 @@ def run(quick: bool, clicks: int, shared_prompt_state: bool = False, prompt_stat
 
     from ml_backend.app import create_app
     from ml_backend.prompt_state import PromptMemory
-    from ml_backend.prompt_state_files import state_directory
+    from ml_backend.prompt_state.files import state_directory
     from ml_backend.runtime import Runtime
     from ml_backend.sam import SamEngine
     from benchmarks.sam import base_architecture, quick_architecture, synthetic_image

@@ -340,11 +340,19 @@ def run_config(workdir: Path, preset: Path, workers: int, work: Workload, env_ex
     }
 
 
-def run(quick: bool, workers: list[int], work: Workload, env_extra: dict[str, str], preset_dir: Path | None) -> dict:
+def run(quick: bool, workers: list[int], work: Workload, env_extra: dict[str, str], preset_dir: Path | None,
+        log_dir: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="load-bench-") as tmp:
         workdir = Path(tmp)
         preset = build_preset(preset_dir or workdir / "preset", quick)
-        configs = [run_config(workdir, preset, n, work, env_extra) for n in workers]
+        configs = []
+        for n in workers:
+            try:
+                configs.append(run_config(workdir, preset, n, work, env_extra))
+            finally:
+                if log_dir is not None and (log := workdir / f"backend-w{n}.log").is_file():
+                    log_dir.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(log, log_dir / log.name)
     return {"model": "quick (small random SAM)" if quick else "base (vit_b shapes, random weights)",
             "image": f"{work.width}x{work.height} JPEG", "annotators": work.annotators,
             "images_per_annotator": work.images, "refinements": work.refinements, "think_s": work.think_s,
@@ -394,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encode-queue-timeout", type=float,
                         help="ENCODE_QUEUE_TIMEOUT_S for the run (default: the backend's, 45)")
     parser.add_argument("--preset-dir", type=Path, help="keep the random SAM preset here and reuse it")
+    parser.add_argument("--log-dir", type=Path, help="keep the backend's log of each run here (backend-w<N>.log)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -409,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.encode_queue_timeout is not None:
         env_extra["ENCODE_QUEUE_TIMEOUT_S"] = str(args.encode_queue_timeout)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the backend on the way out
-    report = run(args.quick, workers, work, env_extra, args.preset_dir)
+    report = run(args.quick, workers, work, env_extra, args.preset_dir, args.log_dir)
     if args.json:
         print(json.dumps(report))
     else:

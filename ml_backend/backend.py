@@ -99,11 +99,13 @@ class SegmentationBackend(LabelStudioMLBase):
         url, task_id = self._task_image_url(task)
         memory = self.runtime.prompt_state
         key = task_key(self.project, task, url)
+        memory.plan(key, request, task)  # a click with nothing to segment is refused before any download or encode
+        engine = self.runtime.sam()
+        # Not held: the encode may wait for other tasks' encodes, and this task's next click must not wait for it.
+        embedding = self.runtime.task_embedding(url, task_id)
         with memory.hold(key):  # the next click on this task, in any worker process, plans after this one
             plan = memory.plan(key, request, task)
             self.request_kind = "further_click" if plan.state.regions else "first_click"
-            engine = self.runtime.sam()
-            embedding = self.runtime.task_embedding(url, task_id)
             height, width = embedding.geometry.original_size
             results, scores, answered = [], [], []
             for region in plan.regions:

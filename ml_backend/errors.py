@@ -37,6 +37,17 @@ class ModelSourceError(BackendError):
     status_code = 500
 
 
+class ModelUnavailableError(BackendError):
+    """A model this request needs is not serving (still loading, or its load failed): HTTP 503, not a broken
+    request nor a crash. ``retry_after_s`` (the ``Retry-After`` header) only when waiting may help."""
+
+    status_code = 503
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class ImageFetchError(BackendError):
     """An image URL that is refused, missing, too large or too slow."""
 

@@ -79,10 +79,10 @@ def post_fork(server, worker) -> None:
 
 
 def on_exit(server) -> None:
-    """Remove the prompt state's ``/dev/shm`` folder (``ml_backend.prompt_state_files``) and the metrics folder."""
+    """Remove the prompt state's ``/dev/shm`` folder (``ml_backend.prompt_state.files``) and the metrics folder."""
     if folder := os.environ.get(METRICS_DIR_ENV):  # first: the imports below take seconds on a busy machine
         shutil.rmtree(folder, ignore_errors=True)
-    from ml_backend.prompt_state_files import remove_shm_directory
+    from ml_backend.prompt_state.files import remove_shm_directory
     from ml_backend.settings import Settings, SettingsError
 
     try:

@@ -21,7 +21,7 @@ from ml_backend.embeddings.jobs import IN_FLIGHT, RQEncoder
 from ml_backend.embeddings.projects import image_key_of, project_images, task_image
 from ml_backend.embeddings.scheduler import EncodeJob, PreEncodeScheduler, project_id
 from ml_backend.embeddings.urls import UrlIndex
-from ml_backend.errors import BackendError, ModelSourceError
+from ml_backend.errors import BackendError, ModelSourceError, ModelUnavailableError
 from ml_backend.images import ImageLoader
 from ml_backend.label_studio_api import LabelStudioAccess
 from ml_backend.preannotation import TrimapPredictor, trimap_model_version
@@ -41,6 +41,10 @@ from ml_backend.settings import Settings
 logger = logging.getLogger(__name__)
 
 SAM_WAIT_S = 80.0  # Label Studio gives /predict 100 s: answer 503 "still loading" before that
+SAM_RETRY_AFTER_S = 60  # Retry-After of that answer
+# A first click queued for an encode is served while its answer still fits in Label Studio's 100 s,
+# less this much for downloading, decoding, the decoder and the JSON answer.
+ENCODE_ANSWER_WITHIN_S = 85.0
 PREENCODE_SAM_WAIT_S = 3600.0  # background work waits for SAM to load
 WARMUP_PROJECT = 0  # /warmup with bare tasks: their progress shows under project "0"
 # Set while a project job runs on this thread: the priority its SAM 3 work takes in the encode gate.
@@ -114,9 +118,11 @@ class Runtime:
     def sam(self, timeout_s: float | None = None):
         """The SAM engine, waiting for it to finish loading (less long than Label Studio waits for us)."""
         if not self._engine_ready.wait(SAM_WAIT_S if timeout_s is None else timeout_s):
-            raise BackendError("SAM is still loading; try again in a minute.", status_code=503)
-        if self._engine is None:
-            raise self._engine_error or ModelSourceError("SAM is not loaded.")
+            raise ModelUnavailableError("SAM is still loading; try again in a minute.", retry_after_s=SAM_RETRY_AFTER_S)
+        if self._engine is None:  # unavailable, not broken: 503 with the reason (no Retry-After: it needs a restart)
+            reason = self._engine_error.message if self._engine_error else "SAM is not loaded."
+            raise ModelUnavailableError(f"SAM is unavailable: {reason} Fix the model settings (SAM_MODEL, SAM_DEVICE) "
+                                        "and restart the backend; batch pre-annotation works meanwhile.")
         return self._engine
 
     def sam_status(self) -> dict:
@@ -176,10 +182,11 @@ class Runtime:
         if key is not None and (embedding := engine.cached(key)) is not None:
             metrics.embedding_lookup(True, Priority.INTERACTIVE.name.lower())
             return embedding
-        # Most likely a new image: when the queue is already too long, refuse before spending seconds on
-        # downloading, decoding and hashing it, so an overloaded backend answers at once.
-        self.encode_gate.check()
-        embedding = self.embed(self.load_image(url, task_id))
+        # Most likely a new image: when the queue (with the first clicks still preparing theirs) is already too
+        # long, refuse before spending seconds on downloading, decoding and hashing it: answered at once.
+        with self.encode_gate.preparing():
+            image = self.load_image(url, task_id)
+        embedding = self.embed(image)
         self.url_index.remember(url, embedding.key, validator)
         return embedding
 

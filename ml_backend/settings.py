@@ -142,7 +142,7 @@ class Settings:
     preencode_max_tasks: int = 5000  # tasks listed per project when it connects
     preencode_log_every: int = 10  # a progress line per project every N images
     preencode_executor: str = "local"  # local: a thread of each backend process; rq: RQ workers (REDIS_URL)
-    url_key_ttl_s: float = 600.0  # an http(s) image URL is re-read after this long (local files: by mtime/size)
+    url_key_ttl_s: float = 600.0  # an http(s) image is asked for again (if changed) after this long (files: mtime)
     # --- training that cannot run away; per-project models (training-projects) ---
     retrain_backoff_min: float = 5.0  # first retry after a failed training; doubles per failure
     retrain_backoff_max_min: float = 360.0
@@ -178,7 +178,7 @@ class Settings:
     max_warmup_tasks: int = 1000
     # --- prompt state shared by the worker processes (shared-prompts) ---
     prompt_state_shared: str = "auto"  # auto: when WORKERS > 1; on; off (each process keeps its own)
-    prompt_state_dir: str = ""  # empty: /dev/shm/sam-trimap-prompts-<hash of MODEL_DIR>, else MODEL_DIR/prompt-state
+    prompt_state_dir: str = ""  # empty: /dev/shm/sam-trimap-prompts-<MODEL_DIR's token>, else MODEL_DIR/prompt-state
     # --- operators' view: Prometheus metrics and the dashboard (ops) ---
     metrics_public: bool = False  # serve /metrics without credentials (a Prometheus on a private network)
 

@@ -20,7 +20,7 @@ import numpy as np
 from ml_backend.errors import InvalidPromptError
 from ml_backend.labeling import parse_label_config, read_context
 from ml_backend.prompt_state import ObjectState, PromptMemory, RegionMemory, TaskKey, task_key
-from ml_backend.prompt_state_files import FileStorage
+from ml_backend.prompt_state.files import FileStorage
 
 LIMITS = {"max_bytes": 64 << 20, "max_entries": 100, "ttl_s": 900.0}
 HAMMER_KEY = TaskKey(project="1", task="1", image="/data/upload/1/a.png")

@@ -262,7 +262,8 @@ def run_healthchecks(server: Server) -> dict[str, int]:
     return codes
 
 
-def test_ready_and_the_healthchecks_fail_while_sam_failed_to_load_but_health_stays_up(backends: Backends) -> None:
+def test_ready_and_the_healthchecks_fail_and_clicks_get_503_while_sam_failed_to_load_but_health_stays_up(
+        backends: Backends) -> None:
     server = backends.start(SAM_MODEL=str(backends.tmp_path / "no-such-model.pth"))
     wait_for(lambda: (a := get(server, "/health")) is not None and a.json()["sam"]["state"] == "failed", 400,
              "SAM to fail", server.log)
@@ -270,6 +271,10 @@ def test_ready_and_the_healthchecks_fail_while_sam_failed_to_load_but_health_sta
     ready = get(server, "/ready")
     assert ready.status_code == 503 and ready.json() == {"ready": False, "sam": "failed"}
     assert set(run_healthchecks(server).values()) == {1}
+    answer = click(server)  # unavailable, not broken: 503 with the reason, no Retry-After (a restart is needed)
+    assert answer.status_code == 503 and "Retry-After" not in answer.headers
+    assert answer.json()["error"].startswith("SAM is unavailable: ") and "no-such-model.pth" in answer.json()["error"]
+    assert "restart the backend" in answer.json()["error"] and "Internal error" not in answer.text
 
 
 def test_ready_answers_503_while_sam_is_loading(tmp_path: Path, monkeypatch) -> None:

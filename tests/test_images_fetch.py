@@ -478,16 +478,16 @@ def test_failed_downloads_are_not_cached(tmp_path, server):
 
 
 def test_cache_evicts_least_recently_used_beyond_budget(tmp_path):
-    cache = DownloadCache(tmp_path / "c", 250)
-    cache.put("a", b"a" * 100)
+    cache = DownloadCache(tmp_path / "c", 450)
+    cache.put("a", b"a" * 100)  # each file: a header of ~90 bytes, then the bytes
     cache.put("b", b"b" * 100)
-    assert cache.get("a") == b"a" * 100  # a is now more recent than b
-    cache.put("c", b"c" * 100)  # 300 > 250: the least recently used (b) goes
+    assert cache.get("a").data == b"a" * 100  # a is now more recent than b
+    cache.put("c", b"c" * 100)  # over 450: the least recently used (b) goes
     assert cache.get("b") is None
-    assert cache.get("a") == b"a" * 100 and cache.get("c") == b"c" * 100
+    assert cache.get("a").data == b"a" * 100 and cache.get("c").data == b"c" * 100
     cache.put("huge", b"h" * 1000)  # larger than the whole budget: not stored, nothing evicted
     assert cache.get("huge") is None and cache.get("a") is not None
-    assert sum(p.stat().st_size for p in (tmp_path / "c").iterdir()) <= 250
+    assert sum(p.stat().st_size for p in (tmp_path / "c").iterdir()) <= 450
 
 
 def test_cache_survives_concurrent_writers(tmp_path):
@@ -504,7 +504,7 @@ def test_cache_survives_concurrent_writers(tmp_path):
     for thread in threads:
         thread.join(timeout=30)
     stored = {key: cache.get(key) for key in payloads}
-    assert all(value is None or value == payloads[key] for key, value in stored.items())  # never half a file
+    assert all(value is None or value.data == payloads[key] for key, value in stored.items())  # never half a file
     assert sum(p.stat().st_size for p in (tmp_path / "c").iterdir()) <= 10_000
     assert any(value is not None for value in stored.values())
 
@@ -518,6 +518,8 @@ def _write_entries(directory: str, worker: int) -> None:
 def test_cache_is_shared_safely_by_processes(tmp_path):
     import multiprocessing
 
+    from ml_backend.images.cache import _parse
+
     context = multiprocessing.get_context("fork")
     workers = [context.Process(target=_write_entries, args=(str(tmp_path / "c"), n)) for n in range(1, 4)]
     for worker in workers:
@@ -529,7 +531,7 @@ def test_cache_is_shared_safely_by_processes(tmp_path):
     assert files and not [f for f in files if f.name.startswith(".tmp-")]
     assert sum(f.stat().st_size for f in files) <= 5_000
     for f in files:  # every file is whole: one worker's byte, at one of the lengths it wrote
-        data = f.read_bytes()
+        data = _parse(f.read_bytes()).data
         assert len(set(data)) == 1 and 300 <= len(data) < 340
 
 
@@ -562,3 +564,79 @@ def test_relative_local_files_url_is_read_from_disk_without_a_label_studio_url(t
     assert loader.local_file("/data/local-files/?d=dir/in.png") == files / "dir" / "in.png"
     with pytest.raises(ImageFetchError, match="LABEL_STUDIO_URL"):  # not on this disk: only Label Studio has it
         loader.load("/data/local-files/?d=dir/elsewhere.png")
+
+
+# --- an image replaced at the same URL (issue 21, item 10) ---
+
+
+class ReplaceableImage:
+    """A route serving ``self.png``, which a test replaces, with the validators ``kinds`` names ("etag",
+    "last-modified"), honouring ``If-None-Match``/``If-Modified-Since`` with a bodiless 304; records the
+    conditions of each request."""
+
+    def __init__(self, kinds: tuple[str, ...]) -> None:
+        self.png, self.version, self.kinds = png_bytes((10, 200, 30)), 1, kinds
+        self.conditions: list[dict[str, str]] = []
+        self.not_modified = 0
+
+    def replace(self, color) -> None:
+        self.png, self.version = png_bytes(color), self.version + 1
+
+    def __call__(self, handler) -> None:
+        etag = f'"v{self.version}"'
+        modified = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(1_700_000_000 + self.version))
+        asked = {name: handler.headers[name] for name in ("If-None-Match", "If-Modified-Since")
+                 if name in handler.headers}
+        self.conditions.append(asked)
+        headers = {"Content-Type": "image/png"}
+        if "etag" in self.kinds:
+            headers["ETag"] = etag
+        if "last-modified" in self.kinds:
+            headers["Last-Modified"] = modified
+        if asked.get("If-None-Match") == etag or (
+                "If-None-Match" not in asked and asked.get("If-Modified-Since") == modified):
+            self.not_modified += 1
+            reply(handler, 304, b"", headers, length=False)
+        else:
+            reply(handler, 200, self.png, headers)
+
+
+@pytest.mark.parametrize("kinds", [("etag",), ("last-modified",), ("etag", "last-modified"), ()])
+def test_an_image_replaced_at_its_url_is_read_anew_after_url_key_ttl(tmp_path, server, kinds):
+    route = server.routes["GET", "/data/upload/1/r.png"] = ReplaceableImage(kinds)
+    within_ttl = make_loader(tmp_path, server, cache_bytes=MiB, url_key_ttl_s=3600.0)
+    assert within_ttl.load("/data/upload/1/r.png")[0, 0].tolist() == [10, 200, 30]
+    route.replace((200, 10, 30))
+    assert within_ttl.load("/data/upload/1/r.png")[0, 0].tolist() == [10, 200, 30]  # cached: no request
+    assert len(route.conditions) == 1
+
+    expired = make_loader(tmp_path, server, cache_bytes=MiB, url_key_ttl_s=0.0)  # every read is past the TTL
+    assert expired.load("/data/upload/1/r.png")[0, 0].tolist() == [200, 10, 30]  # the new picture
+    assert expired.load("/data/upload/1/r.png")[0, 0].tolist() == [200, 10, 30]
+    asked = route.conditions[1:]
+    if kinds:  # asked only "if changed", with what the server gave; unchanged: 304 and the cached bytes
+        expected = {**({"If-None-Match": '"v1"'} if "etag" in kinds else {}),
+                    **({"If-Modified-Since": "Tue, 14 Nov 2023 22:13:21 GMT"} if "last-modified" in kinds else {})}
+        assert asked[0] == expected and asked[1] != {} and route.not_modified == 1
+    else:  # no validator: downloaded again
+        assert asked == [{}, {}] and route.not_modified == 0
+    assert within_ttl.load("/data/upload/1/r.png")[0, 0].tolist() == [200, 10, 30]  # the cache holds the new one
+
+
+def test_a_replaced_http_image_gets_a_new_embedding(tmp_path, server, tiny_segmenter):
+    from ml_backend.runtime import Runtime
+    from ml_backend.sam import SamEngine
+
+    route = server.routes["GET", "/data/upload/1/r.png"] = ReplaceableImage(("etag",))
+    route.png = png_bytes((10, 200, 30), size=(64, 48))
+    settings = Settings(label_studio_url=server.ls_url, label_studio_api_key=LEGACY, image_cache_dir=tmp_path / "cache",
+                        model_dir=tmp_path / "models", url_key_ttl_s=0.0)
+    engine = SamEngine(tiny_segmenter, source="tiny")
+    runtime = Runtime(settings, engine=engine)
+    first = runtime.task_embedding("/data/upload/1/r.png")
+    assert runtime.task_embedding("/data/upload/1/r.png").key == first.key and route.not_modified == 1
+    assert engine.images_encoded == 1  # unchanged (304): the cached bytes, the known embedding
+    route.replace((200, 10, 30))
+    route.png = png_bytes((200, 10, 30), size=(64, 48))
+    second = runtime.task_embedding("/data/upload/1/r.png")
+    assert second.key != first.key and engine.images_encoded == 2

@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("app", ("ml_backend.app", "ml_backend.dashboard")),
     ("backend", ("ml_backend.backend",)),
     ("runtime", ("ml_backend.runtime",)),
-    ("services", ("ml_backend.sam3", "ml_backend.prompt_state", "ml_backend.prompt_state_files",
+    ("services", ("ml_backend.sam3", "ml_backend.prompt_state",
                   "ml_backend.embeddings", "ml_backend.retrain", "ml_backend.webhook_secret")),
     ("labeling", ("ml_backend.labeling",)),
     ("sam", ("ml_backend.sam",)),
@@ -37,9 +37,6 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("training", ("training",)),  # knows nothing of Label Studio: never imports ml_backend
 ]
 
-# TODO(merge, issue 24): the prompt state's memory and file storages import each other; the prompt_state/
-# package (rules, memory storage, file storage) ends this cycle. Delete this entry once it is merged.
-ALLOWED_CYCLES = [{"ml_backend.prompt_state", "ml_backend.prompt_state_files"}]
 
 
 def modules() -> dict[str, Path]:
@@ -142,7 +139,7 @@ def test_no_module_imports_a_higher_layer() -> None:
 
 
 def test_no_import_cycles() -> None:
-    found = [sorted(component) for component in cycles(imports(modules())) if component not in ALLOWED_CYCLES]
+    found = [sorted(component) for component in cycles(imports(modules()))]
     assert not found, f"import cycles: {found}"
 
 
@@ -152,4 +149,3 @@ def test_the_check_sees_an_upward_import_and_a_cycle() -> None:
     assert cycles(graph) == [{"ml_backend.settings", "ml_backend.app"}]
     assert layer_of("ml_backend.settings") > layer_of("ml_backend.app")
     assert layer_of("ml_backend.sam3.worker") < layer_of("ml_backend.sam3.job") < layer_of("ml_backend.sam.engine")
-    assert layer_of("ml_backend.prompt_state.files") == layer_of("ml_backend.prompt_state_files")

@@ -1,4 +1,4 @@
-"""The prompt-state rules (ml_backend/prompt_state.py), each from the exact bodies the real editor made
+"""The prompt-state rules (ml_backend/prompt_state/rules.py), each from the exact bodies the real editor made
 Label Studio 1.23.2 send to /predict (tests/fixtures/editor, recorded by the recording proxy of
 tests/e2e/test_browser_e2e.py between Label Studio and the backend, in headless Chromium).
 
@@ -21,7 +21,7 @@ import pytest
 from ml_backend.errors import InvalidPromptError
 from ml_backend.labeling import parse_label_config, read_context
 from ml_backend.prompt_state import MemoryStorage, Plan, PromptMemory, TaskKey, task_key
-from ml_backend.prompt_state_files import FileStorage
+from ml_backend.prompt_state.files import FileStorage
 from ml_backend.sam.prompts import NEGATIVE, POSITIVE
 
 FIXTURES = Path(__file__).parent / "fixtures" / "editor"

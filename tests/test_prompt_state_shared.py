@@ -1,4 +1,4 @@
-"""The prompt state shared by worker processes (ml_backend/prompt_state_files.py): clicks of one annotator
+"""The prompt state shared by worker processes (ml_backend/prompt_state/files.py): clicks of one annotator
 reaching different processes build one object; files never tear; bounds hold on the folder; a bad file is
 no object, never an error. The rules themselves run on both storages in tests/test_prompt_state.py."""
 
@@ -21,7 +21,7 @@ from test_prompt_state import Clock, body, items
 from ml_backend.errors import InvalidPromptError
 from ml_backend.labeling import parse_label_config, read_context
 from ml_backend.prompt_state import MemoryStorage, PromptMemory, task_key
-from ml_backend.prompt_state_files import SUFFIX, FileStorage, encode, state_directory
+from ml_backend.prompt_state.files import SUFFIX, FileStorage, encode, state_directory
 from ml_backend.settings import Settings, SettingsError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,7 +121,7 @@ def test_concurrent_read_modify_writes_lose_nothing_and_never_tear(tmp_path: Pat
     warnings: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = warnings.append
-    logging.getLogger("ml_backend.prompt_state_files").addHandler(handler)
+    logging.getLogger("ml_backend.prompt_state").addHandler(handler)
     try:
         while any(w.poll() is None for w in writers):
             state = reader.load(HAMMER_KEY)  # unheld, as a torn file would show
@@ -130,7 +130,7 @@ def test_concurrent_read_modify_writes_lose_nothing_and_never_tear(tmp_path: Pat
                 assert np.all(region.answered == region.answered.flat[0]) and region.answered.shape == (256, 256)
                 reads += 1
     finally:
-        logging.getLogger("ml_backend.prompt_state_files").removeHandler(handler)
+        logging.getLogger("ml_backend.prompt_state").removeHandler(handler)
     assert [w.wait(60) for w in writers] == [0, 0, 0]
     assert warnings == [] and reads > 0
     final = reader.load(HAMMER_KEY)
@@ -246,7 +246,7 @@ def test_a_damaged_file_is_no_object_with_a_warning(tmp_path: Path, damage: str,
         path.write_bytes(with_meta(groups=[{"group": ["click", ["cat"]], "items": [{"kind": "point", "x": "a"}]}]))
     else:
         path.write_bytes(with_meta(format=99))
-    with caplog.at_level(logging.WARNING, logger="ml_backend.prompt_state_files"):
+    with caplog.at_level(logging.WARNING, logger="ml_backend.prompt_state"):
         assert memory.get(plan.key) is None
         with pytest.raises(InvalidPromptError, match="click the object"):  # the 422 of rule 3, never a 500
             send(memory, body("background_alone"), 2.0)
@@ -306,7 +306,7 @@ def test_the_settings_choose_the_storage(tmp_path: Path) -> None:
 
 
 def test_a_small_dev_shm_is_not_used(tmp_path: Path, monkeypatch) -> None:
-    from ml_backend import prompt_state_files
+    from ml_backend.prompt_state import files as prompt_state_files
 
     settings = Settings.from_env({"MODEL_DIR": str(tmp_path / "models"), "PROMPT_STATE_MB": "64"})
     monkeypatch.setattr(prompt_state_files, "_free_bytes", lambda folder: 64 << 20)  # Docker's default shm_size
@@ -317,10 +317,9 @@ def test_a_small_dev_shm_is_not_used(tmp_path: Path, monkeypatch) -> None:
 
 @pytest.mark.parametrize("kind", ["memory", "files"])
 def test_a_click_held_up_too_long_goes_on_with_a_warning(tmp_path: Path, monkeypatch, caplog, kind: str) -> None:
-    from ml_backend import prompt_state, prompt_state_files
+    from ml_backend.prompt_state import locking
 
-    monkeypatch.setattr(prompt_state, "LOCK_TIMEOUT_S", 0.2)
-    monkeypatch.setattr(prompt_state_files, "LOCK_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(locking, "LOCK_TIMEOUT_S", 0.2)
     memory = shared(tmp_path) if kind == "files" else PromptMemory(**LIMITS)
     key = task_key(1, {"id": 1}, "u")
     taken, release = threading.Event(), threading.Event()
@@ -356,7 +355,8 @@ def test_a_folder_that_vanished_is_made_again(tmp_path: Path) -> None:
 
 
 def test_the_masters_exit_removes_the_derived_shm_folder_only(tmp_path: Path, monkeypatch) -> None:
-    from ml_backend import gunicorn_hooks, prompt_state_files
+    from ml_backend import gunicorn_hooks
+    from ml_backend.prompt_state import files as prompt_state_files
 
     monkeypatch.setattr(prompt_state_files, "SHM", tmp_path / "shm")
     (tmp_path / "shm").mkdir()

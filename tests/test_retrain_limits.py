@@ -175,7 +175,7 @@ def test_folders_of_killed_jobs_are_removed_at_start_but_not_those_of_live_ones(
     hold = ("import sys, time; from pathlib import Path; from training.workdirs import held_folder\n"
             "with held_folder(Path(sys.argv[1])) as d:\n"
             "    (d / 'image.jpg').write_bytes(b'x'); print('held', flush=True); time.sleep(600)\n")
-    folders = {"killed-work": tmp_path / "tmp" / jobs.WORK_ROOT_NAME / "project-3-dead",
+    folders = {"killed-work": jobs.work_root(tmp_path / "models") / "project-3-dead",
                "killed-staging": tmp_path / "models" / "projects" / "3" / ".staging" / "20260101-000000-000000-dead",
                "live-staging": tmp_path / "models" / ".staging" / "20260101-000000-000000-live"}
     holders = {name: subprocess.Popen([sys.executable, "-c", hold, str(path)], stdout=subprocess.PIPE, text=True)

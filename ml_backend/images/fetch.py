@@ -15,7 +15,9 @@ Sources, in the order they are recognised:
 
 Redirects are followed here, one hop at a time (at most ``MAX_REDIRECTS``), each re-checked
 by the policy. Downloads over HTTP are cached on disk under the checked URL; only what the
-policy admitted is ever fetched, so only media is cached.
+policy admitted is ever fetched, so only media is cached. A cached download older than
+``URL_KEY_TTL_S`` is asked for again, conditionally (``If-None-Match``/``If-Modified-Since``) when the
+server gave an ``ETag`` or ``Last-Modified``: a picture replaced at the same URL is read anew.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import requests
 
 from ml_backend.errors import ImageFetchError
 from ml_backend.images.auth import LabelStudioAuth
-from ml_backend.images.cache import DownloadCache
+from ml_backend.images.cache import CachedDownload, DownloadCache
 from ml_backend.images.decode import decode_image
 from ml_backend.images.sources import (
     CLOUD_SCHEMES,
@@ -118,13 +120,19 @@ class ImageLoader:
             return self._read_file(source, url)
         route, target = source
         cached = self._cache.get(target.url)
-        if cached is not None:
+        if cached is not None and cached.age_s() < self._settings.url_key_ttl_s:
             log.debug("image cache hit for %s", describe(target.url))
-            return cached
+            return cached.data
         key = token or self._settings.label_studio_api_key
         auth = self._auth_for(route, ls_url, key) if route.policy.label_studio and key else None
-        data = self._download(route, target, auth, url)
-        self._cache.put(target.url, data)
+        # Older than URL_KEY_TTL_S: asked again, only if changed when the server gave validators.
+        downloaded = self._download(route, target, auth, url, cached if cached is not None and cached.data else None)
+        if downloaded is None:  # 304 Not Modified: the cached bytes are still the image
+            log.debug("image at %s unchanged since it was cached", describe(target.url))
+            self._cache.confirm(target.url, cached)
+            return cached.data
+        data, etag, last_modified = downloaded
+        self._cache.put(target.url, data, etag=etag, last_modified=last_modified)
         return data
 
     def local_file(self, url: str, *, label_studio_url: str | None = None) -> Path | None:
@@ -204,13 +212,20 @@ class ImageLoader:
         except OSError as exc:
             raise ImageFetchError(f"{describe(url)}: cannot read file ({exc.strerror or exc})") from exc
 
-    def _download(self, route: _Route, target: Target, auth: LabelStudioAuth | None, url: str) -> bytes:
+    def _download(self, route: _Route, target: Target, auth: LabelStudioAuth | None, url: str,
+                  cached: CachedDownload | None = None) -> tuple[bytes, str, str] | None:
+        """(the bytes, their ETag and Last-Modified, "" when not given); None when the server answered that
+        ``cached`` is still current (304 to the conditional request made from its validators)."""
         deadline = time.monotonic() + self._timeout_s
+        conditions = cached.conditional_headers() if cached is not None else {}
         current, reauthorised = target, False
         for _ in range(MAX_REDIRECTS + 2):  # redirects plus one retry after a token refresh
             what = describe(url) if current == target else f"{describe(url)} (redirected to {describe(current.url)})"
-            response = self._get(route, current, auth, deadline, what)
+            response = self._get(route, current, auth, deadline, what, conditions)
             status = response.status_code
+            if status == 304 and conditions:
+                response.close()
+                return None
             if status in _REDIRECTS:
                 response.close()
                 location = response.headers.get("Location", "")
@@ -232,11 +247,13 @@ class ImageLoader:
             if status >= 400:
                 response.close()
                 raise _http_error(status, what, current.label_studio, with_key=auth is not None)
-            return self._read_capped(response, url, deadline)
+            etag, last_modified = response.headers.get("ETag", ""), response.headers.get("Last-Modified", "")
+            return self._read_capped(response, url, deadline), etag, last_modified
         raise ImageFetchError(f"{describe(url)}: more than {MAX_REDIRECTS} redirects")
 
     def _get(
-        self, route: _Route, target: Target, auth: LabelStudioAuth | None, deadline: float, what: str
+        self, route: _Route, target: Target, auth: LabelStudioAuth | None, deadline: float, what: str,
+        conditions: dict[str, str] | None = None,
     ) -> requests.Response:
         """One request, no redirect followed; errors start with ``what`` (the URL, described)."""
         remaining = deadline - time.monotonic()
@@ -248,6 +265,7 @@ class ImageLoader:
                 "GET",
                 target,
                 authorization=auth.header if auth is not None else None,
+                headers=conditions,
                 stream=True,
                 timeout=(min(CONNECT_TIMEOUT_S, remaining), remaining),
             )

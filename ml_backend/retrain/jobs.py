@@ -37,6 +37,7 @@ from typing import Any, Protocol
 from ml_backend.errors import BackendError
 from ml_backend.security.jobs import FINISHED_JOB_TTL_S, job_access
 from ml_backend.retrain.spec import MIN_USABLE_PAIRS, QUEUE_NAME, JobSpec, NotEnoughData, TrainingJobError
+from ml_backend.security.private_folders import installation_token, private_directory
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,16 @@ WORK_ROOT_NAME = "sam-trimap-retrain"  # under the temporary folder: exported im
 Record = Callable[[int, str, dict[str, Any]], Any]  # (project, job id, outcome)
 
 
-def work_root() -> Path:
-    return Path(tempfile.gettempdir()) / WORK_ROOT_NAME
+def work_root(model_dir: str | Path, *, create: bool = True) -> Path | None:
+    """Where running jobs export the project's images: a folder of the temporary folder that only this user can
+    enter (0700, this user's, not a link), named with the installation's random token kept in ``MODEL_DIR``, so
+    other users of the host can neither read the images nor plant some that would train the next model
+    (:mod:`ml_backend.security.private_folders`; raises ``UnsafeFolderError`` for a planted one). Without
+    ``create``: None when the installation has no token yet (no job ever ran)."""
+    token = installation_token(Path(model_dir), create=create)
+    if token is None:
+        return None
+    return private_directory(Path(tempfile.gettempdir()) / f"{WORK_ROOT_NAME}-{token}", create=create)
 
 
 def remove_abandoned_work(model_dir: str | Path) -> list[str]:
@@ -55,7 +64,12 @@ def remove_abandoned_work(model_dir: str | Path) -> list[str]:
     from training.store import ModelStore
     from training.workdirs import remove_abandoned
 
-    removed = remove_abandoned(work_root())
+    try:
+        root = work_root(model_dir, create=False)  # a backend start makes nothing in /tmp
+        removed = remove_abandoned(root) if root is not None else []
+    except OSError as exc:
+        logger.warning("cannot look for abandoned training exports: %s", exc)
+        removed = []
     root = Path(model_dir)
     stores = [root, *sorted((root / "projects").glob("*"))] if root.is_dir() else []
     for store in stores:
@@ -94,7 +108,7 @@ def execute_training(spec: JobSpec, cancel: threading.Event | None = None) -> di
     loader = ImageLoader(settings)
     url, token = job_access(settings.label_studio_url, settings.label_studio_api_key, spec.label_studio_url, spec.token)
     try:
-        with held_folder(work_root() / f"project-{spec.project}-{spec.job_id}") as data_dir:
+        with held_folder(work_root(settings.model_dir) / f"project-{spec.project}-{spec.job_id}") as data_dir:
             report = export_from_label_studio(data_dir, url=url, token=token,
                                               project=spec.project, loader=loader, options=options)
             usable = len(report.written)

@@ -119,6 +119,7 @@ class EncodeGate:
         self._arrivals = itertools.count()
         self._active: dict[int, float] = {}  # arrival number -> start time of the work running now
         self._means: dict[str, float] = {}  # kind -> running estimate of one piece's duration
+        self._preparing = 0  # interactive callers admitted by :meth:`preparing`, still downloading or decoding
         self.counters = GateCounters()
 
     # --- the estimate ---------------------------------------------------------------
@@ -139,13 +140,14 @@ class EncodeGate:
         """The expected duration of ticket ``number``'s work: its kind's, else a SAM encode's."""
         return self._means.get(self._kinds[number], self._mean_s)
 
-    def _estimate_locked(self, priority: int) -> float | None:
+    def _estimate_locked(self, priority: int, extra: int = 0) -> float | None:
         """Seconds until a slot frees for a caller of ``priority`` arriving now (it queues behind the waiting
-        callers of its priority or better, and after the work running now, each of its own kind's length)."""
+        callers of its priority or better, and after the work running now, each of its own kind's length;
+        ``extra`` more SAM encodes ahead: first clicks still preparing theirs)."""
         ahead = [number for p, number in self._waiting if p <= priority]
-        if len(self._active) < self.slots and not ahead:
+        if len(self._active) < self.slots and not ahead and not extra:
             return 0.0
-        durations = [self._duration_locked(n) for n in (*self._active, *ahead)]
+        durations = [self._duration_locked(n) for n in (*self._active, *ahead)] + [self._mean_s] * extra
         if any(d is None for d in durations):
             return None
         now = self._clock()
@@ -201,12 +203,29 @@ class EncodeGate:
         """Raise :class:`EncodeBusyError` now if a caller arriving now would be refused (nothing is queued):
         lets a caller skip expensive preparation (download, decoding) of an encode it would not get."""
         with self._cond:
-            ahead = self._ahead_locked(int(priority))
-            estimate = self._estimate_locked(int(priority))
-            if estimate is not None and estimate > self.max_wait_s:
-                self.counters.refused_at_once += 1
-                metrics.encode_refused("at_once")
-                raise self._refusal(ahead, estimate, self.max_wait_s)
+            self._check_locked(int(priority))
+
+    def _check_locked(self, priority: int) -> None:
+        ahead = self._ahead_locked(priority) + self._preparing
+        estimate = self._estimate_locked(priority, extra=self._preparing)
+        if estimate is not None and estimate > self.max_wait_s:
+            self.counters.refused_at_once += 1
+            metrics.encode_refused("at_once")
+            raise self._refusal(ahead, estimate, self.max_wait_s)
+
+    @contextmanager
+    def preparing(self) -> Iterator[None]:
+        """:meth:`check` for an interactive caller, which then counts as queued while it prepares its encode
+        (download, decoding): first clicks arriving together are refused at once, not each after preparing an
+        image whose encode would then be refused (seconds per 4000x3000 image on a busy CPU)."""
+        with self._cond:
+            self._check_locked(int(Priority.INTERACTIVE))
+            self._preparing += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._preparing -= 1
 
     @contextmanager
     def slot(self, priority: Priority = Priority.INTERACTIVE, *, kind: str = ENCODE,

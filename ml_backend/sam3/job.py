@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 PROGRESS_STEPS = 10  # the log gets one line per tenth of a project's tasks (and one at start and at end)
 MAX_QUEUED_PROJECTS = 32  # projects waiting or running at once; more is a 429
 MAX_REMEMBERED_PROJECTS = 100  # finished projects kept for /status (oldest forgotten first)
+MAX_REFUSED_IN_A_ROW = 5  # predictions Label Studio refused one after the other: it is down, the job stops
 
 
 @dataclass
@@ -234,6 +235,7 @@ def _write_predictions(progress: ProjectProgress, context: JobContext, report: R
         progress.total = count
 
     logged_step = 0
+    refused_in_a_row = 0
     for processed, task in enumerate(iter_project_tasks(url, token, project, on_total=total)):
         progress.total = max(progress.total, progress.written + progress.skipped + progress.failed + 1)
         if (step := processed * PROGRESS_STEPS // progress.total) > logged_step:
@@ -251,8 +253,20 @@ def _write_predictions(progress: ProjectProgress, context: JobContext, report: R
             logger.warning("project %s task %s: no SAM 3 prediction: %s", project, task.get("id"), exc.message)
             report(progress)
             continue
-        api_request(url, token, "POST", "/api/predictions", json={
-            "task": task["id"], "result": prediction["result"], "score": prediction["score"],
-            "model_version": prediction["model_version"]})
+        try:
+            api_request(url, token, "POST", "/api/predictions", json={
+                "task": task["id"], "result": prediction["result"], "score": prediction["score"],
+                "model_version": prediction["model_version"]})
+        except BackendError as exc:  # that task's failure, not the project's: a later run writes it
+            progress.failed += 1
+            refused_in_a_row += 1
+            logger.warning("project %s task %s: Label Studio did not store its SAM 3 prediction: %s", project,
+                           task.get("id"), exc.message)
+            report(progress)
+            if refused_in_a_row >= MAX_REFUSED_IN_A_ROW:
+                raise BackendError(f"Label Studio refused {refused_in_a_row} predictions in a row (the last: "
+                                   f"{exc.message}); stopped, start the project again to write the rest") from exc
+            continue
+        refused_in_a_row = 0
         progress.written += 1
         report(progress)

@@ -527,13 +527,16 @@ class UrlPolicy:
         stream: bool = False,
         params: Mapping[str, Any] | None = None,
         json: Any = None,
+        headers: Mapping[str, str] | None = None,
     ) -> requests.Response:
         """Send one request to ``target`` without following redirects (rule 6).
 
         ``authorization`` (e.g. ``LabelStudioAuth.header``) is called, and its header attached,
-        only for Label Studio targets, after the prepared URL has been checked again.
+        only for Label Studio targets, after the prepared URL has been checked again; ``headers``
+        (e.g. a conditional GET's validators) never carry one.
         """
-        prepared = session.prepare_request(requests.Request(method, target.url, params=params, json=json))
+        prepared = session.prepare_request(requests.Request(method, target.url, params=params, json=json,
+                                                            headers=dict(headers or {})))
         self._recheck(prepared.url or "", target)
         prepared.headers.pop("Authorization", None)
         if authorization is not None and target.label_studio:

@@ -1,17 +1,21 @@
 """Prompt state in files shared by the worker processes of one backend (``PROMPT_STATE_SHARED``).
 
 One file per task key, named by the SHA-256 of the key, in ``PROMPT_STATE_DIR`` (by default a
-folder of ``/dev/shm``, memory-backed, named after ``MODEL_DIR`` so that two backends on one
-host never share it; else ``MODEL_DIR/prompt-state``, see *Where* below). A file is a
-safetensors file (no pickle): the object's prompts, labels, region signatures and answered
-region ids as JSON in its metadata, its low-resolution logits as float32 tensors, so what a
-process reads back is exactly what another stored.
+folder of ``/dev/shm``, memory-backed, named with this installation's random token kept in
+``MODEL_DIR``, so that two backends on one host never share it and no other user can guess it;
+else ``MODEL_DIR/prompt-state``, see *Where* below). A file is a safetensors file (no pickle): the
+object's prompts, labels, region signatures and answered region ids as JSON in its metadata, its
+low-resolution logits as float32 tensors, so what a process reads back is exactly what another stored.
 
+* **Private.** The folder is ``0700`` and this user's; an existing one that is a symbolic link or
+  another user's is refused (:mod:`ml_backend.security.private_folders`; the derived ``/dev/shm``
+  one then gives way to ``MODEL_DIR/prompt-state``). Files in it are opened with ``O_NOFOLLOW``.
 * **Atomic.** Files are written to a temporary name and renamed into place
   (:func:`ml_backend.lru_files.write_atomically`): a reader sees a whole file or none. A
-  click's read-modify-write is held under an exclusive ``flock`` on one of
-  ``LOCK_STRIPES`` lock files (``locks/<nn>.lock``, a fixed set, never deleted, so a lock is
-  never taken on a file another process is unlinking).
+  click's read-modify-write is held under an exclusive ``flock`` on its task's own lock file
+  (``locks/<sha-256>.lock``), so clicks on other tasks never wait for it. A sweep removes the lock
+  files of tasks without an object that no click holds; a click that opened one just before it
+  was removed notices (the path no longer names its file) and takes the new one.
 * **Bounded.** A file's mtime is its last click (every click writes its object); one older
   than ``PROMPT_STATE_TTL_S`` is expired (not read, deleted by the next write), and after
   a write (at most once a second per process: a sweep stats every file, ~4 ms for 1000) the
@@ -35,7 +39,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,39 +47,49 @@ import numpy as np
 
 from ml_backend import lru_files
 from ml_backend.labeling.context import KeyPoint, Rectangle
-from ml_backend.prompt_state import LOCK_TIMEOUT_S, ObjectState, RegionMemory, TaskKey
+from ml_backend.prompt_state.locking import Release, hold_or_go_on, unheld
+from ml_backend.prompt_state.types import ObjectState, RegionMemory, TaskKey
+from ml_backend.security.private_folders import installation_token, open_no_follow, private_directory
 from ml_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 SUFFIX = ".state"
+LOCK_SUFFIX = ".lock"
 FORMAT = 1  # bumped when the metadata changes; files of another format are treated as no object
-LOCK_STRIPES = 256
 LOCK_POLL_S = 0.005
 SWEEP_INTERVAL_S = 1.0  # a process enforces the bounds on the folder at most this often (a sweep stats every file)
 SHM = Path("/dev/shm")
+SHM_PREFIX = "sam-trimap-prompts-"
 
 
 def state_directory(settings: Settings) -> Path:
-    """``PROMPT_STATE_DIR``, else a folder of ``/dev/shm`` named after ``MODEL_DIR`` when ``/dev/shm`` has room
-    for twice ``PROMPT_STATE_MB`` (Docker gives containers 64 MB), else ``MODEL_DIR/prompt-state``."""
+    """``PROMPT_STATE_DIR``, else a private folder of ``/dev/shm`` named with this installation's token when
+    ``/dev/shm`` has room for twice ``PROMPT_STATE_MB`` (Docker gives containers 64 MB) and that name is not
+    taken by a link or another user's folder, else ``MODEL_DIR/prompt-state``."""
     if settings.prompt_state_dir:
         return Path(settings.prompt_state_dir)
     if SHM.is_dir() and os.access(SHM, os.W_OK) and _free_bytes(SHM) >= 2 * (settings.prompt_state_mb << 20):
-        return _shm_directory(settings)
+        try:
+            return private_directory(_shm_directory(settings), create=False)
+        except OSError as exc:
+            logger.error("prompt state: not using /dev/shm: %s", exc)
     return Path(settings.model_dir) / "prompt-state"
 
 
-def _shm_directory(settings: Settings) -> Path:
-    model_dir = os.path.realpath(settings.model_dir)
-    return SHM / f"sam-trimap-prompts-{hashlib.sha256(model_dir.encode()).hexdigest()[:16]}"
+def _shm_directory(settings: Settings, *, create: bool = True) -> Path | None:
+    token = installation_token(settings.model_dir, create=create)
+    return None if token is None else SHM / f"{SHM_PREFIX}{token}"
 
 
 def remove_shm_directory(settings: Settings) -> None:
     """Delete the ``/dev/shm`` folder :func:`state_directory` derives (memory that would outlive the backend);
     run when gunicorn's master exits. A folder named by ``PROMPT_STATE_DIR`` is the operator's: kept."""
-    if not settings.prompt_state_dir:
-        shutil.rmtree(_shm_directory(settings), ignore_errors=True)
+    if settings.prompt_state_dir:
+        return
+    folder = _shm_directory(settings, create=False)
+    if folder is not None and not folder.is_symlink():
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _free_bytes(folder: Path) -> int:
@@ -97,48 +111,49 @@ class FileStorage:
         self._make_directory()
 
     def _make_directory(self) -> None:
-        """Also after the folder vanished under a running backend (a cleaner of /dev/shm, systemd's RemoveIPC)."""
-        (self.directory / "locks").mkdir(parents=True, exist_ok=True, mode=0o700)
-        try:
-            self.directory.chmod(0o700)  # other users of the host read no prompts nor plant objects
-        except OSError as exc:
-            logger.warning("prompt state: cannot make %s private (%s)", self.directory, exc)
+        """Also after the folder vanished under a running backend (a cleaner of /dev/shm, systemd's RemoveIPC).
+        Raises :class:`~ml_backend.security.private_folders.UnsafeFolderError` for a folder other users could
+        read or fill."""
+        private_directory(self.directory)  # other users of the host read no prompts nor plant objects
+        private_directory(self.directory / "locks")
 
     def path_for(self, key: TaskKey) -> Path:
         return self.directory / (key_digest(key) + SUFFIX)
 
-    # --- locking -------------------------------------------------------------
-    @contextlib.contextmanager
-    def hold(self, key: TaskKey) -> Iterator[None]:
-        """An exclusive ``flock`` on the key's stripe (each call opens its own descriptor, so threads of one
-        process exclude each other too)."""
-        stripe = int(self.path_for(key).name[:2], 16) % LOCK_STRIPES
-        fd = self._open_lock(self.directory / "locks" / f"{stripe:02x}.lock")
-        if fd is None:
-            yield
-            return
-        try:
-            held = lru_files.flock_exclusive(fd, timeout_s=LOCK_TIMEOUT_S, poll_s=LOCK_POLL_S)
-            if not held:
-                logger.warning("prompt state of %s: another click held it for %.0f s; going on without it", key,
-                               LOCK_TIMEOUT_S)
-            try:
-                yield
-            finally:
-                if held:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+    def lock_path_for(self, key: TaskKey) -> Path:
+        return self.directory / "locks" / (key_digest(key) + LOCK_SUFFIX)
 
-    def _open_lock(self, path: Path) -> int | None:
+    # --- locking -------------------------------------------------------------
+    def hold(self, key: TaskKey) -> contextlib.AbstractContextManager[None]:
+        """An exclusive ``flock`` on the task's own lock file (each call opens its own descriptor, so threads
+        of one process exclude each other too)."""
+        return hold_or_go_on(key, lambda timeout_s: self._take(self.lock_path_for(key), timeout_s))
+
+    def _take(self, path: Path, timeout_s: float, *, quiet: bool = False) -> Release | None:
+        """Hold ``path``'s lock: its release, :func:`unheld` when the lock file cannot be opened (logged), or None
+        when another holder kept it ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            fd = self._open_lock(path, quiet=quiet)
+            if fd is None:
+                return unheld
+            if not lru_files.flock_exclusive(fd, timeout_s=max(0.0, deadline - time.monotonic()), poll_s=LOCK_POLL_S):
+                os.close(fd)
+                return None
+            if _names(path, fd):
+                return lambda: _unlock(fd)
+            os.close(fd)  # a sweep removed this lock file after we opened it: take the one at the path now
+
+    def _open_lock(self, path: Path, *, quiet: bool = False) -> int | None:
         for attempt in range(2):
             try:
-                return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                return open_no_follow(path, os.O_RDWR | os.O_CREAT)
             except FileNotFoundError:
                 if attempt == 0:
                     self._make_directory_quietly()
             except OSError as exc:
-                logger.warning("prompt state: cannot open %s (%s); this click goes on unheld", path, exc)
+                if not quiet:
+                    logger.warning("prompt state: cannot open %s (%s); this click goes on unheld", path, exc)
                 return None
         logger.warning("prompt state: %s cannot be made; this click goes on unheld", path.parent)
         return None
@@ -149,11 +164,27 @@ class FileStorage:
         except OSError as exc:
             logger.warning("prompt state: cannot make %s (%s)", self.directory, exc)
 
+    def _remove_idle_locks(self) -> None:
+        """Delete the lock files of tasks without an object that no click holds now."""
+        locks = self.directory / "locks"
+        try:
+            names = os.listdir(locks)
+        except OSError:
+            return
+        for name in names:
+            if not name.endswith(LOCK_SUFFIX) or (self.directory / (name[:-len(LOCK_SUFFIX)] + SUFFIX)).exists():
+                continue
+            release = self._take(locks / name, 0.0, quiet=True)
+            if release is None or release is unheld:
+                continue
+            lru_files.unlink_quietly(locks / name)
+            release()
+
     # --- reading -------------------------------------------------------------
     def load(self, key: TaskKey) -> ObjectState | None:
         path = self.path_for(key)
         try:
-            with open(path, "rb") as file:
+            with os.fdopen(open_no_follow(path, os.O_RDONLY), "rb") as file:
                 last_click = os.fstat(file.fileno()).st_mtime_ns / 1e9
                 payload = file.read()
         except FileNotFoundError:
@@ -212,6 +243,7 @@ class FileStorage:
         for _, _, path in live[:max(0, len(live) - self.max_entries)]:
             lru_files.unlink_quietly(path)
         lru_files.evict(live[max(0, len(live) - self.max_entries):], self.max_bytes)
+        self._remove_idle_locks()
 
     def __len__(self) -> int:
         return len(self._live_files())
@@ -219,6 +251,23 @@ class FileStorage:
     @property
     def current_bytes(self) -> int:
         return sum(size for _, size, _ in self._live_files())
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether ``path`` still names the file open at ``fd`` (not removed or replaced since it was opened)."""
+    try:
+        current = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    opened = os.fstat(fd)
+    return (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def _unlock(fd: int) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 # --- the file format ---------------------------------------------------------------------------------------

@@ -36,94 +36,38 @@ task said. The rules (the README repeats them):
    the answer repeats. Objects live ``PROMPT_STATE_TTL_S`` after their last click, at most
    ``PROMPT_STATE_ENTRIES`` tasks and ``PROMPT_STATE_MB`` of logits (least recently used go).
 
-Where the objects live is a :class:`StateStorage`: in this process's memory
-(:class:`MemoryStorage`), or one small file per task in a directory every worker process of
-the backend shares (:class:`ml_backend.prompt_state_files.FileStorage`, chosen by
-``PROMPT_STATE_SHARED``; by default when ``WORKERS`` > 1, where consecutive clicks of one
-annotator may reach different processes). The rules above are applied here, the same for both.
-The backend holds :meth:`PromptMemory.hold` from :meth:`~PromptMemory.plan` to
-:meth:`~PromptMemory.remember`, so two clicks on one task (from any process) never interleave.
+Where the objects live is a :class:`~ml_backend.prompt_state.types.StateStorage`: in this
+process's memory (:class:`~ml_backend.prompt_state.memory.MemoryStorage`), or one small file per
+task in a directory every worker process of the backend shares
+(:class:`~ml_backend.prompt_state.files.FileStorage`, chosen by ``PROMPT_STATE_SHARED``; by
+default when ``WORKERS`` > 1, where consecutive clicks of one annotator may reach different
+processes). The rules above are applied here, the same for both. The backend holds
+:meth:`PromptMemory.hold` from :meth:`~PromptMemory.plan` to :meth:`~PromptMemory.remember`, so
+two clicks on one task (from any process) never interleave; the hold is per task
+(:mod:`ml_backend.prompt_state.locking`) and never spans an image's download or encode.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, Union
+from typing import Any
 
 import numpy as np
 
 from ml_backend.errors import InvalidPromptError
-from ml_backend.security import limits
 from ml_backend.labeling.context import ContextPrompts, GroupKey, KeyPoint, PromptRegion, Rectangle, group_regions
+from ml_backend.prompt_state.files import FileStorage, state_directory
+from ml_backend.prompt_state.memory import MemoryStorage
+from ml_backend.prompt_state.types import Item, ObjectState, RegionMemory, Signature, StateStorage, TaskKey
 from ml_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-Item = Union[KeyPoint, Rectangle]
-Signature = tuple  # (box rounded or None, frozenset of (x, y, label) rounded)
 MAX_RESULT_IDS = 256  # region ids answered for one object that rule 6 looks for
-
-
-@dataclass(frozen=True)
-class TaskKey:
-    """Whose object: ``project`` is the id in Label Studio's ``"<id>.<timestamp>"``."""
-
-    project: str
-    task: str
-    image: str
-
-
-def task_key(project: Any, task: Mapping[str, Any], image_url: str) -> TaskKey | None:
-    """The key of a request's object, or None when the task has no id (then nothing is remembered)."""
-    task_id = task.get("id")
-    if isinstance(task_id, bool) or not isinstance(task_id, (int, str)) or task_id == "":
-        return None
-    project_id = project.split(".", 1)[0] if isinstance(project, str) else str(project) if isinstance(project, int) \
-        else ""
-    return TaskKey(project=project_id[:64], task=str(task_id)[:64], image=limits.url_key(image_url))
-
-
-@dataclass(frozen=True)
-class RegionMemory:
-    """What SAM was given for one region of the object and what it answered."""
-
-    signature: Signature
-    given: np.ndarray | None
-    answered: np.ndarray
-
-    @property
-    def nbytes(self) -> int:
-        return self.answered.nbytes + (0 if self.given is None else self.given.nbytes)
-
-
-@dataclass(frozen=True)
-class ObjectState:
-    """The object being segmented on one task."""
-
-    groups: Mapping[GroupKey, tuple[Item, ...]]  # the latest items of each editor group
-    label: str | None  # lower-cased positive label of the object (None: unlabelled)
-    size: tuple[int, int]
-    regions: tuple[RegionMemory, ...] = ()
-    result_ids: frozenset[str] = frozenset()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(region.nbytes for region in self.regions)
-
-    @property
-    def rectangles(self) -> list[Rectangle]:
-        return [item for items in self.groups.values() for item in items if isinstance(item, Rectangle)]
-
-    @property
-    def positive_points(self) -> list[KeyPoint]:
-        return [item for items in self.groups.values() for item in items if isinstance(item, KeyPoint)
-                and item.positive]
 
 
 @dataclass(frozen=True)
@@ -134,98 +78,6 @@ class Plan:
     state: ObjectState
     regions: list[PromptRegion]
     reason: str
-
-
-class StateStorage(Protocol):
-    """Where objects are kept between clicks, bounded by ``max_entries``, ``max_bytes`` and ``ttl_s``."""
-
-    max_bytes: int
-    max_entries: int
-    ttl_s: float
-
-    def hold(self, key: TaskKey) -> contextlib.AbstractContextManager[None]:
-        """Exclusive use of ``key``'s object (against every thread and process sharing the storage)."""
-
-    def load(self, key: TaskKey) -> ObjectState | None:
-        """The live object (None when unknown, expired or unreadable)."""
-
-    def save(self, key: TaskKey, state: ObjectState) -> None:
-        """Keep ``state`` for ``ttl_s``, then drop what exceeds the bounds (least recently used first)."""
-
-    def delete(self, key: TaskKey) -> None: ...
-
-    def __len__(self) -> int: ...
-
-    @property
-    def current_bytes(self) -> int: ...
-
-
-LOCK_STRIPES = 64  # tasks share this many locks: two tasks on one stripe only wait for each other's click
-LOCK_TIMEOUT_S = 30.0  # a click waits this long for another click on its task, then goes on unheld
-
-
-class MemoryStorage:
-    """Objects in this process's memory; thread-safe."""
-
-    def __init__(self, *, max_bytes: int, max_entries: int, ttl_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.max_bytes, self.max_entries, self.ttl_s = max_bytes, max_entries, ttl_s
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._stripes = [threading.Lock() for _ in range(LOCK_STRIPES)]
-        self._objects: OrderedDict[TaskKey, tuple[ObjectState, float]] = OrderedDict()
-        self._bytes = 0
-
-    def __len__(self) -> int:
-        return len(self._objects)
-
-    @property
-    def current_bytes(self) -> int:
-        return self._bytes
-
-    @contextlib.contextmanager
-    def hold(self, key: TaskKey) -> Iterator[None]:
-        stripe = self._stripes[hash(key) % LOCK_STRIPES]
-        held = stripe.acquire(timeout=LOCK_TIMEOUT_S)
-        if not held:
-            logger.warning("prompt state of %s: another click held it for %.0f s; going on without it", key,
-                           LOCK_TIMEOUT_S)
-        try:
-            yield
-        finally:
-            if held:
-                stripe.release()
-
-    def load(self, key: TaskKey) -> ObjectState | None:
-        with self._lock:
-            self._expire()
-            entry = self._objects.get(key)
-            if entry is None:
-                return None
-            self._objects.move_to_end(key)
-            return entry[0]
-
-    def save(self, key: TaskKey, state: ObjectState) -> None:
-        with self._lock:
-            self._drop(key)
-            self._objects[key] = (state, self._clock() + self.ttl_s)
-            self._bytes += state.nbytes
-            while self._objects and (len(self._objects) > self.max_entries or self._bytes > self.max_bytes):
-                self._drop(next(iter(self._objects)))
-
-    def delete(self, key: TaskKey) -> None:
-        with self._lock:
-            self._drop(key)
-
-    def _drop(self, key: TaskKey) -> None:
-        entry = self._objects.pop(key, None)
-        if entry is not None:
-            self._bytes -= entry[0].nbytes
-
-    def _expire(self) -> None:
-        now = self._clock()
-        for key in [k for k, (_, expires) in self._objects.items() if expires <= now]:
-            self._drop(key)
 
 
 class PromptMemory:
@@ -244,8 +96,6 @@ class PromptMemory:
                   "ttl_s": settings.prompt_state_ttl_s}
         if not shared_state(settings):
             return cls(**limits)
-        from ml_backend.prompt_state_files import FileStorage, state_directory  # it imports this module
-
         directory = state_directory(settings)
         logger.info("prompt state shared by the worker processes in %s", directory)
         return cls(**limits, storage=FileStorage(directory, **limits))
