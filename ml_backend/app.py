@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -49,6 +50,13 @@ def _query_project() -> int | None:
     return _project_id(request.args.get("project"))
 
 
+def _json_answer(answer: dict) -> Response:
+    """``answer`` as a JSON response, by orjson: a brush RLE (a numpy array) is written straight from its
+    bytes; Flask's encoder would first need a Python int per byte and then take ~30x longer on them."""
+    body = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+    return Response(body, mimetype="application/json")
+
+
 def _error(message: str, status: int) -> tuple[Response, int]:
     return jsonify({"error": message, "status": status}), status
 
@@ -72,7 +80,7 @@ class BackendViews:
         tasks, context = limits.predict_request(data, self.limits)
         backend = self._backend(data.get("label_config"), data.get("project"))
         predictions = backend.predict(tasks, context=context, project=data.get("project"))
-        return jsonify({"results": predictions, "model_version": backend.model_version})
+        return _json_answer({"results": predictions, "model_version": backend.model_version})
 
     def setup(self) -> Response:
         """Validate the labeling config first; only then, and only for an authenticated caller, take

@@ -27,7 +27,7 @@ corner of the pixel outline (``CHAIN_APPROX_SIMPLE``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -61,14 +61,16 @@ def mask_to_polygons(mask: np.ndarray, options: PolygonOptions = PolygonOptions(
     mask = np.asarray(mask)
     if mask.ndim != 2 or mask.size == 0:
         raise ValueError(f"A mask must be a non-empty 2-D array, got shape {mask.shape}.")
-    mask = (mask != 0).view(np.uint8)
+    mask = mask.view(np.uint8) if mask.dtype == np.bool_ else (mask != 0).view(np.uint8)
     left, top, width, height = cv2.boundingRect(mask)
     if width == 0:
         return []
     # Work on the object's bounding box with a one-pixel margin: the outside is then one background part.
-    crop = np.pad(mask[top:top + height, left:left + width], 1)
-    _drop_small_parts(crop, options.min_area)
-    contours, hierarchy = cv2.findContours(crop, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE, offset=(left - 1, top - 1))
+    crop = cv2.copyMakeBorder(mask[top:top + height, left:left + width], 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    contours, hierarchy = _contours(crop, (left - 1, top - 1))
+    if hierarchy is not None and _may_have_small_parts(contours, hierarchy[0], options.min_area):
+        _drop_small_parts(crop, options.min_area)
+        contours, hierarchy = _contours(crop, (left - 1, top - 1))
     if hierarchy is None:
         return []
     links = hierarchy[0]  # per contour: next, previous, first child, parent
@@ -87,6 +89,22 @@ def mask_to_polygons(mask: np.ndarray, options: PolygonOptions = PolygonOptions(
             child = links[child][0]
         polygons.append(_bridge(outer, holes))
     return polygons
+
+
+def _contours(crop: np.ndarray, offset: tuple[int, int]) -> tuple[Sequence[np.ndarray], np.ndarray | None]:
+    return cv2.findContours(crop, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE, offset=offset)
+
+
+def _may_have_small_parts(contours: Sequence[np.ndarray], links: np.ndarray, min_area: int) -> bool:
+    """Whether a component or hole of under ``min_area`` pixels may exist, from the contours' boxes alone.
+
+    A connected part of n pixels spans at most n rows and n columns, and a hole's contour runs at most
+    one pixel outside the hole: a part whose contour's box is min_area + 2 pixels wide or high (or
+    more) is large. Only when some box is smaller do the connected components have to be counted.
+    """
+    if min_area <= 1:
+        return False
+    return any(w < min_area + 2 and h < min_area + 2 for _, _, w, h in map(cv2.boundingRect, contours))
 
 
 def polygon_to_percent(polygon: np.ndarray, width: int, height: int) -> list[list[float]]:
@@ -171,12 +189,108 @@ def _simplify(contour: np.ndarray, tolerance: float) -> np.ndarray:
 
 
 def _bridge(outer: np.ndarray, holes: Sequence[np.ndarray]) -> np.ndarray:
-    """One outline: each hole spliced in at its nearest vertex pair, there and back along one edge."""
-    polygon = outer
-    for hole in holes:
-        i, j = _nearest_pair(polygon, hole)
-        polygon = np.concatenate((polygon[:i + 1], np.roll(hole, -j, axis=0), hole[j:j + 1], polygon[i:]))
-    return polygon
+    """One outline: each hole spliced in at its nearest vertex pair, there and back along one edge.
+
+    Hole k joins the nearest vertex of the outer contour or of holes 0..k-1 (a tree of bridges, so
+    the outline stays one loop); the loop is then written out once, each hole at its joint.
+    """
+    if not holes:
+        return outer
+    rings = [outer, *holes]
+    joints: list[dict[int, list[tuple[int, int]]]] = [{} for _ in rings]  # per ring: vertex -> [(hole, entry)]
+    grid = _VertexGrid(outer, 0)
+    for k, hole in enumerate(holes, start=1):
+        ring, vertex, entry = grid.nearest(hole)
+        joints[ring].setdefault(vertex, []).append((k, entry))
+        grid.add(hole, k)
+    return np.concatenate(_walk(rings, joints))
+
+
+def _walk(rings: list[np.ndarray], joints: list[dict[int, list[tuple[int, int]]]]) -> list[np.ndarray]:
+    """The loop's pieces: each ring from its entry vertex, at a joint the joined hole (latest first) and
+    back to the joint. A stack, not recursion: bridges can chain through many holes."""
+    pieces: list[np.ndarray] = []
+    stack = [_ring_steps(rings, joints, 0, 0)]
+    while stack:
+        step = next(stack[-1], None)
+        if step is None:
+            stack.pop()
+        elif isinstance(step, tuple):
+            stack.append(_ring_steps(rings, joints, *step))
+        else:
+            pieces.append(step)
+    return pieces
+
+
+def _ring_steps(rings: list[np.ndarray], joints: list[dict[int, list[tuple[int, int]]]], ring: int,
+                start: int) -> Iterator[np.ndarray | tuple[int, int]]:
+    """Yields the ring's vertices from ``start`` (arrays) and, at each joint, (hole, entry) to walk first."""
+    vertices, n = rings[ring], len(rings[ring])
+    order = np.roll(np.arange(n), -start)
+    done = 0
+    for offset in sorted((vertex - start) % n for vertex in joints[ring]):
+        vertex = int(order[offset])
+        yield vertices[order[done:offset + 1]]
+        for hole, entry in reversed(joints[ring][vertex]):
+            yield hole, entry
+            yield np.stack((rings[hole][entry], vertices[vertex]))
+        done = offset + 1
+    yield vertices[order[done:]]
+
+
+class _VertexGrid:
+    """Outline vertices bucketed in square cells, for the nearest-vertex search of each new hole.
+
+    Hand-written: OpenCV has no incremental nearest-neighbour index and scipy is not a dependency.
+    A hole searches the cells around its own box, widening until it finds vertices, then every cell
+    that could hold one nearer than the best found, so the answer is exact.
+    """
+
+    def __init__(self, ring: np.ndarray, index: int, cell: int = 32) -> None:
+        self.cell = cell
+        self.cells: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray, int]]] = {}
+        self.add(ring, index)
+
+    def add(self, ring: np.ndarray, index: int) -> None:
+        keys = ring // self.cell
+        order = np.lexsort((keys[:, 1], keys[:, 0]))
+        keys = keys[order]
+        starts = np.flatnonzero(np.r_[True, np.any(keys[1:] != keys[:-1], axis=1)])
+        for begin, end in zip(starts, np.r_[starts[1:], len(order)]):
+            picked = order[begin:end]
+            self.cells.setdefault((int(keys[begin, 0]), int(keys[begin, 1])), []).append(
+                (ring[picked].astype(np.float64), picked, index))
+
+    def nearest(self, hole: np.ndarray) -> tuple[int, int, int]:
+        """(ring, vertex index in it, vertex index in ``hole``) of the closest pair of vertices."""
+        low, high = hole.min(axis=0) // self.cell, hole.max(axis=0) // self.cell
+        reach, found = 0, None
+        while found is None:
+            found = self._closest(hole, low - reach, high + reach)
+            reach = reach * 2 + 1
+        distance = math.sqrt(found[0])
+        margin = int(distance // self.cell) + 1
+        return self._closest(hole, low - margin, high + margin)[1:]
+
+    def _closest(self, hole: np.ndarray, low: np.ndarray, high: np.ndarray) -> tuple[float, int, int, int] | None:
+        points, vertices, rings = [], [], []
+        if (high - low + 1).prod() > len(self.cells):
+            chosen = [v for key, v in self.cells.items()
+                      if low[0] <= key[0] <= high[0] and low[1] <= key[1] <= high[1]]
+        else:
+            chosen = [self.cells[key] for key in ((x, y) for x in range(low[0], high[0] + 1)
+                                                  for y in range(low[1], high[1] + 1)) if key in self.cells]
+        for entries in chosen:
+            for xy, picked, ring in entries:
+                points.append(xy)
+                vertices.append(picked)
+                rings.append(np.full(len(picked), ring))
+        if not points:
+            return None
+        points_, vertices_, rings_ = np.concatenate(points), np.concatenate(vertices), np.concatenate(rings)
+        i, j = _nearest_pair(points_, hole)
+        d2 = float(((points_[i] - hole[j]) ** 2).sum())
+        return d2, int(rings_[i]), int(vertices_[i]), j
 
 
 def _nearest_pair(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
