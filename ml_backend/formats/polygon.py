@@ -198,11 +198,10 @@ def _bridge(outer: np.ndarray, holes: Sequence[np.ndarray]) -> np.ndarray:
         return outer
     rings = [outer, *holes]
     joints: list[dict[int, list[tuple[int, int]]]] = [{} for _ in rings]  # per ring: vertex -> [(hole, entry)]
-    grid = _VertexGrid(outer, 0)
-    for k, hole in enumerate(holes, start=1):
-        ring, vertex, entry = grid.nearest(hole)
+    index = _RingIndex(rings)
+    for k in range(1, len(rings)):
+        ring, vertex, entry = index.nearest(k)
         joints[ring].setdefault(vertex, []).append((k, entry))
-        grid.add(hole, k)
     return np.concatenate(_walk(rings, joints))
 
 
@@ -238,59 +237,40 @@ def _ring_steps(rings: list[np.ndarray], joints: list[dict[int, list[tuple[int, 
     yield vertices[order[done:]]
 
 
-class _VertexGrid:
-    """Outline vertices bucketed in square cells, for the nearest-vertex search of each new hole.
+class _RingIndex:
+    """The rings (outer contour, holes) joined so far, for the nearest-vertex search of each new hole.
 
     Hand-written: OpenCV has no incremental nearest-neighbour index and scipy is not a dependency.
-    A hole searches the cells around its own box, widening until it finds vertices, then every cell
-    that could hold one nearer than the best found, so the answer is exact.
+    The previous ring's nearest vertex bounds the distance d; only the rings whose box comes within
+    d of the hole's box (and of a large ring, only its vertices there) can hold a nearer vertex, so
+    the answer is exact while each hole looks at a few neighbours, not the whole outline.
     """
 
-    def __init__(self, ring: np.ndarray, index: int, cell: int = 32) -> None:
-        self.cell = cell
-        self.cells: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray, int]]] = {}
-        self.add(ring, index)
+    _LARGE = 256  # vertices: a ring this long has its vertices filtered by the box, not taken whole
 
-    def add(self, ring: np.ndarray, index: int) -> None:
-        keys = ring // self.cell
-        order = np.lexsort((keys[:, 1], keys[:, 0]))
-        keys = keys[order]
-        starts = np.flatnonzero(np.r_[True, np.any(keys[1:] != keys[:-1], axis=1)])
-        for begin, end in zip(starts, np.r_[starts[1:], len(order)]):
-            picked = order[begin:end]
-            self.cells.setdefault((int(keys[begin, 0]), int(keys[begin, 1])), []).append(
-                (ring[picked].astype(np.float64), picked, index))
+    def __init__(self, rings: Sequence[np.ndarray]) -> None:
+        self.rings = [ring.astype(np.float64) for ring in rings]
+        self.boxes = np.array([[*ring.min(axis=0), *ring.max(axis=0)] for ring in self.rings], np.float64)
 
-    def nearest(self, hole: np.ndarray) -> tuple[int, int, int]:
-        """(ring, vertex index in it, vertex index in ``hole``) of the closest pair of vertices."""
-        low, high = hole.min(axis=0) // self.cell, hole.max(axis=0) // self.cell
-        reach, found = 0, None
-        while found is None:
-            found = self._closest(hole, low - reach, high + reach)
-            reach = reach * 2 + 1
-        distance = math.sqrt(found[0])
-        margin = int(distance // self.cell) + 1
-        return self._closest(hole, low - margin, high + margin)[1:]
-
-    def _closest(self, hole: np.ndarray, low: np.ndarray, high: np.ndarray) -> tuple[float, int, int, int] | None:
-        points, vertices, rings = [], [], []
-        if (high - low + 1).prod() > len(self.cells):
-            chosen = [v for key, v in self.cells.items()
-                      if low[0] <= key[0] <= high[0] and low[1] <= key[1] <= high[1]]
-        else:
-            chosen = [self.cells[key] for key in ((x, y) for x in range(low[0], high[0] + 1)
-                                                  for y in range(low[1], high[1] + 1)) if key in self.cells]
-        for entries in chosen:
-            for xy, picked, ring in entries:
-                points.append(xy)
-                vertices.append(picked)
-                rings.append(np.full(len(picked), ring))
-        if not points:
-            return None
-        points_, vertices_, rings_ = np.concatenate(points), np.concatenate(vertices), np.concatenate(rings)
-        i, j = _nearest_pair(points_, hole)
-        d2 = float(((points_[i] - hole[j]) ** 2).sum())
-        return d2, int(rings_[i]), int(vertices_[i]), j
+    def nearest(self, k: int) -> tuple[int, int, int]:
+        """For ring ``k``: (ring < k, vertex index in it, vertex index in ring k) of the closest pair."""
+        hole, guess = self.rings[k], self.rings[k - 1]
+        i, j = _nearest_pair(guess, hole)
+        reach = math.sqrt(float(((guess[i] - hole[j]) ** 2).sum()))
+        low, high = self.boxes[k, :2] - reach, self.boxes[k, 2:] + reach
+        boxes = self.boxes[:k]
+        near = np.flatnonzero(np.all(boxes[:, :2] <= high, axis=1) & np.all(boxes[:, 2:] >= low, axis=1))
+        points, owners, vertices = [], [], []
+        for ring in near:
+            candidates = self.rings[ring]
+            index = np.arange(len(candidates))
+            if len(candidates) > self._LARGE:
+                index = index[np.all((candidates >= low) & (candidates <= high), axis=1)]
+            points.append(candidates[index])
+            owners.append(np.full(len(index), ring))
+            vertices.append(index)
+        i, j = _nearest_pair(np.concatenate(points), hole)  # never empty: the guess's vertex is in reach
+        return int(np.concatenate(owners)[i]), int(np.concatenate(vertices)[i]), j
 
 
 def _nearest_pair(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
