@@ -353,6 +353,7 @@ class _Server:
         self.last_cpu_s = self.cpu_s() - cpu
         if response.status_code != 200 or not content:
             raise RuntimeError(f"click failed: {response.status_code} {content[:300]!r}")
+        self.last_answer = content
         return elapsed
 
     def cpu_s(self) -> float:
@@ -393,6 +394,20 @@ def _free_port() -> int:
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _answer_iou(answer: bytes, mask) -> float:
+    """IoU of the mask read back from an HTTP answer (every region of its prediction) with ``mask``: 1.0 for
+    brush and bitmask, the polygons' simplification otherwise; a wrong answer shows here, not only in time."""
+    import numpy as np
+
+    from ml_backend.formats import region_mask
+
+    height, width = mask.shape
+    restored = np.zeros_like(mask)
+    for item in json.loads(answer)["results"][0]["result"]:
+        restored |= region_mask(item, (width, height), max_pixels=width * height)
+    return float((restored & mask).sum() / max(1, (restored | mask).sum()))
+
+
 def _shape_image(root: Path, shape: str, size: tuple[int, int]) -> Path:
     """The shape drawn white on black (PNG: lossless, so the stub's mask is exactly the shape)."""
     import numpy as np
@@ -408,8 +423,8 @@ def _shape_image(root: Path, shape: str, size: tuple[int, int]) -> Path:
 
 
 def run_http(*, quick: bool, clicks: int, sizes: tuple[tuple[int, int], ...], shapes: tuple[str, ...],
-             forms: tuple[str, ...], repeat: int, real: bool = True) -> dict:
-    """The three tables of the module docstring, as one report."""
+             forms: tuple[str, ...], repeat: int, real: bool = True, device: str = "cpu") -> dict:
+    """The three tables of the module docstring, as one report; real SAM on ``device`` (SAM_DEVICE)."""
     from benchmarks.mask_formats import SHAPES
 
     report: dict = {"answer_stages": {}, "shaped": [], "real": []}
@@ -432,22 +447,23 @@ def run_http(*, quick: bool, clicks: int, sizes: tuple[tuple[int, int], ...], sh
                         task_id += 1
                         task = {"id": task_id, "data": {"image": str(path)}}
                         first = server.click(task, form, 0, size)
+                        iou = _answer_iou(server.last_answer, SHAPES[shape](size[1], size[0]))
                         times, cpus = [], []
                         for i in range(1, clicks + 1):
                             times.append(server.click(task, form, i, size))
                             cpus.append(server.last_cpu_s)
                         report["shaped"].append({"size": f"{size[0]}x{size[1]}", "shape": shape, "form": form,
                                                  "first_click_s": first, "further_click_ms": _stats(times),
-                                                 "further_click_cpu_ms": _stats(cpus)})
+                                                 "further_click_cpu_ms": _stats(cpus), "answer_iou": iou})
                     path.unlink()
         finally:
             server.stop()
         if real:
-            report["real"] = _real_rows(root, env, quick, clicks, forms)
+            report["real"] = _real_rows(root, env, quick, clicks, forms, device)
     return report
 
 
-def _real_rows(root: Path, env: dict, quick: bool, clicks: int, forms: tuple[str, ...]) -> list:
+def _real_rows(root: Path, env: dict, quick: bool, clicks: int, forms: tuple[str, ...], device: str) -> list:
     """Real SAM through ``python -m ml_backend serve``, each click alternating with the engine's cached click."""
     import dataclasses as dc
 
@@ -462,7 +478,7 @@ def _real_rows(root: Path, env: dict, quick: bool, clicks: int, forms: tuple[str
 
     width, height = (640, 480) if quick else (4000, 3000)
     preset = ensure_preset(quick)
-    env = {**env, "SAM_MODEL": str(preset), "SAM_DEVICE": "cpu"}
+    env = {**env, "SAM_MODEL": str(preset), "SAM_DEVICE": device}
     Image.fromarray(synthetic_image(height, width)).save(root / "photo.jpg", quality=92)
     image = load_image_file(root / "photo.jpg", max_pixels=10**8)
     engine = load_engine(dc.replace(Settings.from_env(env), preencode=False))
@@ -482,7 +498,7 @@ def _real_rows(root: Path, env: dict, quick: bool, clicks: int, forms: tuple[str
                 http_cpu.append(server.last_cpu_s)
                 x, y = (30 + (i % 20)) * width / 100, (40 + (i % 20) / 2) * height / 100
                 started, cpu = time.perf_counter(), time.process_time()
-                engine.decode(embedding, Prompts.from_lists(points=[(x, y)], labels=[1]))
+                engine.decode(embedding, Prompts.from_lists(points=[(x, y)], labels=[1]))  # mask on the host
                 direct.append(time.perf_counter() - started)
                 direct_cpu.append(time.process_time() - cpu)
             rows.append({"size": f"{width}x{height}", "form": form, "model": "quick" if quick else "base (vit_b shapes)",
@@ -511,7 +527,7 @@ def format_http(report: dict) -> str:
         ratio = (f"  x{row['further_click_ms'] / brush[(row['size'], row['shape'])]:.2f}"
                  if (row["size"], row["shape"]) in brush and row["form"] != "brush" else "")
         lines.append(f"  {row['size']:>10s} {row['shape']:6s} {row['form']:8s} {row['further_click_ms']:9.1f} / "
-                     f"{row['further_click_cpu_ms']:7.1f}{ratio}")
+                     f"{row['further_click_cpu_ms']:7.1f}{ratio:8s}  read-back IoU {row['answer_iou']:.4f}")
     if report["real"]:
         lines.append(f"Real SAM through HTTP against the engine's cached click (same embedding and point; wall ms, CPU "
                      f"ms), target for brush <= {TARGET_HTTP_OVER_ENGINE}x and for the other forms <= "
@@ -538,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--form", choices=tuple(FORMS), action="append", help="(repeatable; default all)")
     parser.add_argument("--repeat", type=int, default=7, help="runs per answer-path stage (default 7)")
     parser.add_argument("--no-real", action="store_true", help="skip the real-SAM rows")
+    parser.add_argument("--device", default="cpu", help="SAM_DEVICE of the real-SAM rows (default cpu)")
     parser.add_argument("--in-process", action="store_true", help="the older Flask test-client bench (brush only)")
     parser.add_argument("--shared-prompt-state", action="store_true",
                         help="in-process: also time each further click with the prompt state shared by worker processes")
@@ -551,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         report = run_http(quick=args.quick, clicks=args.clicks,
                           sizes=tuple(args.size or (QUICK_SIZES if args.quick else SIZES)),
                           shapes=tuple(args.shape or ("blob", "thin", "holes")), forms=tuple(args.form or FORMS),
-                          repeat=args.repeat, real=not args.no_real)
+                          repeat=args.repeat, real=not args.no_real, device=args.device)
         print(json.dumps(report) if args.json else format_http(report))
         return 0
     report = run(args.quick, args.clicks, args.shared_prompt_state, args.prompt_state_dir)
