@@ -202,7 +202,9 @@ def shaped_engine(segmenter):
     from ml_backend.sam.prompts import SegmentationResult
 
     class ShapedEngine(SamEngine):
-        masks: dict[str, np.ndarray] = {}
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.masks: dict[str, np.ndarray] = {}  # image key -> the image's shape
 
         def _run_encoder(self, key, image):
             self.masks[key] = image[..., 0] >= 128
