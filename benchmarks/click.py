@@ -425,13 +425,13 @@ def _shape_image(root: Path, shape: str, size: tuple[int, int]) -> Path:
 
 
 def run_http(*, quick: bool, clicks: int, sizes: tuple[tuple[int, int], ...], shapes: tuple[str, ...],
-             forms: tuple[str, ...], repeat: int, real: bool = True, device: str = "cpu") -> dict:
+             forms: tuple[str, ...], repeat: int, real: bool = True, device: str = "cpu", shaped: bool = True) -> dict:
     """The three tables of the module docstring, as one report; real SAM on ``device`` (SAM_DEVICE)."""
     from benchmarks.mask_formats import SHAPES
 
     report: dict = {"answer_stages": {}, "shaped": [], "real": []}
     stage_size = (4000, 3000) if (4000, 3000) in sizes else sizes[-1]
-    for shape in shapes:
+    for shape in shapes if shaped else ():
         mask = SHAPES[shape](stage_size[1], stage_size[0])
         for form in forms:
             report["answer_stages"][f"{shape} {form} {stage_size[0]}x{stage_size[1]}"] = answer_stages(mask, form, repeat)
@@ -439,10 +439,10 @@ def run_http(*, quick: bool, clicks: int, sizes: tuple[tuple[int, int], ...], sh
         root = Path(tmp)
         env = {"LOCAL_FILES_DOCUMENT_ROOT": str(root), "MODEL_DIR": str(root / "models"),
                "IMAGE_CACHE_DIR": str(root / "cache"), "EMBEDDING_STORE_DIR": str(root / "store")}
-        server = _Server(root, "shaped", env, app="benchmarks.click:shaped_app()")
+        server = _Server(root, "shaped", env, app="benchmarks.click:shaped_app()") if shaped else None
         try:
             task_id = 0
-            for size in sizes:
+            for size in sizes if shaped else ():
                 for shape in shapes:
                     path = _shape_image(root, shape, size)
                     for form in forms:
@@ -459,7 +459,8 @@ def run_http(*, quick: bool, clicks: int, sizes: tuple[tuple[int, int], ...], sh
                                                  "further_click_cpu_ms": _stats(cpus), "answer_iou": iou})
                     path.unlink()
         finally:
-            server.stop()
+            if server is not None:
+                server.stop()
         if real:
             report["real"] = _real_rows(root, env, quick, clicks, forms, device)
     return report
@@ -557,6 +558,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=7, help="runs per answer-path stage (default 7)")
     parser.add_argument("--no-real", action="store_true", help="skip the real-SAM rows")
     parser.add_argument("--device", default="cpu", help="SAM_DEVICE of the real-SAM rows (default cpu)")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="torch threads in the bench and the servers (OMP_NUM_THREADS; default: torch's own). "
+                             "On an oversubscribed machine 2 threads spin-wait for each other: compare with 1")
+    parser.add_argument("--real-only", action="store_true", help="only the real-SAM rows (no stages, no shapes)")
     parser.add_argument("--in-process", action="store_true", help="the older Flask test-client bench (brush only)")
     parser.add_argument("--shared-prompt-state", action="store_true",
                         help="in-process: also time each further click with the prompt state shared by worker processes")
@@ -566,11 +571,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.clicks < 1:
         parser.error("--clicks must be at least 1")
+    if args.torch_threads > 0:
+        import os
+
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)  # the servers inherit it
     if not (args.in_process or args.shared_prompt_state):
         report = run_http(quick=args.quick, clicks=args.clicks,
                           sizes=tuple(args.size or (QUICK_SIZES if args.quick else SIZES)),
                           shapes=tuple(args.shape or ("blob", "thin", "holes")), forms=tuple(args.form or FORMS),
-                          repeat=args.repeat, real=not args.no_real, device=args.device)
+                          repeat=args.repeat, real=not args.no_real, device=args.device, shaped=not args.real_only)
         print(json.dumps(report) if args.json else format_http(report))
         return 0
     report = run(args.quick, args.clicks, args.shared_prompt_state, args.prompt_state_dir)
