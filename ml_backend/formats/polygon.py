@@ -68,7 +68,7 @@ def mask_to_polygons(mask: np.ndarray, options: PolygonOptions = PolygonOptions(
     # Work on the object's bounding box with a one-pixel margin: the outside is then one background part.
     crop = cv2.copyMakeBorder(mask[top:top + height, left:left + width], 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
     contours, hierarchy = _contours(crop, (left - 1, top - 1))
-    if hierarchy is not None and _may_have_small_parts(contours, hierarchy[0], options.min_area):
+    if hierarchy is not None and _may_have_small_parts(contours, options.min_area):
         _drop_small_parts(crop, options.min_area)
         contours, hierarchy = _contours(crop, (left - 1, top - 1))
     if hierarchy is None:
@@ -95,7 +95,7 @@ def _contours(crop: np.ndarray, offset: tuple[int, int]) -> tuple[Sequence[np.nd
     return cv2.findContours(crop, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE, offset=offset)
 
 
-def _may_have_small_parts(contours: Sequence[np.ndarray], links: np.ndarray, min_area: int) -> bool:
+def _may_have_small_parts(contours: Sequence[np.ndarray], min_area: int) -> bool:
     """Whether a component or hole of under ``min_area`` pixels may exist, from the contours' boxes alone.
 
     A connected part of n pixels spans at most n rows and n columns, and a hole's contour runs at most
