@@ -1,21 +1,27 @@
 """``python -m benchmarks.click``: clicks through the whole backend, as Label Studio sends them.
 
-The SAM bench (``python -m benchmarks.sam``) measures the engine; this one measures
-what an annotator waits for: the app parsing Label Studio's context, the image loaded from
-local files, SAM, and the brush RLE answer. First click on a new image against further
-clicks on it, side by side in one run (random SAM weights, a synthetic JPEG).
+What an annotator waits for is the backend's answer, not the engine: this bench sends clicks over
+real HTTP to the backend under gunicorn (the flags ``python -m ml_backend serve`` uses, one worker),
+in one run, for the three result forms (brush RLE, bitmask PNG, polygons), and prints three tables:
 
-Where a further click's time goes: the clicks are timed without instrumentation, then
-replayed under ``cProfile``; each stage's share of the profiled time (the cumulative
-time of the function that does it) is applied to the unprofiled median. The profiler
-inflates Python-heavy stages more than tensor-heavy ones, so the shares are a guide,
-the total is exact.
+1. **Answer path, per stage** (in this process, wall and CPU time, median of ``--repeat``): what
+   happens between the engine's mask and the bytes of the answer (label config, context, prompt
+   state, result building, JSON), beside what the same stage cost before (label config parsed again
+   by label-studio-tools, the RLE as a Python list through Flask's JSON encoder, the bitmask as an
+   RGBA PNG by Pillow) on the same mask.
+2. **Shaped masks through HTTP**: a server whose engine answers every click with a fixed mask drawn
+   from the image it was given (``ShapedEngine``: a stub decoder, so the mask's shape and size are
+   controlled: a compact blob, a thin long structure, a mask with many holes; 1024x768, 4000x3000,
+   8000x6000). Its further click costs ~0 ms in the engine, so the time is the answer path plus
+   HTTP, gunicorn and Flask: what the backend adds to any engine, on any device.
+3. **Real SAM through HTTP against the engine**: ``python -m ml_backend serve`` with a random-weight
+   base-size SAM (vit_b shapes) on a 4000x3000 photo-like image, each further click alternating
+   with the engine's cached click (``SamEngine.decode``, same embedding, same point, no HTTP) in
+   this process: the ratio is what the backend adds on top of the engine.
 
-``--shared-prompt-state``: each further click is also sent with the prompt state in files
-shared by worker processes (``PROMPT_STATE_SHARED=on``), alternating click by click with the
-in-memory state on the same task, so both medians come from the same run and machine load.
-The files go where the backend would put them (``/dev/shm`` when it has room; deleted at
-the end), or under ``--prompt-state-dir``.
+Further clicks put one positive keypoint at a new place each time (Label Studio's request, with
+the label config in it). ``--in-process`` (or ``--shared-prompt-state``) runs the older Flask
+test-client bench instead; see :func:`run`.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import time
 from pathlib import Path
 
 import ml_backend  # noqa: F401  (selects the torch backend before keras is imported)
+from benchmarks.common import size_argument
 
 LABEL_CONFIG = """<View><Image name="image" value="$image"/>
 <BrushLabels name="mask" toName="image"><Label value="Object"/></BrushLabels>
@@ -73,6 +80,15 @@ def _keypoint(x_pct: float, y_pct: float, width: int, height: int) -> dict:
 
 
 def run(quick: bool, clicks: int, shared_prompt_state: bool = False, prompt_state_dir: str = "") -> dict:
+    """The in-process bench (Flask's test client, brush config): first click against further clicks.
+
+    Where a further click's time goes: the clicks are replayed under ``cProfile`` and each stage's
+    share of the profiled time is applied to the unprofiled median (a guide; the HTTP bench's
+    :func:`answer_stages` measures the answer path directly). ``shared_prompt_state``: each further
+    click is also sent with the prompt state in files shared by worker processes
+    (``PROMPT_STATE_SHARED=on``), alternating click by click with the in-memory state on the same
+    task; the files go where the backend would put them, or under ``prompt_state_dir``.
+    """
     import keras
     from PIL import Image
 
@@ -140,18 +156,435 @@ def run(quick: bool, clicks: int, shared_prompt_state: bool = False, prompt_stat
     return report
 
 
+
+# --- the HTTP bench ------------------------------------------------------------------------------
+
+FORMS = {"brush": "BrushLabels", "bitmask": "BitmaskLabels", "polygon": "PolygonLabels"}
+SIZES = ((1024, 768), (4000, 3000), (8000, 6000))  # (width, height)
+QUICK_SIZES = ((320, 240),)
+TARGET_HTTP_OVER_ENGINE = 1.2  # brush, 4000x3000: a further click through HTTP against the engine's cached click
+TARGET_FORM_OVER_BRUSH = 1.5  # bitmask or polygon click against a brush click, 4000x3000
+TARGET_ANSWER_MS = 15.0  # the answer path (engine's mask to JSON bytes), 4000x3000, any shape
+
+
+def label_config(form: str) -> str:
+    """A labeling config whose mask tag is ``form``'s (brush, bitmask, polygon), with smart keypoints."""
+    tag = FORMS[form]
+    return (f'<View><Image name="image" value="$image"/><{tag} name="mask" toName="image"><Label value="Object"/>'
+            f'</{tag}><KeyPointLabels name="click" toName="image" smart="true"><Label value="Object"/>'
+            '</KeyPointLabels></View>')
+
+
+def shaped_app():
+    """gunicorn's app factory for the shaped-mask server: the backend as ``create_app()`` builds it, with
+    a :class:`ShapedEngine` (a small random SAM encodes; every click answers the image's own shape)."""
+    import dataclasses as dc
+
+    import keras
+
+    from benchmarks.sam import quick_architecture
+    from ml_backend.app import create_app
+    from ml_backend.runtime import Runtime
+    from ml_backend.sam.convert import build_segmenter
+    from ml_backend.settings import Settings
+
+    keras.utils.set_random_seed(0)
+    settings = dc.replace(Settings.from_env(), preencode=False)
+    return create_app(settings, runtime=Runtime(settings, engine=shaped_engine(build_segmenter(quick_architecture()))))
+
+
+def shaped_engine(segmenter):
+    """A :class:`SamEngine` whose decoder is a stub: a click on an image answers the image's bright
+    pixels (red channel >= 128) as the mask, at no cost, so the bench controls the mask's shape."""
+    import numpy as np
+
+    from ml_backend.sam import SamEngine
+    from ml_backend.sam.prompts import SegmentationResult
+
+    class ShapedEngine(SamEngine):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.masks: dict[str, np.ndarray] = {}  # image key -> the image's shape
+
+        def _run_encoder(self, key, image):
+            self.masks[key] = image[..., 0] >= 128
+            return super()._run_encoder(key, image)
+
+        def decode(self, embedding, prompts):
+            return SegmentationResult(mask=self.masks[embedding.key], score=0.9,
+                                      low_res_logits=np.zeros((256, 256), np.float32))
+
+    return ShapedEngine(segmenter, source="shaped-stub")
+
+
+def _stats(values: list[float]) -> float:
+    return statistics.median(values) * 1000
+
+
+def answer_stages(mask, form: str, repeat: int) -> dict[str, dict[str, float]]:
+    """Wall and CPU ms (medians) of each answer-path stage on ``mask``, ours beside what it replaced."""
+    import flask
+    import numpy as np
+    import orjson
+    import torch
+    from label_studio_tools.core.label_config import parse_config
+
+    from ml_backend import labeling
+    from ml_backend.formats.bitmask import DATA_URL_PREFIX
+    from ml_backend.labeling.config import _parse
+    from ml_backend.prompt_state import PromptMemory, task_key
+    from ml_backend.settings import Settings
+
+    height, width = mask.shape
+    xml = label_config(form)
+    config = labeling.parse_label_config(xml)
+    context = {"result": [_keypoint(30, 40, width, height)]}
+    task = {"id": 1, "data": {"image": "/data/upload/1/photo.jpg"}}
+    memory = PromptMemory.from_settings(Settings())
+    logits = torch.zeros((1, height, width))  # the engine's upsampled logits, for the threshold's cost
+    flask_json = flask.Flask("bench").json
+
+    def prompt_state() -> None:
+        key = task_key(1, task, task["data"]["image"])
+        request = labeling.read_context(context, config)
+        with memory.hold(key):
+            memory.remember(memory.plan(key, request, task), [np.zeros((256, 256), np.float32)], ["a"])
+
+    def results(arrays: bool) -> dict:
+        items = labeling.build_mask_results(mask, config=config, label="Object", score=0.9, arrays=arrays)
+        return {"results": [labeling.build_prediction(items, 0.9, "sam-bench")], "model_version": "v"}
+
+    answer, listed = results(True), results(False)
+
+    def rgba_png() -> bytes:  # the bitmask encoder this replaced: an 8-bit RGBA PNG by Pillow
+        import io
+
+        from PIL import Image
+
+        rgba = np.zeros((height, width, 4), np.uint8)
+        rgba[..., 3][mask] = 255
+        buffer = io.BytesIO()
+        Image.fromarray(rgba, "RGBA").save(buffer, format="PNG")
+        return DATA_URL_PREFIX.encode() + buffer.getvalue()
+
+    ours = {
+        "threshold (inside the engine's click)": lambda: (logits > 0.0)[0].numpy(),
+        "label config (parsed once per text)": lambda: labeling.parse_label_config(xml),
+        "context parsing": lambda: labeling.read_context(context, config),
+        "prompt state (plan + remember)": prompt_state,
+        f"result building ({form})": lambda: results(True),
+        "JSON (orjson)": lambda: orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS),
+    }
+    before = {
+        "label config (parsed once per text)": lambda: (_parse(xml, None), parse_config(xml)),
+        f"result building ({form})": (lambda: rgba_png()) if form == "bitmask" else (lambda: results(False)),
+        "JSON (orjson)": lambda: flask_json.dumps(listed),
+    }
+    rows: dict[str, dict[str, float]] = {}
+    for stage, work in ours.items():
+        rows[stage] = _timed(work, repeat)
+        if stage in before:
+            reference = _timed(before[stage], repeat)
+            rows[stage].update(before_wall_ms=reference["wall_ms"], before_cpu_ms=reference["cpu_ms"])
+    counted = [row for stage, row in rows.items() if not stage.startswith("threshold")]
+    rows["answer path (all but the threshold)"] = {"wall_ms": sum(r["wall_ms"] for r in counted),
+                                                   "cpu_ms": sum(r["cpu_ms"] for r in counted)}
+    return rows
+
+
+def _timed(work, repeat: int) -> dict[str, float]:
+    walls, cpus = [], []
+    for _ in range(max(1, repeat)):
+        wall, cpu = time.perf_counter(), time.process_time()
+        work()
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return {"wall_ms": _stats(walls), "cpu_ms": _stats(cpus)}
+
+
+class _Server:
+    """The backend under gunicorn on a free port: ``python -m ml_backend serve``, or the same flags with
+    another app factory."""
+
+    def __init__(self, root: Path, name: str, env: dict[str, str], app: str | None = None) -> None:
+        import os
+        import subprocess
+
+        import requests
+
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = root / f"server-{name}.log"
+        full_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "WORKERS": "1", "THREADS": "8",
+                    "LOG_LEVEL": "WARNING", "PYTHONPATH": str(REPO), "PREENCODE": "false", **env}
+        if app is None:
+            command = [sys.executable, "-m", "ml_backend", "serve"]
+        else:  # the flags of ml_backend.__main__.serve, with this app
+            command = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.port}", "--workers", "1",
+                       "--threads", "8", "--worker-class", "gthread", "--timeout", "300", "--log-level", "warning",
+                       "--config", "python:ml_backend.gunicorn_hooks", app]
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(command, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{name} server exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                if requests.get(self.url + "/health", timeout=5).json()["sam"]["state"] == "ready":
+                    return
+            except (requests.RequestException, ValueError, KeyError):
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"{name} server not ready in 900 s")
+
+    def click(self, task: dict, form: str, index: int, size: tuple[int, int]) -> float:
+        """One further click (a new positive keypoint) in ``form``'s config: seconds until the whole answer
+        is read (a new connection each time, as Label Studio's requests do)."""
+        import requests
+
+        width, height = size
+        x, y = 30 + (index % 20), 40 + (index % 20) / 2  # percent; inside every shape's object
+        body = {"tasks": [task], "label_config": label_config(form), "project": "1.1",
+                "params": {"context": {"result": [_keypoint(x, y, width, height)]}}}
+        cpu = self.cpu_s()
+        started = time.perf_counter()
+        response = requests.post(self.url + "/predict", json=body, timeout=600)
+        content = response.content
+        elapsed = time.perf_counter() - started
+        self.last_cpu_s = self.cpu_s() - cpu
+        if response.status_code != 200 or not content:
+            raise RuntimeError(f"click failed: {response.status_code} {content[:300]!r}")
+        self.last_answer = content
+        return elapsed
+
+    def cpu_s(self) -> float:
+        """CPU seconds the gunicorn worker(s) have run so far, every thread (Linux ``schedstat``: ns; 0 elsewhere).
+
+        On a shared machine the wall time of a click includes waiting for a core; this does not."""
+        total = 0
+        try:
+            children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+            for pid in children:
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError):
+            return 0.0
+        return total / 1e9
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL when gunicorn has not exited in 30 s."""
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _answer_iou(answer: bytes, mask) -> float:
+    """IoU of the mask read back from an HTTP answer (every region of its prediction) with ``mask``: 1.0 for
+    brush and bitmask, the polygons' simplification otherwise; a wrong answer shows here, not only in time."""
+    import numpy as np
+
+    from ml_backend.formats import region_mask
+
+    height, width = mask.shape
+    restored = np.zeros_like(mask)
+    for item in json.loads(answer)["results"][0]["result"]:
+        restored |= region_mask(item, (width, height), max_pixels=width * height)
+    return float((restored & mask).sum() / max(1, (restored | mask).sum()))
+
+
+def _shape_image(root: Path, shape: str, size: tuple[int, int]) -> Path:
+    """The shape drawn white on black (PNG: lossless, so the stub's mask is exactly the shape)."""
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks.mask_formats import SHAPES
+
+    width, height = size
+    path = root / f"{shape}-{width}x{height}.png"
+    mask = SHAPES[shape](height, width)
+    Image.fromarray(np.repeat((mask * np.uint8(255))[..., None], 3, axis=2)).save(path, compress_level=1)
+    return path
+
+
+def run_http(*, quick: bool, clicks: int, sizes: tuple[tuple[int, int], ...], shapes: tuple[str, ...],
+             forms: tuple[str, ...], repeat: int, real: bool = True, device: str = "cpu", shaped: bool = True) -> dict:
+    """The three tables of the module docstring, as one report; real SAM on ``device`` (SAM_DEVICE)."""
+    from benchmarks.mask_formats import SHAPES
+
+    report: dict = {"answer_stages": {}, "shaped": [], "real": []}
+    stage_size = (4000, 3000) if (4000, 3000) in sizes else sizes[-1]
+    for shape in shapes if shaped else ():
+        mask = SHAPES[shape](stage_size[1], stage_size[0])
+        for form in forms:
+            report["answer_stages"][f"{shape} {form} {stage_size[0]}x{stage_size[1]}"] = answer_stages(mask, form, repeat)
+    with tempfile.TemporaryDirectory(prefix="click-bench-") as tmp:
+        root = Path(tmp)
+        env = {"LOCAL_FILES_DOCUMENT_ROOT": str(root), "MODEL_DIR": str(root / "models"),
+               "IMAGE_CACHE_DIR": str(root / "cache"), "EMBEDDING_STORE_DIR": str(root / "store")}
+        server = _Server(root, "shaped", env, app="benchmarks.click:shaped_app()") if shaped else None
+        try:
+            task_id = 0
+            for size in sizes if shaped else ():
+                for shape in shapes:
+                    path = _shape_image(root, shape, size)
+                    for form in forms:
+                        task_id += 1
+                        task = {"id": task_id, "data": {"image": str(path)}}
+                        first = server.click(task, form, 0, size)
+                        iou = _answer_iou(server.last_answer, SHAPES[shape](size[1], size[0]))
+                        times, cpus = [], []
+                        for i in range(1, clicks + 1):
+                            times.append(server.click(task, form, i, size))
+                            cpus.append(server.last_cpu_s)
+                        report["shaped"].append({"size": f"{size[0]}x{size[1]}", "shape": shape, "form": form,
+                                                 "first_click_s": first, "further_click_ms": _stats(times),
+                                                 "further_click_cpu_ms": _stats(cpus), "answer_iou": iou})
+                    path.unlink()
+        finally:
+            if server is not None:
+                server.stop()
+        if real:
+            report["real"] = _real_rows(root, env, quick, clicks, forms, device)
+    return report
+
+
+def _real_rows(root: Path, env: dict, quick: bool, clicks: int, forms: tuple[str, ...], device: str) -> list:
+    """Real SAM through ``python -m ml_backend serve``, each click alternating with the engine's cached click."""
+    import dataclasses as dc
+
+    from PIL import Image
+
+    from benchmarks.sam import synthetic_image
+    from benchmarks.session import ensure_preset
+    from ml_backend.images import load_image_file
+    from ml_backend.sam import Prompts
+    from ml_backend.sam.loading import load_engine
+    from ml_backend.settings import Settings
+
+    width, height = (640, 480) if quick else (4000, 3000)
+    preset = ensure_preset(quick)
+    env = {**env, "SAM_MODEL": str(preset), "SAM_DEVICE": device}
+    Image.fromarray(synthetic_image(height, width)).save(root / "photo.jpg", quality=92)
+    image = load_image_file(root / "photo.jpg", max_pixels=10**8)
+    engine = load_engine(dc.replace(Settings.from_env(env), preencode=False))
+    embedding = engine.embed(image)  # into the shared store: the server reads it instead of encoding again
+    engine.warm_up()  # as the server does after loading (the traced decoder settles over its first calls)
+    for _ in range(3):
+        engine.decode(embedding, Prompts.from_lists(points=[(width / 2, height / 2)], labels=[1]))
+    server = _Server(root, "sam", env)
+    rows = []
+    try:
+        for n, form in enumerate(forms, start=1):
+            task = {"id": 1000 + n, "data": {"image": str(root / "photo.jpg")}}
+            first = server.click(task, form, 0, (width, height))
+            http, http_cpu, direct, direct_cpu = [], [], [], []
+            for i in range(1, clicks + 1):
+                http.append(server.click(task, form, i, (width, height)))
+                http_cpu.append(server.last_cpu_s)
+                x, y = (30 + (i % 20)) * width / 100, (40 + (i % 20) / 2) * height / 100
+                started, cpu = time.perf_counter(), time.process_time()
+                engine.decode(embedding, Prompts.from_lists(points=[(x, y)], labels=[1]))  # mask on the host
+                direct.append(time.perf_counter() - started)
+                direct_cpu.append(time.process_time() - cpu)
+            rows.append({"size": f"{width}x{height}", "form": form, "model": "quick" if quick else "base (vit_b shapes)",
+                         "first_click_s": first, "further_click_ms": _stats(http), "further_click_cpu_ms": _stats(http_cpu),
+                         "engine_cached_click_ms": _stats(direct), "engine_cached_click_cpu_ms": _stats(direct_cpu),
+                         "http_over_engine": _stats(http) / _stats(direct),
+                         "http_over_engine_cpu": _stats(http_cpu) / max(_stats(direct_cpu), 1e-9)})
+    finally:
+        server.stop()
+    return rows
+
+
+def format_http(report: dict) -> str:
+    lines = [f"Answer path per stage (in process; median wall / CPU ms; 'before' = what the stage replaced; "
+             f"target: the sum <= {TARGET_ANSWER_MS:g} ms at 4000x3000):"]
+    for name, stages in report["answer_stages"].items():
+        lines.append(f"  {name}")
+        for stage, row in stages.items():
+            before = (f"   before {row['before_wall_ms']:8.2f} / {row['before_cpu_ms']:8.2f}"
+                      if "before_wall_ms" in row else "")
+            lines.append(f"    {stage:40s} {row['wall_ms']:8.2f} / {row['cpu_ms']:8.2f}{before}")
+    lines.append("Shaped masks (stub decoder, ~0 ms engine) through HTTP, gunicorn: further click median, wall ms / "
+                 "the worker's CPU ms (x brush of the same shape and size, wall)")
+    brush = {(r["size"], r["shape"]): r["further_click_ms"] for r in report["shaped"] if r["form"] == "brush"}
+    for row in report["shaped"]:
+        ratio = (f"  x{row['further_click_ms'] / brush[(row['size'], row['shape'])]:.2f}"
+                 if (row["size"], row["shape"]) in brush and row["form"] != "brush" else "")
+        lines.append(f"  {row['size']:>10s} {row['shape']:6s} {row['form']:8s} {row['further_click_ms']:9.1f} / "
+                     f"{row['further_click_cpu_ms']:7.1f}{ratio:8s}  read-back IoU {row['answer_iou']:.4f}")
+    if report["real"]:
+        lines.append(f"Real SAM through HTTP against the engine's cached click (same embedding and point; wall ms, CPU "
+                     f"ms), target for brush <= {TARGET_HTTP_OVER_ENGINE}x and for the other forms <= "
+                     f"{TARGET_FORM_OVER_BRUSH}x brush:")
+        brush_ms = next((r["further_click_ms"] for r in report["real"] if r["form"] == "brush"), None)
+        for row in report["real"]:
+            form_ratio = f", x{row['further_click_ms'] / brush_ms:.2f} brush" if brush_ms and row["form"] != "brush" else ""
+            lines.append(f"  {row['model']} {row['size']} {row['form']:8s}: HTTP {row['further_click_ms']:7.1f} "
+                         f"(CPU {row['further_click_cpu_ms']:6.1f}), engine {row['engine_cached_click_ms']:7.1f} "
+                         f"(CPU {row['engine_cached_click_cpu_ms']:6.1f}): x{row['http_over_engine']:.2f} wall, "
+                         f"x{row['http_over_engine_cpu']:.2f} CPU{form_ratio} (first click {row['first_click_s']:.2f} s)")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.click", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a small model and a 640x480 image")
-    parser.add_argument("--clicks", type=int, default=5, help="further clicks to time (default 5)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a small model and small images (HTTP: 320x240 shapes, a 640x480 photo; "
+                             "in-process: 640x480)")
+    parser.add_argument("--clicks", type=int, default=5, help="further clicks to time per row (default 5)")
+    parser.add_argument("--size", type=size_argument(16), action="append",
+                        help="WIDTHxHEIGHT of the shaped masks (repeatable; default 1024x768, 4000x3000, 8000x6000)")
+    parser.add_argument("--shape", choices=("blob", "thin", "holes"), action="append", help="(repeatable; default all)")
+    parser.add_argument("--form", choices=tuple(FORMS), action="append", help="(repeatable; default all)")
+    parser.add_argument("--repeat", type=int, default=7, help="runs per answer-path stage (default 7)")
+    parser.add_argument("--no-real", action="store_true", help="skip the real-SAM rows")
+    parser.add_argument("--device", default="cpu", help="SAM_DEVICE of the real-SAM rows (default cpu)")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="torch threads in the bench and the servers (OMP_NUM_THREADS; default: torch's own). "
+                             "On an oversubscribed machine 2 threads spin-wait for each other: compare with 1")
+    parser.add_argument("--real-only", action="store_true", help="only the real-SAM rows (no stages, no shapes)")
+    parser.add_argument("--in-process", action="store_true", help="the older Flask test-client bench (brush only)")
     parser.add_argument("--shared-prompt-state", action="store_true",
-                        help="also time each further click with the prompt state shared by worker processes")
+                        help="in-process: also time each further click with the prompt state shared by worker processes")
     parser.add_argument("--prompt-state-dir", default="",
                         help="where the shared prompt state goes (default: where the backend would put it)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.clicks < 1:
         parser.error("--clicks must be at least 1")
+    if args.torch_threads > 0:
+        import os
+
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)  # the servers inherit it
+    if not (args.in_process or args.shared_prompt_state):
+        report = run_http(quick=args.quick, clicks=args.clicks,
+                          sizes=tuple(args.size or (QUICK_SIZES if args.quick else SIZES)),
+                          shapes=tuple(args.shape or ("blob", "thin", "holes")), forms=tuple(args.form or FORMS),
+                          repeat=args.repeat, real=not args.no_real, device=args.device, shaped=not args.real_only)
+        print(json.dumps(report) if args.json else format_http(report))
+        return 0
     report = run(args.quick, args.clicks, args.shared_prompt_state, args.prompt_state_dir)
     if args.json:
         print(json.dumps(report))

@@ -7,7 +7,10 @@ Run by ``scripts/gpu_check.sh``. On a CUDA machine it runs, on the GPU:
   prompts (one click, positive + negative clicks, a box, box + click) on a landscape
   and a portrait image;
 * the SAM bench (``benchmarks.sam``) for base (vit_b) and huge (vit_h) shapes;
-* the click bench through the whole backend (``benchmarks.click``).
+* the click bench (``benchmarks.click``): clicks over HTTP against the backend under gunicorn for
+  the three result forms, beside the engine's cached click, and the answer path per stage;
+* the session bench (``benchmarks.session``): annotators going through a project, pre-encoding on
+  and off, so the first GPU machine records the whole click, not only the engine.
 
 Without CUDA it runs the same parity rows and benches on the CPU with a small model
 and says which rows were skipped for want of a GPU, so the script itself is tested
@@ -95,7 +98,7 @@ def huge_architecture():
 
 
 def run(quick: bool) -> dict:
-    from benchmarks import click, sam
+    from benchmarks import click, sam, session
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -110,7 +113,15 @@ def run(quick: bool) -> dict:
     else:
         skipped += ["parity float16 (SAM_HALF): needs CUDA", "sam bench huge: needs CUDA"]
         rows["sam bench (cpu)"] = sam.run_bench(quick=True, device="cpu", repeats=1)
-    rows["click bench"] = click.run(quick=quick or not cuda, clicks=3 if quick else 5)
+    small = quick or not cuda
+    rows["click bench"] = click.run_http(
+        quick=small, clicks=2 if small else 5, sizes=click.QUICK_SIZES if small else click.SIZES,
+        shapes=("blob",) if small else ("blob", "thin", "holes"), forms=tuple(click.FORMS), repeat=2 if small else 7,
+        device=device)
+    rows["session bench"] = session.run(argparse.Namespace(
+        images=2 if small else 6, annotators=1, pause=0.5 if small else 3.0, clicks=1 if small else 3,
+        click_gap=0.2 if small else 1.0, think=0.5 if small else 5.0, lookahead=3, two_workers_images=0,
+        quick=small, device=device))
     return {"cuda": cuda, "device_name": torch.cuda.get_device_name(0) if cuda else "cpu",
             "rows": rows, "skipped": skipped}
 
@@ -130,9 +141,18 @@ def format_table(report: dict) -> str:
                     f"(official 3 masks {med['reference_predict_multimask_s'] * 1000:.1f}, 1 mask "
                     f"{med['reference_predict_single_s'] * 1000:.1f}), decoder {med['decoder_s'] * 1000:.1f} ms "
                     f"(official {med['reference_decoder_s'] * 1000:.1f})")
+        elif name == "click bench":
+            text = "; ".join(f"{r['model']} {r['size']} {r['form']}: HTTP {r['further_click_ms']:.1f} ms, engine "
+                             f"{r['engine_cached_click_ms']:.1f} ms (x{r['http_over_engine']:.2f})" for r in row["real"])
+            worst = max(row["shaped"], key=lambda r: r["further_click_ms"])
+            text += (f"; slowest shaped answer (stub engine): {worst['size']} {worst['shape']} {worst['form']} "
+                     f"{worst['further_click_ms']:.1f} ms")
         else:
-            text = (f"{row['model']}, {row['image']}: first {row['first_click_s']:.3f} s, "
-                    f"further {row['further_click_median_s'] * 1000:.1f} ms")
+            on, off = row["preencode_on"], row["preencode_off"]
+            text = (f"{row['model']}, {row['images']} images of {row['size']}: first click p50 "
+                    f"{on['first_click_p50_s']:.3f} s pre-encoded ({off['first_click_p50_s']:.3f} s without), "
+                    f"further click p50 {on['further_click_p50_s'] * 1000:.1f} ms, "
+                    f"{on['first_clicks_ready']:.0%} of first clicks ready")
         lines.append(f"{name:32s} {text}")
     lines += [f"{'skipped':32s} {reason}" for reason in report["skipped"]]
     return "\n".join(lines)

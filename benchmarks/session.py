@@ -221,7 +221,7 @@ def run(args) -> dict:
         keys = {t["id"]: image_key(load_image_file(root / "images" / f"{t['id'] - 1}.jpg", max_pixels=10**8))
                 for t in tasks}
         server = serve_task_api(tasks)
-        base_env = {"SAM_MODEL": str(preset), "SAM_DEVICE": "cpu", "LABEL_STUDIO_URL": f"http://127.0.0.1:{server.server_address[1]}",
+        base_env = {"SAM_MODEL": str(preset), "SAM_DEVICE": getattr(args, "device", "cpu"), "LABEL_STUDIO_URL": f"http://127.0.0.1:{server.server_address[1]}",
                     "LABEL_STUDIO_API_KEY": TOKEN, "LOCAL_FILES_DOCUMENT_ROOT": str(root), "MODEL_DIR": str(root / "models"),
                     "IMAGE_CACHE_DIR": str(root / "image-cache"), "PREENCODE_LOOKAHEAD": str(args.lookahead)}
         for mode in ("on", "off"):

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -66,6 +67,13 @@ def _check_path_project(value: object) -> None:
                            f"for project {str(value)[:40]!r}: give each project its own URL in its model settings.")
 
 
+def _json_answer(answer: dict) -> Response:
+    """``answer`` as a JSON response, by orjson: a brush RLE (a numpy array) is written straight from its
+    bytes; Flask's encoder would first need a Python int per byte and then take ~30x longer on them."""
+    body = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+    return Response(body, mimetype="application/json")
+
+
 def _error(message: str, status: int) -> tuple[Response, int]:
     return jsonify({"error": message, "status": status}), status
 
@@ -96,7 +104,7 @@ class BackendViews:
             predictions = backend.predict(tasks, context=context, project=data.get("project"))
         finally:
             g.request_kind = backend.request_kind
-        return jsonify({"results": predictions, "model_version": backend.model_version})
+        return _json_answer({"results": predictions, "model_version": backend.model_version})
 
     def setup(self) -> Response:
         """Validate the labeling config first; only then, and only for an authenticated caller, take

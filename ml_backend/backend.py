@@ -40,7 +40,10 @@ class SegmentationBackend(LabelStudioMLBase):
             raise LabelConfigError("No labeling config was sent; connect the backend from a Label Studio project.")
         # before the library's parser: clearer errors
         self.config = labeling.parse_label_config(label_config, mask_tag=runtime.settings.mask_tag or None)
-        super().__init__(label_config=label_config, train_output=train_output, **kwargs)
+        # Not the config: the library would parse it again (label-studio-tools, per request) for
+        # ``parsed_label_config``, which nothing here reads.
+        super().__init__(label_config=None, train_output=train_output, **kwargs)
+        self.label_config = label_config
         self.runtime = runtime
         # Label Studio sends "<id>.<created timestamp>"; batch predictions and versions are per project.
         self.project = project_key(project)
@@ -113,7 +116,8 @@ class SegmentationBackend(LabelStudioMLBase):
                 label = labeling.choose_brush_label(self.config, region.label, settings.brush_label or None)
                 results += labeling.build_mask_results(decoded.mask, config=self.config, label=label,
                                                        score=decoded.score,
-                                                       polygon=PolygonOptions.from_settings(settings))
+                                                       polygon=PolygonOptions.from_settings(settings),
+                                                       arrays=True)  # RLE for the app's orjson answer
                 scores.append(decoded.score)
                 answered.append(decoded.low_res_logits)
             memory.remember(plan, answered, [result["id"] for result in results])

@@ -67,6 +67,12 @@ _TOKEN_LEAD, _TOKEN_WIDTH = _token_tables()
 
 def encode_rle(mask: np.ndarray) -> list[int]:
     """Encode a 2-D mask (bool, or numbers where non-zero means inside) as a brush ``rle`` list."""
+    return encode_rle_array(mask).tolist()
+
+
+def encode_rle_array(mask: np.ndarray) -> np.ndarray:
+    """:func:`encode_rle` as a uint8 array: what a JSON encoder that writes numpy arrays (orjson) takes
+    as it is, without a Python int per byte."""
     mask = np.asarray(mask)
     if mask.ndim != 2 or mask.size == 0:
         raise ValueError(f"A brush mask must be a non-empty 2-D array, got shape {mask.shape}.")
@@ -92,7 +98,7 @@ def encode_rle(mask: np.ndarray) -> list[int]:
         header_rest |= (size - 1) << (12 - 4 * i)
     words[0] = n_values
     words[1] |= header_rest << (64 - _HEADER_BITS)
-    return list(words.astype(">u4").tobytes()[: total_bits // 8 + 1])  # the SDK's padding
+    return words.astype(">u4").view(np.uint8)[: total_bits // 8 + 1]  # the SDK's padding
 
 
 def _changes(flat: np.ndarray) -> np.ndarray:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks as one table: parity with the official SAM on CUDA in float32 and float16
-# (SAM_HALF), the SAM bench for base and huge shapes, the click bench. On a machine without
+# (SAM_HALF), the SAM bench for base and huge shapes, the click bench (HTTP, every result form) and
+# the session bench. On a machine without
 # CUDA the same script runs the CPU rows and names the rows it skipped. Exit 1 when a parity
 # row fails. On a GPU host install a CUDA torch first (TORCH_SPEC, see README).
 set -euo pipefail

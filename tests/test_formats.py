@@ -68,11 +68,12 @@ def polygons_mask(mask: np.ndarray, options: PolygonOptions) -> np.ndarray:
 # --- bitmask --------------------------------------------------------------------
 
 
-def test_bitmask_png_is_the_editors_form_black_opaque_on_transparent_at_image_size() -> None:
+def test_bitmask_png_decodes_to_the_editors_form_black_opaque_on_transparent_at_image_size() -> None:
     mask = disk_with_hole()
     with Image.open(io.BytesIO(png_bytes(encode_bitmask(mask)))) as png:
-        assert (png.format, png.mode, png.size) == ("PNG", "RGBA", (120, 90))
-        pixels = np.asarray(png)
+        # a 1-bit palette PNG with transparency: decoded (as a browser does) to RGBA
+        assert (png.format, png.mode, png.size, png.info.get("transparency")) == ("PNG", "P", (120, 90), 0)
+        pixels = np.asarray(png.convert("RGBA"))
     np.testing.assert_array_equal(pixels[mask], np.tile([0, 0, 0, 255], (mask.sum(), 1)))
     np.testing.assert_array_equal(pixels[~mask], np.zeros(((~mask).sum(), 4)))
 

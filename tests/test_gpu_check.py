@@ -1,4 +1,5 @@
-"""scripts/gpu_check.sh runs on a machine without CUDA: CPU rows measured, CUDA rows named as skipped."""
+"""scripts/gpu_check.sh runs on a machine without CUDA: CPU rows measured (the click bench over HTTP and the
+session bench among them), CUDA rows named as skipped."""
 
 from __future__ import annotations
 
@@ -31,4 +32,11 @@ def test_gpu_check_script_runs_on_cpu_and_names_what_it_skipped(tmp_path) -> Non
     assert parity["worst_mask_iou"] >= 0.99 and parity["worst_score_difference"] <= 1e-3
     bench = report["rows"]["sam bench (cpu)"]
     assert bench["parity"]["mask_iou"] >= 0.99 and all(v > 0 for v in bench["median"].values())
-    assert report["rows"]["click bench"]["further_click_median_s"] > 0
+    click = report["rows"]["click bench"]
+    assert {row["form"] for row in click["real"]} == {"brush", "bitmask", "polygon"}
+    assert all(row["further_click_ms"] > 0 and row["engine_cached_click_ms"] > 0 for row in click["real"])
+    assert {(row["shape"], row["form"]) for row in click["shaped"]} == {("blob", f) for f in ("brush", "bitmask", "polygon")}
+    assert "click bench" in table and "slowest shaped answer" in table
+    session = report["rows"]["session bench"]
+    assert session["preencode_on"]["further_click_p50_s"] > 0 and session["preencode_off"]["first_click_p50_s"] > 0
+    assert "session bench" in table

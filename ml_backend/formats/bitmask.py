@@ -15,7 +15,10 @@ What the 1.23.2 editor reads and writes, from its bundled sources
   PNG's own size, and every reader of that canvas (outline, bounding box, hover) counts a
   pixel as inside when its **alpha > 0**. A PNG without an alpha channel is therefore all inside.
 
-We write exactly that RGBA form and read any PNG by the same alpha > 0 rule.
+We write a PNG that decodes to exactly that RGBA form and read any PNG by the same alpha > 0 rule.
+It is a 1-bit palette PNG (colour 0 transparent black, colour 1 opaque black; ``tRNS``): a browser or
+Pillow decodes it to the same RGBA pixels as an 8-bit RGBA PNG, from a fraction of the bytes to
+compress, so a 4000x3000 mask takes milliseconds instead of the ~1 s Pillow takes for RGBA.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -32,16 +37,35 @@ from ml_backend.formats.bounds import MaskFormatError, check_mask_size
 DATA_URL_PREFIX = "data:image/png;base64,"
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PALETTE = bytes(6)  # two colours, both black
+_ALPHA = b"\x00\xff"  # colour 0 transparent, colour 1 opaque
+_COMPRESSION = 1  # zlib level: a two-colour mask compresses well at the fastest level already
+
+
 def encode_bitmask(mask: np.ndarray) -> str:
-    """The ``imageDataURL`` of a 2-D mask (non-zero inside): RGBA PNG, opaque black inside, transparent outside."""
+    """The ``imageDataURL`` of a 2-D mask (non-zero inside): a PNG decoding to opaque black inside,
+    transparent outside."""
     mask = np.asarray(mask)
     if mask.ndim != 2 or mask.size == 0:
         raise ValueError(f"A bitmask must be a non-empty 2-D array, got shape {mask.shape}.")
-    rgba = np.zeros((*mask.shape, 4), np.uint8)
-    rgba[..., 3][mask != 0] = 255
-    buffer = io.BytesIO()
-    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG")
-    return DATA_URL_PREFIX + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return DATA_URL_PREFIX + base64.b64encode(_one_bit_png(mask)).decode("ascii")
+
+
+def _one_bit_png(mask: np.ndarray) -> bytes:
+    """The PNG file, written here (PNG spec, colour type 3, bit depth 1): neither Pillow (~100 ms at
+    4000x3000) nor OpenCV (no transparency at one bit) writes this form at the speed of a click."""
+    height, width = mask.shape
+    bits = np.packbits(mask if mask.dtype == np.bool_ else mask != 0, axis=1)  # rows, MSB first
+    scanlines = np.zeros((height, bits.shape[1] + 1), np.uint8)  # each row: filter type 0, then its bytes
+    scanlines[:, 1:] = bits
+    header = struct.pack(">IIBBBBB", width, height, 1, 3, 0, 0, 0)  # 1 bit, palette, deflate, no interlace
+    return b"".join((_PNG_SIGNATURE, _chunk(b"IHDR", header), _chunk(b"PLTE", _PALETTE), _chunk(b"tRNS", _ALPHA),
+                     _chunk(b"IDAT", zlib.compress(scanlines.data, _COMPRESSION)), _chunk(b"IEND", b"")))
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def decode_bitmask(data_url: object, *, max_pixels: int) -> np.ndarray:

@@ -27,7 +27,7 @@ corner of the pixel outline (``CHAIN_APPROX_SIMPLE``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -61,14 +61,16 @@ def mask_to_polygons(mask: np.ndarray, options: PolygonOptions = PolygonOptions(
     mask = np.asarray(mask)
     if mask.ndim != 2 or mask.size == 0:
         raise ValueError(f"A mask must be a non-empty 2-D array, got shape {mask.shape}.")
-    mask = (mask != 0).view(np.uint8)
+    mask = mask.view(np.uint8) if mask.dtype == np.bool_ else (mask != 0).view(np.uint8)
     left, top, width, height = cv2.boundingRect(mask)
     if width == 0:
         return []
     # Work on the object's bounding box with a one-pixel margin: the outside is then one background part.
-    crop = np.pad(mask[top:top + height, left:left + width], 1)
-    _drop_small_parts(crop, options.min_area)
-    contours, hierarchy = cv2.findContours(crop, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE, offset=(left - 1, top - 1))
+    crop = cv2.copyMakeBorder(mask[top:top + height, left:left + width], 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    contours, hierarchy = _contours(crop, (left - 1, top - 1))
+    if hierarchy is not None and _may_have_small_parts(contours, options.min_area):
+        _drop_small_parts(crop, options.min_area)
+        contours, hierarchy = _contours(crop, (left - 1, top - 1))
     if hierarchy is None:
         return []
     links = hierarchy[0]  # per contour: next, previous, first child, parent
@@ -87,6 +89,22 @@ def mask_to_polygons(mask: np.ndarray, options: PolygonOptions = PolygonOptions(
             child = links[child][0]
         polygons.append(_bridge(outer, holes))
     return polygons
+
+
+def _contours(crop: np.ndarray, offset: tuple[int, int]) -> tuple[Sequence[np.ndarray], np.ndarray | None]:
+    return cv2.findContours(crop, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE, offset=offset)
+
+
+def _may_have_small_parts(contours: Sequence[np.ndarray], min_area: int) -> bool:
+    """Whether a component or hole of under ``min_area`` pixels may exist, from the contours' boxes alone.
+
+    A connected part of n pixels spans at most n rows and n columns, and a hole's contour runs at most
+    one pixel outside the hole: a part whose contour's box is min_area + 2 pixels wide or high (or
+    more) is large. Only when some box is smaller do the connected components have to be counted.
+    """
+    if min_area <= 1:
+        return False
+    return any(w < min_area + 2 and h < min_area + 2 for _, _, w, h in map(cv2.boundingRect, contours))
 
 
 def polygon_to_percent(polygon: np.ndarray, width: int, height: int) -> list[list[float]]:
@@ -171,12 +189,88 @@ def _simplify(contour: np.ndarray, tolerance: float) -> np.ndarray:
 
 
 def _bridge(outer: np.ndarray, holes: Sequence[np.ndarray]) -> np.ndarray:
-    """One outline: each hole spliced in at its nearest vertex pair, there and back along one edge."""
-    polygon = outer
-    for hole in holes:
-        i, j = _nearest_pair(polygon, hole)
-        polygon = np.concatenate((polygon[:i + 1], np.roll(hole, -j, axis=0), hole[j:j + 1], polygon[i:]))
-    return polygon
+    """One outline: each hole spliced in at its nearest vertex pair, there and back along one edge.
+
+    Hole k joins the nearest vertex of the outer contour or of holes 0..k-1 (a tree of bridges, so
+    the outline stays one loop); the loop is then written out once, each hole at its joint.
+    """
+    if not holes:
+        return outer
+    rings = [outer, *holes]
+    joints: list[dict[int, list[tuple[int, int]]]] = [{} for _ in rings]  # per ring: vertex -> [(hole, entry)]
+    index = _RingIndex(rings)
+    for k in range(1, len(rings)):
+        ring, vertex, entry = index.nearest(k)
+        joints[ring].setdefault(vertex, []).append((k, entry))
+    return np.concatenate(_walk(rings, joints))
+
+
+def _walk(rings: list[np.ndarray], joints: list[dict[int, list[tuple[int, int]]]]) -> list[np.ndarray]:
+    """The loop's pieces: each ring from its entry vertex, at a joint the joined hole (latest first) and
+    back to the joint. A stack, not recursion: bridges can chain through many holes."""
+    pieces: list[np.ndarray] = []
+    stack = [_ring_steps(rings, joints, 0, 0)]
+    while stack:
+        step = next(stack[-1], None)
+        if step is None:
+            stack.pop()
+        elif isinstance(step, tuple):
+            stack.append(_ring_steps(rings, joints, *step))
+        else:
+            pieces.append(step)
+    return pieces
+
+
+def _ring_steps(rings: list[np.ndarray], joints: list[dict[int, list[tuple[int, int]]]], ring: int,
+                start: int) -> Iterator[np.ndarray | tuple[int, int]]:
+    """Yields the ring's vertices from ``start`` (arrays) and, at each joint, (hole, entry) to walk first."""
+    vertices, n = rings[ring], len(rings[ring])
+    order = np.roll(np.arange(n), -start)
+    done = 0
+    for offset in sorted((vertex - start) % n for vertex in joints[ring]):
+        vertex = int(order[offset])
+        yield vertices[order[done:offset + 1]]
+        for hole, entry in reversed(joints[ring][vertex]):
+            yield hole, entry
+            yield np.stack((rings[hole][entry], vertices[vertex]))
+        done = offset + 1
+    yield vertices[order[done:]]
+
+
+class _RingIndex:
+    """The rings (outer contour, holes) joined so far, for the nearest-vertex search of each new hole.
+
+    Hand-written: OpenCV has no incremental nearest-neighbour index and scipy is not a dependency.
+    The previous ring's nearest vertex bounds the distance d; only the rings whose box comes within
+    d of the hole's box (and of a large ring, only its vertices there) can hold a nearer vertex, so
+    the answer is exact while each hole looks at a few neighbours, not the whole outline.
+    """
+
+    _LARGE = 256  # vertices: a ring this long has its vertices filtered by the box, not taken whole
+
+    def __init__(self, rings: Sequence[np.ndarray]) -> None:
+        self.rings = [ring.astype(np.float64) for ring in rings]
+        self.boxes = np.array([[*ring.min(axis=0), *ring.max(axis=0)] for ring in self.rings], np.float64)
+
+    def nearest(self, k: int) -> tuple[int, int, int]:
+        """For ring ``k``: (ring < k, vertex index in it, vertex index in ring k) of the closest pair."""
+        hole, guess = self.rings[k], self.rings[k - 1]
+        i, j = _nearest_pair(guess, hole)
+        reach = math.sqrt(float(((guess[i] - hole[j]) ** 2).sum()))
+        low, high = self.boxes[k, :2] - reach, self.boxes[k, 2:] + reach
+        boxes = self.boxes[:k]
+        near = np.flatnonzero(np.all(boxes[:, :2] <= high, axis=1) & np.all(boxes[:, 2:] >= low, axis=1))
+        points, owners, vertices = [], [], []
+        for ring in near:
+            candidates = self.rings[ring]
+            index = np.arange(len(candidates))
+            if len(candidates) > self._LARGE:
+                index = index[np.all((candidates >= low) & (candidates <= high), axis=1)]
+            points.append(candidates[index])
+            owners.append(np.full(len(index), ring))
+            vertices.append(index)
+        i, j = _nearest_pair(np.concatenate(points), hole)  # never empty: the guess's vertex is in reach
+        return int(np.concatenate(owners)[i]), int(np.concatenate(vertices)[i]), j
 
 
 def _nearest_pair(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:

@@ -16,6 +16,7 @@ caps entity expansion).
 
 from __future__ import annotations
 
+import functools
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
@@ -64,7 +65,23 @@ def parse_label_config(xml: str, *, mask_tag: str | None = None) -> LabelConfig:
     """Parse ``xml``; raise :class:`LabelConfigError` with a fix the user can apply when we cannot serve it.
 
     ``mask_tag`` names the mask tag to use when the image has several (see the module docstring).
+    Label Studio sends the same config with every click: a parsed config (immutable) is kept for the
+    next request with the same text (``_CACHED_CONFIGS`` of them); a config that fails is parsed again.
     """
+    if isinstance(xml, str) and (mask_tag is None or isinstance(mask_tag, str)):
+        return _parse_cached(xml, mask_tag)
+    return _parse(xml, mask_tag)
+
+
+_CACHED_CONFIGS = 64
+
+
+@functools.lru_cache(maxsize=_CACHED_CONFIGS)
+def _parse_cached(xml: str, mask_tag: str | None) -> LabelConfig:
+    return _parse(xml, mask_tag)
+
+
+def _parse(xml: str, mask_tag: str | None) -> LabelConfig:
     if not isinstance(xml, str) or not xml.strip():
         raise LabelConfigError(f"No labeling config was received. A config this backend serves looks like: {_EXAMPLE}")
     try:

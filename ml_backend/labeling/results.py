@@ -48,12 +48,13 @@ def _find(labels: tuple[str, ...], name: str) -> str | None:
 
 def build_mask_results(
     mask: np.ndarray, *, config: LabelConfig, label: str, score: float,
-    polygon: PolygonOptions = PolygonOptions(),
+    polygon: PolygonOptions = PolygonOptions(), arrays: bool = False,
 ) -> list[dict[str, Any]]:
     """The result items holding an (H, W) mask at the image's original size, as the config's mask tag stores it.
 
     Each item gets a fresh random id, so that several masks in one prediction stay separate regions.
-    ``polygon`` says how masks become polygons (used only for a ``PolygonLabels`` tag).
+    ``polygon`` says how masks become polygons (used only for a ``PolygonLabels`` tag). ``arrays``: a
+    brush RLE as a numpy array, for the /predict answer only (see :func:`ml_backend.formats.mask_values`).
     """
     mask = np.asarray(mask)
     if mask.ndim != 2:
@@ -77,7 +78,7 @@ def build_mask_results(
             "score": value_score,
             "readonly": False,
         }
-        for value in mask_values(mask, tag.result_type, polygon)
+        for value in mask_values(mask, tag.result_type, polygon, arrays=arrays)
     ]
 
 
