@@ -11,6 +11,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))  # the benchmarks/ package
 
 import ml_backend  # noqa: E402,F401  (selects the torch backend before keras)
+# transformers decides once (cached) whether torchvision is installed; benchmarks.official_sam's torchvision
+# stand-in has no __spec__, which makes that check raise when a test imports transformers after another test
+# installed the stand-in. Importing it first (~1 s) makes the check look at the real packages, whatever the order.
+import transformers  # noqa: E402,F401
 from ci_policy import (  # noqa: E402,F401  (hooks: under CI=true a skipped test fails)
     pytest_configure,
     pytest_make_collect_report,
