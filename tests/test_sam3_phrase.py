@@ -29,8 +29,6 @@ from ml_backend.settings import Settings
 EDITOR = Path(__file__).parent / "fixtures" / "editor"
 THRESHOLD, DEDUP, MAX_INSTANCES = 0.2, 0.5, 3
 PHRASE = "yellow school bus"  # what the recording's annotator typed
-TWO_LABELS = ('<Label value="Cat" background="#ff0000"/>',
-              '<Label value="Cat" background="#ff0000"/><Label value="Bus" hint="yellow school bus"/>')
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +49,7 @@ def sam3_engine(checkpoint: Path):
 def settings(tmp_path: Path, checkpoint: Path) -> Settings:
     return dataclasses.replace(Settings(), model_dir=tmp_path / "models", image_cache_dir=tmp_path / "cache",
                                preannotate="trimap", sam3_model=str(checkpoint), sam3_score_threshold=THRESHOLD,
-                               sam3_dedup_iou=DEDUP, sam3_max_instances=MAX_INSTANCES, sam3_text_default_label="cat")
+                               sam3_dedup_iou=DEDUP, sam3_max_instances=MAX_INSTANCES, sam3_text_default_label="object")
 
 
 def _client(settings: Settings, tiny_segmenter, sam3_engine=None):
@@ -103,32 +101,34 @@ def _assert_same(got: list, expected: list) -> None:
         assert mask.shape == want_mask.shape and np.array_equal(mask, want_mask)
 
 
-def test_the_recorded_phrase_returns_every_instance_under_the_default_label(client, sam3_engine) -> None:
+def test_the_recorded_phrase_returns_every_instance_under_the_label_it_names(client, sam3_engine) -> None:
+    """The recorded config's "Bus" label has the hint "yellow school bus": the phrase names it."""
     image = _image(3)
     request = _request(image)
     assert request["params"]["context"]["result"][0]["value"]["text"] == [PHRASE]
     expected = _expected(sam3_engine, image, PHRASE)
-    _assert_same(_regions(client.post("/predict", json=request), "Cat"), expected)
+    _assert_same(_regions(client.post("/predict", json=request), "Bus"), expected)
     # The phrase reached SAM 3 (not the label's name); the instance limit and threshold were applied.
-    assert [s for s, _ in _expected(sam3_engine, image, "cat")] != pytest.approx([s for s, _ in expected], abs=1e-5)
+    assert [s for s, _ in _expected(sam3_engine, image, "Bus")] != pytest.approx([s for s, _ in expected], abs=1e-5)
     everything = sam3_engine.segment(image, [PHRASE], threshold=0.0)[0]
     assert len(everything) > MAX_INSTANCES and len(expected) == MAX_INSTANCES
 
 
 def test_the_last_phrase_typed_is_answered(client, sam3_engine) -> None:
-    """The editor keeps a TextArea's submissions in one result: the newest is the last."""
+    """The editor keeps a TextArea's submissions in one result: the newest is the last (no label is named so:
+    SAM3_TEXT_DEFAULT_LABEL)."""
     image = _image(4)
     request = _request(image)
     request["params"]["context"]["result"][0]["value"]["text"] = ["dog", " red apple "]
-    _assert_same(_regions(client.post("/predict", json=request), "Cat"), _expected(sam3_engine, image, "red apple"))
+    _assert_same(_regions(client.post("/predict", json=request), "Object"),
+                 _expected(sam3_engine, image, "red apple"))
 
 
 def test_a_phrase_naming_a_label_goes_under_that_label(client, sam3_engine) -> None:
     """Named by the label's value or its SAM 3 phrase (its hint), case-insensitively; SAM 3 reads what was typed."""
     image = _image(5)
-    for typed, label in (("YELLOW School bus", "Bus"), ("bus", "Bus"), ("CAT", "Cat")):
+    for typed, label in (("YELLOW School bus", "Bus"), ("bus", "Bus"), ("OBJECT", "Object")):
         request = _request(image, typed)
-        request["label_config"] = request["label_config"].replace(*TWO_LABELS)
         _assert_same(_regions(client.post("/predict", json=request), label), _expected(sam3_engine, image, typed))
 
 
@@ -146,7 +146,7 @@ def test_unusable_phrases_are_refused_with_a_message(client, text: str, message:
 
 def test_malformed_or_mixed_requests_are_refused(client) -> None:
     request = _request(_image(7))
-    point = {"original_width": 400, "original_height": 300, "value": {"x": 40.0, "y": 40.0, "keypointlabels": ["Cat"]},
+    point = {"original_width": 400, "original_height": 300, "value": {"x": 40.0, "y": 40.0, "keypointlabels": ["Bus"]},
              "id": "p", "from_name": "click", "to_name": "image", "type": "keypointlabels", "is_positive": True}
     mixed = copy.deepcopy(request)
     mixed["params"]["context"]["result"].append(point)
@@ -161,11 +161,11 @@ def test_malformed_or_mixed_requests_are_refused(client) -> None:
 
 def test_a_phrase_naming_no_label_without_a_default_is_refused(settings, tiny_segmenter, sam3_engine) -> None:
     client = _client(dataclasses.replace(settings, sam3_text_default_label=""), tiny_segmenter, sam3_engine)
-    answer = client.post("/predict", json=_request(_image(8)))
+    answer = client.post("/predict", json=_request(_image(8), "red apple"))
     assert answer.status_code == 422
-    assert "SAM3_TEXT_DEFAULT_LABEL" in answer.get_json()["error"] and "['Cat']" in answer.get_json()["error"]
+    assert "SAM3_TEXT_DEFAULT_LABEL" in answer.get_json()["error"] and "['Bus', 'Object']" in answer.get_json()["error"]
     wrong = _client(dataclasses.replace(settings, sam3_text_default_label="Car"), tiny_segmenter, sam3_engine)
-    answer = wrong.post("/predict", json=_request(_image(8)))
+    answer = wrong.post("/predict", json=_request(_image(8), "red apple"))
     assert answer.status_code == 422 and "SAM3_TEXT_DEFAULT_LABEL='Car' is not a label" in answer.get_json()["error"]
 
 
