@@ -108,6 +108,8 @@ def test_the_recorded_phrase_returns_every_instance_under_the_label_it_names(cli
     assert request["params"]["context"]["result"][0]["value"]["text"] == [PHRASE]
     expected = _expected(sam3_engine, image, PHRASE)
     _assert_same(_regions(client.post("/predict", json=request), "Bus"), expected)
+    # It went through the encode gate as an interactive request, timed as its own kind.
+    assert "sam3 phrase" in client.get("/status").get_json()["sam"]["encodes"]["mean_s"]
     # The phrase reached SAM 3 (not the label's name); the instance limit and threshold were applied.
     assert [s for s, _ in _expected(sam3_engine, image, "Bus")] != pytest.approx([s for s, _ in expected], abs=1e-5)
     everything = sam3_engine.segment(image, [PHRASE], threshold=0.0)[0]
