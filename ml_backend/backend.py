@@ -20,6 +20,7 @@ from ml_backend.preannotation import NO_TRIMAP_VERSION, mask_bounding_box, trima
 from ml_backend.prompt_state import task_key
 from ml_backend.runtime import Runtime
 from ml_backend.sam.prompts import Prompts
+from ml_backend.sam3.phrase import typed_phrase
 from ml_backend.trimaps import LabelRoles, TrimapValue
 
 logger = logging.getLogger(__name__)
@@ -92,8 +93,14 @@ class SegmentationBackend(LabelStudioMLBase):
     # --- interactive SAM -----------------------------------------------------
     def _interactive(self, task: dict, context: dict) -> dict:
         """Parse this request, add what earlier clicks on the task said, embed, decode, answer (rectangles of
-        ``SAM3_EXEMPLAR_LABELS`` go to SAM 3 instead: :mod:`ml_backend.sam3.exemplar`)."""
+        ``SAM3_EXEMPLAR_LABELS`` and typed phrases go to SAM 3 instead: :mod:`ml_backend.sam3.exemplar`,
+        :mod:`ml_backend.sam3.phrase`)."""
         settings = self.runtime.settings
+        if (phrase := typed_phrase(context)) is not None:  # a <TextArea>'s text: SAM 3 (ml_backend.sam3.phrase)
+            if self.runtime.phrases is None:
+                raise InvalidPromptError("Typed phrases are answered by SAM 3, which this backend does not run: "
+                                         "the administrator sets SAM3_MODEL.")
+            return self.runtime.phrases.predict(self._task_image(task), phrase, self.label_config, self.config)
         request = labeling.read_context(context, self.config, negative_labels=settings.negative_labels)
         if request is None:
             raise InvalidPromptError("The request carries no keypoint or rectangle prompts for this image.")

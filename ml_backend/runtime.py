@@ -33,6 +33,7 @@ from ml_backend.sam.engine import ImageEmbedding, image_key
 from ml_backend.sam import loading as sam_loading
 from ml_backend.sam3.exemplar import ExemplarSegmenter
 from ml_backend.sam3.job import JobContext, ProjectPreannotationJobs
+from ml_backend.sam3.phrase import PhraseSegmenter
 from ml_backend.sam3.preannotate import ConceptPreannotator
 from ml_backend.sam3.rq_jobs import RQProjectJobs
 from ml_backend.sam3.service import Sam3Service
@@ -296,12 +297,14 @@ class Runtime:
     def _build_concept_preannotation(self, sam3_engine) -> None:
         """Project jobs on RQ workers when ``REDIS_URL`` is set (:mod:`ml_backend.sam3.rq_jobs`), else on a
         thread of this process (:class:`ml_backend.sam3.job.ProjectPreannotationJobs`); interactive exemplars
-        (:mod:`ml_backend.sam3.exemplar`) when ``SAM3_EXEMPLAR_LABELS`` names labels."""
+        (:mod:`ml_backend.sam3.exemplar`) when ``SAM3_EXEMPLAR_LABELS`` names labels; typed phrases
+        (:mod:`ml_backend.sam3.phrase`) whenever ``SAM3_MODEL`` is set."""
         s = self.settings
-        self.sam3 = Sam3Service(s, sam3_engine) if s.preannotate != "trimap" or s.sam3_exemplar_labels else None
+        self.sam3 = Sam3Service(s, sam3_engine) if s.sam3_model else None
         self.concepts = ConceptPreannotator(s, self.sam3.engine, self._sam3_piece) if s.preannotate != "trimap" \
             else None
         self.exemplars = ExemplarSegmenter(s, self._segment_exemplars) if s.sam3_exemplar_labels else None
+        self.phrases = PhraseSegmenter(s, self._segment_phrase) if self.sam3 is not None else None
         if self.settings.redis_url:
             self.preannotation_jobs = RQProjectJobs(redis_connection(self.settings.redis_url, fail_fast=True),
                                                     lambda: (self.access.url, self.access.token))
@@ -332,6 +335,12 @@ class Runtime:
         with self.encode_gate.slot(Priority.INTERACTIVE, kind="sam3 exemplar"):  # timed as its own kind
             return engine.segment(image, [phrase], threshold=self.settings.sam3_score_threshold, boxes=boxes,
                                   box_labels=[1] * len(boxes))[0]
+
+    def _segment_phrase(self, image: np.ndarray, phrase: str) -> list:
+        """SAM 3 instances of a typed ``phrase``, as an interactive request (like :meth:`_segment_exemplars`)."""
+        engine = self.sam3.engine()
+        with self.encode_gate.slot(Priority.INTERACTIVE, kind="sam3 phrase"):  # timed as its own kind
+            return engine.segment(image, [phrase], threshold=self.settings.sam3_score_threshold)[0]
 
     @contextlib.contextmanager
     def _background_slot(self):

@@ -164,6 +164,7 @@ class Settings:
     sam3_on_import: bool = True  # TASKS_CREATED queues the project's pre-annotation job
     sam3_on_connect: bool = True  # a project's first /setup in a process queues its pre-annotation job
     sam3_exemplar_labels: tuple[str, ...] = ()  # lower-case rectangle labels whose boxes are SAM 3 exemplars
+    sam3_text_default_label: str = ""  # mask label of a typed phrase that names none (empty: such phrases refused)
     # --- prompt state per task (editor-prompts) ---
     prompt_state_mb: int = 64  # its previous low-resolution logits: 256 KiB per region for SAM
     prompt_state_entries: int = 1000  # tasks remembered at once
@@ -264,6 +265,7 @@ class Settings:
             sam3_on_import=_bool(env, "SAM3_ON_IMPORT", d.sam3_on_import),
             sam3_on_connect=_bool(env, "SAM3_ON_CONNECT", d.sam3_on_connect),
             sam3_exemplar_labels=tuple(n.lower() for n in _list(env, "SAM3_EXEMPLAR_LABELS", d.sam3_exemplar_labels)),
+            sam3_text_default_label=_str(env, "SAM3_TEXT_DEFAULT_LABEL", d.sam3_text_default_label),
             prompt_state_mb=_int(env, "PROMPT_STATE_MB", d.prompt_state_mb),
             prompt_state_entries=_int(env, "PROMPT_STATE_ENTRIES", d.prompt_state_entries),
             prompt_state_ttl_s=_float(env, "PROMPT_STATE_TTL_S", d.prompt_state_ttl_s),
@@ -478,4 +480,6 @@ MEANINGS: dict[str, str] = {
                       "every other route keeps its authentication",
     "sam3_on_connect": "with SAM 3 pre-annotation: a project's first `/setup` in a process (connecting it in Label "
                        "Studio) queues a SAM 3 job for its tasks without a prediction from the current model version",
+    "sam3_text_default_label": "the mask label for a typed phrase (a `<TextArea>` in the labeling config) that names no "
+                               "label; empty: such phrases are refused with a message",
 }

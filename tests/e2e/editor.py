@@ -127,6 +127,16 @@ class Editor:
 
         return self._answered(name, act)
 
+    def type_phrase(self, name: str, control: str, text: str) -> dict:
+        """Type ``text`` into the TextArea named ``control`` and press Enter (a one-row TextArea submits it)."""
+        from selenium.webdriver.common.keys import Keys
+
+        def act() -> None:
+            [box] = self.find(f"input[name={control}], textarea[name={control}]")
+            box.send_keys(text, Keys.ENTER)
+
+        return self._answered(name, act)
+
     def hotkey(self, *keys: str) -> None:
         from selenium.webdriver.common.action_chains import ActionChains
 
