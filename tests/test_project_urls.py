@@ -12,7 +12,8 @@ import pytest
 from ml_backend.app import create_app
 from ml_backend.runtime import Runtime
 from ml_backend.sam import SamEngine
-from ml_backend.security.auth import SECRET_HEADER, Authenticator, route_path, webhook_secret
+from ml_backend.security.auth import SECRET_HEADER, Authenticator, route_path
+from ml_backend.security.secrets import WebhookSecrets
 from ml_backend.settings import Settings
 from test_preannotation import store_random_model
 
@@ -45,7 +46,8 @@ def test_versions_and_setup_take_the_project_from_the_path(settings: Settings, t
 
 @pytest.mark.parametrize("path, body", [
     ("/projects/7/setup", {"project": "8.1700000000", "schema": CONFIG}),
-    ("/projects/7/predict", {"project": "8.1700000000", "label_config": CONFIG, "tasks": []}),
+    ("/projects/7/predict", {"project": "8.1700000000", "label_config": CONFIG,
+                             "tasks": [{"id": 1, "data": {"image": "/data/upload/1/a.png"}}]}),
     ("/projects/7/webhook", {"action": "ANNOTATION_CREATED", "project": {"id": 8}}),
 ])
 def test_a_body_for_another_project_is_refused(settings: Settings, tiny_segmenter, path: str, body: dict) -> None:
@@ -55,14 +57,14 @@ def test_a_body_for_another_project_is_refused(settings: Settings, tiny_segmente
 
 def test_prefixed_routes_follow_the_same_authentication(settings: Settings) -> None:
     settings = dataclasses.replace(settings, basic_auth_user="ls", basic_auth_pass="pw")
-    auth = Authenticator(settings)
-    secret = {SECRET_HEADER: webhook_secret(settings)}
+    auth = Authenticator(settings, WebhookSecrets(settings.model_dir))
+    secret = {SECRET_HEADER: auth.secrets.current(12)}
     assert route_path("/projects/12/webhook") == "/webhook" and route_path("/projects/x/webhook") == "/projects/x/webhook"
     assert auth.may_pass("/projects/12/health", False) and auth.may_pass("/projects/12/ready", False)
     for path in ("/projects/12/predict", "/projects/12/versions", "/projects/12/", "/projects/12/metrics",
                  "/projects/12/projects/3/health", "/projects/x/health", "/dashboard"):
-        assert not auth.may_pass(path, auth.authenticated(path, {})), path
-    assert auth.authenticated("/projects/12/webhook", secret)  # Label Studio's webhook deliveries
-    assert not auth.authenticated("/projects/12/predict", secret)  # the secret opens the webhook only
+        assert not auth.may_pass(path, auth.basic({}) or auth.secret_project(path, {}) is not None), path
+    assert auth.secret_project("/projects/12/webhook", secret) == "12"  # Label Studio's webhook deliveries
+    assert auth.secret_project("/projects/12/predict", secret) is None  # the secret opens the webhook only
     good = {"Authorization": "Basic " + base64.b64encode(b"ls:pw").decode()}
-    assert auth.authenticated("/projects/12/predict", good)
+    assert auth.basic(good) and not auth.basic(secret)
