@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -20,8 +20,10 @@ VERSION = "sam3-tiny"
 
 
 @contextmanager
-def fake_api(task_count: int, predictions: list[dict]) -> Iterator[tuple[str, list[dict]]]:
-    """Serves one project's config, its tasks (paged) and its predictions; records POSTed predictions."""
+def fake_api(task_count: int, predictions: list[dict], refuse: Collection[int] | None = ()
+             ) -> Iterator[tuple[str, list[dict]]]:
+    """Serves one project's config, its tasks (paged) and its predictions; records POSTed predictions, except
+    that ``POST /api/predictions`` answers 500 for the tasks in ``refuse`` (every task when None)."""
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args) -> None:
@@ -50,6 +52,8 @@ def fake_api(task_count: int, predictions: list[dict]) -> Iterator[tuple[str, li
 
         def do_POST(self) -> None:  # noqa: N802
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if refuse is None or body["task"] in refuse:
+                return self._send(500, {"detail": "database is locked"})
             predictions.append(body)
             self._send(201, {"id": len(predictions), **body})
 

@@ -4,64 +4,11 @@ every prediction, one after the other, stops the job (as failed, with the reason
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from ml_backend.sam3.job import MAX_REFUSED_IN_A_ROW, JobContext, ProjectPreannotationJobs
-
-TOKEN = "b" * 40
-VERSION = "sam3-tiny"
-
-
-@contextmanager
-def label_studio(task_count: int, refuse: set[int] | None) -> Iterator[tuple[str, list[dict]]]:
-    """One project's config, tasks and predictions; ``POST /api/predictions`` answers 500 for the tasks in
-    ``refuse`` (every task when None) and stores the others."""
-
-    stored: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
-        def _send(self, status: int, payload) -> None:
-            body = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self) -> None:  # noqa: N802
-            path = self.path.split("?", 1)[0]
-            if path == "/api/projects/7":
-                return self._send(200, {"id": 7, "label_config": "<View/>"})
-            if path == "/api/tasks":
-                return self._send(200, {"tasks": [{"id": i, "data": {"image": f"/data/{i}.png"}}
-                                                  for i in range(1, task_count + 1)], "total": task_count})
-            if path == "/api/predictions":
-                return self._send(200, [])
-            return self._send(404, {"detail": "not found"})
-
-        def do_POST(self) -> None:  # noqa: N802
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            if refuse is None or body["task"] in refuse:
-                return self._send(500, {"detail": "database is locked"})
-            stored.append(body)
-            self._send(201, {"id": len(stored), **body})
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", stored
-    finally:
-        server.shutdown()
-        server.server_close()
+from test_sam3_job import TOKEN, VERSION, fake_api
 
 
 def run(url: str, state: Path) -> tuple[dict, list[int]]:
@@ -79,7 +26,7 @@ def run(url: str, state: Path) -> tuple[dict, list[int]]:
 
 
 def test_a_refused_prediction_fails_only_its_task(tmp_path: Path, caplog) -> None:
-    with caplog.at_level(logging.WARNING), label_studio(5, refuse={2}) as (url, stored):
+    with caplog.at_level(logging.WARNING), fake_api(5, [], refuse={2}) as (url, stored):
         progress, predicted = run(url, tmp_path / "jobs.json")
     assert predicted == [1, 2, 3, 4, 5]
     assert [p["task"] for p in stored] == [1, 3, 4, 5]
@@ -89,7 +36,7 @@ def test_a_refused_prediction_fails_only_its_task(tmp_path: Path, caplog) -> Non
 
 
 def test_label_studio_refusing_every_prediction_stops_the_job_with_the_reason(tmp_path: Path) -> None:
-    with label_studio(3 * MAX_REFUSED_IN_A_ROW, refuse=None) as (url, stored):
+    with fake_api(3 * MAX_REFUSED_IN_A_ROW, [], refuse=None) as (url, stored):
         progress, predicted = run(url, tmp_path / "jobs.json")
     assert stored == [] and len(predicted) == MAX_REFUSED_IN_A_ROW  # not an hour of SAM 3 for nothing
     assert progress["state"] == "failed" and progress["failed"] == MAX_REFUSED_IN_A_ROW

@@ -25,24 +25,11 @@ from ml_backend.sam import SamEngine
 from ml_backend.sam3.concepts import MAX_PHRASE_CHARS, select_instances
 from ml_backend.sam3.phrase import check_phrase
 from ml_backend.settings import Settings
+from sam3_fixture import checkpoint, sam3_engine  # noqa: F401  (fixtures)
 
 EDITOR = Path(__file__).parent / "fixtures" / "editor"
 THRESHOLD, DEDUP, MAX_INSTANCES = 0.2, 0.5, 3
 PHRASE = "yellow school bus"  # what the recording's annotator typed
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from sam3_factory import save_tiny_checkpoint
-
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("sam3") / "sam3-tiny", weight_scale=3.0)
-
-
-@pytest.fixture(scope="module")
-def sam3_engine(checkpoint: Path):
-    from ml_backend.sam3.loading import load_sam3_engine
-
-    return load_sam3_engine(str(checkpoint), device="cpu")
 
 
 @pytest.fixture
