@@ -181,13 +181,14 @@ def test_label_studios_own_converters_agree(label_studio, project) -> None:
             truth.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)[0])
         assert abs(truth.sum() - perimeter / 2 - area) < 0.02 * truth.sum()
     else:
-        # Label Studio 1.23.2 has no bitmask converter: its JSON export keeps the PNG as sent. Pillow
-        # alone (not our reader) must see the editor's form: RGBA at image size, alpha 255 exactly on the mask.
+        # Label Studio 1.23.2 has no bitmask converter: its JSON export keeps the PNG as sent (a 1-bit palette
+        # PNG with a transparent index, which a browser's canvas decodes to RGBA like any PNG). Pillow alone
+        # (not our reader) must see the editor's pixels: image size, alpha 255 exactly on the mask.
         [item] = exported(label_studio, project)[other["id"]]
         data = base64.b64decode(item["value"]["imageDataURL"].split(",", 1)[1])
         with Image.open(io.BytesIO(data)) as converted:
-            assert (converted.mode, converted.size) == ("RGBA", (WIDTH, HEIGHT))
-            alpha = np.asarray(converted)[..., 3]
+            assert converted.size == (WIDTH, HEIGHT)
+            alpha = np.asarray(converted.convert("RGBA"))[..., 3]
         np.testing.assert_array_equal(alpha, truth * 255)
 
 
