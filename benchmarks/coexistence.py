@@ -9,7 +9,7 @@ clicks go through the app's ``/predict`` exactly as Label Studio sends them. Thr
 * ``no job``: nothing else runs;
 * ``job, whole image``: the job's SAM 3 image holds the slot from its encode to its last phrase, untimed (how
   the job ran before: a first click waited for the rest of the image, the gate estimating ~0 s);
-* ``job, pieces``: the job as it runs now (``Runtime._background_slot``): the SAM 3 image encode and each
+* ``job, pieces``: the job as it runs now (``Sam3Wiring._background_slot``): the SAM 3 image encode and each
   phrase are separate pieces of background work in the gate, so a first click waits at most for the piece in
   progress;
 * ``no job again``: the first scenario repeated, to show the drift of a shared machine over the run.
@@ -113,7 +113,7 @@ def run(quick: bool, images: int, further: int, pause_s: float) -> dict:
                     sam3.segment(image, ["cat", "dog", "yellow school bus", "tree", "Object"],
                                  threshold=settings.sam3_score_threshold)
             else:
-                with runtime.job_context().background_slot():
+                with runtime.sam3_wiring.job_context().background_slot():
                     runtime.concepts.predict(image, LABEL_CONFIG, config, trimap=None)
 
         def click(image_uri: str, index: int) -> float:

@@ -122,8 +122,8 @@ class BackendViews:
         elif hostname or token:
             logger.info("/setup from an unauthenticated caller: its hostname/access_token are not used "
                         "(set LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY, or BASIC_AUTH_USER/BASIC_AUTH_PASS)")
-        self.runtime.project_connected(project_value, data.get("schema"))  # queues pre-encoding once
-        self.runtime.preannotate_on_connect(project_value)  # SAM 3 predictions for tasks lacking them
+        self.runtime.preencoding.project_connected(project_value, data.get("schema"))  # queues pre-encoding once
+        self.runtime.sam3_wiring.preannotate_on_connect(project_value)  # SAM 3 predictions for tasks lacking them
         return jsonify({"model_version": backend.model_version})
 
     def webhook(self) -> tuple[Response, int]:
@@ -185,7 +185,7 @@ class BackendViews:
             tasks = list(iter_project_tasks(url, token, project, limit=limit))
         tasks = limits.warmup_tasks(tasks, self.limits)
         config = labeling.parse_label_config(label_config)
-        return jsonify({"queued": self.runtime.warm(tasks, config.image_key, project)}), 202
+        return jsonify({"queued": self.runtime.preencoding.warm(tasks, config.image_key, project)}), 202
 
     def preannotate(self) -> tuple[Response, int]:
         """Pre-annotate a whole project in the background: ``{"project": id}``; progress on ``/status``."""
@@ -200,7 +200,7 @@ class BackendViews:
         (``{"error": ...}`` while its shared state is unreachable), SAM 3 and its project jobs."""
         return jsonify({
             "sam": self.runtime.sam_status(),
-            "preencode": self.runtime.preencode_status(),
+            "preencode": self.runtime.preencoding.status(),
             "trimap_model_version": self.runtime.trimaps.current_version(_query_project()),
             "training": _section(lambda: self.runtime.training_status(request.args.get("project"))),
             "preannotate": self.runtime.settings.preannotate,
@@ -348,5 +348,5 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     app.register_error_handler(RequestEntityTooLarge,
                                lambda exc: _error(limits.body_too_large_message(views.limits), 413))
     runtime.start_loading_sam()
-    runtime.start_background_work()
+    runtime.sam3_wiring.start_background_work()
     return app

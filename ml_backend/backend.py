@@ -69,11 +69,11 @@ class SegmentationBackend(LabelStudioMLBase):
                 raise BackendError(f"Interactive annotation works on one task at a time, got {len(tasks)}.")
             prediction = self._interactive(tasks[0], context)
             # Its look-ahead, once this one is served ("project" as Label Studio sends it: "<id>.<timestamp>").
-            self.runtime.task_opened(tasks[0], self.config.image_key, kwargs.get("project"))
+            self.runtime.preencoding.task_opened(tasks[0], self.config.image_key, kwargs.get("project"))
             return [prediction]
         self.request_kind = "batch"
         if len(tasks) == 1:  # Label Studio's automatic /predict when an annotator opens a task
-            self.runtime.task_opened(tasks[0], self.config.image_key, kwargs.get("project"))
+            self.runtime.preencoding.task_opened(tasks[0], self.config.image_key, kwargs.get("project"))
         return [self._preannotate(task) for task in tasks]
 
     def _task_image_url(self, task: dict) -> tuple[str, int | None]:
@@ -201,4 +201,4 @@ def serve_project_jobs(runtime: Runtime) -> None:
     def predict(task: dict, label_config: str, project: int) -> dict:
         return SegmentationBackend(label_config, runtime=runtime, project=project).preannotation(task)
 
-    runtime.predict_task = predict
+    runtime.sam3_wiring.predict_task = predict

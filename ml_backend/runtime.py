@@ -1,4 +1,5 @@
-"""What a running backend process holds: settings, the SAM engine, the image loader, the trimap model.
+"""What a running backend process holds: settings, the SAM engine, the image loader, the trimap model,
+and the services wired to them (pre-encoding, SAM 3, retraining), each built from the settings.
 
 Built once per process by the app factory (never at import). SAM loads in a
 background thread so the server answers ``/health`` and ``/setup`` at once; the
@@ -7,36 +8,25 @@ first click waits for it.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import logging
 import threading
 import time
-from collections.abc import Callable
 
 import numpy as np
 
 from ml_backend import metrics
-from ml_backend.embeddings.jobs import IN_FLIGHT, RQEncoder
-from ml_backend.embeddings.projects import image_key_of, project_images, task_image
-from ml_backend.embeddings.scheduler import EncodeJob, PreEncodeScheduler, project_id
+from ml_backend.embeddings.service import PreEncoding
 from ml_backend.embeddings.urls import UrlIndex
 from ml_backend.errors import BackendError, ModelSourceError, ModelUnavailableError
 from ml_backend.images import ImageLoader
 from ml_backend.label_studio_api import LabelStudioAccess
-from ml_backend.preannotation import TrimapPredictor, trimap_model_version
+from ml_backend.preannotation import TrimapPredictor
 from ml_backend.prompt_state import PromptMemory
 from ml_backend.retrain import build_retrainer
-from ml_backend.retrain.jobs import redis_connection
 from ml_backend.sam.encode_gate import EncodeGate, Priority
 from ml_backend.sam.engine import ImageEmbedding, image_key
 from ml_backend.sam import loading as sam_loading
-from ml_backend.sam3.exemplar import ExemplarSegmenter
-from ml_backend.sam3.job import JobContext, ProjectPreannotationJobs
-from ml_backend.sam3.phrase import PhraseSegmenter
-from ml_backend.sam3.preannotate import ConceptPreannotator
-from ml_backend.sam3.rq_jobs import RQProjectJobs
-from ml_backend.sam3.service import Sam3Service
+from ml_backend.sam3.wiring import Sam3Wiring
 from ml_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -46,10 +36,6 @@ SAM_RETRY_AFTER_S = 60  # Retry-After of that answer
 # A first click queued for an encode is served while its answer still fits in Label Studio's 100 s,
 # less this much for downloading, decoding, the decoder and the JSON answer.
 ENCODE_ANSWER_WITHIN_S = 85.0
-PREENCODE_SAM_WAIT_S = 3600.0  # background work waits for SAM to load
-WARMUP_PROJECT = 0  # /warmup with bare tasks: their progress shows under project "0"
-# Set while a project job runs on this thread: the priority its SAM 3 work takes in the encode gate.
-_SAM3_PRIORITY: contextvars.ContextVar[Priority | None] = contextvars.ContextVar("sam3_priority", default=None)
 
 
 class Runtime:
@@ -67,22 +53,23 @@ class Runtime:
                                   ttl_s=settings.url_key_ttl_s, origin=lambda: self.access.url)
         # At most N encodes at once; further first clicks queue briefly, then get 503 + Retry-After.
         self.encode_gate = EncodeGate.from_settings(settings)
-        self.preencoder = self._build_preencoder(settings)
-        self._connected: set[int] = set()
-        self._preannotated_on_connect: set[int] = set()  # projects whose SAM 3 job /setup queued here
-        self._image_keys: dict[int, str] = {}  # project -> its config's image field
-        self._connect_lock = threading.Lock()
         self._engine = engine
         self._engine_error: BackendError | None = None
         self._engine_ready = threading.Event()
         if engine is not None:
             self.url_index.store = engine.store
             self._engine_ready.set()
-        # The batch pre-annotation of one task (task, label config, project) -> prediction, for project jobs.
-        # The backend layer owns it; whoever serves jobs (the app, a SAM 3 worker) installs it here.
-        self.predict_task: Callable[[dict, str, int], dict] | None = None
-        self.retrainer = build_retrainer(settings, lambda: (self.access.url, self.access.token))
-        self._build_concept_preannotation(sam3_engine)
+        self.preencoding = PreEncoding(settings, sam=self.sam, embed=self.embed, load_image=self.load_image,
+                                       url_index=self.url_index, label_studio=self.label_studio,
+                                       store=lambda: self._engine.store if self._engine is not None else None)
+        self.retrainer = build_retrainer(settings, self.label_studio)
+        self.sam3_wiring = Sam3Wiring(settings, encode_gate=self.encode_gate, label_studio=self.label_studio,
+                                      trimap_version=self.trimaps.current_version, sam3_engine=sam3_engine)
+        # What the app, the backend and the workers reach for.
+        self.preencoder = self.preencoding.scheduler
+        w = self.sam3_wiring
+        self.sam3, self.concepts, self.exemplars, self.phrases = w.sam3, w.concepts, w.exemplars, w.phrases
+        self.preannotation_jobs = w.preannotation_jobs
 
     # --- SAM -----------------------------------------------------------------
     def start_loading_sam(self) -> None:
@@ -163,6 +150,10 @@ class Runtime:
         return embedding
 
     # --- images --------------------------------------------------------------
+    def label_studio(self) -> tuple[str, str]:
+        """Label Studio's URL and token as known now (``/setup`` may fill them in, an RQ job replace them)."""
+        return self.access.url, self.access.token
+
     def remember_label_studio(self, hostname: str | None, token: str | None) -> None:
         """Use what ``/setup`` tells us where the settings left it open."""
         if hostname and not self.settings.label_studio_url:
@@ -191,208 +182,13 @@ class Runtime:
         self.url_index.remember(url, embedding.key, validator)
         return embedding
 
-    # --- pre-encoding ----------------------------------------------------------
-    def _build_preencoder(self, settings: Settings) -> PreEncodeScheduler:
-        """Encode here (one thread, through the encode gate) or on RQ workers (several jobs in flight)."""
-        encode, threads = self._preencode, 1
-        if settings.preencode_executor == "rq":
-            on_workers = RQEncoder(settings.redis_url, lambda: (self.access.url, self.access.token))
-            encode, threads = (lambda job: self._already_ready(job) or on_workers(job)), IN_FLIGHT
-        return PreEncodeScheduler(encode, lookahead=settings.preencode_lookahead,
-                                  log_every=settings.preencode_log_every, threads=threads)
-
-    def _already_ready(self, job: EncodeJob) -> str | None:
-        """"ready" when the URL's embedding is known and stored, without loading the image; else None."""
-        engine = self.sam(PREENCODE_SAM_WAIT_S)
-        key = self.url_index.lookup(job.url, self.url_index.validator(job.url))
-        if key is None or not engine.is_ready(key):
-            return None
-        if job.urgent:
-            engine.cached(key)  # about to be clicked: read it into memory now
-        return "ready"
-
-    def _preencode(self, job: EncodeJob) -> str:
-        """Make one queued image ready: "ready" when it already was, "encoded" otherwise; raises on failure."""
-        if self._already_ready(job):
-            return "ready"
-        engine = self.sam(PREENCODE_SAM_WAIT_S)
-        validator = self.url_index.validator(job.url)
-        encodes = engine.images_encoded
-        embedding = self.embed(self.load_image(job.url, job.task_id), Priority.BACKGROUND)  # after waiting clicks
-        self.url_index.remember(job.url, embedding.key, validator)
-        return "encoded" if engine.images_encoded > encodes else "ready"
-
-    def project_connected(self, project_value: object, label_config: str | None) -> None:
-        """First ``/setup`` (or first opened task) of a project in this process: queue all its images.
-
-        Listing runs in a thread: ``/setup`` must answer within Label Studio's 3 s.
-        """
-        project = project_id(project_value)
-        if not self.settings.preencode or project is None or not (self.access.url and self.access.token):
-            return
-        with self._connect_lock:
-            if project in self._connected:
-                return
-            self._connected.add(project)
-        threading.Thread(target=self._queue_project, args=(project, label_config), name=f"preencode-list-{project}",
-                         daemon=True).start()
-
-    def _queue_project(self, project: int, label_config: str | None) -> None:
-        try:
-            image_field, images = project_images(self.access.url, self.access.token, project, label_config=label_config,
-                                               max_tasks=self.settings.preencode_max_tasks)
-        except BackendError as exc:
-            logger.warning("pre-encoding project %d: cannot list its tasks: %s", project, exc.message)
-            with self._connect_lock:
-                self._connected.discard(project)  # try again at the next /setup
-            return
-        self._image_keys[project] = image_field
-        self.preencoder.add_project(project, images)
-
-    def task_opened(self, task: dict, image_field: str, project_value: object = None) -> None:
-        """An annotator opened ``task`` (automatic ``/predict`` or a click): its image and the next ones first."""
-        if not self.settings.preencode:
-            return
-        project = project_id(task.get("project")) or project_id(project_value)
-        image = task_image(task, image_field)
-        if project is None or image is None:
-            return
-        self._image_keys.setdefault(project, image_field)
-        self.preencoder.opened(project, image)
-        self.project_connected(project, None)
-
-    def _tasks_created(self, payload: dict) -> int:
-        project_info = payload.get("project")
-        project = project_id(project_info.get("id") if isinstance(project_info, dict) else project_info)
-        tasks = payload.get("tasks")
-        if not self.settings.preencode or project is None or not isinstance(tasks, list):
-            return 0
-        image_field = self._image_keys.get(project)
-        if image_field is None and isinstance(project_info, dict) and isinstance(project_info.get("label_config"), str):
-            try:
-                image_field = self._image_keys[project] = image_key_of(project_info["label_config"])
-            except BackendError:
-                return 0
-        if image_field is None:
-            return 0
-        return self.preencoder.add_tasks(project, [image for task in tasks
-                                                   if (image := task_image(task, image_field)) is not None])
-
-    def warm(self, tasks: list[dict], image_key_name: str, project: int | None = None) -> int:
-        """``/warmup``: queue the tasks' images (whatever ``PREENCODE`` says); the number queued."""
-        images = [image for task in tasks if (image := task_image(task, image_key_name)) is not None]
-        return self.preencoder.add_project(project or WARMUP_PROJECT, images)
-
-    def preencode_status(self) -> dict:
-        status: dict = {"enabled": self.settings.preencode, "executor": self.settings.preencode_executor,
-                        "lookahead": self.settings.preencode_lookahead, "projects": self.preencoder.status()}
-        store = self._engine.store if self._engine is not None else None
-        if store is not None:
-            usage = store.usage()
-            status["store"] = {"model": store.model_id, "dtype": str(store.dtype), "files": usage.files,
-                               "bytes": usage.bytes, "max_bytes": usage.max_bytes}
-        return status
-
-    # --- SAM 3 concept pre-annotation (sam3) ------------------------------------
-    def _build_concept_preannotation(self, sam3_engine) -> None:
-        """Project jobs on RQ workers when ``REDIS_URL`` is set (:mod:`ml_backend.sam3.rq_jobs`), else on a
-        thread of this process (:class:`ml_backend.sam3.job.ProjectPreannotationJobs`); interactive exemplars
-        (:mod:`ml_backend.sam3.exemplar`) when ``SAM3_EXEMPLAR_LABELS`` names labels; typed phrases
-        (:mod:`ml_backend.sam3.phrase`) whenever ``SAM3_MODEL`` is set."""
-        s = self.settings
-        self.sam3 = Sam3Service(s, sam3_engine) if s.sam3_model else None
-        self.concepts = ConceptPreannotator(s, self.sam3.engine, self._sam3_piece) if s.preannotate != "trimap" \
-            else None
-        self.exemplars = ExemplarSegmenter(s, self._segment_exemplars) if s.sam3_exemplar_labels else None
-        self.phrases = PhraseSegmenter(s, self._segment_phrase) if self.sam3 is not None else None
-        if self.settings.redis_url:
-            self.preannotation_jobs = RQProjectJobs(redis_connection(self.settings.redis_url, fail_fast=True),
-                                                    lambda: (self.access.url, self.access.token))
-        else:
-            self.preannotation_jobs = ProjectPreannotationJobs(self.job_context(),
-                                                               self.settings.model_dir / "sam3-jobs.json")
-
-    def job_context(self):
-        """What a project job needs from this process (the thread here, or an RQ worker's own runtime)."""
-        return JobContext(access=lambda: (self.access.url, self.access.token), predict=self._job_prediction,
-                          model_version=self.batch_model_version, background_slot=self._background_slot)
-
-    def batch_model_version(self, project: int | None = None) -> str:
-        """The model version of a project's batch predictions under PREANNOTATE and its trimap version."""
-        trimap_version = self.trimaps.current_version(project)
-        return self.concepts.model_version(trimap_version) if self.concepts else trimap_model_version(trimap_version)
-
-    def _job_prediction(self, task: dict, label_config: str, project: int) -> dict:
-        if self.predict_task is None:
-            raise BackendError("This process serves no project jobs (no prediction function was installed).",
-                               status_code=500)
-        return self.predict_task(task, label_config, project)
-
-    def _segment_exemplars(self, image: np.ndarray, phrase: str, boxes: list) -> list:
-        """SAM 3 instances of ``phrase`` like the positive exemplar ``boxes``, as an interactive request: through
-        the encode gate (a busy backend answers 503 with Retry-After), ahead of project jobs."""
-        engine = self.sam3.engine()
-        with self.encode_gate.slot(Priority.INTERACTIVE, kind="sam3 exemplar"):  # timed as its own kind
-            return engine.segment(image, [phrase], threshold=self.settings.sam3_score_threshold, boxes=boxes,
-                                  box_labels=[1] * len(boxes))[0]
-
-    def _segment_phrase(self, image: np.ndarray, phrase: str) -> list:
-        """SAM 3 instances of a typed ``phrase``, as an interactive request (like :meth:`_segment_exemplars`)."""
-        engine = self.sam3.engine()
-        with self.encode_gate.slot(Priority.INTERACTIVE, kind="sam3 phrase"):  # timed as its own kind
-            return engine.segment(image, [phrase], threshold=self.settings.sam3_score_threshold)[0]
-
-    @contextlib.contextmanager
-    def _background_slot(self):
-        """A project job's SAM 3 work on this thread goes through the encode gate at background priority, one
-        piece at a time (:meth:`_sam3_piece`): annotators' first clicks go first between pieces."""
-        token = _SAM3_PRIORITY.set(Priority.BACKGROUND)
-        try:
-            yield
-        finally:
-            _SAM3_PRIORITY.reset(token)
-
-    def _sam3_piece(self, piece: str) -> contextlib.AbstractContextManager:
-        """The slot one piece of SAM 3 work (its image encode, one phrase) runs in: the encode gate, timed as
-        its own kind, when a project job runs it; nothing otherwise (a batch ``/predict``)."""
-        priority = _SAM3_PRIORITY.get()
-        return contextlib.nullcontext() if priority is None else self.encode_gate.slot(priority, kind=piece)
-
-    def preannotate_on_connect(self, project_value: object) -> bool:
-        """A project's first ``/setup`` in this process (``SAM3_ON_CONNECT``): queue its SAM 3 pre-annotation
-        job, which writes a prediction for each task lacking one from the current model version (as an import
-        does), so a project connected before it had any gets them without a curl. True when queued."""
-        project = project_id(project_value)
-        if (not self.settings.sam3_on_connect or self.concepts is None or project is None
-                or not (self.access.url and self.access.token)):
-            return False
-        with self._connect_lock:
-            if project in self._preannotated_on_connect:
-                return False
-            self._preannotated_on_connect.add(project)
-        try:
-            self.preannotation_jobs.start(project)
-        except BackendError as exc:  # Redis down: /setup still answers; the next process or /preannotate retries
-            logger.warning("SAM 3 pre-annotation of project %s not started on connect: %s", project, exc.message)
-            with self._connect_lock:
-                self._preannotated_on_connect.discard(project)
-            return False
-        logger.info("project %s connected: SAM 3 pre-annotation of its tasks without a prediction queued", project)
-        return True
-
-    def start_background_work(self) -> None:
-        """Load SAM 3 (when pre-annotation uses it) and resume the project jobs a previous process left."""
-        if self.sam3 is not None:
-            self.sam3.start_loading()
-        self.preannotation_jobs.resume()
-
     # --- training ------------------------------------------------------------
     def on_webhook(self, event: str, payload: dict) -> dict:
         """Webhooks and ``/train``: count accepted annotations, maybe start a job; never train inline.
         ``TASKS_CREATED`` also queues the new tasks' images for pre-encoding."""
         answer = self.retrainer.on_webhook(event, payload)
         if event == "TASKS_CREATED":
-            answer = {**answer, "preencode_queued": self._tasks_created(payload)}
+            answer = {**answer, "preencode_queued": self.preencoding.tasks_created(payload)}
         return answer
 
     def training_status(self, project: str | None) -> dict:

@@ -260,7 +260,7 @@ def test_opening_a_task_queues_it_and_its_lookahead(settings, tiny_segmenter) ->
     client = create_app(settings, runtime=runtime).test_client()
     task_list, images = local_tasks(settings, 5)
     runtime.preencoder.add_project(1, [])  # known project: opening does not try to list it
-    runtime._connected.add(1)
+    runtime.preencoding._connected.add(1)
     for task in task_list:  # Label Studio's automatic /predict (no context) as each task is opened
         assert client.post("/predict", json={"tasks": [task], "label_config": CONFIG}).status_code == 200
     assert runtime.preencoder.wait_idle(60)
@@ -285,7 +285,7 @@ def test_tasks_created_webhook_queues_the_new_tasks(settings, tiny_segmenter) ->
 def test_after_a_restart_stored_images_are_served_without_encoding(settings, tiny_segmenter) -> None:
     task_list, images = local_tasks(settings, 3)
     first = Runtime(settings, engine=engine_with_store(tiny_segmenter, settings))
-    first.warm(task_list, "img", 1)
+    first.preencoding.warm(task_list, "img", 1)
     assert first.preencoder.wait_idle(60) and first.sam().images_encoded == 3
     restarted_engine = engine_with_store(tiny_segmenter, settings)
     restarted = Runtime(settings, engine=restarted_engine)
@@ -353,7 +353,8 @@ def test_with_rq_the_worker_encodes_and_the_web_process_only_reads_the_store(set
     jobs._context = jobs.WorkerContext(settings, loader, worker_engine, url_index)
     try:
         task_list, images = local_tasks(settings, 3)
-        runtime.warm(task_list + [{"id": 9, "data": {"img": "/data/local-files/?d=images/missing.png"}}], "img", 1)
+        runtime.preencoding.warm(task_list + [{"id": 9, "data": {"img": "/data/local-files/?d=images/missing.png"}}],
+                                 "img", 1)
         connection = redis_connection(redis_server)
         worker = SimpleWorker([Queue(jobs.QUEUE_NAME, connection=connection)], connection=connection)
         deadline = time.monotonic() + 120

@@ -115,7 +115,7 @@ def test_project_jobs_run_sam3_through_the_gate_piece_by_piece_and_batch_predict
     runtime = Runtime(settings, engine=SamEngine(tiny_segmenter, source="tiny"), sam3_engine=engine)
     engine.gate_status = runtime.encode_gate.status
     image = np.zeros((20, 30, 3), np.uint8)
-    with runtime.job_context().background_slot():  # as the project job runs each task
+    with runtime.sam3_wiring.job_context().background_slot():  # as the project job runs each task
         runtime.concepts.predict(image, config, parse_label_config(config), trimap=None)
     assert engine.seen == [(ENCODE_PIECE, [ENCODE_PIECE]), (PHRASE_PIECE, [PHRASE_PIECE]),
                            (PHRASE_PIECE, [PHRASE_PIECE])]

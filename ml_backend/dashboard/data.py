@@ -90,7 +90,7 @@ def projects_known(runtime, training: dict[str, Any], preencode: dict[str, Any],
 def overview(runtime) -> dict[str, Any]:
     """Everything the page shows: the process-wide parts and one :class:`ProjectView` per project."""
     training = _section(lambda: runtime.training_status(None))
-    preencode = runtime.preencode_status()
+    preencode = runtime.preencoding.status()
     sam3 = _section(runtime.preannotation_jobs.status)
     views = []
     for project in projects_known(runtime, training, preencode, sam3):

@@ -92,7 +92,7 @@ def worker_context(label_studio_url: str, token: str):
         raise BackendError("No runtime in this process: run SAM 3 jobs with python -m ml_backend.sam3.worker.")
     runtime.access = LabelStudioAccess(*job_access(runtime.settings.label_studio_url,
                                                    runtime.settings.label_studio_api_key, label_studio_url, token))
-    return runtime.job_context()
+    return runtime.sam3_wiring.job_context()
 
 
 def run_job(spec: dict[str, Any]) -> dict:
