@@ -177,7 +177,8 @@ def test_sigkill_during_a_training_leaves_current_serving_and_nothing_stuck(fitt
         finally:
             os.killpg(backend.pid, signal.SIGKILL)  # gunicorn's master and worker at once
             backend.wait()
-        assert list((temp / "sam-trimap-retrain").iterdir())  # the kill left the export and the staging folder
+        [export_root] = temp.glob("sam-trimap-retrain-*")  # private, with the installation's token in its name
+        assert list(export_root.iterdir())  # the kill left the export and the staging folder
         backend, url = _backend(env, log)
         try:
             status = requests.get(url + "/is_training?project=1", timeout=30).json()
@@ -189,6 +190,6 @@ def test_sigkill_during_a_training_leaves_current_serving_and_nothing_stuck(fitt
     assert store.current_version_id() == current and store.current().model_path.read_bytes() == model_bytes
     assert [v["id"] for v in versions if v["current"]] == [current]
     assert not [p for p in (project_dir / ".staging").iterdir() if p.is_dir()]
-    assert not [p for p in (temp / "sam-trimap-retrain").iterdir() if p.is_dir()]
+    assert not [p for p in export_root.iterdir() if p.is_dir()]
     state = json.loads((model_dir / "retraining.json").read_text())["1"]
     assert not state["running"] and state["failures"] == 1

@@ -273,7 +273,8 @@ def servers(tmp_path_factory, tiny_sam_preset) -> Iterator[dict]:
     for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "REDIS_URL", "ALLOWED_HOSTS", "WEBHOOK_SECRET"):
         env.pop(name, None)
     log = work / "backend.log"
-    process, url = start_gunicorn_backend(env, log)
+    port = free_port()
+    process, url = start_gunicorn_backend(env, log, port=port)
 
     def ready() -> bool:
         try:
