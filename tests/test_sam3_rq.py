@@ -285,8 +285,11 @@ def test_the_app_queues_on_redis_and_answers_clearly_without_it(redis_up: bool, 
     from ml_backend.sam import SamEngine
     from ml_backend.settings import Settings
 
-    url = redis_server if redis_up else f"redis://127.0.0.1:{free_port()}/0"
-    Redis.from_url(redis_server).flushdb()
+    # A database of its own: the job watchers earlier tests started (daemon threads) keep resuming their projects
+    # in database 0 for as long as the session runs.
+    own = redis_server.rsplit("/", 1)[0] + "/7"
+    url = own if redis_up else f"redis://127.0.0.1:{free_port()}/0"
+    Redis.from_url(own).flushdb()
     settings = dataclasses.replace(Settings(), model_dir=tmp_path / "models", image_cache_dir=tmp_path / "cache",
                                    preannotate="sam3", sam3_model="/models/sam3-tiny", redis_url=url,
                                    sam3_on_import=True)
