@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -25,3 +26,11 @@ def sam3_engine(checkpoint: Path):
     from ml_backend.sam3.loading import load_sam3_engine
 
     return load_sam3_engine(str(checkpoint), device="cpu")
+
+
+def assert_same_regions(got: list, expected: list) -> None:
+    """``(score, mask)`` regions the backend answered equal the engine's own, one for one (and some there are)."""
+    assert len(expected) > 0 and len(got) == len(expected)  # some instances pass the threshold
+    for (score, mask), (want_score, want_mask) in zip(got, expected):
+        assert score == pytest.approx(want_score, abs=1e-5)
+        assert mask.shape == want_mask.shape and np.array_equal(mask, want_mask)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from sam3_fixture import checkpoint, sam3_engine  # noqa: F401  (fixtures)
+from sam3_fixture import assert_same_regions, checkpoint, sam3_engine  # noqa: F401  (fixtures)
 
 from ml_backend.app import create_app
 from ml_backend.brush import decode_rle
@@ -80,13 +80,6 @@ def _regions(answer) -> list[tuple[float, np.ndarray]]:
     return regions
 
 
-def _assert_same(got: list, expected: list) -> None:
-    assert len(expected) > 0 and len(got) == len(expected)  # some instances pass the threshold
-    for (score, mask), (want_score, want_mask) in zip(got, expected):
-        assert score == pytest.approx(want_score, abs=1e-5)
-        assert mask.shape == want_mask.shape and np.array_equal(mask, want_mask)
-
-
 def test_an_exemplar_rectangle_returns_every_similar_instance(client, sam3_engine) -> None:
     image = np.random.default_rng(3).integers(0, 256, (300, 400, 3), dtype=np.uint8)
     request = _rectangle_request(image)
@@ -95,7 +88,7 @@ def test_an_exemplar_rectangle_returns_every_similar_instance(client, sam3_engin
     assert answer.get_json()["results"][0]["model_version"] == "sam3-sam3-tiny"
     box = _box(item, 400, 300)
     expected = _expected(sam3_engine, image, [box])
-    _assert_same(_regions(answer), expected)
+    assert_same_regions(_regions(answer), expected)
     # The box reached SAM 3 as an exemplar: without it the answer is another one.
     without = [s for s, _ in _expected(sam3_engine, image, [])]
     assert without != pytest.approx([s for s, _ in expected], abs=1e-5)
@@ -110,14 +103,15 @@ def test_a_second_rectangle_of_the_label_adds_an_exemplar(client, sam3_engine) -
     second["id"], second["value"]["x"], second["value"]["y"] = "second", 60.0, 50.0
     request["params"]["context"]["result"].append(second)
     expected = _expected(sam3_engine, image, [_box(first, 400, 300), _box(second, 400, 300)])
-    _assert_same(_regions(client.post("/predict", json=request)), expected)
+    assert_same_regions(_regions(client.post("/predict", json=request)), expected)
 
 
 def test_boxes_follow_the_image_when_label_studio_measured_another_size(client, sam3_engine) -> None:
     image = np.random.default_rng(5).integers(0, 256, (150, 200, 3), dtype=np.uint8)  # half of 400x300
     request = _rectangle_request(image)
     [item] = request["params"]["context"]["result"]
-    _assert_same(_regions(client.post("/predict", json=request)), _expected(sam3_engine, image, [_box(item, 200, 150)]))
+    assert_same_regions(_regions(client.post("/predict", json=request)),
+                        _expected(sam3_engine, image, [_box(item, 200, 150)]))
 
 
 def test_other_labels_still_get_sam_and_batch_predictions_stay_trimap(client) -> None:

@@ -25,7 +25,7 @@ from ml_backend.sam import SamEngine
 from ml_backend.sam3.concepts import MAX_PHRASE_CHARS, select_instances
 from ml_backend.sam3.phrase import check_phrase
 from ml_backend.settings import Settings
-from sam3_fixture import checkpoint, sam3_engine  # noqa: F401  (fixtures)
+from sam3_fixture import assert_same_regions, checkpoint, sam3_engine  # noqa: F401  (fixtures)
 
 EDITOR = Path(__file__).parent / "fixtures" / "editor"
 THRESHOLD, DEDUP, MAX_INSTANCES = 0.2, 0.5, 3
@@ -81,20 +81,13 @@ def _regions(answer, label: str) -> list[tuple[float, np.ndarray]]:
     return regions
 
 
-def _assert_same(got: list, expected: list) -> None:
-    assert len(expected) > 0 and len(got) == len(expected)  # some instances pass the threshold
-    for (score, mask), (want_score, want_mask) in zip(got, expected):
-        assert score == pytest.approx(want_score, abs=1e-5)
-        assert mask.shape == want_mask.shape and np.array_equal(mask, want_mask)
-
-
 def test_the_recorded_phrase_returns_every_instance_under_the_label_it_names(client, sam3_engine) -> None:
     """The recorded config's "Bus" label has the hint "yellow school bus": the phrase names it."""
     image = _image(3)
     request = _request(image)
     assert request["params"]["context"]["result"][0]["value"]["text"] == [PHRASE]
     expected = _expected(sam3_engine, image, PHRASE)
-    _assert_same(_regions(client.post("/predict", json=request), "Bus"), expected)
+    assert_same_regions(_regions(client.post("/predict", json=request), "Bus"), expected)
     # It went through the encode gate as an interactive request, timed as its own kind.
     assert "sam3 phrase" in client.get("/status").get_json()["sam"]["encodes"]["mean_s"]
     # The phrase reached SAM 3 (not the label's name); the instance limit and threshold were applied.
@@ -109,7 +102,7 @@ def test_the_last_phrase_typed_is_answered(client, sam3_engine) -> None:
     image = _image(4)
     request = _request(image)
     request["params"]["context"]["result"][0]["value"]["text"] = ["dog", " red apple "]
-    _assert_same(_regions(client.post("/predict", json=request), "Object"),
+    assert_same_regions(_regions(client.post("/predict", json=request), "Object"),
                  _expected(sam3_engine, image, "red apple"))
 
 
@@ -118,7 +111,8 @@ def test_a_phrase_naming_a_label_goes_under_that_label(client, sam3_engine) -> N
     image = _image(5)
     for typed, label in (("YELLOW School bus", "Bus"), ("bus", "Bus"), ("OBJECT", "Object")):
         request = _request(image, typed)
-        _assert_same(_regions(client.post("/predict", json=request), label), _expected(sam3_engine, image, typed))
+        assert_same_regions(_regions(client.post("/predict", json=request), label),
+                            _expected(sam3_engine, image, typed))
 
 
 @pytest.mark.parametrize(("text", "message"), [
