@@ -312,9 +312,12 @@ def test_only_backend_and_worker_pods_reach_redis_and_it_needs_the_password(docs
     for name, expected in [("sam-trimap-backend", True), ("sam-trimap-worker", True)]:
         labels = pod_labels(find(docs, "Deployment", name))
         assert any(selects(p["podSelector"], labels) for p in allowed) is expected
-    for labels in ({"app.kubernetes.io/name": "label-studio"}, pod_labels(redis),
-                   {"app.kubernetes.io/name": "other", "app.kubernetes.io/component": "backend"}):
-        assert not any(selects(p["podSelector"], labels) for p in allowed)
+    others = [{"app.kubernetes.io/name": "label-studio"}, pod_labels(redis),
+              {"app.kubernetes.io/name": "other", "app.kubernetes.io/component": "backend"},
+              *({"app.kubernetes.io/name": "sam-trimap", "app.kubernetes.io/component": c}
+                for c in ("label-studio", "redis", "ingress", ""))]
+    for labels in others:
+        assert not any(selects(p["podSelector"], labels) for p in allowed), labels
     args = container["args"]
     env = container_environment(docs, container)
     password = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], args[args.index("--requirepass") + 1])
