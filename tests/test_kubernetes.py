@@ -96,7 +96,7 @@ def render(secrets: dict[str, str] = TEST_SECRETS) -> list[dict[str, Any]]:
             doc["metadata"]["namespace"] = config["namespace"]
         for container in containers(doc):
             entry = images.get(container["image"])
-            assert entry, f"{doc['metadata']['name']}: image {container['image']!r} is not in the kustomization's images"
+            assert entry, f"{doc['metadata']['name']}: image {container['image']!r} is not in kustomization images"
             name = entry.get("newName", entry["name"])
             container["image"] = f"{name}:{entry['newTag']}" if "newTag" in entry else name
     return docs
@@ -305,13 +305,13 @@ def test_only_backend_and_worker_pods_reach_redis_and_it_needs_the_password(docs
     assert selects(policy["spec"]["podSelector"], pod_labels(redis))
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     (rule,) = policy["spec"]["ingress"]
-    allowed = [p for p in rule["from"]]
+    allowed = rule["from"]
     assert all(set(p) == {"podSelector"} for p in allowed)  # no namespace- or IP-wide allowance
     container = containers(redis)[0]
     assert [p["port"] for p in rule["ports"]] == [port_number(container, "redis")]
-    for name, expected in [("sam-trimap-backend", True), ("sam-trimap-worker", True)]:
+    for name in ("sam-trimap-backend", "sam-trimap-worker"):
         labels = pod_labels(find(docs, "Deployment", name))
-        assert any(selects(p["podSelector"], labels) for p in allowed) is expected
+        assert any(selects(p["podSelector"], labels) for p in allowed), name
     others = [{"app.kubernetes.io/name": "label-studio"}, pod_labels(redis),
               {"app.kubernetes.io/name": "other", "app.kubernetes.io/component": "backend"},
               *({"app.kubernetes.io/name": "sam-trimap", "app.kubernetes.io/component": c}
