@@ -149,28 +149,35 @@ class Server:
 
 
 @contextmanager
-def serve(workdir: Path, preset: Path, workers: int, env_extra: dict[str, str], name: str = "") -> Iterator[Server]:
-    """``python -m ml_backend serve`` on a free loopback port, until SAM is ready; killed afterwards. ``name``
-    sets a replica apart: its log, download cache and prompt-state folder (what one host keeps to itself)."""
-    port = free_port()
-    log = workdir / f"backend-w{workers}{name}.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HOST": "127.0.0.1", "PORT": str(port), "WORKERS": str(workers),
-           "THREADS": str(THREADS), "LOG_LEVEL": "INFO", "SAM_MODEL": str(preset), "MODEL_DIR": str(workdir / "models"),
-           "IMAGE_CACHE_DIR": str(workdir / f"image-cache{name}"), "LOCAL_FILES_DOCUMENT_ROOT": str(workdir / "files"),
-           "EMBEDDING_STORE_DIR": str(workdir / f"embeddings-w{workers}"),  # fresh: every encode counted
-           **({"PROMPT_STATE_DIR": str(workdir / f"prompt-state{name}")} if name else {}), **env_extra}
-    process = subprocess.Popen([sys.executable, "-m", "ml_backend", "serve"], cwd=REPO, env=env,
-                               stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(f"http://127.0.0.1:{port}", process, log)
+def serve(workdir: Path, preset: Path, workers: int, env_extra: dict[str, str],
+          names: tuple[str, ...] = ("",)) -> Iterator[list[Server]]:
+    """``python -m ml_backend serve`` on a free loopback port per name, started together and yielded when SAM is
+    ready in every one; killed afterwards. A name sets a replica apart: its log, download cache and prompt-state
+    folder (what one host keeps to itself)."""
+    servers = []
     try:
+        for name in names:
+            port = free_port()
+            log = workdir / f"backend-w{workers}{name}.log"
+            env = {**os.environ, "PYTHONPATH": str(REPO), "HOST": "127.0.0.1", "PORT": str(port),
+                   "WORKERS": str(workers), "THREADS": str(THREADS), "LOG_LEVEL": "INFO", "SAM_MODEL": str(preset),
+                   "MODEL_DIR": str(workdir / "models"), "IMAGE_CACHE_DIR": str(workdir / f"image-cache{name}"),
+                   "LOCAL_FILES_DOCUMENT_ROOT": str(workdir / "files"),
+                   "EMBEDDING_STORE_DIR": str(workdir / f"embeddings-w{workers}"),  # fresh: every encode counted
+                   **({"PROMPT_STATE_DIR": str(workdir / f"prompt-state{name}")} if name else {}), **env_extra}
+            process = subprocess.Popen([sys.executable, "-m", "ml_backend", "serve"], cwd=REPO, env=env,
+                                       stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+            servers.append(Server(f"http://127.0.0.1:{port}", process, log))
         deadline = time.monotonic() + 900
-        while not _all_ready(server, workers):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"backend not ready:\n{log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.5)
-        yield server
+        for server in servers:
+            while not _all_ready(server, workers):
+                if server.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"backend not ready:\n{server.log.read_text(errors='replace')[-3000:]}")
+                time.sleep(0.5)
+        yield servers
     finally:
-        _stop(process)
+        for server in servers:
+            _stop(server.process)
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -232,12 +239,14 @@ def serve_replicas(workdir: Path, preset: Path, workers: int, replicas: int, env
     """``replicas`` backends sharing ``redis_url``, the embeddings and the models directory, behind the proxy."""
     from benchmarks.round_robin import RoundRobinProxy
 
-    with contextlib.ExitStack() as stack:
-        servers = [stack.enter_context(serve(workdir, preset, workers, {**env_extra, "REDIS_URL": redis_url},
-                                             name=f"-r{replicas}.{n}")) for n in range(replicas)]
+    shared = {**env_extra, "REDIS_URL": redis_url,
+              "EMBEDDING_STORE_DIR": str(workdir / f"embeddings-r{replicas}w{workers}")}  # fresh, and shared
+    with serve(workdir, preset, workers, shared, tuple(f"-r{replicas}.{n}" for n in range(replicas))) as servers:
         proxy = RoundRobinProxy([server.url for server in servers])
-        stack.callback(proxy.close)
-        yield Replicas(proxy.url, servers)
+        try:
+            yield Replicas(proxy.url, servers)
+        finally:
+            proxy.close()
 
 
 class RssSampler:
@@ -352,9 +361,12 @@ def run_config(workdir: Path, preset: Path, workers: int, work: Workload, env_ex
     team_images = [[str(folder / f"{tag}-a{a}-{i}.jpg") for i in range(work.images)]
                    for a in range(work.annotators)]
     write_images(folder, [single_image, *(n for names in team_images for n in names)], work.width, work.height)
-    backends = (serve(workdir, preset, workers, env_extra) if replicas is None
-                else serve_replicas(workdir, preset, workers, replicas, env_extra, redis_url))
-    with backends as server, RssSampler(server) as rss:
+    with contextlib.ExitStack() as stack:
+        if replicas is None:
+            [server] = stack.enter_context(serve(workdir, preset, workers, env_extra))
+        else:
+            server = stack.enter_context(serve_replicas(workdir, preset, workers, replicas, env_extra, redis_url))
+        rss = stack.enter_context(RssSampler(server))
         rss_ready_mb = rss.sample()[1]
         single = Recorder()
         annotate(server, [single_image], work, single, random.Random(0))
