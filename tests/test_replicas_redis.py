@@ -284,3 +284,29 @@ def test_a_replica_waits_for_anothers_encode_and_the_gate_counts_the_wait(
     assert embedding is not None and second.images_encoded == 0 and first.images_encoded == 1
     np.testing.assert_array_equal(np.asarray(embedding.features), np.asarray(first.cached(key).features))
     assert not second.encoding_elsewhere(key)
+
+
+def test_the_rq_embedding_worker_uses_the_replicas_locks_and_records(redis_server: str, tiny_sam_preset: Path,  # noqa: F811
+                                                                     tmp_path: Path, monkeypatch) -> None:
+    from ml_backend.embeddings import jobs
+
+    monkeypatch.setattr(jobs, "_context", None)
+    settings = Settings.from_env({"REDIS_URL": redis_server, "SAM_MODEL": str(tiny_sam_preset),
+                                  "MODEL_DIR": str(tmp_path / "models"),
+                                  "EMBEDDING_STORE_DIR": str(tmp_path / "embeddings")})
+    context = jobs.load_worker_context(settings)
+    image = np.random.default_rng(4).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    client = Redis.from_url(redis_server)
+    seen = []
+    run_encoder = context.engine._run_encoder
+
+    def watched(key, pixels):
+        seen.append(client.exists(f"sam-trimap:embeddings:encoding:{key}"))
+        return run_encoder(key, pixels)
+
+    monkeypatch.setattr(context.engine, "_run_encoder", watched)
+    context.engine.embed(image)
+    assert seen == [1]  # the worker encodes under the lock the web replicas wait on
+    context.url_index.remember("https://images.example/a.png", "ab" * 32, "")
+    assert RedisUrlRecords(client, remote_ttl_s=600).get_url("https://images.example/a.png")[0] == "ab" * 32
+    monkeypatch.setattr(jobs, "_context", None)
