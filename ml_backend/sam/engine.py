@@ -18,8 +18,8 @@ import contextlib
 import hashlib
 import logging
 import threading
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
