@@ -41,7 +41,7 @@ from training.predict import predict_trimap
 from training.store import ModelStore
 
 WIDTH, HEIGHT = 400, 300  # the size the recorded bodies were clicked on
-SLOW_ENCODE_S = 2.0  # each replica's encodes take this much longer (tests/replica_site): time to click meanwhile
+SLOW_ENCODE_S = 3.0  # each replica's encodes take this much longer (tests/replica_site): time to click meanwhile
 REDIS_DB = 3  # a database of its own: other tests' keys never meet the backend's
 
 
