@@ -383,7 +383,8 @@ MEANINGS: dict[str, str] = {
     "trimap_include_boundary": "pre-annotation mask = foreground + boundary classes",
     "trimap_sam_refine": "prompt SAM with the trimap foreground's box to refine the edge",
     "redis_url": "run training jobs and SAM 3 project pre-annotation jobs on RQ workers through this Redis "
-                 "instead of in-process (also needed by `PREENCODE_EXECUTOR=rq`)",
+                 "instead of in-process (also needed by `PREENCODE_EXECUTOR=rq`); replicas also share the prompt "
+                 "state, the URL index and the encode locks there (see [Replicas](replicas.md))",
     "retrain_min_annotations": "accepted annotations since the last version before training starts",
     "retrain_min_interval_min": "minutes between trainings of a project",
     "retrain_schedule_min": "also train on a fixed schedule (minutes; 0 = off)",
@@ -473,7 +474,8 @@ MEANINGS: dict[str, str] = {
     "max_warmup_tasks": "most tasks one `/warmup` may embed",
     "prompt_state_shared": "keep the prompt state in files every worker process of the backend shares: `auto` "
                            "when `WORKERS` > 1, `on`, `off` (each process its own memory); see "
-                           "[Deployment](deployment.md#several-worker-processes)",
+                           "[Deployment](deployment.md#several-worker-processes). With `REDIS_URL` set it is kept "
+                           "in Redis for every replica instead, unless `off`",
     "prompt_state_dir": "the folder of those files; empty: `/dev/shm/sam-trimap-prompts-<hash of MODEL_DIR>` when "
                         "`/dev/shm` has room for twice `PROMPT_STATE_MB`, else `MODEL_DIR/prompt-state`",
     "metrics_public": "serve `/metrics` (Prometheus text) without credentials, for a Prometheus on a private network; "

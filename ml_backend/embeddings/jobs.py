@@ -61,6 +61,13 @@ def load_worker_context(settings=None) -> WorkerContext:
         images = ImageLoader(settings)
         url_index = UrlIndex(images.local_file, ttl_s=settings.url_key_ttl_s, origin=lambda: settings.label_studio_url)
         url_index.store = engine.store
+        if settings.redis_url:  # the web replicas' encode locks and URL records, so none encodes what this does
+            from ml_backend.embeddings.redis_shared import RedisEncodeLocks, RedisUrlRecords
+            from ml_backend.retrain.jobs import redis_connection
+
+            redis = redis_connection(settings.redis_url, fail_fast=True)
+            engine.encode_locks = RedisEncodeLocks(redis, max_wait_s=JOB_TIMEOUT_S)
+            url_index.shared = RedisUrlRecords(redis, remote_ttl_s=settings.url_key_ttl_s)
         _context = WorkerContext(settings, images, engine, url_index)
     return _context
 
