@@ -104,8 +104,9 @@ class Stack:
         return self.engine.run(*command, *args, check=check, timeout=timeout)
 
     def up(self, *args: str) -> subprocess.CompletedProcess:
-        """``up`` with the stack's replica counts (without them compose would scale a service back to one)."""
-        return self.compose("up", *args, *(f"--scale={name}={count}" for name, count in self.scale.items()))
+        """``up`` with the stack's replica counts (without them compose would scale a service back to one);
+        ``args``: options, then services."""
+        return self.compose("up", *(f"--scale={name}={count}" for name, count in self.scale.items()), *args)
 
     def containers(self, service: str) -> list[str]:
         return sorted(self.compose("ps", "-q", service).stdout.split())
