@@ -206,3 +206,22 @@ def test_preencoding_skips_another_projects_file(tmp_path, root, label_studio, t
     with pytest.raises(ImageFetchError, match="local storage of project 1"):
         runtime.task_embedding("/data/local-files/?d=ab/secret.png", 1, 1)
 
+
+
+def test_the_retraining_export_reads_local_files_as_the_project(tmp_path, root) -> None:
+    """The export behind retraining carries the project: a Label Studio that lists no storage for it (this stand-in
+    knows no storage route) gets none of the project's tasks read from disk, each skipped with the reason."""
+    from fake_label_studio import TOKEN, fake_label_studio
+
+    from ml_backend.export import export_from_label_studio
+    from ml_backend.images import ImageLoader
+    from ml_backend.settings import Settings
+
+    loader = ImageLoader(dataclasses.replace(Settings(), image_cache_dir=tmp_path / "cache",
+                                             local_files_document_root=str(root)))
+    with fake_label_studio(n_tasks=2) as ls:
+        for task in ls.tasks:
+            task["data"]["image"] = "/data/local-files/?d=a/own.png"
+        report = export_from_label_studio(tmp_path / "out", url=ls.url, token=TOKEN, project=1, loader=loader)
+    assert report.written == [] and len(report.skipped) == 2, report.describe()
+    assert all("cannot check the local storages of project 1" in reason for reason in report.skipped.values())
