@@ -76,10 +76,9 @@ class _Route:
 class ImageLoader:
     """Loads task images for the backend; one per process, safe to share between threads."""
 
-    def __init__(self, settings: Settings, *, cache: DownloadCache | None = None,
-                 storages: ProjectStorages | None = None) -> None:
+    def __init__(self, settings: Settings, *, cache: DownloadCache | None = None) -> None:
         self._settings = settings
-        self._storages = storages if storages is not None else ProjectStorages()
+        self._storages = ProjectStorages()  # projects' local storage paths, listed by Label Studio
         self._max_bytes = settings.max_download_bytes
         self._timeout_s = settings.download_timeout_s
         self._cache = (
