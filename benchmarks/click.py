@@ -345,7 +345,8 @@ class _Server:
 
         width, height = size
         x, y = 30 + (index % 20), 40 + (index % 20) / 2  # percent; inside every shape's object
-        body = {"tasks": [task], "label_config": label_config(form), "project": "1.1",
+        # No project: bare paths under LOCAL_FILES_DOCUMENT_ROOT, no Label Studio listing a project's local storages.
+        body = {"tasks": [task], "label_config": label_config(form),
                 "params": {"context": {"result": [_keypoint(x, y, width, height)]}}}
         cpu = self.cpu_s()
         started = time.perf_counter()

@@ -303,7 +303,9 @@ def _keypoint(x_pct: float, y_pct: float, work: Workload) -> dict:
 def click(server: Server, task: dict, points: list[dict], record: Recorder, phase: str) -> None:
     """One click as Label Studio sends it (all the region's points so far); retried after a 503 as a
     person would. Records the time from the first attempt to the mask."""
-    body = {"tasks": [task], "label_config": LABEL_CONFIG, "project": "1.1",
+    # No project: the images are bare paths under LOCAL_FILES_DOCUMENT_ROOT and no Label Studio lists a project's
+    # local storages here (a task of a project reads only inside those).
+    body = {"tasks": [task], "label_config": LABEL_CONFIG,
             "params": {"login": None, "password": None, "context": {"result": points}}}
     started = time.perf_counter()
     while True:

@@ -53,7 +53,9 @@ class Runtime:
         # The object being segmented on each task (prompts and last logits), between clicks.
         self.prompt_state = PromptMemory.from_settings(settings, redis=redis)
         # Image URL -> pixel-content key of its embedding, so a click skips download and decoding.
-        self.url_index = UrlIndex(lambda url: self.images.local_file(url, label_studio_url=self.access.url or None),
+        self.url_index = UrlIndex(lambda url, project: self.images.local_file(
+                                      url, label_studio_url=self.access.url or None, token=self.access.token or None,
+                                      project=project),
                                   ttl_s=settings.url_key_ttl_s, origin=lambda: self.access.url,
                                   shared=None if redis is None else RedisUrlRecords(
                                       redis, remote_ttl_s=settings.url_key_ttl_s))
@@ -175,15 +177,16 @@ class Runtime:
         if token and not self.settings.label_studio_api_key:
             self.access.token = token
 
-    def load_image(self, url: str, task_id: int | None = None) -> np.ndarray:
+    def load_image(self, url: str, task_id: int | None = None, project: int | None = None) -> np.ndarray:
+        """A task's image; ``project``, the task's project, limits reads from this disk to its local storages."""
         return self.images.load(url, label_studio_url=self.access.url or None, token=self.access.token or None,
-                                task_id=task_id)
+                                task_id=task_id, project=project)
 
-    def task_embedding(self, url: str, task_id: int | None = None) -> ImageEmbedding:
+    def task_embedding(self, url: str, task_id: int | None = None, project: int | None = None) -> ImageEmbedding:
         """The SAM embedding of the image at ``url``: without touching the image when its embedding is
         known (memory or store) and the URL still points at the same file, else loaded, decoded and embedded."""
         engine = self.sam()
-        validator = self.url_index.validator(url)
+        validator = self.url_index.validator(url, project)  # None for a file the project may not read
         key = self.url_index.lookup(url, validator)
         if key is not None and (embedding := engine.cached(key)) is not None:
             metrics.embedding_lookup(True, Priority.INTERACTIVE.name.lower())
@@ -191,7 +194,7 @@ class Runtime:
         # Most likely a new image: when the queue (with the first clicks still preparing theirs) is already too
         # long, refuse before spending seconds on downloading, decoding and hashing it: answered at once.
         with self.encode_gate.preparing():
-            image = self.load_image(url, task_id)
+            image = self.load_image(url, task_id, project)
         embedding = self.embed(image)
         self.url_index.remember(url, embedding.key, validator)
         return embedding

@@ -372,7 +372,8 @@ MEANINGS: dict[str, str] = {
     "download_timeout_s": "download timeout in seconds",
     "allowed_hosts": "other hosts images may be downloaded from, without the token (`host` or `*.domain`, "
                      "comma-separated); listed hosts may have private addresses",
-    "local_files_document_root": "Label Studio's local-files root, read directly from disk when set",
+    "local_files_document_root": "Label Studio's local-files root, read directly from disk when set (a task only "
+                                 "inside its project's local storages)",
     "image_cache_dir": "the on-disk download cache (LRU by bytes)",
     "image_cache_mb": "size of the download cache",
     "negative_labels": "keypoint labels that mean \"not this object\" (comma-separated, case-insensitive)",

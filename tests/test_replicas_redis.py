@@ -204,7 +204,7 @@ def test_a_url_read_on_one_replica_is_known_on_the_other(redis_server: str, pref
                                                          tmp_path: Path) -> None:
     def index() -> UrlIndex:
         records = RedisUrlRecords(Redis.from_url(redis_server), remote_ttl_s=600, prefix=prefix)
-        return UrlIndex(lambda url: None, ttl_s=600, shared=records)
+        return UrlIndex(lambda url, project: None, ttl_s=600, shared=records)
 
     first, second = index(), index()
     url, key = "https://images.example/" + "x" * 3000, "ab" * 32

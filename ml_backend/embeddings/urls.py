@@ -40,8 +40,11 @@ class UrlRecords(Protocol):
 
 
 class UrlIndex:
-    def __init__(self, local_file: Callable[[str], Path | None], *, ttl_s: float,
+    def __init__(self, local_file: Callable[[str, int | None], Path | None], *, ttl_s: float,
                  origin: Callable[[], str] = lambda: "", shared: UrlRecords | None = None) -> None:
+        """``local_file(url, project)``: the file the loader reads for ``url`` for a task of ``project`` (None
+        when it downloads), raising for a URL it refuses; so an entry is never found for a URL the task's
+        project may not read (another project's local file embedded earlier)."""
         self._local_file = local_file
         self._origin = origin  # Label Studio's URL, which relative task URLs are read from
         self.ttl_s = ttl_s
@@ -49,12 +52,13 @@ class UrlIndex:
         self.shared = shared  # records every replica reads and writes
         self._memory: ByteBoundedLRU[tuple[str, str, float]] = ByteBoundedLRU(MEMORY_ENTRIES, lambda entry: 1)
 
-    def validator(self, url: str) -> str | None:
-        """What must not change for the mapping to hold; None when the URL cannot be checked now."""
+    def validator(self, url: str, project: int | None = None) -> str | None:
+        """What must not change for the mapping to hold; None when the URL cannot be checked now or the loader
+        refuses it for a task of ``project``."""
         if url.startswith("data:"):
             return DATA_URI
         try:
-            path = self._local_file(url)
+            path = self._local_file(url, project)
         except Exception:  # a URL the loader refuses: let the load report it
             return None
         if path is None:
