@@ -35,12 +35,12 @@ import cv2
 import numpy as np
 
 from ml_backend.formats.bounds import MaskFormatError
+from ml_backend.formats.bridges import nearest_joints
 
 if TYPE_CHECKING:
     from ml_backend.settings import Settings
 
 _SUBPIXEL_BITS = 4  # cv2.fillPoly fixed-point fraction: 1/16 pixel
-_PAIR_BLOCK = 1 << 20  # distances computed at a time when looking for a bridge
 _DECIMALS = 6  # of a percentage: 1e-6 % of a 100 000-pixel side is 0.001 px
 
 
@@ -74,7 +74,9 @@ def mask_to_polygons(mask: np.ndarray, options: PolygonOptions = PolygonOptions(
     if hierarchy is None:
         return []
     links = hierarchy[0]  # per contour: next, previous, first child, parent
-    polygons = []
+    rings: list[np.ndarray] = []
+    component: list[int] = []  # per ring: which kept outer contour it belongs to
+    rank: list[int] = []  # per ring: 0 for the outer contour, 1, 2, ... for its holes
     for index, contour in enumerate(contours):
         if links[index][3] != -1:
             continue  # a hole: bridged into its outer contour below
@@ -87,8 +89,12 @@ def mask_to_polygons(mask: np.ndarray, options: PolygonOptions = PolygonOptions(
             if len(hole) >= 3:
                 holes.append(hole)
             child = links[child][0]
-        polygons.append(_bridge(outer, holes))
-    return polygons
+        component += [component[-1] + 1 if component else 0] * (1 + len(holes))
+        rank += range(1 + len(holes))
+        rings += [outer, *holes]
+    if not rings:
+        return []
+    return _bridge(rings, np.array(component), np.array(rank))
 
 
 def _contours(crop: np.ndarray, offset: tuple[int, int]) -> tuple[Sequence[np.ndarray], np.ndarray | None]:
@@ -188,28 +194,24 @@ def _simplify(contour: np.ndarray, tolerance: float) -> np.ndarray:
     return contour.reshape(-1, 2)
 
 
-def _bridge(outer: np.ndarray, holes: Sequence[np.ndarray]) -> np.ndarray:
-    """One outline: each hole spliced in at its nearest vertex pair, there and back along one edge.
+def _bridge(rings: list[np.ndarray], component: np.ndarray, rank: np.ndarray) -> list[np.ndarray]:
+    """One outline per component: each hole spliced in at its nearest vertex pair, there and back along one edge.
 
-    Hole k joins the nearest vertex of the outer contour or of holes 0..k-1 (a tree of bridges, so
-    the outline stays one loop); the loop is then written out once, each hole at its joint.
+    Hole k joins the nearest vertex of its outer contour or of its component's holes before it
+    (:func:`~ml_backend.formats.bridges.nearest_joints`: a tree of bridges, so the outline stays one
+    loop); the loop is then written out once, each hole at its joint.
     """
-    if not holes:
-        return outer
-    rings = [outer, *holes]
     joints: list[dict[int, list[tuple[int, int]]]] = [{} for _ in rings]  # per ring: vertex -> [(hole, entry)]
-    index = _RingIndex(rings)
-    for k in range(1, len(rings)):
-        ring, vertex, entry = index.nearest(k)
-        joints[ring].setdefault(vertex, []).append((k, entry))
-    return np.concatenate(_walk(rings, joints))
+    for hole, ring, vertex, entry in zip(*(a.tolist() for a in nearest_joints(rings, component, rank))):
+        joints[ring].setdefault(vertex, []).append((hole, entry))
+    return [np.concatenate(_walk(rings, joints, outer)) for outer in np.flatnonzero(rank == 0).tolist()]
 
 
-def _walk(rings: list[np.ndarray], joints: list[dict[int, list[tuple[int, int]]]]) -> list[np.ndarray]:
+def _walk(rings: list[np.ndarray], joints: list[dict[int, list[tuple[int, int]]]], outer: int) -> list[np.ndarray]:
     """The loop's pieces: each ring from its entry vertex, at a joint the joined hole (latest first) and
     back to the joint. A stack, not recursion: bridges can chain through many holes."""
     pieces: list[np.ndarray] = []
-    stack = [_ring_steps(rings, joints, 0, 0)]
+    stack = [_ring_steps(rings, joints, outer, 0)]
     while stack:
         step = next(stack[-1], None)
         if step is None:
@@ -225,63 +227,13 @@ def _ring_steps(rings: list[np.ndarray], joints: list[dict[int, list[tuple[int, 
                 start: int) -> Iterator[np.ndarray | tuple[int, int]]:
     """Yields the ring's vertices from ``start`` (arrays) and, at each joint, (hole, entry) to walk first."""
     vertices, n = rings[ring], len(rings[ring])
-    order = np.roll(np.arange(n), -start)
+    rotated = np.concatenate((vertices[start:], vertices[:start])) if start else vertices
     done = 0
     for offset in sorted((vertex - start) % n for vertex in joints[ring]):
-        vertex = int(order[offset])
-        yield vertices[order[done:offset + 1]]
+        vertex = (offset + start) % n
+        yield rotated[done:offset + 1]
         for hole, entry in reversed(joints[ring][vertex]):
             yield hole, entry
-            yield np.stack((rings[hole][entry], vertices[vertex]))
+            yield np.array((rings[hole][entry], vertices[vertex]))
         done = offset + 1
-    yield vertices[order[done:]]
-
-
-class _RingIndex:
-    """The rings (outer contour, holes) joined so far, for the nearest-vertex search of each new hole.
-
-    Hand-written: OpenCV has no incremental nearest-neighbour index and scipy is not a dependency.
-    The previous ring's nearest vertex bounds the distance d; only the rings whose box comes within
-    d of the hole's box (and of a large ring, only its vertices there) can hold a nearer vertex, so
-    the answer is exact while each hole looks at a few neighbours, not the whole outline.
-    """
-
-    _LARGE = 256  # vertices: a ring this long has its vertices filtered by the box, not taken whole
-
-    def __init__(self, rings: Sequence[np.ndarray]) -> None:
-        self.rings = [ring.astype(np.float64) for ring in rings]
-        self.boxes = np.array([[*ring.min(axis=0), *ring.max(axis=0)] for ring in self.rings], np.float64)
-
-    def nearest(self, k: int) -> tuple[int, int, int]:
-        """For ring ``k``: (ring < k, vertex index in it, vertex index in ring k) of the closest pair."""
-        hole, guess = self.rings[k], self.rings[k - 1]
-        i, j = _nearest_pair(guess, hole)
-        reach = math.sqrt(float(((guess[i] - hole[j]) ** 2).sum()))
-        low, high = self.boxes[k, :2] - reach, self.boxes[k, 2:] + reach
-        boxes = self.boxes[:k]
-        near = np.flatnonzero(np.all(boxes[:, :2] <= high, axis=1) & np.all(boxes[:, 2:] >= low, axis=1))
-        points, owners, vertices = [], [], []
-        for ring in near:
-            candidates = self.rings[ring]
-            index = np.arange(len(candidates))
-            if len(candidates) > self._LARGE:
-                index = index[np.all((candidates >= low) & (candidates <= high), axis=1)]
-            points.append(candidates[index])
-            owners.append(np.full(len(index), ring))
-            vertices.append(index)
-        i, j = _nearest_pair(np.concatenate(points), hole)  # never empty: the guess's vertex is in reach
-        return int(np.concatenate(owners)[i]), int(np.concatenate(vertices)[i]), j
-
-
-def _nearest_pair(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
-    """Indices (i, j) minimising |a[i] - b[j]|, in blocks so memory stays bounded."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    rows = max(1, _PAIR_BLOCK // len(b))
-    best, pair = math.inf, (0, 0)
-    for start in range(0, len(a), rows):
-        distances = ((a[start:start + rows, None, :] - b[None, :, :]) ** 2).sum(axis=-1)
-        k = int(np.argmin(distances))
-        i, j = divmod(k, len(b))
-        if distances[i, j] < best:
-            best, pair = float(distances[i, j]), (start + i, j)
-    return pair
+    yield rotated[done:]
