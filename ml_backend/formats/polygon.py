@@ -68,8 +68,7 @@ def mask_to_polygons(mask: np.ndarray, options: PolygonOptions = PolygonOptions(
     # Work on the object's bounding box with a one-pixel margin: the outside is then one background part.
     crop = cv2.copyMakeBorder(mask[top:top + height, left:left + width], 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
     contours, hierarchy = _contours(crop, (left - 1, top - 1))
-    if hierarchy is not None and _may_have_small_parts(contours, options.min_area):
-        _drop_small_parts(crop, options.min_area)
+    if hierarchy is not None and _drop_small_parts(crop, contours, hierarchy[0], (left - 1, top - 1), options.min_area):
         contours, hierarchy = _contours(crop, (left - 1, top - 1))
     if hierarchy is None:
         return []
@@ -99,18 +98,6 @@ def mask_to_polygons(mask: np.ndarray, options: PolygonOptions = PolygonOptions(
 
 def _contours(crop: np.ndarray, offset: tuple[int, int]) -> tuple[Sequence[np.ndarray], np.ndarray | None]:
     return cv2.findContours(crop, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE, offset=offset)
-
-
-def _may_have_small_parts(contours: Sequence[np.ndarray], min_area: int) -> bool:
-    """Whether a component or hole of under ``min_area`` pixels may exist, from the contours' boxes alone.
-
-    A connected part of n pixels spans at most n rows and n columns, and a hole's contour runs at most
-    one pixel outside the hole: a part whose contour's box is min_area + 2 pixels wide or high (or
-    more) is large. Only when some box is smaller do the connected components have to be counted.
-    """
-    if min_area <= 1:
-        return False
-    return any(w < min_area + 2 and h < min_area + 2 for _, _, w, h in map(cv2.boundingRect, contours))
 
 
 def polygon_to_percent(polygon: np.ndarray, width: int, height: int) -> list[list[float]]:
@@ -146,44 +133,63 @@ def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _drop_small_parts(crop: np.ndarray, min_area: int) -> None:
-    """Clear 8-connected components under ``min_area`` pixels and fill holes under it, in place.
+def _drop_small_parts(crop: np.ndarray, contours: Sequence[np.ndarray], links: np.ndarray, offset: tuple[int, int],
+                      min_area: int) -> bool:
+    """Clear 8-connected components under ``min_area`` pixels, then fill holes (4-connected background
+    parts inside a component) under it, in ``crop`` (uint8 0/1, contours at ``offset``); whether any changed.
 
-    ``crop`` (uint8 0/1) has an empty one-pixel margin, so the background that reaches it is
-    one 4-connected part and every other background part is a hole.
+    Each part is counted in its own box, not over the whole crop: a component lies in its outer
+    contour's box, a hole in its contour's box (the component's pixels around it), so labelling
+    that box counts the part exactly. Only parts whose box says they may be small are counted: n
+    8-connected pixels span at most n columns and n rows; a 4-connected hole of n pixels spans w
+    columns and h rows with w + h - 1 <= n, and its contour's box is one pixel larger on each side.
+    A hole of a removed component is no longer a part of its own (it joins the background around it).
     """
     if min_area <= 1:
-        return
-    specks = _small_parts(crop, 8, min_area)
-    if specks is not None:
-        crop[specks] = 0
-    holes = _small_parts(1 - crop, 4, min_area)
-    if holes is not None:
-        crop[holes] = 1
+        return False
+    boxes = np.array([cv2.boundingRect(contour) for contour in contours]).reshape(-1, 4)
+    boxes[:, :2] -= offset
+    outer = links[:, 3] == -1
+    width, height = boxes[:, 2], boxes[:, 3]
+    small = np.where(outer, np.maximum(width, height) < min_area, width + height < min_area + 5)
+    removed = set()
+    for k in np.flatnonzero(small & outer).tolist():
+        if _clear_if_small(crop, boxes[k], contours[k][0, 0] - offset, 0, min_area):
+            removed.add(k)
+    filled = False
+    for k in np.flatnonzero(small & ~outer).tolist():
+        seed = _hole_pixel(crop, contours[k], offset) if links[k][3] not in removed else None
+        if seed is not None:
+            filled |= _clear_if_small(crop, boxes[k], seed, 1, min_area)
+    return bool(removed) or filled
 
 
-_LOOP_LIMIT = 64  # up to this many small parts are picked out box by box; more: one pass over the image
+def _hole_pixel(crop: np.ndarray, contour: np.ndarray, offset: tuple[int, int]) -> np.ndarray | None:
+    """A pixel (x, y in ``crop``) of the hole whose contour this is: a background 4-neighbour of its first
+    vertex (a border pixel has one in the hole) inside the contour (one across a thin wall is outside it)."""
+    vertex = contour[0, 0]
+    for step in ((1, 0), (0, 1), (-1, 0), (0, -1)):
+        x, y = vertex + step
+        if crop[y - offset[1], x - offset[0]] == 0 and cv2.pointPolygonTest(contour, (float(x), float(y)), False) > 0:
+            return np.array((x, y)) - offset
+    return None  # not seen: a border pixel always has a 4-neighbour in the hole it borders
 
 
-def _small_parts(image: np.ndarray, connectivity: int, min_area: int) -> np.ndarray | None:
-    """The pixels of ``image``'s non-zero components under ``min_area`` pixels, None when there are none.
+def _clear_if_small(crop: np.ndarray, box: np.ndarray, seed: np.ndarray, value: int, min_area: int) -> bool:
+    """Set the part of ``crop`` holding ``seed`` (x, y) to ``value`` when it has under ``min_area`` pixels.
 
-    The component at the corner (the margin, when ``image`` is the background) is never one.
+    The part: 8-connected object pixels when ``value`` is 0 (a component), 4-connected background
+    when it is 1 (a hole); it must lie inside ``box`` (x, y, w, h).
     """
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(image, connectivity=connectivity)
-    small = stats[:, cv2.CC_STAT_AREA] < min_area
-    small[0] = small[labels[0, 0]] = False  # label 0: the zero pixels
-    found = np.flatnonzero(small)
-    if found.size == 0:
-        return None
-    if found.size > _LOOP_LIMIT:
-        return small[labels]
-    selected = np.zeros(image.shape, bool)
-    for k in found:
-        x, y, w, h = stats[k, :4]
-        box = (slice(y, y + h), slice(x, x + w))
-        selected[box] |= labels[box] == k
-    return selected
+    x, y, w, h = box.tolist()
+    part = crop[y:y + h, x:x + w]
+    image = part if value == 0 else (part == 0).view(np.uint8)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(image, connectivity=8 if value == 0 else 4)
+    label = labels[seed[1] - y, seed[0] - x]
+    if label == 0 or stats[label, cv2.CC_STAT_AREA] >= min_area:
+        return False
+    part[labels == label] = value
+    return True
 
 
 def _simplify(contour: np.ndarray, tolerance: float) -> np.ndarray:
