@@ -99,3 +99,11 @@ def test_the_answer_serialises_the_brush_array_as_the_rle_list(shape) -> None:
     (arrayed,) = mask_values(mask, BRUSH, arrays=True)
     assert isinstance(arrayed["rle"], np.ndarray) and arrayed["rle"].dtype == np.uint8
     assert orjson.loads(orjson.dumps(arrayed, option=orjson.OPT_SERIALIZE_NUMPY)) == json.loads(json.dumps(listed))
+
+
+def test_the_answer_serialises_the_polygon_arrays_as_the_points_lists(shape) -> None:
+    _, mask = shape
+    listed = mask_values(mask, POLYGON)
+    arrayed = mask_values(mask, POLYGON, arrays=True)
+    assert all(isinstance(value["points"], np.ndarray) for value in arrayed)
+    assert orjson.dumps(arrayed, option=orjson.OPT_SERIALIZE_NUMPY) == orjson.dumps(listed)

@@ -100,10 +100,16 @@ def _contours(crop: np.ndarray, offset: tuple[int, int]) -> tuple[Sequence[np.nd
     return cv2.findContours(crop, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE, offset=offset)
 
 
-def polygon_to_percent(polygon: np.ndarray, width: int, height: int) -> list[list[float]]:
-    """Pixel-index vertices to Label Studio's ``points``: percent of the image size, at pixel centres."""
+def polygon_to_percent(polygon: np.ndarray, width: int, height: int, *,
+                       array: bool = False) -> list[list[float]] | np.ndarray:
+    """Pixel-index vertices to Label Studio's ``points``: percent of the image size, at pixel centres.
+
+    ``array``: an (N, 2) float64 array instead of lists, for a JSON encoder that writes numpy arrays
+    (orjson writes the same text for it; a Python float per coordinate costs more than the rest).
+    """
     scale = np.array([100.0 / width, 100.0 / height])
-    return np.round((polygon + 0.5) * scale, _DECIMALS).tolist()
+    points = np.round((polygon + 0.5) * scale, _DECIMALS)
+    return points if array else points.tolist()
 
 
 def polygon_to_mask(points: object, width: int, height: int) -> np.ndarray:
