@@ -68,23 +68,25 @@ def mask_to_polygons(mask: np.ndarray, options: PolygonOptions = PolygonOptions(
     # Work on the object's bounding box with a one-pixel margin: the outside is then one background part.
     crop = cv2.copyMakeBorder(mask[top:top + height, left:left + width], 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
     contours, hierarchy = _contours(crop, (left - 1, top - 1))
-    if hierarchy is not None and _drop_small_parts(crop, contours, hierarchy[0], (left - 1, top - 1), options.min_area):
-        contours, hierarchy = _contours(crop, (left - 1, top - 1))
     if hierarchy is None:
         return []
+    gone = _drop_small_parts(crop, contours, hierarchy[0], (left - 1, top - 1), options.min_area)
+    if gone is None:  # a filled hole may have held a component, which then joins the one around it
+        contours, hierarchy = _contours(crop, (left - 1, top - 1))
+        gone = set()
     links = hierarchy[0]  # per contour: next, previous, first child, parent
     rings: list[np.ndarray] = []
     component: list[int] = []  # per ring: which kept outer contour it belongs to
     rank: list[int] = []  # per ring: 0 for the outer contour, 1, 2, ... for its holes
     for index, contour in enumerate(contours):
-        if links[index][3] != -1:
-            continue  # a hole: bridged into its outer contour below
+        if links[index][3] != -1 or index in gone:
+            continue  # a hole (bridged into its outer contour below), or a speck dropped
         outer = _simplify(contour, options.tolerance)
         if len(outer) < 3:
             continue
         holes, child = [], links[index][2]
         while child != -1:
-            hole = _simplify(contours[child], options.tolerance)
+            hole = _simplify(contours[child], options.tolerance) if child not in gone else ()
             if len(hole) >= 3:
                 holes.append(hole)
             child = links[child][0]
@@ -140,9 +142,14 @@ def _finite(value: object) -> bool:
 
 
 def _drop_small_parts(crop: np.ndarray, contours: Sequence[np.ndarray], links: np.ndarray, offset: tuple[int, int],
-                      min_area: int) -> bool:
+                      min_area: int) -> set[int] | None:
     """Clear 8-connected components under ``min_area`` pixels, then fill holes (4-connected background
-    parts inside a component) under it, in ``crop`` (uint8 0/1, contours at ``offset``); whether any changed.
+    parts inside a component) under it, in ``crop`` (uint8 0/1, contours at ``offset``).
+
+    Returns the contours that went with them (the components', their holes', the filled holes'):
+    every other border is untouched, so the rest of the contours stay as they are, without tracing
+    the whole crop again. None when a filled hole's box holds a kept component: then the contours
+    must be traced again (that component now belongs to the one around the hole).
 
     Each part is counted in its own box, not over the whole crop: a component lies in its outer
     contour's box, a hole in its contour's box (the component's pixels around it), so labelling
@@ -152,22 +159,29 @@ def _drop_small_parts(crop: np.ndarray, contours: Sequence[np.ndarray], links: n
     A hole of a removed component is no longer a part of its own (it joins the background around it).
     """
     if min_area <= 1:
-        return False
+        return set()
     boxes = np.array([cv2.boundingRect(contour) for contour in contours]).reshape(-1, 4)
     boxes[:, :2] -= offset
     outer = links[:, 3] == -1
     width, height = boxes[:, 2], boxes[:, 3]
     small = np.where(outer, np.maximum(width, height) < min_area, width + height < min_area + 5)
-    removed = set()
+    gone = set()
     for k in np.flatnonzero(small & outer).tolist():
         if _clear_if_small(crop, boxes[k], contours[k][0, 0] - offset, 0, min_area):
-            removed.add(k)
-    filled = False
+            gone.add(k)
+    filled = []
     for k in np.flatnonzero(small & ~outer).tolist():
-        seed = _hole_pixel(crop, contours[k], offset) if links[k][3] not in removed else None
-        if seed is not None:
-            filled |= _clear_if_small(crop, boxes[k], seed, 1, min_area)
-    return bool(removed) or filled
+        seed = _hole_pixel(crop, contours[k], offset) if links[k][3] not in gone else None
+        if seed is not None and _clear_if_small(crop, boxes[k], seed, 1, min_area):
+            filled.append(k)
+    gone.update(filled)
+    kept = boxes[outer & ~np.isin(np.arange(len(boxes)), list(gone))]
+    for x, y, w, h in boxes[filled].tolist():
+        inside = ((kept[:, 0] > x) & (kept[:, 1] > y) & (kept[:, 0] + kept[:, 2] < x + w)
+                  & (kept[:, 1] + kept[:, 3] < y + h))
+        if inside.any():
+            return None
+    return gone
 
 
 def _hole_pixel(crop: np.ndarray, contour: np.ndarray, offset: tuple[int, int]) -> np.ndarray | None:
