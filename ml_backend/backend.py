@@ -124,7 +124,7 @@ class SegmentationBackend(LabelStudioMLBase):
                 results += labeling.build_mask_results(decoded.mask, config=self.config, label=label,
                                                        score=decoded.score,
                                                        polygon=PolygonOptions.from_settings(settings),
-                                                       arrays=True)  # RLE for the app's orjson answer
+                                                       arrays=True)  # RLE, points: for the app's orjson answer
                 scores.append(decoded.score)
                 answered.append(decoded.low_res_logits)
             memory.remember(plan, answered, [result["id"] for result in results])
