@@ -18,14 +18,13 @@ import signal
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 from PIL import Image
-from processes import REPO, wait_for
+from processes import REPO, PngServer, wait_for
 from redis import Redis
 from redis_fixture import redis_server  # noqa: F401  (fixture)
 from test_faults_serving import Backends, Server, wait_ready
@@ -51,33 +50,6 @@ def png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-class Images:
-    """Label Studio's /data/upload/ as far as the backends need it: ``/data/upload/other.png`` is a second
-    image, every other path the first."""
-
-    def __init__(self, first: bytes, other: bytes) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                data = other if self.path.endswith("/other.png") else first
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @dataclass
 class Replicas:
     servers: list[Server]
@@ -97,7 +69,8 @@ def replicas(tmp_path_factory: pytest.TempPathFactory, tiny_sam_preset: Path,
     tmp_path = tmp_path_factory.mktemp("replicas")
     rng = np.random.default_rng(5)
     image, other = (rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8) for _ in range(2))
-    images = Images(png(image), png(other))
+    first, second = png(image), png(other)
+    images = PngServer(lambda path: second if path.endswith("/other.png") else first)  # a second image, else the first
     url = redis_server.rsplit("/", 1)[0] + f"/{REDIS_DB}"
     redis = Redis.from_url(url)
     redis.flushdb()

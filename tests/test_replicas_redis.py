@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from redis import Redis
 from redis_fixture import redis_server  # noqa: F401  (fixture)
-from test_prompt_state_shared import send
+from test_prompt_state_shared import holders_at_once, send
 from test_prompt_state import body, items
 
 from ml_backend.embeddings.redis_shared import RedisEncodeLocks, RedisUrlRecords
@@ -159,22 +159,7 @@ def _digest(key) -> str:
 
 
 def test_threads_of_one_replica_are_held_apart(redis_server: str, prefix: str) -> None:  # noqa: F811
-    storage = replica(redis_server, prefix).storage
-    inside, overlaps = [0], []
-
-    def work() -> None:
-        for _ in range(10):
-            with storage.hold(task_key(1, {"id": 1}, "u")):
-                inside[0] += 1
-                overlaps.append(inside[0])
-                time.sleep(0.002)
-                inside[0] -= 1
-
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    overlaps = holders_at_once(replica(redis_server, prefix).storage, rounds=10, pause_s=0.002)
     assert len(overlaps) == 40 and max(overlaps) == 1
 
 
