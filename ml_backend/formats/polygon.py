@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,7 @@ import numpy as np
 
 from ml_backend.formats.bounds import MaskFormatError
 from ml_backend.formats.bridges import nearest_joints
+from ml_backend.formats.small_parts import clear_small_parts, small_parts
 
 if TYPE_CHECKING:
     from ml_backend.settings import Settings
@@ -58,48 +60,89 @@ class PolygonOptions:
 
 def mask_to_polygons(mask: np.ndarray, options: PolygonOptions = PolygonOptions()) -> list[np.ndarray]:
     """One (N, 2) int array of x, y pixel indices per kept component (holes bridged in); [] for an empty mask."""
+    vertices, ends = mask_outlines(mask, options)
+    return np.split(vertices, ends[:-1]) if len(ends) else []
+
+
+def mask_to_points(mask: np.ndarray, options: PolygonOptions = PolygonOptions(), *,
+                   array: bool = False) -> list[list[list[float]]] | list[np.ndarray]:
+    """Label Studio's ``points`` of every polygon of ``mask`` (:func:`mask_to_polygons`, then
+    :func:`polygon_to_percent`), converted all at once; ``array`` as in :func:`polygon_to_percent`."""
+    height, width = np.shape(mask)[:2]
+    vertices, ends = mask_outlines(mask, options)
+    if not len(ends):
+        return []
+    points = np.split(polygon_to_percent(vertices, width, height, array=True), ends[:-1])
+    return points if array else [polygon.tolist() for polygon in points]
+
+
+def mask_outlines(mask: np.ndarray, options: PolygonOptions = PolygonOptions()) -> tuple[np.ndarray, np.ndarray]:
+    """Every outline of :func:`mask_to_polygons` in one (N, 2) int32 array, and where each one ends."""
     mask = np.asarray(mask)
     if mask.ndim != 2 or mask.size == 0:
         raise ValueError(f"A mask must be a non-empty 2-D array, got shape {mask.shape}.")
     mask = mask.view(np.uint8) if mask.dtype == np.bool_ else (mask != 0).view(np.uint8)
+    with _without_ipp():
+        return _outlines(mask, options)
+
+
+def _outlines(mask: np.ndarray, options: PolygonOptions) -> tuple[np.ndarray, np.ndarray]:
+    nothing = np.zeros((0, 2), np.int32), np.zeros(0, np.int64)
     left, top, width, height = cv2.boundingRect(mask)
     if width == 0:
-        return []
-    # Work on the object's bounding box with a one-pixel margin: the outside is then one background part.
-    crop = cv2.copyMakeBorder(mask[top:top + height, left:left + width], 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
-    contours, hierarchy = _contours(crop, (left - 1, top - 1))
+        return nothing
+    # Work on the object's bounding box (OpenCV traces a copy with a background margin).
+    crop, offset = mask[top:top + height, left:left + width], (left, top)
+    contours, hierarchy = _contours(crop, offset)
     if hierarchy is None:
-        return []
-    gone = _drop_small_parts(crop, contours, hierarchy[0], (left - 1, top - 1), options.min_area)
-    if gone is None:  # a filled hole may have held a component, which then joins the one around it
-        contours, hierarchy = _contours(crop, (left - 1, top - 1))
-        gone = set()
-    links = hierarchy[0]  # per contour: next, previous, first child, parent
+        return nothing
+    parts = small_parts(crop, contours, hierarchy[0], offset, options.min_area)
+    gone = parts.gone
+    if parts.retrace:  # a filled hole held a component, which now joins the one around it
+        crop = crop.copy()
+        clear_small_parts(crop, contours, hierarchy[0], offset, parts)
+        contours, hierarchy = _contours(crop, offset)
+        gone = np.zeros(len(contours), bool)
+    links = hierarchy[0].tolist()  # per contour: next, previous, first child, parent
     rings: list[np.ndarray] = []
     component: list[int] = []  # per ring: which kept outer contour it belongs to
     rank: list[int] = []  # per ring: 0 for the outer contour, 1, 2, ... for its holes
-    for index, contour in enumerate(contours):
-        if links[index][3] != -1 or index in gone:
-            continue  # a hole (bridged into its outer contour below), or a speck dropped
-        outer = _simplify(contour, options.tolerance)
+    for index in np.flatnonzero((hierarchy[0][:, 3] == -1) & ~gone).tolist():
+        outer = _simplify(contours[index], options.tolerance)
         if len(outer) < 3:
             continue
-        holes, child = [], links[index][2]
+        count, child = len(rings), links[index][2]
+        rings.append(outer)
         while child != -1:
-            hole = _simplify(contours[child], options.tolerance) if child not in gone else ()
+            hole = _simplify(contours[child], options.tolerance) if not gone[child] else ()
             if len(hole) >= 3:
-                holes.append(hole)
+                rings.append(hole)
             child = links[child][0]
-        component += [component[-1] + 1 if component else 0] * (1 + len(holes))
-        rank += range(1 + len(holes))
-        rings += [outer, *holes]
+        component += [component[-1] + 1 if component else 0] * (len(rings) - count)
+        rank += range(len(rings) - count)
     if not rings:
-        return []
+        return nothing
     return _bridge(rings, np.array(component), np.array(rank))
 
 
 def _contours(crop: np.ndarray, offset: tuple[int, int]) -> tuple[Sequence[np.ndarray], np.ndarray | None]:
     return cv2.findContours(crop, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE, offset=offset)
+
+
+@contextmanager
+def _without_ipp() -> Iterator[None]:
+    """Intel IPP off in this thread (OpenCV keeps the switch per thread) while outlines are made.
+
+    Through IPP, OpenCV copies each contour and simplified outline it hands back with a CPUID
+    instruction, which traps to the hypervisor on a virtual machine: ~5 us per call here, 10-30 ms
+    for a mask of 2 000 contours. Without it the outlines are the same.
+    """
+    before = cv2.ipp.useIPP()
+    cv2.ipp.setUseIPP(False)
+    try:
+        yield
+    finally:
+        cv2.ipp.setUseIPP(before)
 
 
 def polygon_to_percent(polygon: np.ndarray, width: int, height: int, *,
@@ -141,77 +184,6 @@ def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _drop_small_parts(crop: np.ndarray, contours: Sequence[np.ndarray], links: np.ndarray, offset: tuple[int, int],
-                      min_area: int) -> set[int] | None:
-    """Clear 8-connected components under ``min_area`` pixels, then fill holes (4-connected background
-    parts inside a component) under it, in ``crop`` (uint8 0/1, contours at ``offset``).
-
-    Returns the contours that went with them (the components', their holes', the filled holes'):
-    every other border is untouched, so the rest of the contours stay as they are, without tracing
-    the whole crop again. None when a filled hole's box holds a kept component: then the contours
-    must be traced again (that component now belongs to the one around the hole).
-
-    Each part is counted in its own box, not over the whole crop: a component lies in its outer
-    contour's box, a hole in its contour's box (the component's pixels around it), so labelling
-    that box counts the part exactly. Only parts whose box says they may be small are counted: n
-    8-connected pixels span at most n columns and n rows; a 4-connected hole of n pixels spans w
-    columns and h rows with w + h - 1 <= n, and its contour's box is one pixel larger on each side.
-    A hole of a removed component is no longer a part of its own (it joins the background around it).
-    """
-    if min_area <= 1:
-        return set()
-    boxes = np.array([cv2.boundingRect(contour) for contour in contours]).reshape(-1, 4)
-    boxes[:, :2] -= offset
-    outer = links[:, 3] == -1
-    width, height = boxes[:, 2], boxes[:, 3]
-    small = np.where(outer, np.maximum(width, height) < min_area, width + height < min_area + 5)
-    gone = set()
-    for k in np.flatnonzero(small & outer).tolist():
-        if _clear_if_small(crop, boxes[k], contours[k][0, 0] - offset, 0, min_area):
-            gone.add(k)
-    filled = []
-    for k in np.flatnonzero(small & ~outer).tolist():
-        seed = _hole_pixel(crop, contours[k], offset) if links[k][3] not in gone else None
-        if seed is not None and _clear_if_small(crop, boxes[k], seed, 1, min_area):
-            filled.append(k)
-    gone.update(filled)
-    kept = boxes[outer & ~np.isin(np.arange(len(boxes)), list(gone))]
-    for x, y, w, h in boxes[filled].tolist():
-        inside = ((kept[:, 0] > x) & (kept[:, 1] > y) & (kept[:, 0] + kept[:, 2] < x + w)
-                  & (kept[:, 1] + kept[:, 3] < y + h))
-        if inside.any():
-            return None
-    return gone
-
-
-def _hole_pixel(crop: np.ndarray, contour: np.ndarray, offset: tuple[int, int]) -> np.ndarray | None:
-    """A pixel (x, y in ``crop``) of the hole whose contour this is: a background 4-neighbour of its first
-    vertex (a border pixel has one in the hole) inside the contour (one across a thin wall is outside it)."""
-    vertex = contour[0, 0]
-    for step in ((1, 0), (0, 1), (-1, 0), (0, -1)):
-        x, y = vertex + step
-        if crop[y - offset[1], x - offset[0]] == 0 and cv2.pointPolygonTest(contour, (float(x), float(y)), False) > 0:
-            return np.array((x, y)) - offset
-    return None  # not seen: a border pixel always has a 4-neighbour in the hole it borders
-
-
-def _clear_if_small(crop: np.ndarray, box: np.ndarray, seed: np.ndarray, value: int, min_area: int) -> bool:
-    """Set the part of ``crop`` holding ``seed`` (x, y) to ``value`` when it has under ``min_area`` pixels.
-
-    The part: 8-connected object pixels when ``value`` is 0 (a component), 4-connected background
-    when it is 1 (a hole); it must lie inside ``box`` (x, y, w, h).
-    """
-    x, y, w, h = box.tolist()
-    part = crop[y:y + h, x:x + w]
-    image = part if value == 0 else (part == 0).view(np.uint8)
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(image, connectivity=8 if value == 0 else 4)
-    label = labels[seed[1] - y, seed[0] - x]
-    if label == 0 or stats[label, cv2.CC_STAT_AREA] >= min_area:
-        return False
-    part[labels == label] = value
-    return True
-
-
 def _simplify(contour: np.ndarray, tolerance: float) -> np.ndarray:
     if tolerance > 0 and len(contour) > 3:
         simplified = cv2.approxPolyDP(contour, tolerance, True)
@@ -220,46 +192,94 @@ def _simplify(contour: np.ndarray, tolerance: float) -> np.ndarray:
     return contour.reshape(-1, 2)
 
 
-def _bridge(rings: list[np.ndarray], component: np.ndarray, rank: np.ndarray) -> list[np.ndarray]:
-    """One outline per component: each hole spliced in at its nearest vertex pair, there and back along one edge.
+def _bridge(rings: list[np.ndarray], component: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One outline per component, all in one array: each hole spliced in at its nearest vertex pair, there and
+    back along one edge; and where each outline ends.
 
     Hole k joins the nearest vertex of its outer contour or of its component's holes before it
     (:func:`~ml_backend.formats.bridges.nearest_joints`: a tree of bridges, so the outline stays one
-    loop); the loop is then written out once, each hole at its joint.
+    loop); the loop is then written out once, each hole at its joint (:func:`_walk`), as ranges of
+    the rings' vertices gathered in one step.
     """
-    joints: list[dict[int, list[tuple[int, int]]]] = [{} for _ in rings]  # per ring: vertex -> [(hole, entry)]
-    for hole, ring, vertex, entry in zip(*(a.tolist() for a in nearest_joints(rings, component, rank))):
-        joints[ring].setdefault(vertex, []).append((hole, entry))
-    return [np.concatenate(_walk(rings, joints, outer)) for outer in np.flatnonzero(rank == 0).tolist()]
-
-
-def _walk(rings: list[np.ndarray], joints: list[dict[int, list[tuple[int, int]]]], outer: int) -> list[np.ndarray]:
-    """The loop's pieces: each ring from its entry vertex, at a joint the joined hole (latest first) and
-    back to the joint. A stack, not recursion: bridges can chain through many holes."""
-    pieces: list[np.ndarray] = []
-    stack = [_ring_steps(rings, joints, outer, 0)]
-    while stack:
-        step = next(stack[-1], None)
-        if step is None:
-            stack.pop()
-        elif isinstance(step, tuple):
-            stack.append(_ring_steps(rings, joints, *step))
+    sizes = np.fromiter((len(ring) for ring in rings), np.int64, len(rings))
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    points = np.concatenate(rings)
+    outers = np.flatnonzero(rank == 0)
+    holed = np.flatnonzero(np.bincount(component, minlength=len(outers)) > 1)  # components with holes
+    begin, end = [], []
+    if holed.size:
+        bridged = np.flatnonzero(np.isin(component, holed))  # their rings: the only ones a bridge may reach
+        joints = nearest_joints([rings[k] for k in bridged.tolist()], component[bridged], rank[bridged])
+        holes, ring, vertex, entry = (bridged[joints[0]], bridged[joints[1]], joints[2], joints[3])
+        walk = _Walk(starts, sizes, holes, ring, vertex, entry)
+        holed_outers = set(outers[holed].tolist())
+    else:
+        holed_outers = set()
+    ends = []
+    for outer in outers.tolist():
+        if outer in holed_outers:
+            walk.ranges(outer, begin, end)
         else:
-            pieces.append(step)
-    return pieces
+            begin.append(starts[outer])
+            end.append(starts[outer] + sizes[outer])
+        ends.append(len(end))
+    begin, end = np.array(begin, np.int64), np.array(end, np.int64)
+    lengths = end - begin
+    order = np.repeat(begin - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
+    return points[order], np.cumsum(lengths)[np.array(ends) - 1]
 
 
-def _ring_steps(rings: list[np.ndarray], joints: list[dict[int, list[tuple[int, int]]]], ring: int,
-                start: int) -> Iterator[np.ndarray | tuple[int, int]]:
-    """Yields the ring's vertices from ``start`` (arrays) and, at each joint, (hole, entry) to walk first."""
-    vertices, n = rings[ring], len(rings[ring])
-    rotated = np.concatenate((vertices[start:], vertices[:start])) if start else vertices
-    done = 0
-    for offset in sorted((vertex - start) % n for vertex in joints[ring]):
-        vertex = (offset + start) % n
-        yield rotated[done:offset + 1]
-        for hole, entry in reversed(joints[ring][vertex]):
-            yield hole, entry
-            yield np.array((rings[hole][entry], vertices[vertex]))
-        done = offset + 1
-    yield rotated[done:]
+class _Walk:
+    """The loop of a component with holes as ranges of vertex indices: each ring from its entry vertex (the
+    outer contour from its first), at a joint the joined hole (latest first) and back to the joint."""
+
+    def __init__(self, starts: np.ndarray, sizes: np.ndarray, holes: np.ndarray, ring: np.ndarray,
+                 vertex: np.ndarray, entry: np.ndarray) -> None:
+        first = np.zeros(len(sizes), np.int64)  # per ring: the vertex the walk enters it at
+        first[holes] = entry
+        offset = (vertex - first[ring]) % sizes[ring]  # the joint's place in its ring's walk
+        order = np.lexsort((-holes, offset, ring))  # by ring, place, then the latest hole first
+        self.starts, self.sizes, self.first = starts.tolist(), sizes.tolist(), first.tolist()
+        self.hole, self.offset, self.vertex = holes[order].tolist(), offset[order].tolist(), vertex[order].tolist()
+        joined = ring[order]
+        self.joints_from = np.searchsorted(joined, np.arange(len(sizes)), "left").tolist()
+        self.joints_to = np.searchsorted(joined, np.arange(len(sizes)), "right").tolist()
+
+    def ranges(self, outer: int, begin: list[int], end: list[int]) -> None:
+        """Append the loop of the component whose outer contour is ``outer`` to ``begin`` and ``end``. A stack,
+        not recursion: bridges can chain through many holes."""
+        stack = [[outer, self.joints_from[outer], 0, -1, -1]]  # ring, next joint, done, back to (2 vertices)
+        while stack:
+            frame = stack[-1]
+            ring, joint, done = frame[0], frame[1], frame[2]
+            if joint < self.joints_to[ring]:
+                place = self.offset[joint] + 1
+                if place > done:
+                    self._rotated(ring, done, place, begin, end)
+                    frame[2] = place
+                frame[1] = joint + 1
+                hole = self.hole[joint]
+                stack.append([hole, self.joints_from[hole], 0, self.starts[hole] + self.first[hole],
+                              self.starts[ring] + self.vertex[joint]])
+                continue
+            self._rotated(ring, done, self.sizes[ring], begin, end)
+            stack.pop()
+            if frame[3] >= 0:  # back along the bridge: the hole's entry vertex, then the joint
+                begin += (frame[3], frame[4])
+                end += (frame[3] + 1, frame[4] + 1)
+
+    def _rotated(self, ring: int, low: int, high: int, begin: list[int], end: list[int]) -> None:
+        """Append the ring's walk positions low..high-1 (from its entry vertex, wrapping round)."""
+        if low == high:
+            return
+        base, size, first = self.starts[ring], self.sizes[ring], self.first[ring]
+        low, high = first + low, first + high
+        if high <= size:
+            begin.append(base + low)
+            end.append(base + high)
+        elif low >= size:
+            begin.append(base + low - size)
+            end.append(base + high - size)
+        else:
+            begin += (base + low, base)
+            end += (base + size, base + high - size)
