@@ -198,88 +198,87 @@ def _bridge(rings: list[np.ndarray], component: np.ndarray, rank: np.ndarray) ->
 
     Hole k joins the nearest vertex of its outer contour or of its component's holes before it
     (:func:`~ml_backend.formats.bridges.nearest_joints`: a tree of bridges, so the outline stays one
-    loop); the loop is then written out once, each hole at its joint (:func:`_walk`), as ranges of
+    loop); the loop is then written out once, each hole at its joint (:class:`_Walk`), as ranges of
     the rings' vertices gathered in one step.
     """
     sizes = np.fromiter((len(ring) for ring in rings), np.int64, len(rings))
     starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
-    points = np.concatenate(rings)
     outers = np.flatnonzero(rank == 0)
-    holed = np.flatnonzero(np.bincount(component, minlength=len(outers)) > 1)  # components with holes
-    begin, end = [], []
-    if holed.size:
-        bridged = np.flatnonzero(np.isin(component, holed))  # their rings: the only ones a bridge may reach
-        joints = nearest_joints([rings[k] for k in bridged.tolist()], component[bridged], rank[bridged])
-        holes, ring, vertex, entry = (bridged[joints[0]], bridged[joints[1]], joints[2], joints[3])
-        walk = _Walk(starts, sizes, holes, ring, vertex, entry)
-        holed_outers = set(outers[holed].tolist())
-    else:
-        holed_outers = set()
+    holed = np.bincount(component, minlength=len(outers)) > 1  # per component: whether it has holes
+    begin: list[int] = []  # per range of vertices (in the rings' order) in the outlines' order: first, last + 1
+    end: list[int] = []
+    walk = _Walk(rings, starts, sizes, component, rank, holed) if holed.any() else None
     ends = []
-    for outer in outers.tolist():
-        if outer in holed_outers:
+    for outer, first, last, has_holes in zip(outers.tolist(), starts[outers].tolist(),
+                                             (starts + sizes)[outers].tolist(), holed.tolist()):
+        if has_holes:
             walk.ranges(outer, begin, end)
         else:
-            begin.append(starts[outer])
-            end.append(starts[outer] + sizes[outer])
+            begin.append(first)
+            end.append(last)
         ends.append(len(end))
     begin, end = np.array(begin, np.int64), np.array(end, np.int64)
     lengths = end - begin
     order = np.repeat(begin - np.cumsum(lengths) + lengths, lengths) + np.arange(int(lengths.sum()))
-    return points[order], np.cumsum(lengths)[np.array(ends) - 1]
+    # One x, y pair as one int64: a gather of rows, ~4x faster than numpy's on an (N, 2) array.
+    points = np.concatenate(rings).reshape(-1, 2).astype(np.int32, copy=False)
+    vertices = points.view(np.int64).reshape(-1)[order].view(np.int32).reshape(-1, 2)
+    return vertices, np.cumsum(lengths)[np.array(ends) - 1]
 
 
 class _Walk:
     """The loop of a component with holes as ranges of vertex indices: each ring from its entry vertex (the
     outer contour from its first), at a joint the joined hole (latest first) and back to the joint."""
 
-    def __init__(self, starts: np.ndarray, sizes: np.ndarray, holes: np.ndarray, ring: np.ndarray,
-                 vertex: np.ndarray, entry: np.ndarray) -> None:
+    def __init__(self, rings: list[np.ndarray], starts: np.ndarray, sizes: np.ndarray, component: np.ndarray,
+                 rank: np.ndarray, holed: np.ndarray) -> None:
+        bridged = np.flatnonzero(holed[component])  # the rings of components with holes: all a bridge may reach
+        joints = nearest_joints([rings[k] for k in bridged.tolist()], component[bridged], rank[bridged])
+        holes, ring, vertex, entry = bridged[joints[0]], bridged[joints[1]], joints[2], joints[3]
         first = np.zeros(len(sizes), np.int64)  # per ring: the vertex the walk enters it at
         first[holes] = entry
-        offset = (vertex - first[ring]) % sizes[ring]  # the joint's place in its ring's walk
-        order = np.lexsort((-holes, offset, ring))  # by ring, place, then the latest hole first
+        place = (vertex - first[ring]) % sizes[ring]  # the joint's place in its ring's walk
+        order = np.lexsort((-holes, place, ring))  # by ring, place, then the latest hole first
         self.starts, self.sizes, self.first = starts.tolist(), sizes.tolist(), first.tolist()
-        self.hole, self.offset, self.vertex = holes[order].tolist(), offset[order].tolist(), vertex[order].tolist()
-        joined = ring[order]
-        self.joints_from = np.searchsorted(joined, np.arange(len(sizes)), "left").tolist()
-        self.joints_to = np.searchsorted(joined, np.arange(len(sizes)), "right").tolist()
+        self.hole, self.place, self.vertex = holes[order].tolist(), place[order].tolist(), vertex[order].tolist()
+        every = np.arange(len(sizes))
+        self.joints_from = np.searchsorted(ring[order], every, "left").tolist()
+        self.joints_to = np.searchsorted(ring[order], every, "right").tolist()
 
     def ranges(self, outer: int, begin: list[int], end: list[int]) -> None:
         """Append the loop of the component whose outer contour is ``outer`` to ``begin`` and ``end``. A stack,
         not recursion: bridges can chain through many holes."""
-        stack = [[outer, self.joints_from[outer], 0, -1, -1]]  # ring, next joint, done, back to (2 vertices)
-        while stack:
-            frame = stack[-1]
-            ring, joint, done = frame[0], frame[1], frame[2]
-            if joint < self.joints_to[ring]:
-                place = self.offset[joint] + 1
-                if place > done:
-                    self._rotated(ring, done, place, begin, end)
-                    frame[2] = place
-                frame[1] = joint + 1
-                hole = self.hole[joint]
-                stack.append([hole, self.joints_from[hole], 0, self.starts[hole] + self.first[hole],
-                              self.starts[ring] + self.vertex[joint]])
-                continue
-            self._rotated(ring, done, self.sizes[ring], begin, end)
-            stack.pop()
-            if frame[3] >= 0:  # back along the bridge: the hole's entry vertex, then the joint
-                begin += (frame[3], frame[4])
-                end += (frame[3] + 1, frame[4] + 1)
+        starts, sizes, first, joints_from, joints_to = (self.starts, self.sizes, self.first, self.joints_from,
+                                                        self.joints_to)
 
-    def _rotated(self, ring: int, low: int, high: int, begin: list[int], end: list[int]) -> None:
-        """Append the ring's walk positions low..high-1 (from its entry vertex, wrapping round)."""
-        if low == high:
-            return
-        base, size, first = self.starts[ring], self.sizes[ring], self.first[ring]
-        low, high = first + low, first + high
-        if high <= size:
-            begin.append(base + low)
-            end.append(base + high)
-        elif low >= size:
-            begin.append(base + low - size)
-            end.append(base + high - size)
-        else:
-            begin += (base + low, base)
-            end += (base + size, base + high - size)
+        def rotated(ring: int, low: int, high: int) -> None:  # the ring's walk positions low..high-1
+            if low < high:
+                base, size, entry = starts[ring], sizes[ring], first[ring]
+                low, high = entry + low, entry + high
+                if high <= size or low >= size:
+                    wrap = size if low >= size else 0
+                    begin.append(base + low - wrap)
+                    end.append(base + high - wrap)
+                else:
+                    begin.extend((base + low, base))
+                    end.extend((base + size, base + high - size))
+
+        stack: list[tuple[int, int, int, tuple[int, int] | None]] = []  # rings left at a joint
+        ring, joint, done, back = outer, joints_from[outer], 0, None
+        while True:
+            if joint < joints_to[ring]:
+                place, hole = self.place[joint] + 1, self.hole[joint]
+                if place > done:
+                    rotated(ring, done, place)
+                    done = place
+                stack.append((ring, joint + 1, done, back))
+                back = (starts[hole] + first[hole], starts[ring] + self.vertex[joint])
+                ring, joint, done = hole, joints_from[hole], 0
+                continue
+            rotated(ring, done, sizes[ring])
+            if back is not None:  # back along the bridge: the hole's entry vertex, then the joint
+                begin.extend(back)
+                end.extend((back[0] + 1, back[1] + 1))
+            if not stack:
+                return
+            ring, joint, done, back = stack.pop()
