@@ -105,7 +105,8 @@ def test_the_points_of_all_outlines_at_once_are_each_outline_converted_alone(arr
     options = PolygonOptions(min_area=4, tolerance=0.5)
     height, width = mask.shape
     points = mask_to_points(mask, options, array=array)
-    one_by_one = [polygon_to_percent(outline, width, height, array=array) for outline in mask_to_polygons(mask, options)]
+    outlines = mask_to_polygons(mask, options)
+    one_by_one = [polygon_to_percent(outline, width, height, array=array) for outline in outlines]
     assert len(points) == len(one_by_one) > 2
     for mine, theirs in zip(points, one_by_one):
         if array:
@@ -113,6 +114,6 @@ def test_the_points_of_all_outlines_at_once_are_each_outline_converted_alone(arr
             np.testing.assert_array_equal(mine, theirs)
         else:
             assert mine == theirs
-    assert [value["points"] for value in mask_values(mask, POLYGON, options)] == (one_by_one if not array else
-                                                                                  [p.tolist() for p in one_by_one])
+    listed = [polygon_to_percent(outline, width, height) for outline in outlines]
+    assert [value["points"] for value in mask_values(mask, POLYGON, options)] == listed
     assert mask_to_points(np.zeros((5, 5), bool), options) == []

@@ -68,10 +68,10 @@ def mask_to_points(mask: np.ndarray, options: PolygonOptions = PolygonOptions(),
                    array: bool = False) -> list[list[list[float]]] | list[np.ndarray]:
     """Label Studio's ``points`` of every polygon of ``mask`` (:func:`mask_to_polygons`, then
     :func:`polygon_to_percent`), converted all at once; ``array`` as in :func:`polygon_to_percent`."""
-    height, width = np.shape(mask)[:2]
     vertices, ends = mask_outlines(mask, options)
     if not len(ends):
         return []
+    height, width = np.shape(mask)
     points = np.split(polygon_to_percent(vertices, width, height, array=True), ends[:-1])
     return points if array else [polygon.tolist() for polygon in points]
 
@@ -133,9 +133,9 @@ def _contours(crop: np.ndarray, offset: tuple[int, int]) -> tuple[Sequence[np.nd
 def _without_ipp() -> Iterator[None]:
     """Intel IPP off in this thread (OpenCV keeps the switch per thread) while outlines are made.
 
-    Through IPP, OpenCV copies each contour and simplified outline it hands back with a CPUID
-    instruction, which traps to the hypervisor on a virtual machine: ~5 us per call here, 10-30 ms
-    for a mask of 2 000 contours. Without it the outlines are the same.
+    With IPP on, OpenCV runs a CPUID instruction for each contour and each simplified outline it
+    hands back, and CPUID traps to the hypervisor on a virtual machine: ~5 us each on this project's
+    VM, 10-30 ms for a mask of 2 000 contours. The outlines are the same without it.
     """
     before = cv2.ipp.useIPP()
     cv2.ipp.setUseIPP(False)
