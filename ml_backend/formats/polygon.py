@@ -82,20 +82,21 @@ def mask_outlines(mask: np.ndarray, options: PolygonOptions = PolygonOptions()) 
     if mask.ndim != 2 or mask.size == 0:
         raise ValueError(f"A mask must be a non-empty 2-D array, got shape {mask.shape}.")
     mask = mask.view(np.uint8) if mask.dtype == np.bool_ else (mask != 0).view(np.uint8)
-    with _without_ipp():
-        return _outlines(mask, options)
-
-
-def _outlines(mask: np.ndarray, options: PolygonOptions) -> tuple[np.ndarray, np.ndarray]:
-    nothing = np.zeros((0, 2), np.int32), np.zeros(0, np.int64)
-    left, top, width, height = cv2.boundingRect(mask)
+    left, top, width, height = cv2.boundingRect(mask)  # IPP's is twice as fast: before it is switched off
     if width == 0:
-        return nothing
+        return _NOTHING
     # Work on the object's bounding box (OpenCV traces a copy with a background margin).
-    crop, offset = mask[top:top + height, left:left + width], (left, top)
+    with _without_ipp():
+        return _outlines(mask[top:top + height, left:left + width], (left, top), options)
+
+
+_NOTHING = np.zeros((0, 2), np.int32), np.zeros(0, np.int64)
+
+
+def _outlines(crop: np.ndarray, offset: tuple[int, int], options: PolygonOptions) -> tuple[np.ndarray, np.ndarray]:
     contours, hierarchy = _contours(crop, offset)
     if hierarchy is None:
-        return nothing
+        return _NOTHING
     parts = small_parts(crop, contours, hierarchy[0], offset, options.min_area)
     gone = parts.gone
     if parts.retrace:  # a filled hole held a component, which now joins the one around it
@@ -121,7 +122,7 @@ def _outlines(mask: np.ndarray, options: PolygonOptions) -> tuple[np.ndarray, np
         component += [component[-1] + 1 if component else 0] * (len(rings) - count)
         rank += range(len(rings) - count)
     if not rings:
-        return nothing
+        return _NOTHING
     return _bridge(rings, np.array(component), np.array(rank))
 
 
