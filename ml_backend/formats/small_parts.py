@@ -59,7 +59,7 @@ def small_parts(crop: np.ndarray, contours: Sequence[np.ndarray], links: np.ndar
     # A hole's contour box is its background's box one pixel larger on each side; n 4-connected pixels
     # span w columns and h rows with w + h - 1 <= n: only such boxes may hold a small hole.
     candidates = holes[~gone[parent[holes]] & (boxes[holes, 2] + boxes[holes, 3] < min_area + 5)]
-    crowded = _holding(boxes[candidates], boxes[outer & ~gone])
+    crowded = _holding(boxes[candidates], boxes[outer & ~gone]) if candidates.size else np.zeros(0, bool)
     simple, crowded = candidates[~crowded], candidates[crowded]
     filled = simple[twice_area[simple] - steps[simple] + 2 < 2 * min_area]
     counted = [k for k in crowded.tolist()
@@ -92,7 +92,8 @@ def _geometry(contours: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, n
     low_x, low_y = np.minimum.reduceat(x, starts), np.minimum.reduceat(y, starts)
     boxes = np.stack((low_x, low_y, np.maximum.reduceat(x, starts) - low_x + 1,
                       np.maximum.reduceat(y, starts) - low_y + 1), 1)
-    next_x, next_y = np.roll(x, -1), np.roll(y, -1)
+    next_x, next_y = np.empty_like(x), np.empty_like(y)
+    next_x[:-1], next_y[:-1] = x[1:], y[1:]
     next_x[last], next_y[last] = x[starts], y[starts]  # each contour closes on its first point
     twice_area = np.abs(np.add.reduceat(x * next_y - next_x * y, starts))
     steps = np.add.reduceat(np.maximum(np.abs(next_x - x), np.abs(next_y - y)), starts)
