@@ -117,3 +117,17 @@ def test_the_points_of_all_outlines_at_once_are_each_outline_converted_alone(arr
     listed = [polygon_to_percent(outline, width, height) for outline in outlines]
     assert [value["points"] for value in mask_values(mask, POLYGON, options)] == listed
     assert mask_to_points(np.zeros((5, 5), bool), options) == []
+
+
+@pytest.mark.parametrize("block", [7, 1 << 20])
+def test_boxes_holding_a_box_strictly_inside_them_are_found_in_blocks_of_pairs(monkeypatch, block: int) -> None:
+    from ml_backend.formats import small_parts as module
+
+    monkeypatch.setattr(module, "_PAIR_BLOCK", block)
+    rng = np.random.default_rng(0)
+    outside = np.concatenate((rng.integers(0, 100, (300, 2)), rng.integers(1, 30, (300, 2))), 1)
+    boxes = np.concatenate((rng.integers(0, 100, (500, 2)), rng.integers(1, 10, (500, 2))), 1)
+    x, y, w, h = (boxes[:, k] for k in range(4))
+    expected = [bool(((x > a) & (y > b) & (x + w < a + c) & (y + h < b + d)).any()) for a, b, c, d in outside.tolist()]
+    assert module._holding(outside, boxes).tolist() == expected
+    assert 0 < sum(expected) < len(expected)

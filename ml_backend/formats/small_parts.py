@@ -31,6 +31,9 @@ import cv2
 import numpy as np
 
 
+_PAIR_BLOCK = 1 << 20  # box pairs compared at a time
+
+
 @dataclass(frozen=True)
 class SmallParts:
     """Per contour: ``gone`` (a dropped component's outer contour or a filled hole's); ``retrace`` when a
@@ -101,14 +104,24 @@ def _geometry(contours: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, n
 
 
 def _holding(outside: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """Per box of ``outside``: whether one of ``boxes`` lies strictly inside it (x, y, w, h each)."""
+    """Per box of ``outside``: whether one of ``boxes`` lies strictly inside it (x, y, w, h each). Only the
+    boxes that start within its columns are compared, ``_PAIR_BLOCK`` pairs at a time."""
     order = np.argsort(boxes[:, 0], kind="stable")
     left = boxes[order, 0]
-    begin = np.searchsorted(left, outside[:, 0], "right")  # only boxes starting right of the outside box's left
+    begin = np.searchsorted(left, outside[:, 0], "right")
     counts = np.maximum(np.searchsorted(left, outside[:, 0] + outside[:, 2], "left") - begin, 0)
-    which = np.repeat(np.arange(len(outside)), counts)
-    box = boxes[order[np.repeat(begin, counts) + np.arange(len(which)) - np.repeat(np.cumsum(counts) - counts, counts)]]
-    return np.bincount(which[_inside(box, outside[which])], minlength=len(outside)) > 0
+    holding = np.zeros(len(outside), bool)
+    totals = np.cumsum(counts)
+    first = 0
+    while first < len(outside):  # blocks of whole boxes of ``outside``, each at least one
+        last = max(int(np.searchsorted(totals, totals[first] - counts[first] + _PAIR_BLOCK, "right")), first + 1)
+        block = slice(first, last)
+        which = np.repeat(np.arange(first, last), counts[block])
+        ramp = np.arange(len(which)) - np.repeat(np.cumsum(counts[block]) - counts[block], counts[block])
+        inside = _inside(boxes[order[begin[which] + ramp]], outside[which])
+        holding[which[inside]] = True
+        first = last
+    return holding
 
 
 def _inside(boxes: np.ndarray, around: np.ndarray) -> np.ndarray:
