@@ -110,26 +110,42 @@ def _outlines(crop: np.ndarray, offset: tuple[int, int], options: PolygonOptions
         clear_small_parts(crop, contours, hierarchy[0], offset, parts)
         contours, hierarchy = _contours(crop, offset)
         gone = np.zeros(len(contours), bool)
-    links = hierarchy[0].tolist()  # per contour: next, previous, first child, parent
-    rings: list[np.ndarray] = []
-    component: list[int] = []  # per ring: which kept outer contour it belongs to
-    rank: list[int] = []  # per ring: 0 for the outer contour, 1, 2, ... for its holes
-    for index in np.flatnonzero((hierarchy[0][:, 3] == -1) & ~gone).tolist():
-        outer = _simplify(contours[index], options.tolerance)
-        if len(outer) < 3:
-            continue
-        count, child = len(rings), links[index][2]
-        rings.append(outer)
-        while child != -1:
-            hole = _simplify(contours[child], options.tolerance) if not gone[child] else ()
-            if len(hole) >= 3:
-                rings.append(hole)
-            child = links[child][0]
-        component += [component[-1] + 1 if component else 0] * (len(rings) - count)
-        rank += range(len(rings) - count)
+    rings, component, rank = _rings(contours, hierarchy[0], gone, options.tolerance)
     if not rings:
         return _NOTHING
-    return _bridge(rings, np.array(component), np.array(rank))
+    return _bridge(rings, component, rank)
+
+
+def _rings(contours: Sequence[np.ndarray], links: np.ndarray, gone: np.ndarray,
+           tolerance: float) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """The simplified rings to write out, per kept component its outer contour then its holes in OpenCV's order;
+    per ring, its component (0, 1, ...) and rank (0 for the outer contour, 1, 2, ... for its holes).
+
+    A component whose simplified outline has fewer than three vertices is dropped with its holes, and so
+    is such a hole; ``links``: OpenCV's hierarchy (next, previous, first child, parent) per contour.
+    """
+    parent = links[:, 3]
+    outer = parent == -1
+    kept = outer & ~gone
+    wanted = np.flatnonzero(kept | (~outer & ~gone & kept[parent]))
+    simplified = [_simplify(contours[k], tolerance) for k in wanted.tolist()]
+    long_enough = np.zeros(len(contours), bool)
+    long_enough[wanted] = np.fromiter((len(ring) >= 3 for ring in simplified), bool, len(wanted))
+    kept &= long_enough
+    place = np.zeros(len(contours), np.int64)  # a hole's place among its component's holes, from 1
+    following = links[:, 0].tolist()
+    for first in links[kept, 2].tolist():
+        count, child = 1, first
+        while child != -1:
+            place[child] = count
+            count, child = count + 1, following[child]
+    owner = np.where(outer, np.arange(len(contours)), parent)
+    rings = wanted[long_enough[wanted] & kept[owner[wanted]]]
+    rings = rings[np.lexsort((place[rings], owner[rings]))]
+    component = np.cumsum(outer[rings]) - 1
+    rank = np.arange(len(rings)) - np.flatnonzero(outer[rings])[component]
+    at = np.searchsorted(wanted, rings)
+    return [simplified[k] for k in at.tolist()], component, rank
 
 
 def _contours(crop: np.ndarray, offset: tuple[int, int]) -> tuple[Sequence[np.ndarray], np.ndarray | None]:
