@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 _SUBPIXEL_BITS = 4  # cv2.fillPoly fixed-point fraction: 1/16 pixel
 _DECIMALS = 6  # of a percentage: 1e-6 % of a 100 000-pixel side is 0.001 px
+_NOTHING = np.zeros((0, 2), np.int32), np.zeros(0, np.int64)  # no outline: no vertices, no ends
 
 
 @dataclass(frozen=True)
@@ -94,9 +95,6 @@ def mask_outlines(mask: np.ndarray, options: PolygonOptions = PolygonOptions()) 
     # Work on the object's bounding box (OpenCV traces a copy with a background margin).
     with _without_ipp():
         return _outlines(mask[top:top + height, left:left + width], (left, top), options)
-
-
-_NOTHING = np.zeros((0, 2), np.int32), np.zeros(0, np.int64)
 
 
 def _outlines(crop: np.ndarray, offset: tuple[int, int], options: PolygonOptions) -> tuple[np.ndarray, np.ndarray]:
