@@ -19,7 +19,7 @@ from PIL import Image
 from ml_backend.brush import decode_rle, encode_rle, encode_rle_array
 from ml_backend.formats.bitmask import decode_bitmask, encode_bitmask
 from ml_backend.formats.bounds import MaskFormatError, check_mask_size
-from ml_backend.formats.polygon import PolygonOptions, mask_to_polygons, polygon_to_mask, polygon_to_percent
+from ml_backend.formats.polygon import PolygonOptions, mask_to_points, polygon_to_mask
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +45,7 @@ def mask_values(mask: np.ndarray, result_type: str, polygon: PolygonOptions = Po
     if result_type == BITMASK:
         return [{"imageDataURL": encode_bitmask(mask)}]
     if result_type == POLYGON:
-        height, width = mask.shape
-        return [{"points": polygon_to_percent(outline, width, height, array=arrays), "closed": True}
-                for outline in mask_to_polygons(mask, polygon)]
+        return [{"points": points, "closed": True} for points in mask_to_points(mask, polygon, array=arrays)]
     raise ValueError(f"{result_type!r} is not a mask result type ({', '.join(MASK_RESULT_TYPES)}).")
 
 
