@@ -117,6 +117,9 @@ class Settings:
     retrain_epochs: int = 30
     retrain_image_size: int = 200
     retrain_batch_size: int = 16
+    # Training pairs up to which a fit gets at least 60 steps and also tries from scratch beside fine-tuning,
+    # keeping the better start by 2-fold cross-validation (0: never; see training/selection.py).
+    retrain_compare_max_train: int = 64
     retrain_job_timeout_s: int = 6 * 3600
     promotion_margin: float = 0.0
     boundary_width: int = 4
@@ -218,6 +221,7 @@ class Settings:
             retrain_epochs=_int(env, "RETRAIN_EPOCHS", d.retrain_epochs),
             retrain_image_size=_int(env, "RETRAIN_IMAGE_SIZE", d.retrain_image_size),
             retrain_batch_size=_int(env, "RETRAIN_BATCH_SIZE", d.retrain_batch_size),
+            retrain_compare_max_train=_int(env, "RETRAIN_COMPARE_MAX_TRAIN", d.retrain_compare_max_train),
             retrain_job_timeout_s=_int(env, "RETRAIN_JOB_TIMEOUT_S", d.retrain_job_timeout_s),
             promotion_margin=_float(env, "PROMOTION_MARGIN", d.promotion_margin),
             boundary_width=_int(env, "BOUNDARY_WIDTH", d.boundary_width),
