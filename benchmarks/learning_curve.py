@@ -36,8 +36,8 @@ ARMS = ("before", "finetune", "scratch", "rule")
 class CurveConfig:
     image_size: int = 16  # small: the model costs ~0.05 s per image and step at 16 px on a shared 2-core CPU
     points: tuple[int, ...] = (5, 10, 20, 50)
-    test_images: int = 30
-    base_images: int = 100
+    test_images: int = 20
+    base_images: int = 60
     base_epochs: int = 6
     epochs: int = 10
     seed: int = 0

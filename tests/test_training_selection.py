@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
 
 import numpy as np
 import pytest
@@ -13,7 +13,7 @@ from training.fit import evaluate, fit
 from training.pipeline import TrimapDataset
 from training.selection import FINETUNE, MIN_STEPS, SCRATCH, folds, small_data_budget
 
-SIZE = 16
+from conftest_training import DOMAIN_SIZE as SIZE, base_of_another_domain  # noqa: F401  (fixture)
 
 
 @pytest.mark.parametrize("train, batch, epochs", [(4, 16, 30), (8, 16, 1), (40, 16, 10), (3, 2, 500)])
@@ -46,19 +46,6 @@ def test_folds_split_every_pair_once_the_same_way_each_time(tmp_path):
     assert [len(part) for part in folds(pairs[:2], 5, seed=1)] == [1, 1]  # at most one fold per pair
 
 
-@pytest.fixture(scope="module")
-def base_of_another_domain(tmp_path_factory) -> tuple[Path, str, Path]:
-    """A base model fitted on 'shapes' images only, and held-out images of the 'muted' kind it never saw."""
-    import keras
-
-    root = tmp_path_factory.mktemp("domains")
-    write_synthetic(root / "shapes", count=40, size=SIZE * 2, seed=1, kind="shapes")
-    write_synthetic(root / "held-out", count=12, size=SIZE * 2, seed=3, kind="muted")
-    keras.utils.set_random_seed(0)
-    base = fit(root / "shapes", root / "base", epochs=4, image_size=SIZE, verbose=0, workers=1, compare_max_train=0)
-    return base.path, base.version_id, root
-
-
 @pytest.mark.slow
 def test_the_rule_learns_a_new_domain_that_the_base_model_gets_wrong(base_of_another_domain):
     import keras
@@ -81,3 +68,20 @@ def test_the_rule_learns_a_new_domain_that_the_base_model_gets_wrong(base_of_ano
     assert after.foreground_iou > before.foreground_iou + 0.1
     assert after.foreground_iou > after.all_foreground_iou + 0.05
     assert report.promoted
+
+
+@pytest.mark.slow
+def test_the_learning_curve_benchmark_runs_every_start_side_by_side(monkeypatch, capsys):
+    from benchmarks import learning_curve as bench
+    from training import selection
+
+    monkeypatch.setattr(selection, "MIN_STEPS", 4)  # a smoke test: the code paths, not the figures
+    assert bench.main(["--quick", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    [row] = result["rows"]
+    assert row["annotations"] == 4
+    assert all(0.0 <= row[arm] <= 1.0 for arm in (*bench.ARMS, "all_fg"))
+    assert row["finetune_detail"]["start"] == "finetune" and row["scratch_detail"]["start"] == "scratch"
+    assert set(row["rule_detail"]["start_choice"]["cv_foreground_iou"]) == {FINETUNE, SCRATCH}
+    assert row["before_detail"]["start_choice"] is None
+    assert set(result["targets"]) == {"rule_at_least_the_better_start_everywhere", "rule_beats_all_foreground_from_10"}
