@@ -59,6 +59,5 @@ def base_of_another_domain(tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     write_synthetic(root / "shapes", count=40, size=DOMAIN_SIZE * 2, seed=1, kind="shapes")
     write_synthetic(root / "held-out", count=12, size=DOMAIN_SIZE * 2, seed=3, kind="muted")
     keras.utils.set_random_seed(0)
-    base = fit(root / "shapes", root / "base", epochs=4, image_size=DOMAIN_SIZE, verbose=0, workers=1,
-               compare_max_train=0)
+    base = fit(root / "shapes", root / "base", epochs=10, image_size=DOMAIN_SIZE, verbose=0, workers=1)
     return base.path, base.version_id, root
