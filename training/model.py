@@ -8,6 +8,7 @@ from keras.layers import Conv2D, Conv2DTranspose, Rescaling
 NUM_CLASSES = 3
 CLASS_NAMES = ("foreground", "background", "boundary")  # class id = trimap value - 1
 FOREGROUND = 0
+BOUNDARY = 2
 DEFAULT_IMAGE_SIZE = 200
 DOWNSAMPLING = 8  # three stride-2 convolutions: the input size must be a multiple of this
 

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from training.data import DECODE_ERRORS, IMAGE_SUFFIXES, Problem, load_image
-from training.model import NUM_CLASSES, model_image_size
+from training.model import BOUNDARY, FOREGROUND, NUM_CLASSES, model_image_size
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,50 @@ def predict_trimaps(model, images: Sequence[np.ndarray], batch_size: int = 8) ->
             height, width = image.shape[:2]
             results.append(upsample(prob, width, height).argmax(axis=-1).astype(np.uint8))
     return results
+
+
+def expected_iou(object_probability: np.ndarray, mask: np.ndarray) -> float:
+    """An estimate in [0, 1] of the IoU between ``mask`` and the true object, from the model's own
+    per-pixel probability that each pixel belongs to the object.
+
+    If each pixel's truth were an independent coin with that probability, the expected
+    intersection would be ``sum(p over the mask)`` and the expected union
+    ``mask area + sum(p outside the mask)``; their ratio is the estimate. It falls both when
+    pixels inside the mask are doubtful (a likely false positive) and when probability mass lies
+    outside it (a likely miss), which a mean confidence over the mask alone would not see.
+    An empty mask scores 0: there is nothing to be right about.
+    """
+    inside = mask.astype(bool)
+    area = int(np.count_nonzero(inside))
+    if area == 0:
+        return 0.0
+    p = np.asarray(object_probability, dtype=np.float64)
+    union = area + float(p[~inside].sum())
+    return float(np.clip(p[inside].sum() / union, 0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class ObjectPrediction:
+    """The object mask (foreground, plus the boundary when asked) at the image's size and its score."""
+
+    classes: np.ndarray  # class ids 0/1/2
+    mask: np.ndarray  # bool
+    score: float  # :func:`expected_iou` of ``mask``
+    probabilities: np.ndarray  # (H, W, 3) class probabilities the rest is made of
+
+
+def predict_object(model, image_rgb_uint8: np.ndarray, *, include_boundary: bool = True) -> ObjectPrediction:
+    """Class ids, the object mask and its :func:`expected_iou` score, at the image's original size."""
+    image = _as_rgb(image_rgb_uint8)
+    height, width = image.shape[:2]
+    probs = upsample(probabilities(model, resize_for_model(image, model_image_size(model))[None])[0], width, height)
+    classes = probs.argmax(axis=-1).astype(np.uint8)
+    mask = classes == FOREGROUND
+    object_probability = probs[..., FOREGROUND]
+    if include_boundary:
+        mask |= classes == BOUNDARY
+        object_probability = object_probability + probs[..., BOUNDARY]
+    return ObjectPrediction(classes, mask, expected_iou(object_probability, mask), probs)
 
 
 def predict_trimap(model, image_rgb_uint8: np.ndarray) -> np.ndarray:
