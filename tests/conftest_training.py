@@ -44,20 +44,22 @@ def fitted_store(_fitted_store: Path, tmp_path: Path) -> Path:
     return copy
 
 
-DOMAIN_SIZE = 16  # model input size of the two-domain fixture
+DOMAIN_SIZE = 32  # image and model input size of the two-domain fixture
 
 
 @pytest.fixture(scope="session")
 def base_of_another_domain(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, Path]:
     """(version directory, version id, root): a base model fitted in ``root/base`` on 'shapes' images only,
-    and ``root/held-out``: images of the 'muted' kind it never saw."""
+    ``root/own``: held-out images of its kind, and ``root/held-out``: images of the 'muted' kind it never saw."""
     import keras
 
     from training.fit import fit
 
     root = tmp_path_factory.mktemp("domains")
-    write_synthetic(root / "shapes", count=40, size=DOMAIN_SIZE * 2, seed=1, kind="shapes")
-    write_synthetic(root / "held-out", count=12, size=DOMAIN_SIZE * 2, seed=3, kind="muted")
+    write_synthetic(root / "shapes", count=40, size=DOMAIN_SIZE, seed=1, kind="shapes")
+    write_synthetic(root / "own", count=8, size=DOMAIN_SIZE, seed=9, kind="shapes")
+    write_synthetic(root / "held-out", count=8, size=DOMAIN_SIZE, seed=3, kind="muted")
     keras.utils.set_random_seed(0)
-    base = fit(root / "shapes", root / "base", epochs=10, image_size=DOMAIN_SIZE, verbose=0, workers=1)
+    base = fit(root / "shapes", root / "base", epochs=10, image_size=DOMAIN_SIZE, batch_size=4, verbose=0,
+               workers=1)
     return base.path, base.version_id, root

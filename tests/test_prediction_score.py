@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import training  # noqa: F401  (selects the torch backend before keras)
-from training.data import load_image, load_trimap, scan_dataset, write_synthetic
+from training.data import load_image, load_trimap, scan_dataset
 from training.model import BOUNDARY, FOREGROUND
 from training.predict import expected_iou, predict_object
 from training.store import ModelStore
@@ -32,21 +32,19 @@ def _iou(predicted: np.ndarray, truth: np.ndarray) -> float:
     return np.count_nonzero(predicted & truth) / max(1, np.count_nonzero(predicted | truth))
 
 
-@pytest.mark.xfail(strict=False, reason="2026-12-06: the 16 px base fixture's best mask reached IoU 0.50 only, "
-                   "so no clearly right prediction existed; the fixture needs a better-trained model")
-def test_a_confidently_right_prediction_outranks_a_clearly_wrong_one(base_of_another_domain, tmp_path):
+@pytest.mark.slow
+def test_a_confidently_right_prediction_outranks_a_clearly_wrong_one(base_of_another_domain):
     """Real predictions of a model fitted on one kind of image, on held-out images of its kind and of another."""
     _, version, root = base_of_another_domain
     model = ModelStore(root / "base").load_model(version)
-    write_synthetic(tmp_path / "own", count=8, size=32, seed=9, kind="shapes")
-    pairs = scan_dataset(tmp_path / "own").pairs + scan_dataset(root / "held-out").pairs
+    pairs = scan_dataset(root / "own").pairs + scan_dataset(root / "held-out").pairs
     scored = []
     for pair in pairs:
         truth = load_trimap(pair.trimap)
         predicted = predict_object(model, load_image(pair.image), include_boundary=True)
         scored.append((_iou(predicted.mask, (truth == FOREGROUND) | (truth == BOUNDARY)), predicted.score))
     best, worst = max(scored), min(scored)
-    assert best[0] > 0.6 and worst[0] < 0.3  # one prediction clearly right, one clearly wrong
+    assert best[0] > 0.6 and worst[0] < 0.3, scored  # one prediction clearly right, one clearly wrong
     assert best[1] > worst[1]
     assert all(0.0 <= score <= 1.0 for _, score in scored)
 

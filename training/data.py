@@ -214,7 +214,7 @@ def validation_count(total: int) -> int:
     return max(1, min(MAX_VALIDATION, math.floor(total * VALIDATION_FRACTION)))
 
 
-def seeded_rank(stem: str, seed: int) -> str:
+def _rank(stem: str, seed: int) -> str:
     """A seeded, process-independent sort key (Python's ``hash`` is salted per process)."""
     return hashlib.sha256(f"{seed}:{stem}".encode()).hexdigest()
 
@@ -236,7 +236,7 @@ def split_pairs(
     kept_val = set(previous_val)
     seen = kept_val | set(previous_train)
     val = {p.stem for p in pairs if p.stem in kept_val}
-    fresh = sorted((p.stem for p in pairs if p.stem not in seen), key=lambda s: seeded_rank(s, seed))
+    fresh = sorted((p.stem for p in pairs if p.stem not in seen), key=lambda s: _rank(s, seed))
     wanted = validation_count(len(pairs)) - len(val)
     val.update(fresh[: max(0, wanted)])
     return Split(train=[p for p in pairs if p.stem not in val], val=[p for p in pairs if p.stem in val])

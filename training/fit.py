@@ -7,8 +7,8 @@ version's, measured now on the same validation images at their original size, by
 ``promotion_margin``. So a version that learned nothing is never served. Otherwise it is stored
 with ``promotion.promoted = false`` and the reason.
 
-While the training split is small, how long to fit and from which start (fine-tuning the parent
-or from scratch) is decided by the rule in :mod:`training.selection`.
+While the training split is small, how long to fit and from which start (fine-tuning the parent,
+its encoder with a fresh decoder, or from scratch) is decided by the rule in :mod:`training.selection`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,15 +27,20 @@ import keras
 import numpy as np
 
 from training.data import (
-    DECODE_ERRORS, Pair, dataset_fingerprint, files_fingerprint, load_image, load_trimap, scan_dataset, split_pairs,
+    DECODE_ERRORS, Pair, Split, dataset_fingerprint, files_fingerprint, load_image, load_trimap, scan_dataset,
+    split_pairs,
 )
 from training.errors import DatasetError, FitInterrupted
 from training.evaluation import EvalReport, evaluate_model
 from training.model import (
-    DEFAULT_IMAGE_SIZE, build_model, check_image_size, compile_model, model_image_size, rebuild_at_size,
+    DEFAULT_IMAGE_SIZE, DEFAULT_WIDTH, build_model, check_image_size, compile_model, model_image_size, model_width,
+    rebuild_at_size,
 )
 from training.pipeline import SkipLog, TrimapDataset
-from training.selection import FINETUNE, SCRATCH, Budget, choose_start, small_data_budget
+from training.selection import (
+    DECODER, FINETUNE, SCRATCH, STARTS, Budget, Candidate, choose, small_data_budget, starts_to_try,
+    with_fresh_decoder,
+)
 from training.plots import plot_history, plot_predictions
 from training.predict import predict_trimaps
 from training.store import MODEL_FILE, SPLIT_FILE, ModelStore
@@ -63,8 +68,8 @@ class FitReport:
     path: Path
     promotion_reason: str = ""
     base_model: str | None = None
-    start: str = "scratch"  # "finetune" or "scratch": where the weights came from
-    start_choice: dict[str, Any] | None = None  # the small-data rule's estimates, when it ran
+    start: str = "scratch"  # "finetune", "decoder" or "scratch": where the weights came from
+    start_choice: dict[str, Any] | None = None  # every candidate's validation figures, when several were fitted
 
     @property
     def skipped_count(self) -> int:
@@ -146,6 +151,66 @@ def _preview(model: keras.Model, pairs: Sequence[Pair], path: Path) -> None:
         plot_predictions(images, truths, predict_trimaps(model, images), path, titles)
 
 
+@dataclass
+class _Fitted:
+    """A candidate fitted on the training split: its best checkpoint (by validation loss) and its figures."""
+
+    candidate: Candidate
+    model: keras.Model
+    result: EvalReport
+    checkpoint: _BestCheckpoint
+    stopper: keras.callbacks.EarlyStopping
+    interrupted: bool
+
+
+def _candidate_models(starts: Sequence[str], parent: keras.Model | None, size: int,
+                      width: int) -> list[tuple[str, keras.Model]]:
+    """The untrained model of each start, all made before any is trained (fine-tuning changes ``parent``)."""
+    width = model_width(parent) if parent is not None else width
+    models = []
+    for name in starts:
+        if name == SCRATCH or parent is None:
+            models.append((SCRATCH, build_model(size, width=width)))
+        elif name == DECODER:
+            models.append((DECODER, with_fresh_decoder(parent, build_model(size, width=width))))
+        else:
+            models.append((FINETUNE, parent))
+    return models
+
+
+def _start_text(start: str, parent: str | None, base: str | None) -> str:
+    source = f"version {parent}" if parent else f"base model {base}"
+    return {SCRATCH: "from scratch", FINETUNE: f"fine-tuning {source}",
+            DECODER: f"the encoder of {source} with a fresh decoder"}[start]
+
+
+def _fit_candidate(model: keras.Model, name: str, staged: Path, split: Split, *, size: int, budget: Budget,
+                   epochs: int, learning_rate: float, seed: int, flip: bool, workers: int | None, verbose: int,
+                   callbacks: Sequence[keras.callbacks.Callback], skipped: SkipLog) -> _Fitted | None:
+    """Fit one candidate, keep its best epoch by validation loss, evaluate it; None if stopped before an epoch ended."""
+    compile_model(model, learning_rate)
+    train_data = TrimapDataset(split.train, size, budget.batch_size, shuffle=True, flip=flip, seed=seed,
+                               skipped=skipped, workers=workers, repeat=budget.repeat)
+    val_data = TrimapDataset(split.val, size, budget.batch_size, skipped=skipped, workers=workers)
+    checkpoint = _BestCheckpoint(staged / f".candidate-{name}.keras")
+    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=budget.patience)
+    interrupted = False
+    try:
+        model.fit(train_data, validation_data=val_data, epochs=epochs, verbose=verbose,
+                  callbacks=[checkpoint, stopper, *callbacks])
+    except KeyboardInterrupt:
+        interrupted = True
+        log.warning("interrupted: keeping the best checkpoint so far (epoch %d)", checkpoint.best_epoch)
+    if not checkpoint.path.is_file():
+        return None
+    best = keras.saving.load_model(checkpoint.path, compile=False)
+    best.save(checkpoint.path)  # uncompiled: drops the optimizer state (2/3 of the file)
+    result = evaluate_model(best, split.val, batch_size=budget.batch_size, skipped=skipped, verbose=verbose)
+    log.info("%s: validation foreground IoU %.4f, loss %.4f", name, result.foreground_iou, checkpoint.best)
+    candidate = Candidate(name, result.foreground_iou, checkpoint.best, checkpoint.best_epoch)
+    return _Fitted(candidate, best, result, checkpoint, stopper, interrupted)
+
+
 def load_base_model(path: str | Path) -> keras.Model:
     """A base model: a ``.keras`` file, or a version directory holding ``model.keras``."""
     from training.errors import StoreError
@@ -194,6 +259,8 @@ def fit(
     callbacks: Sequence[keras.callbacks.Callback] = (),
     compare_max_train: int = 64,
     start: str = "auto",
+    on_candidate: Callable[[str, keras.Model], None] | None = None,
+    width: int = DEFAULT_WIDTH,
 ) -> FitReport:
     """Fit a new version on ``data_dir``, store it in ``model_dir`` and promote it by the rule.
 
@@ -205,15 +272,17 @@ def fit(
     global random state). Ctrl-C stops fitting and keeps the best checkpoint so far (the
     version is then marked ``interrupted``). Up to ``compare_max_train`` training pairs the
     small-data rule of :mod:`training.selection` applies (0: never): at least its number of
-    steps, and when there is a parent, the better of fine-tuning it and fitting from scratch.
-    ``start``: ``"auto"`` by that rule (else fine-tune when there is a parent); ``"finetune"`` or
-    ``"scratch"`` force one (the learning-curve benchmark compares them).
+    steps, and when there is a parent, the best of fine-tuning it, its encoder with a fresh
+    decoder, and from scratch. ``start``: ``"auto"`` by that rule (else fine-tune when there is a
+    parent); ``"finetune"``, ``"decoder"`` or ``"scratch"`` force one. ``on_candidate(start, model)``
+    is called with each candidate once fitted (the learning-curve benchmark measures them all).
+    ``width``: the filters of a model built from scratch without a parent (a parent's own otherwise).
     """
     started = time.perf_counter()
     if epochs < 1 or batch_size < 1 or patience < 0 or learning_rate < 0 or compare_max_train < 0:
         raise ValueError("epochs and batch_size must be >= 1, patience, learning_rate and compare_max_train >= 0")
-    if start not in ("auto", FINETUNE, SCRATCH):
-        raise ValueError(f"start must be auto, {FINETUNE} or {SCRATCH} (got {start!r})")
+    if start not in ("auto", *STARTS):
+        raise ValueError(f"start must be auto, {', '.join(STARTS)} (got {start!r})")
     store = ModelStore(model_dir)
     dataset = scan_dataset(data_dir)
 
@@ -248,49 +317,43 @@ def fit(
     skipped = SkipLog()
     small = len(split.train) <= compare_max_train
     budget = small_data_budget(len(split.train), batch_size, epochs) if small else Budget(batch_size, 1, patience)
-    choice = None
-    if start == SCRATCH:
-        model = None
-    elif start == "auto" and small and model is not None:
-        try:
-            choice = choose_start(model, lambda: build_model(size), split.train + split.val, size=size,
-                                  batch_size=batch_size, epochs=epochs, learning_rate=learning_rate, seed=seed,
-                                  flip=flip, workers=workers, callbacks=callbacks, skipped=skipped)
-        except KeyboardInterrupt:
-            raise FitInterrupted("interrupted while comparing starts: no version was written") from None
-        if choice.start == SCRATCH:
-            model = None
-    start = SCRATCH if model is None else FINETUNE
-    if model is None:
-        model = build_model(size)
-    log.info("%s at %d×%d", "from scratch" if start == SCRATCH else
-             f"fine-tuning {f'version {parent}' if parent else f'base model {base}'}", size, size)
-    compile_model(model, learning_rate)
-    train_data = TrimapDataset(split.train, size, budget.batch_size, shuffle=True, flip=flip, seed=seed,
-                               skipped=skipped, workers=workers, repeat=budget.repeat)
-    val_data = TrimapDataset(split.val, size, budget.batch_size, skipped=skipped, workers=workers)
+    starts = starts_to_try(start, small=small, has_parent=model is not None)
+    candidates = _candidate_models(starts, model, size, width)
+    if len(starts) > 1:
+        log.info("small training set: fitting %s and keeping the best on the validation split", ", ".join(starts))
 
     version_id = store.new_version_id()
     with store.staging(version_id) as staged:
-        checkpoint = _BestCheckpoint(staged / MODEL_FILE)
-        stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=budget.patience)
+        fitted: list[_Fitted] = []
         interrupted = False
         fit_started = time.perf_counter()
-        try:
-            model.fit(train_data, validation_data=val_data, epochs=epochs, verbose=verbose,
-                      callbacks=[checkpoint, stopper, *callbacks])
-        except KeyboardInterrupt:
-            interrupted = True
-            log.warning("interrupted: keeping the best checkpoint so far (epoch %d)", checkpoint.best_epoch)
+        for name, candidate in candidates:
+            log.info("%s at %d×%d", _start_text(name, parent, base), size, size)
+            outcome = _fit_candidate(candidate, name, staged, split, size=size, budget=budget, epochs=epochs,
+                                     learning_rate=learning_rate, seed=seed, flip=flip, workers=workers,
+                                     verbose=verbose, callbacks=callbacks, skipped=skipped)
+            if outcome is not None:
+                fitted.append(outcome)
+                if on_candidate is not None:
+                    on_candidate(name, outcome.model)
+            if outcome is None or outcome.interrupted:
+                interrupted = True  # Ctrl-C: no further candidate; keep the best one so far
+                break
         fit_seconds = time.perf_counter() - fit_started
-        if not checkpoint.path.is_file():
+        if not fitted:
             raise FitInterrupted("interrupted before the first epoch ended: no version was written")
+        chosen = choose([f.candidate for f in fitted])
+        kept = next(f for f in fitted if f.candidate.start == chosen.start)
+        checkpoint, stopper, best, result = kept.checkpoint, kept.stopper, kept.model, kept.result
+        for outcome in fitted:
+            if outcome is not kept:
+                outcome.checkpoint.path.unlink(missing_ok=True)
+        os.replace(checkpoint.path, staged / MODEL_FILE)
+        start = chosen.start
+        choice = ({"start": start, "candidates": {f.candidate.start: f.candidate.to_dict() for f in fitted}}
+                  if len(starts) > 1 else None)
         epochs_run = len(checkpoint.history.get("loss", []))
-
-        best = keras.saving.load_model(checkpoint.path, compile=False)
-        best.save(checkpoint.path)  # uncompiled: drops the optimizer state (2/3 of the file)
         eval_started = time.perf_counter()
-        result = evaluate_model(best, split.val, batch_size=batch_size, skipped=skipped, verbose=verbose)
         plot_history(checkpoint.history, staged / "curves.png")
         _preview(best, split.val, staged / "predictions.png")
         (staged / SPLIT_FILE).write_text(json.dumps(
@@ -316,7 +379,7 @@ def fit(
                 "parent": parent,
                 "base_model": base,
                 "start": start,
-                "start_choice": choice.to_dict() if choice is not None else None,
+                "start_choice": choice,
                 "val_foreground_iou": result.foreground_iou,
                 "val_per_class_iou": result.per_class_iou,
                 "val_pixel_accuracy": result.pixel_accuracy,

@@ -1,4 +1,4 @@
-"""The rule for a project's first fits: how long to train on a handful of images, and from which start.
+"""The rule for fits on a small training set: a step budget, and the best of three starts.
 
 A base model trained on another domain can be worse than no model: fine-tuned for the few
 optimizer steps that a handful of images give (one batch per epoch), it keeps predicting what it
@@ -10,45 +10,41 @@ same few steps learn little either. So, while the training split is small (at mo
    training pairs (each repeat with its own flips) until it holds ``ceil(MIN_STEPS / epochs)``
    batches, and a batch is no larger than the training set. Early stopping is off: a validation
    loss over one or two images is too noisy to stop on.
-2. **Start.** Two starts are compared, fine-tuning the parent (the current version, or the base
-   model) and fitting from scratch, by k-fold cross-validation over all usable pairs
-   (:data:`FOLDS` folds, or one per pair when fewer): each start is fitted on k-1 folds and
-   predicts the held-out one, and the foreground IoU of those out-of-fold predictions, pooled over
-   every image, is its estimate. The better start (fine-tuning on a tie) is then fitted on the
-   training split, and that version meets the promotion rule (:mod:`training.fit`) like any other.
+2. **Starts.** When there is a parent (the current version, or the base model), three candidates
+   are fitted on the training split with that budget: fine-tuning the parent (:data:`FINETUNE`),
+   the parent's encoder with a freshly initialised decoder (:data:`DECODER`: keeps the generic
+   features, forgets what the old domain's object looked like), and from scratch (:data:`SCRATCH`).
+3. **Choice.** The candidate with the highest foreground IoU on the validation split that the
+   promotion rule uses is kept; candidates within :data:`TIE` of the best count as tied, and the
+   tie goes to the lowest validation loss (a smoother measure than the IoU of one or two images).
+   The kept candidate then meets the promotion rule (:mod:`training.fit`) like any other version.
 
-Cross-validation rather than the validation split because that split holds 20 % of the pairs:
-one image at 5 to 9 annotations, too few to choose by. The promotion rule still uses the
-validation split, which no version of the lineage has trained on, so the comparison with the
-current version stays fair. The estimate of fine-tuning a project version is optimistic on pairs
-that version was trained on; that only favours the start that was already the default.
+Why this and not cross-validation: a 2-fold estimate on ten images judges every start by models
+trained on five, a different problem from the one the final fit solves, and costs two extra fits
+per start (an earlier version of this rule did that). Fitting each candidate once and judging it on
+the promotion's own validation split costs one fit per start, makes the kept version exactly the
+one that was judged, and keeps the comparison with the current version fair (no version of the
+lineage trains on those images).
 """
 
 from __future__ import annotations
 
-import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import keras
-import numpy as np
-
-from training.data import Pair, seeded_rank
-from training.evaluation import confusion_matrix, report
-from training.model import NUM_CLASSES, compile_model
-from training.pipeline import SkipLog, TrimapDataset
-
-log = logging.getLogger(__name__)
+from keras.layers import Conv2DTranspose
 
 MIN_STEPS = 60  # optimizer steps every fit of a small training set gets at least
-FOLDS = 2
-FINETUNE, SCRATCH = "finetune", "scratch"
+FINETUNE, DECODER, SCRATCH = "finetune", "decoder", "scratch"
+STARTS = (FINETUNE, DECODER, SCRATCH)  # also the order of preference on a full tie
+TIE = 0.005  # validation IoUs this close count as equal
 
 
 @dataclass(frozen=True)
 class Budget:
-    """How a small training set is fitted: batch size, repeats per epoch, early-stopping patience."""
+    """How a training set is fitted: batch size, repeats per epoch, early-stopping patience."""
 
     batch_size: int
     repeat: int
@@ -63,67 +59,43 @@ def small_data_budget(train_count: int, batch_size: int, epochs: int) -> Budget:
     return Budget(batch, repeat, patience=epochs)
 
 
-def folds(pairs: Sequence[Pair], count: int, seed: int) -> list[list[Pair]]:
-    """``count`` folds (at most one per pair) in seeded hash order, as even as can be."""
-    ordered = sorted(pairs, key=lambda p: seeded_rank(p.stem, seed))
-    count = max(2, min(count, len(ordered)))
-    return [ordered[i::count] for i in range(count)]
+def starts_to_try(start: str, *, small: bool, has_parent: bool) -> tuple[str, ...]:
+    """The candidates a fit trains: ``start`` is ``"auto"`` (the rule) or one of :data:`STARTS` (forced)."""
+    if not has_parent:
+        return (SCRATCH,)
+    if start != "auto":
+        return (start,)
+    return STARTS if small else (FINETUNE,)
+
+
+def with_fresh_decoder(parent: keras.Model, fresh: keras.Model) -> keras.Model:
+    """``fresh`` with the encoder weights of ``parent`` (same architecture): every layer before the
+    first transposed convolution comes from the parent, the decoder keeps its fresh initialisation."""
+    for source, target in zip(parent.layers, fresh.layers):
+        if isinstance(target, Conv2DTranspose):
+            break
+        target.set_weights(source.get_weights())
+    return fresh
 
 
 @dataclass(frozen=True)
-class StartChoice:
-    start: str  # FINETUNE or SCRATCH
-    estimates: dict[str, float]  # cross-validated foreground IoU of each start
-    images: int  # images the estimates pool over
+class Candidate:
+    """One start, fitted on the training split and judged on the validation split."""
 
-    def to_dict(self) -> dict[str, object]:
-        return {"start": self.start, "cv_foreground_iou": self.estimates, "cv_images": self.images,
-                "folds": FOLDS}
+    start: str
+    val_foreground_iou: float
+    val_loss: float
+    best_epoch: int
 
-
-def cross_validated_iou(make_model: Callable[[], keras.Model], pairs: Sequence[Pair], *, size: int,
-                        batch_size: int, epochs: int, learning_rate: float, seed: int, flip: bool,
-                        workers: int | None, callbacks: Sequence[keras.callbacks.Callback] = (),
-                        skipped: SkipLog | None = None) -> tuple[float, int]:
-    """(pooled out-of-fold foreground IoU, images counted) of fitting ``make_model()`` with the small-data budget."""
-    skipped = skipped if skipped is not None else SkipLog()
-    matrix = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
-    counted = 0
-    for index, held_out in enumerate(folds(pairs, FOLDS, seed)):
-        train = [p for p in pairs if p not in held_out]
-        budget = small_data_budget(len(train), batch_size, epochs)
-        model = compile_model(make_model(), learning_rate)
-        data = TrimapDataset(train, size, budget.batch_size, shuffle=True, flip=flip, seed=seed + index,
-                             skipped=skipped, workers=workers, repeat=budget.repeat)
-        model.fit(data, epochs=epochs, verbose=0, callbacks=list(callbacks))
-        fold_matrix, fold_count = confusion_matrix(model, held_out, skipped=skipped)
-        matrix += fold_matrix
-        counted += fold_count
-    return report(matrix, counted).foreground_iou, counted
+    def to_dict(self) -> dict[str, float | int]:
+        return {"val_foreground_iou": self.val_foreground_iou, "val_loss": self.val_loss,
+                "best_epoch": self.best_epoch}
 
 
-def choose_start(parent: keras.Model, fresh: Callable[[], keras.Model], pairs: Sequence[Pair], *, size: int,
-                 batch_size: int, epochs: int, learning_rate: float, seed: int, flip: bool,
-                 workers: int | None, callbacks: Sequence[keras.callbacks.Callback] = (),
-                 skipped: SkipLog | None = None) -> StartChoice:
-    """Fine-tune ``parent`` or fit ``fresh()`` from scratch, by cross-validation over ``pairs``."""
-    starts: dict[str, Callable[[], keras.Model]] = {
-        FINETUNE: lambda: _copy(parent),
-        SCRATCH: fresh,
-    }
-    estimates: dict[str, float] = {}
-    images = 0
-    for name, make in starts.items():
-        estimates[name], images = cross_validated_iou(
-            make, pairs, size=size, batch_size=batch_size, epochs=epochs, learning_rate=learning_rate, seed=seed,
-            flip=flip, workers=workers, callbacks=callbacks, skipped=skipped)
-        log.info("start %s: cross-validated foreground IoU %.4f over %d images", name, estimates[name], images)
-    start = SCRATCH if estimates[SCRATCH] > estimates[FINETUNE] else FINETUNE
-    return StartChoice(start, estimates, images)
-
-
-def _copy(model: keras.Model) -> keras.Model:
-    """A model with the same architecture and weights, trained independently of ``model``."""
-    copy = keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
-    return copy
+def choose(candidates: Sequence[Candidate]) -> Candidate:
+    """The highest validation IoU; within :data:`TIE` of it the lowest validation loss, then :data:`STARTS` order."""
+    if not candidates:
+        raise ValueError("no candidate to choose from")
+    best = max(c.val_foreground_iou for c in candidates)
+    tied = [c for c in candidates if c.val_foreground_iou >= best - TIE]
+    return min(tied, key=lambda c: (c.val_loss, STARTS.index(c.start)))
