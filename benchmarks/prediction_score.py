@@ -5,11 +5,11 @@ then predicts held-out images with ground truth: images of the same kind, and th
 the ``muted`` kind it never saw (a project whose images drift). For each image: the mask the
 backend would send (foreground plus boundary), its IoU with the truth, and candidate scores:
 
+* ``edge_confidence``: what the backend sends (:func:`training.predict.edge_confidence`): the mean
+  max-probability over the pixels along the mask's edge (both sides), where a model hesitates first;
 * ``expected_iou``: ``sum(p in mask) / (|mask| + sum(p outside))`` from the per-pixel object
-  probability p (:func:`training.predict.expected_iou`);
+  probability p: the IoU expected if each pixel were the object with probability p, independently;
 * ``mean_confidence``: the mean max-probability over the mask's pixels;
-* ``edge_confidence``: the mean max-probability over the pixels along the mask's edge (inside and
-  outside), where an undertrained model hesitates first;
 * ``confident_share``: the share of all pixels whose max-probability is at least 0.9;
 * ``flip_agreement``: the IoU between the mask and the mask predicted on the mirrored image
   (mirrored back): a second opinion from the same model;
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-SCORES = ("expected_iou", "mean_confidence", "edge_confidence", "confident_share", "flip_agreement",
+SCORES = ("edge_confidence", "expected_iou", "mean_confidence", "confident_share", "flip_agreement",
           "agreement_x_expected", "constant")
 CONFIDENT = 0.9
 
@@ -76,11 +76,14 @@ def _mask_iou(predicted: np.ndarray, truth: np.ndarray) -> float:
     return np.count_nonzero(predicted & truth) / union if union else 1.0
 
 
-def _edge(mask: np.ndarray) -> np.ndarray:
-    """Pixels with a 4-neighbour on the other side of the mask's edge (both sides)."""
-    padded = np.pad(mask, 1, mode="edge")
-    neighbours = (padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:])
-    return np.logical_or.reduce([n != mask for n in neighbours])
+def expected_iou(object_probability: np.ndarray, mask: np.ndarray) -> float:
+    """``sum(p over the mask) / (|mask| + sum(p outside))``; 0 for an empty mask."""
+    inside = mask.astype(bool)
+    area = int(np.count_nonzero(inside))
+    if area == 0:
+        return 0.0
+    p = np.asarray(object_probability, dtype=np.float64)
+    return float(np.clip(p[inside].sum() / (area + float(p[~inside].sum())), 0.0, 1.0))
 
 
 def score_rows(model, pairs) -> list[dict[str, float]]:
@@ -94,17 +97,19 @@ def score_rows(model, pairs) -> list[dict[str, float]]:
         image, truth = load_image(pair.image), load_trimap(pair.trimap)
         predicted = predict_object(model, image, include_boundary=True)
         mirrored = predict_object(model, np.ascontiguousarray(image[:, ::-1]), include_boundary=True).mask[:, ::-1]
-        confidence = predicted.probabilities.max(axis=-1)
-        mask, edge = predicted.mask, _edge(predicted.mask)
+        probs = predicted.probabilities
+        confidence = probs.max(axis=-1)
+        mask = predicted.mask
         agreement = _mask_iou(mask, mirrored) if mask.any() else 0.0
+        expected = expected_iou(probs[..., FOREGROUND] + probs[..., BOUNDARY], mask)
         rows.append({
             "iou": _mask_iou(mask, (truth == FOREGROUND) | (truth == BOUNDARY)),
-            "expected_iou": predicted.score,
+            "edge_confidence": predicted.score,
+            "expected_iou": expected,
             "mean_confidence": float(confidence[mask].mean()) if mask.any() else 0.0,
-            "edge_confidence": float(confidence[edge].mean()) if edge.any() else 0.0,
             "confident_share": float((confidence >= CONFIDENT).mean()),
             "flip_agreement": agreement,
-            "agreement_x_expected": agreement * predicted.score,
+            "agreement_x_expected": agreement * expected,
             "constant": 1.0,
         })
     return rows

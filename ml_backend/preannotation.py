@@ -5,8 +5,8 @@ without one, or a request without a project, by the base model: ``BASE_MODEL``, 
 version of a single store of an older release at ``MODEL_DIR`` itself (so an upgrade serves what it
 served before). Without either there is nothing to serve, and predictions are empty.
 
-Each mask comes with a score in [0, 1], the model's own estimate of the mask's IoU with the true
-object (:func:`training.predict.expected_iou`), so Label Studio can sort tasks by it.
+Each mask comes with a score in [0, 1], how sure the model is along the mask's edge
+(:func:`training.predict.edge_confidence`), so Label Studio can sort tasks by it.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class TrimapMask(NamedTuple):
 
     version: str  # the version that served it
     mask: np.ndarray | None  # the object at the image's size; None when smaller than the minimum area
-    score: float  # expected IoU of ``mask`` with the object, 0 when there is none
+    score: float  # :func:`training.predict.edge_confidence` of ``mask``, 0 when there is none
 
 
 def resolve_base_model(model_dir: Path, base_model: str) -> Path | None:

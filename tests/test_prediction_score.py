@@ -1,4 +1,4 @@
-"""The trimap prediction's score (expected IoU) and the benchmarks that report how well it orders tasks."""
+"""The trimap prediction's score (edge confidence) and the benchmark that reports how well it orders tasks."""
 
 from __future__ import annotations
 
@@ -10,22 +10,32 @@ import pytest
 import training  # noqa: F401  (selects the torch backend before keras)
 from training.data import load_image, load_trimap, scan_dataset
 from training.model import BOUNDARY, FOREGROUND
-from training.predict import expected_iou, predict_object
+from training.predict import edge_confidence, mask_edge, predict_object
 from training.store import ModelStore
 
 from conftest_training import base_of_another_domain  # noqa: F401  (fixture)
 
 
-def test_expected_iou_is_one_for_a_certain_exact_mask_and_falls_with_doubt_inside_and_mass_outside():
-    mask = np.zeros((4, 4), bool)
-    mask[:2] = True
-    certain = mask.astype(float)
-    assert expected_iou(certain, mask) == pytest.approx(1.0)
-    doubtful_inside = np.where(mask, 0.5, 0.0)
-    assert expected_iou(doubtful_inside, mask) == pytest.approx(0.5)  # 8·0.5 / 8
-    mass_outside = np.where(mask, 1.0, 0.5)
-    assert expected_iou(mass_outside, mask) == pytest.approx(8 / (8 + 4))  # a likely miss: 8 / (8 + 8·0.5)
-    assert expected_iou(certain, np.zeros_like(mask)) == 0.0  # nothing predicted: nothing to be right about
+def test_the_score_is_high_for_a_sure_edge_and_low_for_a_hesitant_one():
+    mask = np.zeros((6, 6), bool)
+    mask[1:4, 1:4] = True
+    sure = np.where(mask[..., None], [0.96, 0.02, 0.02], [0.02, 0.96, 0.02])
+    assert edge_confidence(sure, mask) == pytest.approx((0.96 - 1 / 3) * 1.5)
+    hesitant = sure.copy()
+    hesitant[mask_edge(mask)] = [0.45, 0.45, 0.10]  # the outline is a coin toss, the rest as sure as before
+    assert edge_confidence(hesitant, mask) == pytest.approx((0.45 - 1 / 3) * 1.5)
+    assert edge_confidence(np.full((6, 6, 3), 1 / 3), mask) == 0.0  # no idea at all
+    assert edge_confidence(sure, np.zeros_like(mask)) == 0.0  # nothing predicted: nothing to be right about
+    assert edge_confidence(sure, np.ones_like(mask)) == pytest.approx(
+        (sure.max(axis=-1).mean() - 1 / 3) * 1.5)  # no edge: the mean confidence
+
+
+def test_the_edge_is_both_sides_of_the_outline():
+    mask = np.zeros((5, 5), bool)
+    mask[2, 2] = True
+    edge = mask_edge(mask)
+    assert edge[2, 2] and edge[1, 2] and edge[3, 2] and edge[2, 1] and edge[2, 3]
+    assert edge.sum() == 5  # the pixel and its four neighbours; diagonals do not touch the outline
 
 
 def _iou(predicted: np.ndarray, truth: np.ndarray) -> float:
@@ -59,7 +69,7 @@ def test_the_score_benchmark_reports_rank_correlations(monkeypatch, capsys):
     assert bench.main(["--quick", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     for part in ("same_kind", "both_kinds"):
-        assert set(result[part]["spearman"]) == {"expected_iou", "mean_confidence", "constant"}
+        assert set(result[part]["spearman"]) == set(bench.SCORES)
         assert result[part]["spearman"]["constant"] == 0.0  # one score for every mask orders nothing
         assert all(-1.0 <= value <= 1.0 for value in result[part]["spearman"].values())
     assert result["both_kinds"]["images"] == 2 * result["same_kind"]["images"]

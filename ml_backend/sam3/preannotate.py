@@ -4,7 +4,7 @@ The rules are in :mod:`ml_backend.sam3.concepts`; this joins them to the engine 
 
 The prediction's score (what Label Studio's "Prediction score" column shows): with SAM 3 alone, the mean score
 of the kept instances (0 with none); with ``both``, the geometric mean of that and the trimap mask's score (its
-expected IoU) when SAM 3's instances are kept, the trimap's score when its mask is the prediction, and SAM 3's
+edge confidence) when SAM 3's instances are kept, the trimap's score when its mask is the prediction, and SAM 3's
 alone before any trimap version serves the project.
 """
 
