@@ -78,7 +78,7 @@ def test_the_promoted_trimap_becomes_a_brush_region_and_reloads_after_promotion(
     expected = (classes == 0) | (classes == 2)
     assert 0 < expected.sum() < expected.size  # a mask with both sides, so the comparison means something
     np.testing.assert_array_equal(decode_rle(item["value"]["rle"], 50, 70), expected)
-    # The score is the model's expected IoU of that mask (docs/active-learning.md), the same on the region.
+    # The score is the model's edge confidence for that mask (docs/active-learning.md), the same on the region.
     model = ModelStore(project_store_dir(settings.model_dir, 1)).load_model(first)
     score = predict_object(model, image, include_boundary=True).score
     assert 0.0 < score < 1.0
