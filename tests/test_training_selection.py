@@ -19,6 +19,8 @@ from training.selection import (
 )
 from training.store import ModelStore
 
+from conftest_training import one_torch_thread
+
 SIZE, WIDTH = 32, 8  # a narrow model: seconds per fit
 
 
@@ -95,9 +97,10 @@ def test_the_rule_fits_every_start_and_keeps_the_one_that_learns_where_fine_tuni
     seen: dict[str, list[np.ndarray]] = {}
     images = [np.asarray(np.random.default_rng(3).integers(0, 255, (SIZE, SIZE, 3)), np.uint8)]
 
-    report = fit(tmp_path / "project", tmp_path / "store", from_version="current", base_model=base, epochs=10,
-                 batch_size=4, verbose=0, workers=1,
-                 on_candidate=lambda start, model: seen.setdefault(start, predict_trimaps(model, images)))
+    with one_torch_thread():  # the same fit on any number of cores
+        report = fit(tmp_path / "project", tmp_path / "store", from_version="current", base_model=base, epochs=10,
+                     batch_size=4, verbose=0, workers=1,
+                     on_candidate=lambda start, model: seen.setdefault(start, predict_trimaps(model, images)))
     choice = report.start_choice
     assert list(seen) == list(STARTS) and set(choice["candidates"]) == set(STARTS)
     figures = choice["candidates"]
