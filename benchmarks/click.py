@@ -345,7 +345,8 @@ class _Server:
 
         width, height = size
         x, y = 30 + (index % 20), 40 + (index % 20) / 2  # percent; inside every shape's object
-        body = {"tasks": [task], "label_config": label_config(form), "project": "1.1",
+        # No project: bare paths under LOCAL_FILES_DOCUMENT_ROOT, no Label Studio listing a project's local storages.
+        body = {"tasks": [task], "label_config": label_config(form),
                 "params": {"context": {"result": [_keypoint(x, y, width, height)]}}}
         cpu = self.cpu_s()
         started = time.perf_counter()
@@ -553,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clicks", type=int, default=5, help="further clicks to time per row (default 5)")
     parser.add_argument("--size", type=size_argument(16), action="append",
                         help="WIDTHxHEIGHT of the shaped masks (repeatable; default 1024x768, 4000x3000, 8000x6000)")
-    parser.add_argument("--shape", choices=("blob", "thin", "holes"), action="append", help="(repeatable; default all)")
+    parser.add_argument("--shape", choices=("blob", "thin", "holes", "noise"), action="append",
+                        help="(repeatable; default blob, thin, holes; noise: a random SAM's noise-like mask)")
     parser.add_argument("--form", choices=tuple(FORMS), action="append", help="(repeatable; default all)")
     parser.add_argument("--repeat", type=int, default=7, help="runs per answer-path stage (default 7)")
     parser.add_argument("--no-real", action="store_true", help="skip the real-SAM rows")

@@ -12,6 +12,13 @@ for each ``--workers`` setting:
   once, so some are refused with 503 + ``Retry-After``; like a person, the annotator
   clicks again after that many seconds.
 
+``--replicas 1,2`` runs each setting with that many backends (each ``--workers`` workers) behind a
+round-robin proxy (:mod:`benchmarks.round_robin`), as a load balancer would put them: they share a
+``redis-server`` started for the run (``REDIS_URL``: prompt state, URL index, encode locks), the embeddings
+directory and the models directory, and nothing else; every setting of the run, one replica included, goes
+through the proxy and Redis, so the ratios printed at the end (2 replicas against 1) compare replica counts
+alone.
+
 Reported per phase: p50/p95/max answer time of first clicks (from the first attempt
 to the mask, retries included), cached (refinement) clicks, and busy answers (503);
 errors (anything but a mask or a 503 with ``Retry-After``, or no answer within Label
@@ -25,6 +32,7 @@ that image.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -141,27 +149,35 @@ class Server:
 
 
 @contextmanager
-def serve(workdir: Path, preset: Path, workers: int, env_extra: dict[str, str]) -> Iterator[Server]:
-    """``python -m ml_backend serve`` on a free loopback port, until SAM is ready; killed afterwards."""
-    port = free_port()
-    log = workdir / f"backend-w{workers}.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HOST": "127.0.0.1", "PORT": str(port), "WORKERS": str(workers),
-           "THREADS": str(THREADS), "LOG_LEVEL": "INFO", "SAM_MODEL": str(preset), "MODEL_DIR": str(workdir / "models"),
-           "IMAGE_CACHE_DIR": str(workdir / "image-cache"), "LOCAL_FILES_DOCUMENT_ROOT": str(workdir / "files"),
-           "EMBEDDING_STORE_DIR": str(workdir / f"embeddings-w{workers}"),  # fresh: every encode counted
-           **env_extra}
-    process = subprocess.Popen([sys.executable, "-m", "ml_backend", "serve"], cwd=REPO, env=env,
-                               stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(f"http://127.0.0.1:{port}", process, log)
+def serve(workdir: Path, preset: Path, workers: int, env_extra: dict[str, str],
+          names: tuple[str, ...] = ("",)) -> Iterator[list[Server]]:
+    """``python -m ml_backend serve`` on a free loopback port per name, started together and yielded when SAM is
+    ready in every one; killed afterwards. A name sets a replica apart: its log, download cache and prompt-state
+    folder (what one host keeps to itself)."""
+    servers = []
     try:
+        for name in names:
+            port = free_port()
+            log = workdir / f"backend-w{workers}{name}.log"
+            env = {**os.environ, "PYTHONPATH": str(REPO), "HOST": "127.0.0.1", "PORT": str(port),
+                   "WORKERS": str(workers), "THREADS": str(THREADS), "LOG_LEVEL": "INFO", "SAM_MODEL": str(preset),
+                   "MODEL_DIR": str(workdir / "models"), "IMAGE_CACHE_DIR": str(workdir / f"image-cache{name}"),
+                   "LOCAL_FILES_DOCUMENT_ROOT": str(workdir / "files"),
+                   "EMBEDDING_STORE_DIR": str(workdir / f"embeddings-w{workers}"),  # fresh: every encode counted
+                   **({"PROMPT_STATE_DIR": str(workdir / f"prompt-state{name}")} if name else {}), **env_extra}
+            process = subprocess.Popen([sys.executable, "-m", "ml_backend", "serve"], cwd=REPO, env=env,
+                                       stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+            servers.append(Server(f"http://127.0.0.1:{port}", process, log))
         deadline = time.monotonic() + 900
-        while not _all_ready(server, workers):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"backend not ready:\n{log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.5)
-        yield server
+        for server in servers:
+            while not _all_ready(server, workers):
+                if server.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"backend not ready:\n{server.log.read_text(errors='replace')[-3000:]}")
+                time.sleep(0.5)
+        yield servers
     finally:
-        _stop(process)
+        for server in servers:
+            _stop(server.process)
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -181,10 +197,62 @@ def _all_ready(server: Server, workers: int) -> bool:
     return server.log.read_text(errors="replace").count("SAM ready") >= workers
 
 
-class RssSampler:
-    """Peak resident memory of the gunicorn master and workers, sampled from /proc."""
+@dataclass
+class Replicas:
+    """Backends behind a round-robin proxy: what the annotators see is one server at the proxy's URL."""
 
-    def __init__(self, server: Server, interval_s: float = 0.25) -> None:
+    url: str
+    servers: list[Server]
+
+    def pids(self) -> list[int]:
+        return [pid for server in self.servers for pid in server.pids()]
+
+
+@contextmanager
+def redis_for_run(workdir: Path) -> Iterator[str]:
+    """A ``redis-server`` on a free loopback port for one run (no persistence); its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("--replicas needs redis-server (apt-get install redis-server)")
+    port = free_port()
+    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                                "no", "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start on port {port}") from None
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@contextmanager
+def serve_replicas(workdir: Path, preset: Path, workers: int, replicas: int, env_extra: dict[str, str],
+                   redis_url: str) -> Iterator[Replicas]:
+    """``replicas`` backends sharing ``redis_url``, the embeddings and the models directory, behind the proxy."""
+    from benchmarks.round_robin import RoundRobinProxy
+
+    shared = {**env_extra, "REDIS_URL": redis_url,
+              "EMBEDDING_STORE_DIR": str(workdir / f"embeddings-r{replicas}w{workers}")}  # fresh, and shared
+    with serve(workdir, preset, workers, shared, tuple(f"-r{replicas}.{n}" for n in range(replicas))) as servers:
+        proxy = RoundRobinProxy([server.url for server in servers])
+        try:
+            yield Replicas(proxy.url, servers)
+        finally:
+            proxy.close()
+
+
+class RssSampler:
+    """Peak resident memory of the gunicorn master and workers (of every replica), sampled from /proc."""
+
+    def __init__(self, server: Server | Replicas, interval_s: float = 0.25) -> None:
         self.server = server
         self.interval_s = interval_s
         self.peak_total_mb = 0.0
@@ -193,9 +261,10 @@ class RssSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> tuple[float, float]:
-        sizes = [_rss_mb(pid) for pid in self.server.pids()]
-        workers = sizes[1:] or [0.0]
-        return sum(sizes), max(workers)
+        servers = self.server.servers if isinstance(self.server, Replicas) else [self.server]
+        sizes = [[_rss_mb(pid) for pid in server.pids()] for server in servers]
+        workers = [size for each in sizes for size in each[1:]] or [0.0]
+        return sum(size for each in sizes for size in each), max(workers)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -234,7 +303,9 @@ def _keypoint(x_pct: float, y_pct: float, work: Workload) -> dict:
 def click(server: Server, task: dict, points: list[dict], record: Recorder, phase: str) -> None:
     """One click as Label Studio sends it (all the region's points so far); retried after a 503 as a
     person would. Records the time from the first attempt to the mask."""
-    body = {"tasks": [task], "label_config": LABEL_CONFIG, "project": "1.1",
+    # No project: the images are bare paths under LOCAL_FILES_DOCUMENT_ROOT and no Label Studio lists a project's
+    # local storages here (a task of a project reads only inside those).
+    body = {"tasks": [task], "label_config": LABEL_CONFIG,
             "params": {"login": None, "password": None, "context": {"result": points}}}
     started = time.perf_counter()
     while True:
@@ -283,13 +354,21 @@ def summary(values: list[float]) -> dict:
             "max_s": round(ordered[-1], 3)}
 
 
-def run_config(workdir: Path, preset: Path, workers: int, work: Workload, env_extra: dict[str, str]) -> dict:
+def run_config(workdir: Path, preset: Path, workers: int, work: Workload, env_extra: dict[str, str],
+               replicas: int | None = None, redis_url: str = "") -> dict:
+    """One setting: ``workers`` per backend; ``replicas`` backends behind the proxy (None: one, no proxy)."""
+    tag = f"w{workers}" if replicas is None else f"r{replicas}w{workers}"
     folder = workdir / "files" / "images"
-    single_image = str(folder / f"w{workers}-single.jpg")
-    team_images = [[str(folder / f"w{workers}-a{a}-{i}.jpg") for i in range(work.images)]
+    single_image = str(folder / f"{tag}-single.jpg")
+    team_images = [[str(folder / f"{tag}-a{a}-{i}.jpg") for i in range(work.images)]
                    for a in range(work.annotators)]
     write_images(folder, [single_image, *(n for names in team_images for n in names)], work.width, work.height)
-    with serve(workdir, preset, workers, env_extra) as server, RssSampler(server) as rss:
+    with contextlib.ExitStack() as stack:
+        if replicas is None:
+            [server] = stack.enter_context(serve(workdir, preset, workers, env_extra))
+        else:
+            server = stack.enter_context(serve_replicas(workdir, preset, workers, replicas, env_extra, redis_url))
+        rss = stack.enter_context(RssSampler(server))
         rss_ready_mb = rss.sample()[1]
         single = Recorder()
         annotate(server, [single_image], work, single, random.Random(0))
@@ -303,7 +382,8 @@ def run_config(workdir: Path, preset: Path, workers: int, work: Workload, env_ex
         for thread in threads:
             thread.join()
         team_s = time.perf_counter() - started
-    encoded = ENCODED.findall(server.log.read_text(errors="replace"))
+    logs = server.servers if isinstance(server, Replicas) else [server]
+    encoded = [key for each in logs for key in ENCODED.findall(each.log.read_text(errors="replace"))]
     single_p95 = summary(single.times["cached"]).get("p95_s")
     team_p95 = summary(team.times["cached"]).get("p95_s")
     cache_mb = int(env_extra.get("EMBEDDING_CACHE_MB", "1024"))
@@ -313,6 +393,7 @@ def run_config(workdir: Path, preset: Path, workers: int, work: Workload, env_ex
     busy = summary(team.times["busy"])
     return {
         "workers": workers,
+        "replicas": replicas,
         "single": {phase: summary(single.times[phase]) for phase in ("first", "cached")},
         "team": {phase: summary(team.times[phase]) for phase in ("first", "cached", "busy")},
         "team_wall_s": round(team_s, 1),
@@ -341,22 +422,45 @@ def run_config(workdir: Path, preset: Path, workers: int, work: Workload, env_ex
 
 
 def run(quick: bool, workers: list[int], work: Workload, env_extra: dict[str, str], preset_dir: Path | None,
-        log_dir: Path | None = None) -> dict:
-    with tempfile.TemporaryDirectory(prefix="load-bench-") as tmp:
+        log_dir: Path | None = None, replicas: list[int] | None = None) -> dict:
+    with tempfile.TemporaryDirectory(prefix="load-bench-") as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
         preset = build_preset(preset_dir or workdir / "preset", quick)
+        redis_url = stack.enter_context(redis_for_run(workdir)) if replicas else ""
         configs = []
-        for n in workers:
-            try:
-                configs.append(run_config(workdir, preset, n, work, env_extra))
-            finally:
-                if log_dir is not None and (log := workdir / f"backend-w{n}.log").is_file():
-                    log_dir.mkdir(parents=True, exist_ok=True)
-                    shutil.copy(log, log_dir / log.name)
+        for count in replicas or [None]:
+            for n in workers:
+                try:
+                    configs.append(run_config(workdir, preset, n, work, env_extra, count, redis_url))
+                finally:
+                    if log_dir is not None:
+                        log_dir.mkdir(parents=True, exist_ok=True)
+                        for log in workdir.glob("backend-*.log"):
+                            shutil.copy(log, log_dir / log.name)
     return {"model": "quick (small random SAM)" if quick else "base (vit_b shapes, random weights)",
             "image": f"{work.width}x{work.height} JPEG", "annotators": work.annotators,
             "images_per_annotator": work.images, "refinements": work.refinements, "think_s": work.think_s,
-            "cpus": os.cpu_count(), "settings": env_extra, "configs": configs}
+            "cpus": os.cpu_count(), "settings": env_extra, "configs": configs,
+            "replica_ratios": replica_ratios(configs)}
+
+
+def replica_ratios(configs: list[dict]) -> dict:
+    """Each setting with several replicas against the same setting with one, from the same run: the team's
+    first and cached clicks (p50, p95; below 1 is faster) and the team phase's wall time."""
+    def figure(config: dict, phase: str, stat: str) -> float | None:
+        return config["team"][phase].get(stat)
+
+    ratios = {}
+    for config in configs:
+        base = next((c for c in configs if c["replicas"] == 1 and c["workers"] == config["workers"]), None)
+        if base is None or not config["replicas"] or config["replicas"] == 1:
+            continue
+        ratio = {f"{phase} {stat}": round(mine / theirs, 2)
+                 for phase in ("first", "cached") for stat in ("p50_s", "p95_s")
+                 if (mine := figure(config, phase, stat)) and (theirs := figure(base, phase, stat))}
+        ratio["team wall"] = round(config["team_wall_s"] / base["team_wall_s"], 2) if base["team_wall_s"] else None
+        ratios[f"{config['replicas']} replicas / 1, WORKERS={config['workers']}"] = ratio
+    return ratios
 
 
 def _fmt(stats: dict) -> str:
@@ -370,7 +474,8 @@ def print_report(report: dict) -> None:
           f"{report['images_per_annotator']} images, 1 + {report['refinements']} clicks each, think "
           f"{report['think_s']} s, {report['cpus']} CPUs, settings {report['settings'] or 'defaults'}")
     for config in report["configs"]:
-        print(f"\nWORKERS={config['workers']}  (p50 / p95 / max seconds)")
+        replicas = f"{config['replicas']} replica(s) behind the proxy, " if config["replicas"] else ""
+        print(f"\n{replicas}WORKERS={config['workers']}  (p50 / p95 / max seconds)")
         print(f"  single user: first click   {_fmt(config['single']['first'])}")
         print(f"  single user: cached click  {_fmt(config['single']['cached'])}")
         print(f"  team: first click          {_fmt(config['team']['first'])}  (retries after 503 included)")
@@ -385,6 +490,8 @@ def print_report(report: dict) -> None:
               f"(bound {config['rss_bound_worker_mb']} MB); all processes peak {config['rss_peak_total_mb']} MB")
         for name, ok in config["checks"].items():
             print(f"  [{'ok' if ok else 'MISSED'}] {name}")
+    for name, ratio in report["replica_ratios"].items():
+        print(f"\n{name} (same run):  " + ", ".join(f"{k} {v}x" for k, v in ratio.items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -392,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: small model, 640x480 images, 3 annotators x 2 images x 3 refinements")
     parser.add_argument("--workers", default="1,2", help="gunicorn WORKERS settings to run, comma-separated (1,2)")
+    parser.add_argument("--replicas", help="backend replicas behind a round-robin proxy and a shared Redis, "
+                                           "comma-separated (e.g. 1,2); each with every --workers setting")
     parser.add_argument("--annotators", type=int, help="simulated annotators (8)")
     parser.add_argument("--images", type=int, help="images per annotator (2)")
     parser.add_argument("--refinements", type=int, help="further clicks per image (10)")
@@ -409,6 +518,12 @@ def main(argv: list[str] | None = None) -> int:
         workers = [int(n) for n in args.workers.split(",")]
     except ValueError:
         parser.error(f"--workers {args.workers!r}: give numbers such as 1,2")
+    try:
+        replicas = [int(n) for n in args.replicas.split(",")] if args.replicas else None
+    except ValueError:
+        parser.error(f"--replicas {args.replicas!r}: give numbers such as 1,2")
+    if replicas is not None and min(replicas) < 1:
+        parser.error("--replicas: at least 1")
     defaults = (3, 2, 3, 0.05, 640, 480) if args.quick else (8, 2, 10, 2.0, 4000, 3000)
     given = (args.annotators, args.images, args.refinements, args.think, *(args.image or (None, None)))
     work = Workload(*(default if value is None else value for value, default in zip(given, defaults)))
@@ -418,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.encode_queue_timeout is not None:
         env_extra["ENCODE_QUEUE_TIMEOUT_S"] = str(args.encode_queue_timeout)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the backend on the way out
-    report = run(args.quick, workers, work, env_extra, args.preset_dir, args.log_dir)
+    report = run(args.quick, workers, work, env_extra, args.preset_dir, args.log_dir, replicas)
     if args.json:
         print(json.dumps(report))
     else:

@@ -6,7 +6,7 @@ count and the IoU of the read-back mask with the original for each simplificatio
 what filling the holes instead of bridging them would cost.
 
 :data:`SHAPES` are the object masks the click bench and the format tests share: a compact blob, a
-thin long structure and a mask with many holes, drawn at any size.
+thin long structure, a mask with many holes and a random SAM's noise-like mask, drawn at any size.
 """
 
 from __future__ import annotations
@@ -51,7 +51,15 @@ def holes_mask(height: int, width: int) -> np.ndarray:
     return mask.astype(bool)
 
 
-SHAPES = {"blob": blob_mask, "thin": thin_mask, "holes": holes_mask}
+def noise_mask(height: int, width: int) -> np.ndarray:
+    """What a random-weight SAM answers: 256x256 random logits over the padded square, upsampled bilinearly and
+    thresholded at 0 (hundreds of components and holes, many of them specks)."""
+    logits = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
+    side = max(height, width)
+    return cv2.resize(logits, (side, side), interpolation=cv2.INTER_LINEAR)[:height, :width] > 0
+
+
+SHAPES = {"blob": blob_mask, "thin": thin_mask, "holes": holes_mask, "noise": noise_mask}
 
 
 def object_mask(height: int, width: int) -> np.ndarray:

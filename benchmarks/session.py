@@ -73,8 +73,8 @@ def write_images(root: Path, count: int, size: tuple[int, int]) -> list[dict]:
     return tasks
 
 
-def serve_task_api(tasks: list[dict]) -> ThreadingHTTPServer:
-    """Label Studio's project and paged task list, nothing else."""
+def serve_task_api(tasks: list[dict], images: Path) -> ThreadingHTTPServer:
+    """Label Studio's project, paged task list and the project's local storage (``images``), nothing else."""
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args) -> None:
@@ -93,6 +93,8 @@ def serve_task_api(tasks: list[dict]) -> ThreadingHTTPServer:
                 page, size = int(query.get("page", ["1"])[0]), int(query.get("page_size", ["100"])[0])
                 listed = tasks[(page - 1) * size: page * size]
                 body, status = ({"tasks": listed, "total": len(tasks)}, 200) if listed else ({"detail": "page"}, 404)
+            elif parts.path == "/api/storages/localfiles":  # the backend reads a project's local files only in these
+                body, status = [{"id": 1, "project": PROJECT, "path": str(images)}], 200
             else:
                 body, status = {"detail": "not found"}, 404
             data = json.dumps(body).encode()
@@ -220,7 +222,7 @@ def run(args) -> dict:
         tasks = write_images(root, args.images, size)
         keys = {t["id"]: image_key(load_image_file(root / "images" / f"{t['id'] - 1}.jpg", max_pixels=10**8))
                 for t in tasks}
-        server = serve_task_api(tasks)
+        server = serve_task_api(tasks, root / "images")
         base_env = {"SAM_MODEL": str(preset), "SAM_DEVICE": getattr(args, "device", "cpu"), "LABEL_STUDIO_URL": f"http://127.0.0.1:{server.server_address[1]}",
                     "LABEL_STUDIO_API_KEY": TOKEN, "LOCAL_FILES_DOCUMENT_ROOT": str(root), "MODEL_DIR": str(root / "models"),
                     "IMAGE_CACHE_DIR": str(root / "image-cache"), "PREENCODE_LOOKAHEAD": str(args.lookahead)}

@@ -88,7 +88,7 @@ class SegmentationBackend(LabelStudioMLBase):
         return url, task_id if isinstance(task_id, int) else None
 
     def _task_image(self, task: dict) -> np.ndarray:
-        return self.runtime.load_image(*self._task_image_url(task))
+        return self.runtime.load_image(*self._task_image_url(task), self.project)
 
     # --- interactive SAM -----------------------------------------------------
     def _interactive(self, task: dict, context: dict) -> dict:
@@ -112,7 +112,7 @@ class SegmentationBackend(LabelStudioMLBase):
         memory.plan(key, request, task)  # a click with nothing to segment is refused before any download or encode
         engine = self.runtime.sam()
         # Not held: the encode may wait for other tasks' encodes, and this task's next click must not wait for it.
-        embedding = self.runtime.task_embedding(url, task_id)
+        embedding = self.runtime.task_embedding(url, task_id, self.project)
         with memory.hold(key):  # the next click on this task, in any worker process, plans after this one
             plan = memory.plan(key, request, task)
             self.request_kind = "further_click" if plan.state.regions else "first_click"
@@ -124,7 +124,7 @@ class SegmentationBackend(LabelStudioMLBase):
                 results += labeling.build_mask_results(decoded.mask, config=self.config, label=label,
                                                        score=decoded.score,
                                                        polygon=PolygonOptions.from_settings(settings),
-                                                       arrays=True)  # RLE for the app's orjson answer
+                                                       arrays=True)  # RLE, points: for the app's orjson answer
                 scores.append(decoded.score)
                 answered.append(decoded.low_res_logits)
             memory.remember(plan, answered, [result["id"] for result in results])

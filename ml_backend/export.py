@@ -179,7 +179,7 @@ def export_from_label_studio(out_dir: str | Path, *, url: str, token: str, proje
 
     def image_source(task: dict, image_url: str) -> np.ndarray:
         task_id = task.get("id") if isinstance(task.get("id"), int) else None
-        return loader.load(image_url, label_studio_url=url, token=token, task_id=task_id)
+        return loader.load(image_url, label_studio_url=url, token=token, task_id=task_id, project=project)
 
     return write_dataset(tasks, out_dir, image_source=image_source, options=options, label_config=label_config)
 

@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from ml_backend import metrics
+from ml_backend.embeddings.redis_shared import RedisEncodeLocks, RedisUrlRecords
 from ml_backend.embeddings.service import PreEncoding
 from ml_backend.embeddings.urls import UrlIndex
 from ml_backend.errors import BackendError, ModelSourceError, ModelUnavailableError
@@ -23,6 +24,7 @@ from ml_backend.label_studio_api import LabelStudioAccess
 from ml_backend.preannotation import TrimapPredictor
 from ml_backend.prompt_state import PromptMemory
 from ml_backend.retrain import build_retrainer
+from ml_backend.retrain.jobs import redis_connection
 from ml_backend.sam.encode_gate import EncodeGate, Priority
 from ml_backend.sam.engine import ImageEmbedding, image_key
 from ml_backend.sam import loading as sam_loading
@@ -46,18 +48,26 @@ class Runtime:
         self.access = LabelStudioAccess(settings.label_studio_url, settings.label_studio_api_key)
         self.images = ImageLoader(settings)
         self.trimaps = TrimapPredictor(settings.model_dir, settings.base_model, min_area=settings.min_mask_area)
+        # With REDIS_URL, every replica shares the prompt state, the URL index and the encode locks through Redis.
+        redis = redis_connection(settings.redis_url, fail_fast=True) if settings.redis_url else None
         # The object being segmented on each task (prompts and last logits), between clicks.
-        self.prompt_state = PromptMemory.from_settings(settings)
+        self.prompt_state = PromptMemory.from_settings(settings, redis=redis)
         # Image URL -> pixel-content key of its embedding, so a click skips download and decoding.
-        self.url_index = UrlIndex(lambda url: self.images.local_file(url, label_studio_url=self.access.url or None),
-                                  ttl_s=settings.url_key_ttl_s, origin=lambda: self.access.url)
+        self.url_index = UrlIndex(lambda url, project: self.images.local_file(
+                                      url, label_studio_url=self.access.url or None, token=self.access.token or None,
+                                      project=project),
+                                  ttl_s=settings.url_key_ttl_s, origin=lambda: self.access.url,
+                                  shared=None if redis is None else RedisUrlRecords(
+                                      redis, remote_ttl_s=settings.url_key_ttl_s))
+        # One encode per image among the replicas; a first click waits for another's at most until its answer is due.
+        self.encode_locks = None if redis is None else RedisEncodeLocks(redis, max_wait_s=ENCODE_ANSWER_WITHIN_S)
         # At most N encodes at once; further first clicks queue briefly, then get 503 + Retry-After.
         self.encode_gate = EncodeGate.from_settings(settings)
         self._engine = engine
         self._engine_error: BackendError | None = None
         self._engine_ready = threading.Event()
         if engine is not None:
-            self.url_index.store = engine.store
+            self._attach(engine)
             self._engine_ready.set()
         self.preencoding = PreEncoding(settings, sam=self.sam, embed=self.embed, load_image=self.load_image,
                                        url_index=self.url_index, label_studio=self.label_studio,
@@ -81,7 +91,7 @@ class Runtime:
         try:
             engine = sam_loading.load_engine(self.settings)  # looked up at call time: tests stand in for it
             self._warm_up(engine)
-            self.url_index.store = engine.store
+            self._attach(engine)
             self._engine = engine
             logger.info("SAM ready: %s", engine.source)
         except BackendError as exc:
@@ -92,6 +102,11 @@ class Runtime:
             self._engine_error = ModelSourceError(f"SAM could not be loaded: {exc}")
         finally:
             self._engine_ready.set()
+
+    def _attach(self, engine) -> None:
+        """Give the URL index the engine's embedding store, and the engine the replicas' encode locks."""
+        self.url_index.store = engine.store
+        engine.encode_locks = self.encode_locks
 
     def _warm_up(self, engine) -> None:
         """One encode of a blank image and a decode of each prompt kind before SAM counts as ready:
@@ -126,10 +141,11 @@ class Runtime:
         when the gate admits it (interactive callers may get :class:`EncodeBusyError`, HTTP 503)."""
         engine = self.sam()
         key = image_key(image)
-        if (embedding := engine.cached(key)) is None:
-            # Another worker or replica encoding this image: wait for it outside the gate, so this
-            # process's other first clicks do not queue behind a slot that only waits.
-            engine.wait_while_encoded_elsewhere(key)
+        if (embedding := engine.cached(key)) is None and engine.encoding_elsewhere(key):
+            # Another worker or replica encoding this image: wait for it outside the slots, so this
+            # process's other first clicks do not queue behind a slot that only waits; the gate counts it.
+            with self.encode_gate.waiting_elsewhere(priority):
+                engine.wait_for_encode_elsewhere(key)
             embedding = engine.cached(key)
         if embedding is not None:
             metrics.embedding_lookup(True, priority.name.lower())
@@ -161,15 +177,16 @@ class Runtime:
         if token and not self.settings.label_studio_api_key:
             self.access.token = token
 
-    def load_image(self, url: str, task_id: int | None = None) -> np.ndarray:
+    def load_image(self, url: str, task_id: int | None = None, project: int | None = None) -> np.ndarray:
+        """A task's image; ``project``, the task's project, limits reads from this disk to its local storages."""
         return self.images.load(url, label_studio_url=self.access.url or None, token=self.access.token or None,
-                                task_id=task_id)
+                                task_id=task_id, project=project)
 
-    def task_embedding(self, url: str, task_id: int | None = None) -> ImageEmbedding:
+    def task_embedding(self, url: str, task_id: int | None = None, project: int | None = None) -> ImageEmbedding:
         """The SAM embedding of the image at ``url``: without touching the image when its embedding is
         known (memory or store) and the URL still points at the same file, else loaded, decoded and embedded."""
         engine = self.sam()
-        validator = self.url_index.validator(url)
+        validator = self.url_index.validator(url, project)  # None for a file the project may not read
         key = self.url_index.lookup(url, validator)
         if key is not None and (embedding := engine.cached(key)) is not None:
             metrics.embedding_lookup(True, Priority.INTERACTIVE.name.lower())
@@ -177,7 +194,7 @@ class Runtime:
         # Most likely a new image: when the queue (with the first clicks still preparing theirs) is already too
         # long, refuse before spending seconds on downloading, decoding and hashing it: answered at once.
         with self.encode_gate.preparing():
-            image = self.load_image(url, task_id)
+            image = self.load_image(url, task_id, project)
         embedding = self.embed(image)
         self.url_index.remember(url, embedding.key, validator)
         return embedding

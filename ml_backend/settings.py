@@ -376,7 +376,8 @@ MEANINGS: dict[str, str] = {
     "download_timeout_s": "download timeout in seconds",
     "allowed_hosts": "other hosts images may be downloaded from, without the token (`host` or `*.domain`, "
                      "comma-separated); listed hosts may have private addresses",
-    "local_files_document_root": "Label Studio's local-files root, read directly from disk when set",
+    "local_files_document_root": "Label Studio's local-files root, read directly from disk when set (a task only "
+                                 "inside its project's local storages)",
     "image_cache_dir": "the on-disk download cache (LRU by bytes)",
     "image_cache_mb": "size of the download cache",
     "negative_labels": "keypoint labels that mean \"not this object\" (comma-separated, case-insensitive)",
@@ -387,7 +388,8 @@ MEANINGS: dict[str, str] = {
     "trimap_include_boundary": "pre-annotation mask = foreground + boundary classes",
     "trimap_sam_refine": "prompt SAM with the trimap foreground's box to refine the edge",
     "redis_url": "run training jobs and SAM 3 project pre-annotation jobs on RQ workers through this Redis "
-                 "instead of in-process (also needed by `PREENCODE_EXECUTOR=rq`)",
+                 "instead of in-process (also needed by `PREENCODE_EXECUTOR=rq`); replicas also share the prompt "
+                 "state, the URL index and the encode locks there (see [Replicas](replicas.md))",
     "retrain_min_annotations": "accepted annotations since the last version before training starts",
     "retrain_min_interval_min": "minutes between trainings of a project",
     "retrain_schedule_min": "also train on a fixed schedule (minutes; 0 = off)",
@@ -480,7 +482,8 @@ MEANINGS: dict[str, str] = {
     "max_warmup_tasks": "most tasks one `/warmup` may embed",
     "prompt_state_shared": "keep the prompt state in files every worker process of the backend shares: `auto` "
                            "when `WORKERS` > 1, `on`, `off` (each process its own memory); see "
-                           "[Deployment](deployment.md#several-worker-processes)",
+                           "[Deployment](deployment.md#several-worker-processes). With `REDIS_URL` set it is kept "
+                           "in Redis for every replica instead, unless `off`",
     "prompt_state_dir": "the folder of those files; empty: `/dev/shm/sam-trimap-prompts-<hash of MODEL_DIR>` when "
                         "`/dev/shm` has room for twice `PROMPT_STATE_MB`, else `MODEL_DIR/prompt-state`",
     "metrics_public": "serve `/metrics` (Prometheus text) without credentials, for a Prometheus on a private network; "

@@ -8,6 +8,9 @@
 #   scripts/docker_images.sh backend TAG [docker build options...]
 #                                            docker/Dockerfile with this host's pip settings (index URLs,
 #                                            CA bundle, local wheel folders) handed to its build stage
+#   scripts/docker_images.sh balancer TAG [docker build options...]
+#                                            docker/balancer/Dockerfile (HAProxy from Debian's packages); the
+#                                            test passes --build-arg DEBIAN_IMAGE=<the stand-in base>
 #
 # A stand-in is rebuilt only when its recipe changed (a label on the image holds the recipe's hash), so with
 # a persistent data root a second run builds nothing. Heavy steps run under `nice`.
@@ -125,7 +128,13 @@ backend)
     log "building $tag from docker/Dockerfile"
     nice -n 10 "$DOCKER" build --network host "${index_args[@]}" "$@" -f docker/Dockerfile -t "$tag" .
     ;;
+balancer)
+    tag="${2:?usage: $0 balancer TAG [docker build options...]}"
+    shift 2
+    log "building $tag from docker/balancer/Dockerfile"
+    nice -n 10 "$DOCKER" build --network host "$@" -t "$tag" docker/balancer
+    ;;
 *)
-    die "usage: $0 standins | backend TAG [docker build options...]"
+    die "usage: $0 standins | backend TAG [docker build options...] | balancer TAG [docker build options...]"
     ;;
 esac

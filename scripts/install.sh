@@ -82,6 +82,12 @@ segment_anything_module().SamPredictor" \
     done
     .venv/bin/python -c "import selenium" || die "selenium does not import (browser test)"
 
+    # --- Kubernetes manifests (issue 25): tests/test_kubernetes.py validates deploy/kubernetes offline against
+    # the Kubernetes JSON schemas this package ships (1.25 to its own version; no download at test time) ---
+    "${PIP[@]}" "kubernetes-validate>=1.34,<2"
+    .venv/bin/python -c "import kubernetes_validate.utils" \
+        || die "kubernetes-validate does not import (tests/test_kubernetes.py checks the Kubernetes manifests)"
+
     # --- the manual (issue 24): tests/test_docs.py runs `mkdocs build --strict` on docs/ ---
     "${PIP[@]}" "mkdocs>=1.6,<2"
     .venv/bin/python -c "import mkdocs" || die "mkdocs does not import (tests/test_docs.py builds the manual)"

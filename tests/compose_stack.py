@@ -1,4 +1,4 @@
-"""A private Docker engine and the compose stack of docker/docker-compose.yml on it, for tests/test_compose_stack.py.
+"""A private Docker engine and a compose stack of docker/ on it, for tests/test_compose_stack.py.
 
 The engine (scripts/docker_engine.sh) keeps its image layers in a persistent data root outside the
 repository (``SAM_TRIMAP_DOCKER_ROOT``, default /var/lib/sam-trimap-docker), so a second run reuses every
@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,6 +95,7 @@ class Stack:
     project: str
     env_file: Path
     files: tuple[str, ...]
+    scale: dict[str, int] = field(default_factory=dict)  # replicas per service, given to every `up`
 
     def compose(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
         command = ["docker-compose", "-p", self.project, "--env-file", str(self.env_file)]
@@ -102,29 +103,52 @@ class Stack:
             command += ["-f", str(REPO / "docker" / name)]
         return self.engine.run(*command, *args, check=check, timeout=timeout)
 
+    def up(self, *args: str) -> subprocess.CompletedProcess:
+        """``up`` with the stack's replica counts (without them compose would scale a service back to one);
+        ``args``: options, then services."""
+        return self.compose("up", *(f"--scale={name}={count}" for name, count in self.scale.items()), *args)
+
+    def containers(self, service: str) -> list[str]:
+        return sorted(self.compose("ps", "-q", service).stdout.split())
+
     def container(self, service: str) -> str:
-        ids = self.compose("ps", "-q", service).stdout.split()
+        ids = self.containers(service)
         if len(ids) != 1:
             raise RuntimeError(f"service {service}: containers {ids}")
         return ids[0]
 
-    def health(self, service: str) -> str:
-        state = self.engine.inspect(self.container(service))["State"]
+    def health(self, container: str) -> str:
+        state = self.engine.inspect(container)["State"]
         return state.get("Health", {}).get("Status", state["Status"])
 
     def wait_health(self, service: str, wanted: str, timeout_s: float) -> None:
+        """Until every container of ``service`` (as many as its scale) is ``wanted``."""
         deadline = time.monotonic() + timeout_s
-        status = ""
+        states: dict[str, str] = {}
         while time.monotonic() < deadline:
-            status = self.health(service)
-            if status == wanted:
+            states = {c: self.health(c) for c in self.containers(service)}
+            if len(states) == self.scale.get(service, 1) and set(states.values()) == {wanted}:
                 return
             time.sleep(1)
-        raise AssertionError(f"{service} is {status}, not {wanted}, after {timeout_s} s:\n{self.logs(service)}")
+        raise AssertionError(f"{service}: {states}, not all {wanted}, after {timeout_s} s:\n{self.logs(service)}")
 
-    def address(self, service: str, network: str) -> str:
-        networks = self.engine.inspect(self.container(service))["NetworkSettings"]["Networks"]
+    def address(self, service: str, network: str, container: str | None = None) -> str:
+        """A container's address on one of the stack's networks (the service's only container by default)."""
+        networks = self.engine.inspect(container or self.container(service))["NetworkSettings"]["Networks"]
         return networks[f"{self.project}_{network}"]["IPAddress"]
+
+    def get(self, container: str, path: str) -> tuple[int, str]:
+        """GET ``path`` from the backend in ``container`` itself (not through the balancer), with its basic auth."""
+        script = ("import base64, os, sys, urllib.error, urllib.request\n"
+                  "auth = base64.b64encode((os.environ['BASIC_AUTH_USER'] + ':' + os.environ['BASIC_AUTH_PASS'])"
+                  ".encode()).decode()\n"
+                  f"request = urllib.request.Request('http://127.0.0.1:9090{path}', "
+                  "headers={'Authorization': 'Basic ' + auth})\n"
+                  "try:\n    answer = urllib.request.urlopen(request, timeout=30)\n"
+                  "except urllib.error.HTTPError as error:\n    answer = error\n"
+                  "sys.stdout.write(str(answer.status) + '\\n' + answer.read().decode())\n")
+        status, _, body = self.engine.docker("exec", container, "python", "-c", script).stdout.partition("\n")
+        return int(status), body
 
     def logs(self, service: str, tail: int = 80) -> str:
         return self.compose("logs", "--no-color", "--tail", str(tail), service, check=False).stdout

@@ -5,8 +5,10 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TypeVar
 
@@ -57,3 +59,29 @@ def start_gunicorn_backend(env: Mapping[str, str], log: Path, *, port: int | Non
                                env={"HOST": "127.0.0.1", **env, "PORT": str(port)}, stdout=log.open("ab"),
                                stderr=subprocess.STDOUT, start_new_session=new_session)
     return process, f"http://127.0.0.1:{port}"
+
+
+class PngServer:
+    """Label Studio's /data/upload/ as far as a backend needs it: every GET answers the PNG ``pick(path)`` gives."""
+
+    def __init__(self, pick: Callable[[str], bytes]) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                data = pick(self.path)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,19 +1,24 @@
-"""docker/docker-compose.yml built, started and driven end to end, as a team would run it on a CPU machine.
+"""docker/compose.cpu.yml built, started and driven end to end, as a team would run it on a CPU machine.
 
 A private dockerd (own socket; image layers kept in a persistent data root) builds every image here,
 since no image registry is reachable: a Debian-bootstrapped stand-in for the Python base image, Label
-Studio 1.23.2 from PyPI and Debian's Redis (scripts/docker_images.sh standins), and the backend from
-docker/Dockerfile as it is, with a CPU torch (scripts/docker_images.sh backend). The compose stack then
-runs exactly as configured (SSRF protection on, Basic Auth, Redis with a password on its own network),
-with a tiny random SAM in the models volume, and is driven through Label Studio's API: a click, training
-on the worker container, pre-encoding on the worker and a restarted backend, the healthchecks, and the
-SSRF list. Containers, networks and volumes go afterwards, also after a failure; image layers stay.
+Studio 1.23.2 from PyPI and Debian's Redis (scripts/docker_images.sh standins), the backend from
+docker/Dockerfile as it is, with a CPU torch (scripts/docker_images.sh backend), and the HAProxy balancer
+from docker/balancer/Dockerfile on the stand-in Debian base. The compose stack then runs exactly as
+configured (SSRF protection on, Basic Auth, Redis with a password on its own network), with two backend
+replicas behind the balancer (``--scale backend=2``) and a tiny random SAM in the models volume, and is
+driven through Label Studio's API: a click, round robin over the replicas, training on the worker
+container, pre-encoding on the worker and restarted replicas, the healthchecks, and the SSRF list.
+Containers, networks and volumes go afterwards, also after a failure; image layers stay.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import re
 import secrets
+import socket
 import shutil
 import time
 from collections.abc import Iterator
@@ -31,6 +36,8 @@ from processes import free_port, wait_for
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 BACKEND_TAG = "sam-trimap-backend:compose-test"
+BALANCER_TAG = "sam-trimap-balancer:compose-test"
+REPLICAS = 2  # backend containers behind the balancer
 CPU_TORCH = "torch==2.13.0+cpu"  # the wheel in this host's pip find-links folder (no CUDA download)
 USER, PASSWORD = "label-studio", "backend-" + secrets.token_hex(8)
 SIZE = 48
@@ -103,10 +110,15 @@ def images(engine: Engine) -> dict[str, str]:
     engine.run("bash", "scripts/docker_images.sh", "backend", BACKEND_TAG, "-q",
                f"--build-arg=BASE_IMAGE={names['BASE_IMAGE']}", f"--build-arg=TORCH_SPEC={CPU_TORCH}", timeout=3000)
     backend_s = time.monotonic() - began
+    began = time.monotonic()
+    engine.run("bash", "scripts/docker_images.sh", "balancer", BALANCER_TAG, "-q",
+               f"--build-arg=DEBIAN_IMAGE={names['BASE_IMAGE']}", timeout=1200)
+    balancer_s = time.monotonic() - began
     size = engine.inspect(BACKEND_TAG)["Size"]
     print(f"\n[compose] stand-in images {standins_s:.0f} s, backend image {backend_s:.0f} s, "
-          f"backend image size {size / 1e9:.2f} GB ({size / 2**20:.0f} MiB)")
-    return {**names, "BACKEND_IMAGE": BACKEND_TAG}
+          f"balancer image {balancer_s:.0f} s, backend image size {size / 1e9:.2f} GB ({size / 2**20:.0f} MiB), "
+          f"balancer image size {engine.inspect(BALANCER_TAG)['Size'] / 2**20:.0f} MiB")
+    return {**names, "BACKEND_IMAGE": BACKEND_TAG, "BALANCER_IMAGE": BALANCER_TAG}
 
 
 @pytest.fixture(scope="module")
@@ -129,16 +141,18 @@ def stack(engine: Engine, images: dict[str, str], tiny_sam_preset: Path, request
     }
     env_file = workdir / "compose.env"
     env_file.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
-    compose = Stack(engine, f"samtest{secrets.token_hex(3)}", env_file, ("docker-compose.yml",))
+    compose = Stack(engine, f"samtest{secrets.token_hex(3)}", env_file, ("compose.cpu.yml",),
+                    scale={"backend": REPLICAS})
     failed_before = request.session.testsfailed
     try:
-        compose.compose("up", "--no-start", "--no-build")  # containers and volumes, nothing running yet
+        compose.up("--no-start", "--no-build")  # containers and volumes, nothing running yet
         # The tiny SAM into the models volume, owned by the backend's user as the volume's other files.
-        engine.docker("cp", str(tiny_sam_preset), f"{compose.container('backend')}:/models/tiny-sam")
-        compose.compose("up", "-d", "--no-build")
+        engine.docker("cp", str(tiny_sam_preset), f"{compose.containers('backend')[0]}:/models/tiny-sam")
+        compose.up("-d", "--no-build")
         api = LabelStudioApi(f"http://127.0.0.1:{ls_port}", token)
         wait_for(lambda: _answers(api), 600, "Label Studio in its container", interval_s=2)
         compose.wait_health("backend", "healthy", 300)
+        wait_until_balanced(f"http://127.0.0.1:{backend_port}")
         yield {"compose": compose, "api": api, "backend": f"http://127.0.0.1:{backend_port}", "workdir": workdir,
                "settings": settings}
     except BaseException:
@@ -152,7 +166,7 @@ def stack(engine: Engine, images: dict[str, str], tiny_sam_preset: Path, request
 
 
 def print_logs(compose: Stack) -> None:
-    for service in ("backend", "worker", "label-studio", "redis"):
+    for service in ("backend", "balancer", "worker", "label-studio", "redis"):
         print(f"--- {service} ---\n{compose.logs(service, 150)}")
 
 
@@ -164,9 +178,37 @@ def _answers(api: LabelStudioApi) -> bool:
 
 
 def backend_get(stack: dict, path: str) -> dict:
+    """Through the balancer (any replica): for what the replicas share (Redis, the volumes)."""
     answer = requests.get(stack["backend"] + path, auth=(USER, PASSWORD), timeout=30)
     assert answer.status_code == 200, answer.text
     return answer.json()
+
+
+def replica_status(compose: Stack) -> dict[str, dict]:
+    """Each replica's own /status (what a process holds: its SAM, its pre-encoding), asked in its container."""
+    answers = {}
+    for container in compose.containers("backend"):
+        status, body = compose.get(container, "/status")
+        assert status == 200, body
+        answers[container] = json.loads(body)
+    return answers
+
+
+def clicks_served(compose: Stack) -> dict[str, float]:
+    """Each replica's count of interactive /predict requests answered (its Prometheus counter)."""
+    counts = {}
+    for container in compose.containers("backend"):
+        status, body = compose.get(container, "/metrics")
+        assert status == 200, body
+        counts[container] = sum(float(m.group(1)) for m in re.finditer(
+            r'^ml_backend_requests_total\{[^}]*kind="(?:first|further)_click"[^}]*\} (\S+)$', body, re.M))
+    return counts
+
+
+def wait_until_balanced(balancer: str) -> None:
+    """Until the balancer's health checks have found a ready replica (it answers 503 itself before)."""
+    wait_for(lambda: requests.get(balancer + "/ready", timeout=10).status_code == 200, 120,
+             "a ready replica behind the balancer", interval_s=1)
 
 
 def test_backend_image_runs_as_non_root_and_holds_no_test_tools_or_build_settings(engine: Engine, images) -> None:
@@ -195,11 +237,13 @@ def test_label_studio_reaches_the_backend_and_no_other_private_address(stack: di
     api: LabelStudioApi = stack["api"]
     project, _ = api.project_with_images("ssrf", range(1))
     addresses = {
+        **{f"backend replica {i}": f"http://{compose.address('backend', 'ml', container)}:9090"
+           for i, container in enumerate(compose.containers("backend"))},
         "redis (queue network)": f"http://{compose.address('redis', 'queue')}:6379",
         "worker": f"http://{compose.address('worker', 'ml')}:9090",
         "label studio itself": "http://172.30.99.2:8080",
         "the network's gateway (the host)": "http://172.30.99.1:8080",
-        "backend's neighbour": "http://172.30.99.11:9090",
+        "the balancer's neighbour": "http://172.30.99.11:9090",
         "loopback": "http://127.0.0.1:8080",
         "metadata service": "http://169.254.169.254/latest",
     }
@@ -219,6 +263,8 @@ def test_label_studio_reaches_the_backend_and_no_other_private_address(stack: di
     # Redis itself wants its password (the worker and backend have it in REDIS_URL).
     noauth = compose.engine.docker("exec", "-e", "REDISCLI_AUTH=", compose.container("redis"), "redis-cli", "ping")
     assert "NOAUTH" in noauth.stdout + noauth.stderr, noauth
+    # The one private address Label Studio may call: the balancer's, by its name backend.internal.
+    assert compose.address("balancer", "ml") == "172.30.99.10"
     connected = api.connect(project)
     assert connected.status_code == 201, connected.text
 
@@ -230,7 +276,8 @@ def interactive(stack: dict) -> dict:
     project, tasks = api.project_with_images("interactive", range(3))
     connected = api.connect(project)
     assert connected.status_code == 201, connected.text
-    wait_for(lambda: backend_get(stack, "/status")["preencode"]["projects"].get(str(project), {}).get("done") == 3,
+    wait_for(lambda: any(s["preencode"]["projects"].get(str(project), {}).get("done") == 3
+                         for s in replica_status(stack["compose"]).values()),
              300, "three images pre-encoded by the worker")
     return {"project": project, "tasks": tasks, "ml": connected.json()["id"]}
 
@@ -252,12 +299,36 @@ def test_a_click_through_label_studio_equals_the_engines_mask(stack: dict, inter
     np.testing.assert_array_equal(mask, expected.mask)
 
 
+def test_the_balancer_spreads_clicks_over_the_replicas_and_bounds_bodies(stack: dict, interactive: dict) -> None:
+    compose: Stack = stack["compose"]
+    before = clicks_served(compose)
+    assert len(before) == REPLICAS
+    masks = []
+    for _ in range(2 * REPLICAS):
+        answer = stack["api"].ok("POST", f"/api/ml/{interactive['ml']}/interactive-annotating",
+                                 json={"task": interactive["tasks"][1], "context": {"result": [click(45, 55)]}})
+        assert "errors" not in answer, answer
+        masks.append(answer["data"]["result"][0]["value"]["rle"])
+    after = clicks_served(compose)
+    served = {container: after[container] - before[container] for container in before}
+    assert all(count >= 1 for count in served.values()), f"clicks per replica: {served}"
+    assert sum(served.values()) >= 2 * REPLICAS, served
+    assert all(mask == masks[0] for mask in masks), "replicas answered one click differently"
+    # A body beyond MAX_REQUEST_MB is refused by the balancer itself, before it is sent on.
+    host, port = stack["backend"].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(b"POST /predict HTTP/1.1\r\nHost: backend.internal\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n" % ((32 << 20) + 1))
+        refusal = connection.recv(4096).decode()
+    assert refusal.startswith("HTTP/1.1 413") and "the load balancer refuses" in refusal, refusal
+
+
 def test_the_worker_pre_encodes_into_the_shared_store_and_a_restarted_backend_serves_from_it(
         stack: dict, interactive: dict) -> None:
     compose: Stack = stack["compose"]
-    status = backend_get(stack, "/status")
-    assert status["preencode"]["executor"] == "rq"
-    assert status["sam"]["images_encoded"] == 0, "the backend only decodes: the worker encodes"
+    for status in replica_status(compose).values():
+        assert status["preencode"]["executor"] == "rq"
+        assert status["sam"]["images_encoded"] == 0, "the backend only decodes: the worker encodes"
     assert compose.logs("worker", 400).count(": encoded (") >= 3
     stored = compose.engine.docker("exec", compose.container("worker"), "sh", "-c",
                                    "find /cache/embeddings -type f | wc -l").stdout
@@ -265,12 +336,13 @@ def test_the_worker_pre_encodes_into_the_shared_store_and_a_restarted_backend_se
 
     compose.compose("restart", "--timeout", "10", "backend")
     compose.wait_health("backend", "healthy", 300)
-    assert backend_get(stack, "/status")["sam"]["images_encoded"] == 0
-    for task in interactive["tasks"]:
+    wait_until_balanced(stack["backend"])
+    for task in interactive["tasks"] * REPLICAS:  # round robin: each replica gets clicks
         answer = stack["api"].ok("POST", f"/api/ml/{interactive['ml']}/interactive-annotating",
                                  json={"task": task, "context": {"result": [click()]}})
         assert "errors" not in answer and answer["data"]["result"][0]["value"]["rle"], answer
-    assert backend_get(stack, "/status")["sam"]["images_encoded"] == 0, "the restarted backend encoded an image"
+    for status in replica_status(compose).values():
+        assert status["sam"]["images_encoded"] == 0, "a restarted replica encoded an image"
 
 
 def test_start_training_runs_on_the_worker_and_the_backend_serves_the_promoted_version(stack: dict) -> None:
@@ -327,17 +399,22 @@ def test_start_training_runs_on_the_worker_and_the_backend_serves_the_promoted_v
 
 def test_a_backend_whose_sam_failed_is_unhealthy(stack: dict) -> None:
     compose: Stack = stack["compose"]
-    assert compose.health("backend") == "healthy"
+    compose.wait_health("backend", "healthy", 60)
     env_file: Path = compose.env_file
     env_file.write_text(env_file.read_text().replace("SAM_MODEL=/models/tiny-sam", "SAM_MODEL=/models/no-such-sam"))
-    compose.compose("up", "-d", "--no-build", "--no-deps", "backend")  # recreated with the broken setting
+    compose.up("-d", "--no-build", "--no-deps", "backend")  # the replicas recreated with the broken setting
     compose.wait_health("backend", "unhealthy", 300)
-    ready = requests.get(stack["backend"] + "/ready", timeout=10)
-    assert ready.status_code == 503 and ready.json()["sam"] == "failed", ready.text
+    for container in compose.containers("backend"):
+        status, body = compose.get(container, "/ready")
+        assert status == 503 and json.loads(body)["sam"] == "failed", body
+    # The balancer's own health checks took every replica out: it answers 503 itself, sending nothing on.
+    wait_for(lambda: "No server is available" in requests.get(stack["backend"] + "/ready", timeout=10).text, 60,
+             "the balancer to take the failed replicas out")
+    assert requests.get(stack["backend"] + "/ready", timeout=10).status_code == 503
 
 
 def test_compose_files_stay_valid_for_cpu_and_gpu(stack: dict) -> None:
-    for files in (("docker-compose.yml",), ("docker-compose.yml", "compose.gpu.yml")):
+    for files in (("compose.cpu.yml",), ("docker-compose.yml",)):
         checked = Stack(stack["compose"].engine, "configcheck", stack["compose"].env_file, files)
         assert checked.compose("config", "-q").returncode == 0
 

@@ -157,6 +157,22 @@ def test_components_below_the_minimum_area_are_dropped_and_small_holes_filled() 
     np.testing.assert_array_equal(polygons_mask(mask, PolygonOptions(min_area=4, tolerance=0)), mask)
 
 
+def test_a_filled_hole_joins_the_island_inside_it_to_the_component_around_it() -> None:
+    """The small parts are counted each in its box and the other contours kept as traced, except where a
+    filled hole held a component: that component is now part of the one around it, one outline for both."""
+    mask = np.zeros((40, 40), bool)
+    mask[5:35, 5:35] = True
+    mask[14:24, 14:24] = False  # a one-pixel ring of 36 background pixels ...
+    mask[15:23, 15:23] = True  # ... around a 64-pixel island
+    mask[30:32, 8:10] = False  # and a 4-pixel hole elsewhere
+    [outline] = mask_to_polygons(mask, PolygonOptions(min_area=50, tolerance=0))
+    expected = np.zeros_like(mask)
+    expected[5:35, 5:35] = True
+    np.testing.assert_array_equal(polygons_mask(mask, PolygonOptions(min_area=50, tolerance=0)), expected)
+    assert len(outline) == 4  # the square's corners: nothing of the island's outline is left
+    assert len(mask_to_polygons(mask, PolygonOptions(min_area=30, tolerance=0))) == 2  # ring kept: island apart
+
+
 def test_tolerance_trades_vertices_for_accuracy() -> None:
     mask = disk_with_hole(shape=(300, 400), centre=(200, 150), radius=120, hole=40)
     counts, ious = [], []

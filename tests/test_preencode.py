@@ -17,6 +17,7 @@ from PIL import Image
 from ml_backend.app import create_app
 from ml_backend.sam.identity import model_identity
 from ml_backend.embeddings.scheduler import PreEncodeScheduler, TaskImage, project_id
+from ml_backend.images.storages import ProjectStorages
 from ml_backend.sam.store import EmbeddingStore
 from ml_backend.runtime import Runtime
 from ml_backend.sam import Prompts, SamEngine
@@ -154,7 +155,9 @@ def test_project_ids_as_label_studio_sends_them(value, expected) -> None:
 
 # --- through the backend --------------------------------------------------------
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def settings(tmp_path: Path, monkeypatch) -> Settings:
+    # Project 1's (and 7's) local storage is the images folder (no Label Studio here to list it).
+    monkeypatch.setattr(ProjectStorages, "paths", lambda self, *args: (str(tmp_path / "files" / "images"),))
     return dataclasses.replace(Settings(), model_dir=tmp_path / "models", image_cache_dir=tmp_path / "cache",
                                embedding_store_dir=tmp_path / "store", local_files_document_root=str(tmp_path / "files"),
                                label_studio_url="http://127.0.0.1:9", preencode_lookahead=2)  # files read from disk
@@ -348,7 +351,8 @@ def test_with_rq_the_worker_encodes_and_the_web_process_only_reads_the_store(set
     runtime = Runtime(settings, engine=web_engine)
     worker_engine = engine_with_store(tiny_segmenter, settings)  # another process in production: same store
     loader = ImageLoader(settings)
-    url_index = UrlIndex(lambda url: loader.local_file(url, label_studio_url=settings.label_studio_url), ttl_s=60)
+    url_index = UrlIndex(lambda url, project: loader.local_file(url, label_studio_url=settings.label_studio_url,
+                                                            project=project), ttl_s=60)
     url_index.store = worker_engine.store
     jobs._context = jobs.WorkerContext(settings, loader, worker_engine, url_index)
     try:
@@ -397,7 +401,7 @@ def test_relative_urls_of_two_label_studio_servers_never_share_an_entry() -> Non
     from ml_backend.embeddings.urls import REMOTE, UrlIndex
 
     origin = {"url": "http://ls-a:8080"}
-    index = UrlIndex(lambda url: None, ttl_s=60, origin=lambda: origin["url"])
+    index = UrlIndex(lambda url, project: None, ttl_s=60, origin=lambda: origin["url"])
     index.remember("/data/upload/1/cat.png", "key-of-a", REMOTE)
     assert index.lookup("/data/upload/1/cat.png", REMOTE) == "key-of-a"
     origin["url"] = "http://ls-b:8080"

@@ -138,16 +138,16 @@ def test_concurrent_read_modify_writes_lose_nothing_and_never_tear(tmp_path: Pat
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
 
 
-def test_threads_of_one_process_are_held_apart_too(tmp_path: Path) -> None:
-    storage = FileStorage(tmp_path, **LIMITS)
+def holders_at_once(storage, rounds: int, pause_s: float) -> list[int]:
+    """How many threads were inside ``storage.hold`` of one task each time one entered (4 threads, ``rounds`` each)."""
     inside, overlaps = [0], []
 
     def work() -> None:
-        for _ in range(20):
+        for _ in range(rounds):
             with storage.hold(task_key(1, {"id": 1}, "u")):
                 inside[0] += 1
                 overlaps.append(inside[0])
-                time.sleep(0.001)
+                time.sleep(pause_s)
                 inside[0] -= 1
 
     threads = [threading.Thread(target=work) for _ in range(4)]
@@ -155,6 +155,11 @@ def test_threads_of_one_process_are_held_apart_too(tmp_path: Path) -> None:
         thread.start()
     for thread in threads:
         thread.join()
+    return overlaps
+
+
+def test_threads_of_one_process_are_held_apart_too(tmp_path: Path) -> None:
+    overlaps = holders_at_once(FileStorage(tmp_path, **LIMITS), rounds=20, pause_s=0.001)
     assert len(overlaps) == 80 and max(overlaps) == 1
 
 

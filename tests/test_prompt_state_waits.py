@@ -93,11 +93,11 @@ def test_a_click_waiting_for_its_encode_holds_no_prompt_state_and_other_tasks_go
     encoding, release = threading.Event(), threading.Event()
     embed = runtime.task_embedding
 
-    def task_embedding(url: str, task_id: int | None = None):
+    def task_embedding(url: str, task_id: int | None = None, project: int | None = None):
         if url == slow_url:  # this image's encode waits behind others (the encode gate's queue)
             encoding.set()
             assert release.wait(60)
-        return embed(url, task_id)
+        return embed(url, task_id, project)
 
     runtime.task_embedding = task_embedding
 

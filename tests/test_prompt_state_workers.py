@@ -11,16 +11,14 @@ import contextlib
 import io
 import os
 import signal
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 from PIL import Image
-from processes import wait_for
+from processes import PngServer, wait_for
 from test_faults_serving import Backends, Server, wait_ready
 from test_prompt_state import body, items, pixels
 
@@ -28,31 +26,6 @@ from ml_backend.brush import decode_rle
 from ml_backend.sam import Prompts, SamEngine
 
 WIDTH, HEIGHT = 400, 300  # the size the recorded bodies were clicked on
-
-
-class ImageServer:
-    """Label Studio's /data/upload/ as far as the backend needs it: every path is the one PNG."""
-
-    def __init__(self, png: bytes) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(png)))
-                self.end_headers()
-                self.wfile.write(png)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture
@@ -64,7 +37,8 @@ def image() -> np.ndarray:
 def two_workers(tmp_path: Path, tiny_sam_preset: Path, image: np.ndarray) -> Iterator[tuple[Server, list[int]]]:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
-    images = ImageServer(buffer.getvalue())
+    png = buffer.getvalue()
+    images = PngServer(lambda path: png)  # every path is the one PNG
     backends = Backends(tmp_path, tiny_sam_preset, images)
     try:
         # PROMPT_STATE_SHARED is left to "auto"; the folder is the test's, not /dev/shm.

@@ -43,7 +43,7 @@ LABEL_CONFIG = """<View><Image name="image" value="$image"/>
 <KeyPointLabels name="kp" toName="image" smart="true"><Label value="Pet"/></KeyPointLabels>
 <RectangleLabels name="rect" toName="image" smart="true"><Label value="Pet"/></RectangleLabels></View>"""
 # Paths where Label Studio legitimately receives the token from the backend.
-TOKEN_PATHS = ("/api/projects/", "/api/tasks", "/api/webhooks/", "/data/upload/")
+TOKEN_PATHS = ("/api/projects/", "/api/tasks", "/api/webhooks/", "/api/storages/localfiles", "/data/upload/")
 
 
 def png(width: int, height: int, mode: str = "RGB") -> bytes:
@@ -74,8 +74,9 @@ class Recorder:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 recorder.seen.append((self.command, self.path, {**dict(self.headers), "_body": body[:2000]}))
-                path = self.path.split("?", 1)[0]
-                status, payload, kind = recorder.routes.get(path, (200, png(8, 8), "image/png"))
+                path = self.path.split("?", 1)[0]  # a route may name its query too: that one first
+                status, payload, kind = recorder.routes.get(self.path, recorder.routes.get(path, (200, png(8, 8),
+                                                                                                   "image/png")))
                 if recorder.label == "label-studio" and self.headers.get("Authorization") != f"Token {TOKEN}":
                     status, payload, kind = 401, b'{"detail": "no"}', "application/json"
                 self.send_response(status)
@@ -267,7 +268,9 @@ def servers(tmp_path_factory, tiny_sam_preset) -> Iterator[dict]:
     trap_server, ls_server = trap.start(), ls.start()
     ls.routes["/api/projects/1/export"] = (200, json.dumps(malicious_export(ls.url, trap.url)).encode(),
                                            "application/json")
+    (work / "files").mkdir()
     env = {**os.environ, "HOST": "127.0.0.1", "THREADS": "4", "SAM_MODEL": str(tiny_sam_preset),
+           "LOCAL_FILES_DOCUMENT_ROOT": str(work / "files"),
            "MODEL_DIR": str(work / "models"), "IMAGE_CACHE_DIR": str(work / "cache"), "BASIC_AUTH_USER": USER,
            "BASIC_AUTH_PASS": PASSWORD, "MAX_REQUEST_MB": str(MAX_REQUEST_MB), "RETRAIN_MIN_ANNOTATIONS": "1000"}
     for name in ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "REDIS_URL", "ALLOWED_HOSTS", "WEBHOOK_SECRET"):
@@ -285,7 +288,7 @@ def servers(tmp_path_factory, tiny_sam_preset) -> Iterator[dict]:
     try:
         wait_for(ready, 600, "the backend", log)
         yield {"url": url, "trap": trap, "ls": ls, "process": process, "log": log, "model_dir": work / "models",
-               "port": port}
+               "port": port, "files": work / "files"}
     finally:
         stop(process)
         trap_server.shutdown()
@@ -589,3 +592,68 @@ def test_whole_project_work_is_bounded(servers) -> None:
     print(f"\n/preannotate for 2**62: 404; 300 projects' webhooks: retraining.json holds {len(projects)} projects, "
           f"{state.stat().st_size if state.exists() else 0} bytes")
     assert 100 <= len(projects) <= 200 and state.stat().st_size < 200_000, (len(projects), state.stat().st_size)
+
+
+def test_local_files_of_another_project_are_never_read(servers) -> None:
+    """Item 8: with LOCAL_FILES_DOCUMENT_ROOT set, a task of project 1 naming a file of project 2's local storage
+    (``d=``, ``..``, a link, ``file:``, a bare path, a storage name sharing a prefix) gets a refusal and none of
+    its pixels, and is not fetched from Label Studio instead; project 1's own file is read; a Label Studio that
+    fails or lists no storage refuses the read."""
+    url, ls, auth, root = servers["url"], servers["ls"], (USER, PASSWORD), servers["files"]
+    (root / "a").mkdir()
+    (root / "ab").mkdir()  # project 2's storage: its name starts with project 1's
+    (root / "a" / "own.png").write_bytes(png(24, 16))
+    (root / "ab" / "secret.png").write_bytes(png(40, 30))
+    (root / "a" / "link.png").symlink_to(root / "ab" / "secret.png")
+
+    def storages(project: int, *paths: Path) -> None:
+        listing = [{"id": 10 + i, "project": project, "path": str(path), "title": path.name}
+                   for i, path in enumerate(paths)]
+        ls.routes[f"/api/storages/localfiles?project={project}"] = (200, json.dumps(listing).encode(),
+                                                                     "application/json")
+
+    storages(1, root / "a")
+    storages(2, root / "ab")
+    storages(4)  # no local storage at all
+    ls.routes["/api/storages/localfiles?project=3"] = (500, b'{"detail": "boom"}', "application/json")
+    setup_project(url, ls.url)
+
+    def click(image: str, project: int, task_id: int = 700) -> requests.Response:
+        return requests.post(url + "/predict", auth=auth, timeout=120, json={
+            "tasks": [{"id": task_id, "data": {"image": image}}], "label_config": LABEL_CONFIG,
+            "project": f"{project}.1700000000", "params": {"context": {"result": [keypoint(50, 50)]}}})
+
+    def size_of(answer: requests.Response) -> tuple[int, int]:
+        region = answer.json()["results"][0]["result"][0]
+        return region["original_width"], region["original_height"]
+
+    # Project 2 reads its own file (the backend now knows its URL and embedding) ...
+    secret = "/data/local-files/?d=ab/secret.png"
+    answer = click(secret, 2, task_id=701)
+    assert answer.status_code == 200 and size_of(answer) == (40, 30), answer.text[:300]
+    seen = len(ls.seen)
+    attacks = {"d= of project 2's file": secret, "absolute d=": f"{ls.url}{secret}",
+               "dot-dot out of project 1's storage": "/data/local-files/?d=a/../ab/secret.png",
+               "link in project 1's storage to project 2's file": "/data/local-files/?d=a/link.png",
+               "file: URL": (root / "ab" / "secret.png").as_uri(), "bare path": str(root / "ab" / "secret.png")}
+    outcomes = {}
+    for name, image in attacks.items():
+        answer = click(image, 1)  # ... project 1 gets none of its pixels, not even through that embedding
+        assert answer.status_code == 403 and "local storage of project 1" in answer.json()["error"], (name, answer.text)
+        batch = requests.post(url + "/predict", auth=auth, timeout=120, json={
+            "tasks": [{"id": 700, "data": {"image": image}}], "label_config": LABEL_CONFIG, "project": "1.1700000000"})
+        assert batch.status_code == 200 and batch.json()["results"][0]["result"] == [], batch.text[:300]
+        outcomes[name] = answer.json()["error"]
+    asked = [path for _, path, _ in ls.seen[seen:]]
+    assert not [path for path in asked if path.startswith("/data/")], asked  # no fallback over HTTP
+    assert any(path.startswith("/api/storages/localfiles?project=1") for path in asked), asked
+    answer = click("/data/local-files/?d=a/own.png", 1)
+    assert answer.status_code == 200 and size_of(answer) == (24, 16), answer.text[:300]
+    failing = click("/data/local-files/?d=a/own.png", 3, task_id=703)
+    assert failing.status_code == 403 and "HTTP 500" in failing.json()["error"], failing.text
+    empty = click("/data/local-files/?d=a/own.png", 4, task_id=704)
+    assert empty.status_code == 403 and "no local storage" in empty.json()["error"], empty.text
+    for name, error in outcomes.items():
+        print(f"| {name} (task of project 1) | interactive / batch /predict | 403 {error[:90]} / empty |")
+    print(f"| Label Studio fails (HTTP 500) / lists no storage | /predict | 403 {failing.json()['error'][:60]} / "
+          f"403 {empty.json()['error'][:60]} |")

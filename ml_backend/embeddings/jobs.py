@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ml_backend.embeddings.scheduler import EncodeJob
+from ml_backend.embeddings.scheduler import EncodeJob, project_id
 from ml_backend.errors import BackendError
 from ml_backend.security.jobs import FINISHED_JOB_TTL_S, job_access
 
@@ -59,8 +59,17 @@ def load_worker_context(settings=None) -> WorkerContext:
         if engine.store is None:
             raise EmbeddingJobError("an embedding worker needs EMBEDDING_STORE_DIR (and EMBEDDING_STORE_MB > 0)")
         images = ImageLoader(settings)
-        url_index = UrlIndex(images.local_file, ttl_s=settings.url_key_ttl_s, origin=lambda: settings.label_studio_url)
+        # With this worker's own Label Studio access; a worker without one finds no entry and loads the image.
+        url_index = UrlIndex(lambda url, project: images.local_file(url, project=project),
+                             ttl_s=settings.url_key_ttl_s, origin=lambda: settings.label_studio_url)
         url_index.store = engine.store
+        if settings.redis_url:  # the web replicas' encode locks and URL records, so none encodes what this does
+            from ml_backend.embeddings.redis_shared import RedisEncodeLocks, RedisUrlRecords
+            from ml_backend.retrain.jobs import redis_connection
+
+            redis = redis_connection(settings.redis_url, fail_fast=True)
+            engine.encode_locks = RedisEncodeLocks(redis, max_wait_s=JOB_TIMEOUT_S)
+            url_index.shared = RedisUrlRecords(redis, remote_ttl_s=settings.url_key_ttl_s)
         _context = WorkerContext(settings, images, engine, url_index)
     return _context
 
@@ -69,13 +78,15 @@ def encode_image(spec: dict[str, Any]) -> str:
     """The RQ job: make one image's embedding ready in the shared store; "ready" or "encoded"."""
     context = load_worker_context()
     url, task_id = spec["url"], spec.get("task_id")
-    validator = context.url_index.validator(url)
+    project = project_id(spec.get("project"))  # its local files: only from its local storages
+    validator = context.url_index.validator(url, project)
     key = context.url_index.lookup(url, validator)
     if key is not None and context.engine.store.contains(key):
         return "ready"
     ls_url, token = job_access(context.settings.label_studio_url, context.settings.label_studio_api_key,
                                spec.get("label_studio_url"), spec.get("token"))
-    image = context.images.load(url, label_studio_url=ls_url or None, token=token or None, task_id=task_id)
+    image = context.images.load(url, label_studio_url=ls_url or None, token=token or None, task_id=task_id,
+                                project=project)
     encodes = context.engine.images_encoded
     embedding = context.engine.embed(image)
     context.url_index.remember(url, embedding.key, validator)

@@ -33,9 +33,9 @@ class PreEncoding:
 
     def __init__(self, settings: Settings, *, sam: Callable[[float], object],
                  embed: Callable[[np.ndarray, Priority], ImageEmbedding],
-                 load_image: Callable[[str, int | None], np.ndarray], url_index: UrlIndex,
+                 load_image: Callable[[str, int | None, int | None], np.ndarray], url_index: UrlIndex,
                  label_studio: Callable[[], tuple[str, str]], store: Callable[[], object | None]) -> None:
-        """``sam(timeout_s)``: the SAM engine once loaded; ``label_studio()``: its URL and token as known now;
+        """``load_image(url, task_id, project)``: a task's image; ``sam(timeout_s)``: the SAM engine once loaded; ``label_studio()``: its URL and token as known now;
         ``store()``: the loaded SAM's embedding store (None while loading or without one)."""
         self.settings = settings
         self._sam, self._embed, self._load_image = sam, embed, load_image
@@ -59,7 +59,7 @@ class PreEncoding:
     def _already_ready(self, job: EncodeJob) -> str | None:
         """"ready" when the URL's embedding is known and stored, without loading the image; else None."""
         engine = self._sam(PREENCODE_SAM_WAIT_S)
-        key = self.url_index.lookup(job.url, self.url_index.validator(job.url))
+        key = self.url_index.lookup(job.url, self.url_index.validator(job.url, _task_project(job)))
         if key is None or not engine.is_ready(key):
             return None
         if job.urgent:
@@ -71,9 +71,10 @@ class PreEncoding:
         if self._already_ready(job):
             return "ready"
         engine = self._sam(PREENCODE_SAM_WAIT_S)
-        validator = self.url_index.validator(job.url)
+        validator = self.url_index.validator(job.url, _task_project(job))
         encodes = engine.images_encoded
-        embedding = self._embed(self._load_image(job.url, job.task_id), Priority.BACKGROUND)  # after waiting clicks
+        image = self._load_image(job.url, job.task_id, _task_project(job))
+        embedding = self._embed(image, Priority.BACKGROUND)  # after waiting clicks
         self.url_index.remember(job.url, embedding.key, validator)
         return "encoded" if engine.images_encoded > encodes else "ready"
 
@@ -150,3 +151,9 @@ class PreEncoding:
             status["store"] = {"model": store.model_id, "dtype": str(store.dtype), "files": usage.files,
                                "bytes": usage.bytes, "max_bytes": usage.max_bytes}
         return status
+
+
+def _task_project(job: EncodeJob) -> int | None:
+    """The project whose local storages the job's image must lie in; None for ``/warmup``'s bare tasks (sent
+    with the backend's credentials, not by Label Studio), which only LOCAL_FILES_DOCUMENT_ROOT limits."""
+    return None if job.project == WARMUP_PROJECT else job.project

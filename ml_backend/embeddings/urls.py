@@ -6,7 +6,8 @@ read: a local file's mtime and size (checked on every lookup: one ``stat``); a `
 URI is its own content. For http(s) URLs nothing cheap is known without a request, so
 their entries expire after ``ttl_s`` and the image is read again (which also refreshes
 the mapping). Entries live in memory and, when there is a store, on disk for the other
-processes. A relative URL (``/data/upload/...``) is remembered under the Label Studio
+processes; with ``shared`` records (Redis, :class:`~ml_backend.embeddings.redis_shared.RedisUrlRecords`) also
+there, for the other replicas. A relative URL (``/data/upload/...``) is remembered under the Label Studio
 origin it was read from, so two Label Studio servers' same paths never share an entry.
 """
 
@@ -17,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from ml_backend.sam.cache import ByteBoundedLRU
 from ml_backend.security.urls import describe
@@ -29,21 +31,34 @@ DATA_URI = "data"
 REMOTE = ""  # no validator: trust the entry for ttl_s
 
 
+class UrlRecords(Protocol):
+    """Where URL records outlive this process: the embedding store's files, Redis."""
+
+    def get_url(self, url: str) -> tuple[str, str, float] | None: ...
+
+    def put_url(self, url: str, key: str, validator: str, seen: float) -> None: ...
+
+
 class UrlIndex:
-    def __init__(self, local_file: Callable[[str], Path | None], *, ttl_s: float,
-                 origin: Callable[[], str] = lambda: "") -> None:
+    def __init__(self, local_file: Callable[[str, int | None], Path | None], *, ttl_s: float,
+                 origin: Callable[[], str] = lambda: "", shared: UrlRecords | None = None) -> None:
+        """``local_file(url, project)``: the file the loader reads for ``url`` for a task of ``project`` (None
+        when it downloads), raising for a URL it refuses; so an entry is never found for a URL the task's
+        project may not read (another project's local file embedded earlier)."""
         self._local_file = local_file
         self._origin = origin  # Label Studio's URL, which relative task URLs are read from
         self.ttl_s = ttl_s
-        self.store = None  # the engine's EmbeddingStore once SAM is loaded
+        self.store: UrlRecords | None = None  # the engine's EmbeddingStore once SAM is loaded
+        self.shared = shared  # records every replica reads and writes
         self._memory: ByteBoundedLRU[tuple[str, str, float]] = ByteBoundedLRU(MEMORY_ENTRIES, lambda entry: 1)
 
-    def validator(self, url: str) -> str | None:
-        """What must not change for the mapping to hold; None when the URL cannot be checked now."""
+    def validator(self, url: str, project: int | None = None) -> str | None:
+        """What must not change for the mapping to hold; None when the URL cannot be checked now or the loader
+        refuses it for a task of ``project``."""
         if url.startswith("data:"):
             return DATA_URI
         try:
-            path = self._local_file(url)
+            path = self._local_file(url, project)
         except Exception:  # a URL the loader refuses: let the load report it
             return None
         if path is None:
@@ -60,10 +75,11 @@ class UrlIndex:
             return None
         url = self._scoped(url)
         entry = self._memory.get(_memory_key(url))
-        if entry is None and self.store is not None:
-            entry = self.store.get_url(url)
-            if entry is not None:
-                self._memory.put(_memory_key(url), entry)
+        for records in (self.shared, self.store):
+            if entry is None and records is not None:
+                entry = records.get_url(url)
+                if entry is not None:
+                    self._memory.put(_memory_key(url), entry)
         if entry is None:
             return None
         key, seen_validator, seen_at = entry
@@ -80,8 +96,9 @@ class UrlIndex:
         url = self._scoped(url)
         entry = (key, validator, time.time())
         self._memory.put(_memory_key(url), entry)
-        if self.store is not None:
-            self.store.put_url(url, key, validator, entry[2])
+        for records in (self.store, self.shared):
+            if records is not None:
+                records.put_url(url, key, validator, entry[2])
 
     def _scoped(self, url: str) -> str:
         return f"{self._origin()}{url}" if url.startswith("/") else url

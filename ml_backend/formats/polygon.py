@@ -35,12 +35,12 @@ import cv2
 import numpy as np
 
 from ml_backend.formats.bounds import MaskFormatError
+from ml_backend.formats.bridges import nearest_joints
 
 if TYPE_CHECKING:
     from ml_backend.settings import Settings
 
 _SUBPIXEL_BITS = 4  # cv2.fillPoly fixed-point fraction: 1/16 pixel
-_PAIR_BLOCK = 1 << 20  # distances computed at a time when looking for a bridge
 _DECIMALS = 6  # of a percentage: 1e-6 % of a 100 000-pixel side is 0.001 px
 
 
@@ -68,49 +68,50 @@ def mask_to_polygons(mask: np.ndarray, options: PolygonOptions = PolygonOptions(
     # Work on the object's bounding box with a one-pixel margin: the outside is then one background part.
     crop = cv2.copyMakeBorder(mask[top:top + height, left:left + width], 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
     contours, hierarchy = _contours(crop, (left - 1, top - 1))
-    if hierarchy is not None and _may_have_small_parts(contours, options.min_area):
-        _drop_small_parts(crop, options.min_area)
-        contours, hierarchy = _contours(crop, (left - 1, top - 1))
     if hierarchy is None:
         return []
+    gone = _drop_small_parts(crop, contours, hierarchy[0], (left - 1, top - 1), options.min_area)
+    if gone is None:  # a filled hole may have held a component, which then joins the one around it
+        contours, hierarchy = _contours(crop, (left - 1, top - 1))
+        gone = set()
     links = hierarchy[0]  # per contour: next, previous, first child, parent
-    polygons = []
+    rings: list[np.ndarray] = []
+    component: list[int] = []  # per ring: which kept outer contour it belongs to
+    rank: list[int] = []  # per ring: 0 for the outer contour, 1, 2, ... for its holes
     for index, contour in enumerate(contours):
-        if links[index][3] != -1:
-            continue  # a hole: bridged into its outer contour below
+        if links[index][3] != -1 or index in gone:
+            continue  # a hole (bridged into its outer contour below), or a speck dropped
         outer = _simplify(contour, options.tolerance)
         if len(outer) < 3:
             continue
         holes, child = [], links[index][2]
         while child != -1:
-            hole = _simplify(contours[child], options.tolerance)
+            hole = _simplify(contours[child], options.tolerance) if child not in gone else ()
             if len(hole) >= 3:
                 holes.append(hole)
             child = links[child][0]
-        polygons.append(_bridge(outer, holes))
-    return polygons
+        component += [component[-1] + 1 if component else 0] * (1 + len(holes))
+        rank += range(1 + len(holes))
+        rings += [outer, *holes]
+    if not rings:
+        return []
+    return _bridge(rings, np.array(component), np.array(rank))
 
 
 def _contours(crop: np.ndarray, offset: tuple[int, int]) -> tuple[Sequence[np.ndarray], np.ndarray | None]:
     return cv2.findContours(crop, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE, offset=offset)
 
 
-def _may_have_small_parts(contours: Sequence[np.ndarray], min_area: int) -> bool:
-    """Whether a component or hole of under ``min_area`` pixels may exist, from the contours' boxes alone.
+def polygon_to_percent(polygon: np.ndarray, width: int, height: int, *,
+                       array: bool = False) -> list[list[float]] | np.ndarray:
+    """Pixel-index vertices to Label Studio's ``points``: percent of the image size, at pixel centres.
 
-    A connected part of n pixels spans at most n rows and n columns, and a hole's contour runs at most
-    one pixel outside the hole: a part whose contour's box is min_area + 2 pixels wide or high (or
-    more) is large. Only when some box is smaller do the connected components have to be counted.
+    ``array``: an (N, 2) float64 array instead of lists, for a JSON encoder that writes numpy arrays
+    (orjson writes the same text for it; a Python float per coordinate costs more than the rest).
     """
-    if min_area <= 1:
-        return False
-    return any(w < min_area + 2 and h < min_area + 2 for _, _, w, h in map(cv2.boundingRect, contours))
-
-
-def polygon_to_percent(polygon: np.ndarray, width: int, height: int) -> list[list[float]]:
-    """Pixel-index vertices to Label Studio's ``points``: percent of the image size, at pixel centres."""
     scale = np.array([100.0 / width, 100.0 / height])
-    return np.round((polygon + 0.5) * scale, _DECIMALS).tolist()
+    points = np.round((polygon + 0.5) * scale, _DECIMALS)
+    return points if array else points.tolist()
 
 
 def polygon_to_mask(points: object, width: int, height: int) -> np.ndarray:
@@ -140,44 +141,75 @@ def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _drop_small_parts(crop: np.ndarray, min_area: int) -> None:
-    """Clear 8-connected components under ``min_area`` pixels and fill holes under it, in place.
+def _drop_small_parts(crop: np.ndarray, contours: Sequence[np.ndarray], links: np.ndarray, offset: tuple[int, int],
+                      min_area: int) -> set[int] | None:
+    """Clear 8-connected components under ``min_area`` pixels, then fill holes (4-connected background
+    parts inside a component) under it, in ``crop`` (uint8 0/1, contours at ``offset``).
 
-    ``crop`` (uint8 0/1) has an empty one-pixel margin, so the background that reaches it is
-    one 4-connected part and every other background part is a hole.
+    Returns the contours that went with them (the components', their holes', the filled holes'):
+    every other border is untouched, so the rest of the contours stay as they are, without tracing
+    the whole crop again. None when a filled hole's box holds a kept component: then the contours
+    must be traced again (that component now belongs to the one around the hole).
+
+    Each part is counted in its own box, not over the whole crop: a component lies in its outer
+    contour's box, a hole in its contour's box (the component's pixels around it), so labelling
+    that box counts the part exactly. Only parts whose box says they may be small are counted: n
+    8-connected pixels span at most n columns and n rows; a 4-connected hole of n pixels spans w
+    columns and h rows with w + h - 1 <= n, and its contour's box is one pixel larger on each side.
+    A hole of a removed component is no longer a part of its own (it joins the background around it).
     """
     if min_area <= 1:
-        return
-    specks = _small_parts(crop, 8, min_area)
-    if specks is not None:
-        crop[specks] = 0
-    holes = _small_parts(1 - crop, 4, min_area)
-    if holes is not None:
-        crop[holes] = 1
+        return set()
+    boxes = np.array([cv2.boundingRect(contour) for contour in contours]).reshape(-1, 4)
+    boxes[:, :2] -= offset
+    outer = links[:, 3] == -1
+    width, height = boxes[:, 2], boxes[:, 3]
+    small = np.where(outer, np.maximum(width, height) < min_area, width + height < min_area + 5)
+    gone = set()
+    for k in np.flatnonzero(small & outer).tolist():
+        if _clear_if_small(crop, boxes[k], contours[k][0, 0] - offset, 0, min_area):
+            gone.add(k)
+    filled = []
+    for k in np.flatnonzero(small & ~outer).tolist():
+        seed = _hole_pixel(crop, contours[k], offset) if links[k][3] not in gone else None
+        if seed is not None and _clear_if_small(crop, boxes[k], seed, 1, min_area):
+            filled.append(k)
+    gone.update(filled)
+    kept = boxes[outer & ~np.isin(np.arange(len(boxes)), list(gone))]
+    for x, y, w, h in boxes[filled].tolist():
+        inside = ((kept[:, 0] > x) & (kept[:, 1] > y) & (kept[:, 0] + kept[:, 2] < x + w)
+                  & (kept[:, 1] + kept[:, 3] < y + h))
+        if inside.any():
+            return None
+    return gone
 
 
-_LOOP_LIMIT = 64  # up to this many small parts are picked out box by box; more: one pass over the image
+def _hole_pixel(crop: np.ndarray, contour: np.ndarray, offset: tuple[int, int]) -> np.ndarray | None:
+    """A pixel (x, y in ``crop``) of the hole whose contour this is: a background 4-neighbour of its first
+    vertex (a border pixel has one in the hole) inside the contour (one across a thin wall is outside it)."""
+    vertex = contour[0, 0]
+    for step in ((1, 0), (0, 1), (-1, 0), (0, -1)):
+        x, y = vertex + step
+        if crop[y - offset[1], x - offset[0]] == 0 and cv2.pointPolygonTest(contour, (float(x), float(y)), False) > 0:
+            return np.array((x, y)) - offset
+    return None  # not seen: a border pixel always has a 4-neighbour in the hole it borders
 
 
-def _small_parts(image: np.ndarray, connectivity: int, min_area: int) -> np.ndarray | None:
-    """The pixels of ``image``'s non-zero components under ``min_area`` pixels, None when there are none.
+def _clear_if_small(crop: np.ndarray, box: np.ndarray, seed: np.ndarray, value: int, min_area: int) -> bool:
+    """Set the part of ``crop`` holding ``seed`` (x, y) to ``value`` when it has under ``min_area`` pixels.
 
-    The component at the corner (the margin, when ``image`` is the background) is never one.
+    The part: 8-connected object pixels when ``value`` is 0 (a component), 4-connected background
+    when it is 1 (a hole); it must lie inside ``box`` (x, y, w, h).
     """
-    _, labels, stats, _ = cv2.connectedComponentsWithStats(image, connectivity=connectivity)
-    small = stats[:, cv2.CC_STAT_AREA] < min_area
-    small[0] = small[labels[0, 0]] = False  # label 0: the zero pixels
-    found = np.flatnonzero(small)
-    if found.size == 0:
-        return None
-    if found.size > _LOOP_LIMIT:
-        return small[labels]
-    selected = np.zeros(image.shape, bool)
-    for k in found:
-        x, y, w, h = stats[k, :4]
-        box = (slice(y, y + h), slice(x, x + w))
-        selected[box] |= labels[box] == k
-    return selected
+    x, y, w, h = box.tolist()
+    part = crop[y:y + h, x:x + w]
+    image = part if value == 0 else (part == 0).view(np.uint8)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(image, connectivity=8 if value == 0 else 4)
+    label = labels[seed[1] - y, seed[0] - x]
+    if label == 0 or stats[label, cv2.CC_STAT_AREA] >= min_area:
+        return False
+    part[labels == label] = value
+    return True
 
 
 def _simplify(contour: np.ndarray, tolerance: float) -> np.ndarray:
@@ -188,28 +220,24 @@ def _simplify(contour: np.ndarray, tolerance: float) -> np.ndarray:
     return contour.reshape(-1, 2)
 
 
-def _bridge(outer: np.ndarray, holes: Sequence[np.ndarray]) -> np.ndarray:
-    """One outline: each hole spliced in at its nearest vertex pair, there and back along one edge.
+def _bridge(rings: list[np.ndarray], component: np.ndarray, rank: np.ndarray) -> list[np.ndarray]:
+    """One outline per component: each hole spliced in at its nearest vertex pair, there and back along one edge.
 
-    Hole k joins the nearest vertex of the outer contour or of holes 0..k-1 (a tree of bridges, so
-    the outline stays one loop); the loop is then written out once, each hole at its joint.
+    Hole k joins the nearest vertex of its outer contour or of its component's holes before it
+    (:func:`~ml_backend.formats.bridges.nearest_joints`: a tree of bridges, so the outline stays one
+    loop); the loop is then written out once, each hole at its joint.
     """
-    if not holes:
-        return outer
-    rings = [outer, *holes]
     joints: list[dict[int, list[tuple[int, int]]]] = [{} for _ in rings]  # per ring: vertex -> [(hole, entry)]
-    index = _RingIndex(rings)
-    for k in range(1, len(rings)):
-        ring, vertex, entry = index.nearest(k)
-        joints[ring].setdefault(vertex, []).append((k, entry))
-    return np.concatenate(_walk(rings, joints))
+    for hole, ring, vertex, entry in zip(*(a.tolist() for a in nearest_joints(rings, component, rank))):
+        joints[ring].setdefault(vertex, []).append((hole, entry))
+    return [np.concatenate(_walk(rings, joints, outer)) for outer in np.flatnonzero(rank == 0).tolist()]
 
 
-def _walk(rings: list[np.ndarray], joints: list[dict[int, list[tuple[int, int]]]]) -> list[np.ndarray]:
+def _walk(rings: list[np.ndarray], joints: list[dict[int, list[tuple[int, int]]]], outer: int) -> list[np.ndarray]:
     """The loop's pieces: each ring from its entry vertex, at a joint the joined hole (latest first) and
     back to the joint. A stack, not recursion: bridges can chain through many holes."""
     pieces: list[np.ndarray] = []
-    stack = [_ring_steps(rings, joints, 0, 0)]
+    stack = [_ring_steps(rings, joints, outer, 0)]
     while stack:
         step = next(stack[-1], None)
         if step is None:
@@ -225,63 +253,13 @@ def _ring_steps(rings: list[np.ndarray], joints: list[dict[int, list[tuple[int, 
                 start: int) -> Iterator[np.ndarray | tuple[int, int]]:
     """Yields the ring's vertices from ``start`` (arrays) and, at each joint, (hole, entry) to walk first."""
     vertices, n = rings[ring], len(rings[ring])
-    order = np.roll(np.arange(n), -start)
+    rotated = np.concatenate((vertices[start:], vertices[:start])) if start else vertices
     done = 0
     for offset in sorted((vertex - start) % n for vertex in joints[ring]):
-        vertex = int(order[offset])
-        yield vertices[order[done:offset + 1]]
+        vertex = (offset + start) % n
+        yield rotated[done:offset + 1]
         for hole, entry in reversed(joints[ring][vertex]):
             yield hole, entry
-            yield np.stack((rings[hole][entry], vertices[vertex]))
+            yield np.array((rings[hole][entry], vertices[vertex]))
         done = offset + 1
-    yield vertices[order[done:]]
-
-
-class _RingIndex:
-    """The rings (outer contour, holes) joined so far, for the nearest-vertex search of each new hole.
-
-    Hand-written: OpenCV has no incremental nearest-neighbour index and scipy is not a dependency.
-    The previous ring's nearest vertex bounds the distance d; only the rings whose box comes within
-    d of the hole's box (and of a large ring, only its vertices there) can hold a nearer vertex, so
-    the answer is exact while each hole looks at a few neighbours, not the whole outline.
-    """
-
-    _LARGE = 256  # vertices: a ring this long has its vertices filtered by the box, not taken whole
-
-    def __init__(self, rings: Sequence[np.ndarray]) -> None:
-        self.rings = [ring.astype(np.float64) for ring in rings]
-        self.boxes = np.array([[*ring.min(axis=0), *ring.max(axis=0)] for ring in self.rings], np.float64)
-
-    def nearest(self, k: int) -> tuple[int, int, int]:
-        """For ring ``k``: (ring < k, vertex index in it, vertex index in ring k) of the closest pair."""
-        hole, guess = self.rings[k], self.rings[k - 1]
-        i, j = _nearest_pair(guess, hole)
-        reach = math.sqrt(float(((guess[i] - hole[j]) ** 2).sum()))
-        low, high = self.boxes[k, :2] - reach, self.boxes[k, 2:] + reach
-        boxes = self.boxes[:k]
-        near = np.flatnonzero(np.all(boxes[:, :2] <= high, axis=1) & np.all(boxes[:, 2:] >= low, axis=1))
-        points, owners, vertices = [], [], []
-        for ring in near:
-            candidates = self.rings[ring]
-            index = np.arange(len(candidates))
-            if len(candidates) > self._LARGE:
-                index = index[np.all((candidates >= low) & (candidates <= high), axis=1)]
-            points.append(candidates[index])
-            owners.append(np.full(len(index), ring))
-            vertices.append(index)
-        i, j = _nearest_pair(np.concatenate(points), hole)  # never empty: the guess's vertex is in reach
-        return int(np.concatenate(owners)[i]), int(np.concatenate(vertices)[i]), j
-
-
-def _nearest_pair(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
-    """Indices (i, j) minimising |a[i] - b[j]|, in blocks so memory stays bounded."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    rows = max(1, _PAIR_BLOCK // len(b))
-    best, pair = math.inf, (0, 0)
-    for start in range(0, len(a), rows):
-        distances = ((a[start:start + rows, None, :] - b[None, :, :]) ** 2).sum(axis=-1)
-        k = int(np.argmin(distances))
-        i, j = divmod(k, len(b))
-        if distances[i, j] < best:
-            best, pair = float(distances[i, j]), (start + i, j)
-    return pair
+    yield rotated[done:]

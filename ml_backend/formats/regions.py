@@ -33,8 +33,9 @@ def mask_values(mask: np.ndarray, result_type: str, polygon: PolygonOptions = Po
                 arrays: bool = False) -> list[dict]:
     """The ``value`` objects (without labels) that hold ``mask`` as ``result_type``; polygons: one per component.
 
-    ``arrays``: a brush ``rle`` as a uint8 numpy array instead of a list, for an answer serialised by a
-    JSON encoder that writes numpy arrays (orjson, the /predict answer); same JSON, without a Python int per byte.
+    ``arrays``: a brush ``rle`` as a uint8 numpy array and polygon ``points`` as an (N, 2) float array
+    instead of lists, for an answer serialised by a JSON encoder that writes numpy arrays (orjson, the
+    /predict answer); same JSON, without a Python number per byte or coordinate.
     """
     mask = np.asarray(mask)
     if mask.ndim != 2 or mask.size == 0:
@@ -45,7 +46,7 @@ def mask_values(mask: np.ndarray, result_type: str, polygon: PolygonOptions = Po
         return [{"imageDataURL": encode_bitmask(mask)}]
     if result_type == POLYGON:
         height, width = mask.shape
-        return [{"points": polygon_to_percent(outline, width, height), "closed": True}
+        return [{"points": polygon_to_percent(outline, width, height, array=arrays), "closed": True}
                 for outline in mask_to_polygons(mask, polygon)]
     raise ValueError(f"{result_type!r} is not a mask result type ({', '.join(MASK_RESULT_TYPES)}).")
 

@@ -13,6 +13,12 @@ Sources, in the order they are recognised:
   (``/data/local-files/?d=...``) is read straight from disk when the document root is set
   and holds the file.
 
+For a task of a project (``project=``), every read from this disk (``d=``, ``file:``, bare paths) must
+also lie inside one of that project's local storages in Label Studio
+(:mod:`ml_backend.security.local_files`); a refused ``d=`` is not fetched over HTTP instead (the
+backend's token usually sees more projects than the task's), and neither is one that cannot be
+checked because Label Studio does not answer.
+
 Redirects are followed here, one hop at a time (at most ``MAX_REDIRECTS``), each re-checked
 by the policy. Downloads over HTTP are cached on disk under the checked URL; only what the
 policy admitted is ever fetched, so only media is cached. A cached download older than
@@ -44,6 +50,8 @@ from ml_backend.images.sources import (
     decode_data_uri,
     file_url_path,
 )
+from ml_backend.images.storages import ProjectStorages
+from ml_backend.security.local_files import label_studio_local_path, project_file
 from ml_backend.security.urls import Target, UrlPolicy, URLRefused, describe, failure_reason
 from ml_backend.settings import Settings
 
@@ -70,6 +78,7 @@ class ImageLoader:
 
     def __init__(self, settings: Settings, *, cache: DownloadCache | None = None) -> None:
         self._settings = settings
+        self._storages = ProjectStorages()  # projects' local storage paths, listed by Label Studio
         self._max_bytes = settings.max_download_bytes
         self._timeout_s = settings.download_timeout_s
         self._cache = (
@@ -89,15 +98,19 @@ class ImageLoader:
             self._auths.clear()
 
     def load(
-        self, url: str, *, label_studio_url: str | None = None, token: str | None = None, task_id: int | None = None
+        self, url: str, *, label_studio_url: str | None = None, token: str | None = None, task_id: int | None = None,
+        project: int | None = None,
     ) -> np.ndarray:
         """The image at ``url`` as an (H, W, 3) uint8 RGB array; see :func:`decode_image`.
 
         ``label_studio_url`` and ``token`` override LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY
         (e.g. with what Label Studio sent to ``/setup``); ``task_id`` is needed only for
-        raw cloud URIs. Raises ImageFetchError or InvalidImageError, nothing else.
+        raw cloud URIs; ``project``, the task's project, limits reads from this disk to its local
+        storages (None: a caller outside any task, limited to LOCAL_FILES_DOCUMENT_ROOT).
+        Raises ImageFetchError or InvalidImageError, nothing else.
         """
-        data = self.fetch_bytes(url, label_studio_url=label_studio_url, token=token, task_id=task_id)
+        data = self.fetch_bytes(url, label_studio_url=label_studio_url, token=token, task_id=task_id,
+                                project=project)
         return decode_image(
             data,
             max_pixels=self._settings.max_image_pixels,
@@ -106,7 +119,8 @@ class ImageLoader:
         )
 
     def fetch_bytes(
-        self, url: str, *, label_studio_url: str | None = None, token: str | None = None, task_id: int | None = None
+        self, url: str, *, label_studio_url: str | None = None, token: str | None = None, task_id: int | None = None,
+        project: int | None = None,
     ) -> bytes:
         """The raw bytes at ``url`` (same arguments and errors as :meth:`load`)."""
         if not isinstance(url, str) or not url.strip():
@@ -115,7 +129,7 @@ class ImageLoader:
         if url[:5].lower() == "data:":
             return decode_data_uri(url, max_bytes=self._max_bytes)
         ls_url = (label_studio_url or self._settings.label_studio_url).strip().rstrip("/")
-        source = self._locate(url, ls_url, task_id)
+        source = self._locate(url, ls_url, task_id, project, token)
         if isinstance(source, Path):
             return self._read_file(source, url)
         route, target = source
@@ -123,8 +137,7 @@ class ImageLoader:
         if cached is not None and cached.age_s() < self._settings.url_key_ttl_s:
             log.debug("image cache hit for %s", describe(target.url))
             return cached.data
-        key = token or self._settings.label_studio_api_key
-        auth = self._auth_for(route, ls_url, key) if route.policy.label_studio and key else None
+        auth = self._auth(route, ls_url, token)
         # Older than URL_KEY_TTL_S: asked again, only if changed when the server gave validators.
         downloaded = self._download(route, target, auth, url, cached if cached is not None and cached.data else None)
         if downloaded is None:  # 304 Not Modified: the cached bytes are still the image
@@ -135,45 +148,61 @@ class ImageLoader:
         self._cache.put(target.url, data, etag=etag, last_modified=last_modified)
         return data
 
-    def local_file(self, url: str, *, label_studio_url: str | None = None) -> Path | None:
+    def local_file(self, url: str, *, label_studio_url: str | None = None, token: str | None = None,
+                   project: int | None = None) -> Path | None:
         """The file on this disk that :meth:`fetch_bytes` reads for ``url`` (the same decisions), or None
         when it downloads or decodes a ``data:`` URI. Used to notice a file replaced at the same URL.
-        Raises ImageFetchError for a URL the loader refuses."""
+        Raises ImageFetchError for a URL the loader refuses (for ``project``: see :meth:`load`)."""
         url = url.strip()
         if url[:5].lower() == "data:" or _scheme(url) in CLOUD_SCHEMES:
             return None
         ls_url = (label_studio_url or self._settings.label_studio_url).strip().rstrip("/")
-        source = self._locate(url, ls_url, None)
+        source = self._locate(url, ls_url, None, project, token)
         return source if isinstance(source, Path) else None
 
-    def _locate(self, url: str, ls_url: str, task_id: int | None) -> Path | tuple[_Route, Target]:
-        """Where ``url`` is read from: a file inside LOCAL_FILES_DOCUMENT_ROOT, or an HTTP target the URL
-        policy admitted (with the route, i.e. policy and session, that sends it)."""
+    def _locate(self, url: str, ls_url: str, task_id: int | None, project: int | None,
+                token: str | None) -> Path | tuple[_Route, Target]:
+        """Where ``url`` is read from: a file inside LOCAL_FILES_DOCUMENT_ROOT (and inside a local storage of
+        ``project``), or an HTTP target the URL policy admitted (with the route, i.e. policy and session,
+        that sends it)."""
         root = self._settings.local_files_document_root
         try:
             scheme = _scheme(url)
             if scheme == "file":
-                return contained_path(file_url_path(url), root, what=describe(url))
+                return self._disk_path(file_url_path(url), url, ls_url, project, token)
             if scheme in CLOUD_SCHEMES:
                 url = cloud_presign_path(url, task_id)
             elif url.startswith("upload/"):  # label-studio-tools accepts this legacy form
                 url = "/data/" + url
             if url.startswith("/") and not url.startswith(("//", *LABEL_STUDIO_PREFIXES)):
-                return contained_path(url, root, what=describe(url))
+                return self._disk_path(url, url, ls_url, project, token)
         except ValueError as exc:  # urllib's parsers on malformed file URLs (NUL bytes, bad hosts...)
             raise ImageFetchError(f"{describe(url)}: malformed URL ({exc})") from exc
         route = self._route(ls_url)
-        relative = route.policy.relative_local_file(url)
-        if relative is not None and root:  # no Label Studio URL needed to read it from disk
-            path = contained_path(relative, root, what=describe(url))
+        target = None
+        local = route.policy.relative_local_file(url)  # no Label Studio URL needed to read it from disk
+        if local is None:
+            target = route.policy.image_target(url)
+            local = target.local_file
+        if local is not None and root:
+            # Where Label Studio reads d=; refused here (never asked over HTTP) when the project may not read it.
+            path = self._disk_path(label_studio_local_path(local, root), url, ls_url, project, token)
             if path.is_file():
                 return path
-        target = route.policy.image_target(url)
-        if target.local_file is not None and root:
-            path = contained_path(target.local_file, root, what=describe(url))
-            if path.is_file():
-                return path
+        if target is None:
+            target = route.policy.image_target(url)
         return route, target  # not on this disk (or no root): ask over HTTP
+
+    def _disk_path(self, raw: str, url: str, ls_url: str, project: int | None, token: str | None) -> Path:
+        """``raw`` (a path on this disk) resolved inside LOCAL_FILES_DOCUMENT_ROOT and, for a task of ``project``,
+        inside one of the project's local storages; ImageFetchError otherwise."""
+        root = self._settings.local_files_document_root
+        path = contained_path(raw, root, what=describe(url))
+        if project is None:
+            return path
+        route = self._route(ls_url)
+        storages = self._storages.paths(route.policy, route.session, self._auth(route, ls_url, token), project)
+        return project_file(raw, document_root=root, storages=storages, project=project, what=describe(url))
 
     def _route(self, ls_url: str) -> _Route:
         with self._lock:
@@ -184,6 +213,11 @@ class ImageLoader:
                     self._routes.pop(next(iter(self._routes)))
                 route = self._routes[ls_url] = _Route(policy, policy.session())
             return route
+
+    def _auth(self, route: _Route, ls_url: str, token: str | None) -> LabelStudioAuth | None:
+        """The authorization for Label Studio's requests (None when Label Studio or the token is unknown)."""
+        key = token or self._settings.label_studio_api_key
+        return self._auth_for(route, ls_url, key) if route.policy.label_studio and key else None
 
     def _auth_for(self, route: _Route, ls_url: str, token: str) -> LabelStudioAuth:
         with self._lock:

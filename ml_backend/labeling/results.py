@@ -54,7 +54,8 @@ def build_mask_results(
 
     Each item gets a fresh random id, so that several masks in one prediction stay separate regions.
     ``polygon`` says how masks become polygons (used only for a ``PolygonLabels`` tag). ``arrays``: a
-    brush RLE as a numpy array, for the /predict answer only (see :func:`ml_backend.formats.mask_values`).
+    brush RLE and polygon points as numpy arrays, for the /predict answer only (see
+    :func:`ml_backend.formats.mask_values`).
     """
     mask = np.asarray(mask)
     if mask.ndim != 2:

@@ -41,7 +41,9 @@ process's memory (:class:`~ml_backend.prompt_state.memory.MemoryStorage`), or on
 task in a directory every worker process of the backend shares
 (:class:`~ml_backend.prompt_state.files.FileStorage`, chosen by ``PROMPT_STATE_SHARED``; by
 default when ``WORKERS`` > 1, where consecutive clicks of one annotator may reach different
-processes). The rules above are applied here, the same for both. The backend holds
+processes), or in Redis, shared by every replica of the backend on any host
+(:class:`~ml_backend.prompt_state.redis_storage.RedisStorage`, when ``REDIS_URL`` is set). The rules above are
+applied here, the same for all three. The backend holds
 :meth:`PromptMemory.hold` from :meth:`~PromptMemory.plan` to :meth:`~PromptMemory.remember`, so
 two clicks on one task (from any process) never interleave; the hold is per task
 (:mod:`ml_backend.prompt_state.locking`) and never spans an image's download or encode.
@@ -62,6 +64,7 @@ from ml_backend.errors import InvalidPromptError
 from ml_backend.labeling.context import ContextPrompts, GroupKey, KeyPoint, PromptRegion, Rectangle, group_regions
 from ml_backend.prompt_state.files import FileStorage, state_directory
 from ml_backend.prompt_state.memory import MemoryStorage
+from ml_backend.prompt_state.redis_storage import RedisStorage
 from ml_backend.prompt_state.types import Item, ObjectState, RegionMemory, Signature, StateStorage, TaskKey
 from ml_backend.settings import Settings
 
@@ -90,10 +93,14 @@ class PromptMemory:
             max_bytes=max_bytes, max_entries=max_entries, ttl_s=ttl_s, clock=clock)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "PromptMemory":
-        """In memory, or shared by the worker processes (``PROMPT_STATE_SHARED``, ``PROMPT_STATE_DIR``)."""
+    def from_settings(cls, settings: Settings, redis: Any = None) -> "PromptMemory":
+        """In memory, shared by the worker processes (``PROMPT_STATE_SHARED``, ``PROMPT_STATE_DIR``), or in Redis,
+        shared by every replica, when given a client of ``REDIS_URL`` (unless ``PROMPT_STATE_SHARED=off``)."""
         limits = {"max_bytes": settings.prompt_state_mb << 20, "max_entries": settings.prompt_state_entries,
                   "ttl_s": settings.prompt_state_ttl_s}
+        if redis is not None and settings.prompt_state_shared != "off":
+            logger.info("prompt state shared by every replica in Redis")
+            return cls(**limits, storage=RedisStorage(redis, **limits))
         if not shared_state(settings):
             return cls(**limits)
         directory = state_directory(settings)

@@ -13,7 +13,10 @@ then would throw away the wait it already sat through. Without an estimate (no
 encode measured yet) the bound is all there is.
 
 Interactive first clicks go before background encodes (warm-up, pre-encoding), which
-wait without a bound. Decoding (further clicks) never passes through the gate.
+wait without a bound. A caller waiting for another process or replica to finish encoding
+the same image waits outside the slots (:meth:`EncodeGate.waiting_elsewhere`), so this
+process's other first clicks do not queue behind it, and is counted there: the status's
+``waiting_elsewhere`` and the encode-wait histogram. Decoding (further clicks) never passes through the gate.
 
 Other CPU-bound work shares the slots under its own ``kind`` (SAM 3's image encode and each
 of its phrases): every kind's duration is measured apart, so the wait estimate counts the
@@ -120,6 +123,7 @@ class EncodeGate:
         self._active: dict[int, float] = {}  # arrival number -> start time of the work running now
         self._means: dict[str, float] = {}  # kind -> running estimate of one piece's duration
         self._preparing = 0  # interactive callers admitted by :meth:`preparing`, still downloading or decoding
+        self._elsewhere = 0  # callers waiting for another process's encode of their image
         self.counters = GateCounters()
 
     # --- the estimate ---------------------------------------------------------------
@@ -179,6 +183,7 @@ class EncodeGate:
                 "slots": self.slots,
                 "active": len(self._active),
                 "waiting": len(self._waiting),
+                "waiting_elsewhere": self._elsewhere,
                 "mean_encode_s": None if self._mean_s is None else round(self._mean_s, 3),
                 "mean_s": {kind: round(mean, 3) for kind, mean in self._means.items()},
                 "running": sorted(self._kinds[number] for number in self._active),
@@ -226,6 +231,20 @@ class EncodeGate:
         finally:
             with self._cond:
                 self._preparing -= 1
+
+    @contextmanager
+    def waiting_elsewhere(self, priority: Priority = Priority.INTERACTIVE) -> Iterator[None]:
+        """Count the block as a wait for an encode running in another process or replica: shown in
+        :meth:`status` while it lasts, observed as an encode wait of ``priority`` when it ends."""
+        with self._cond:
+            self._elsewhere += 1
+        started = self._clock()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._elsewhere -= 1
+            metrics.encode_waited(priority.name.lower(), self._clock() - started)
 
     @contextmanager
     def slot(self, priority: Priority = Priority.INTERACTIVE, *, kind: str = ENCODE,

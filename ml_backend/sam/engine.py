@@ -7,8 +7,9 @@ model's padded square never leaves this module.
 
 Embeddings are looked up in memory (an LRU by bytes), then in the optional on-disk
 :class:`~ml_backend.sam.store.EmbeddingStore` shared with other processes, and
-only then encoded, under the store's per-image lock so no two processes encode the
-same image.
+only then encoded, under a per-image encode lock so no two processes encode the
+same image: the store's ``flock`` (one host), or what :attr:`SamEngine.encode_locks`
+is given (Redis, for replicas on several hosts).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import contextlib
 import hashlib
 import logging
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -36,6 +38,14 @@ logger = logging.getLogger(__name__)
 
 MASK_THRESHOLD = 0.0
 PADDING_LABEL = -1
+
+
+class EncodeLocks(Protocol):
+    """Per-image encode locks; :meth:`~ml_backend.sam.store.EmbeddingStore.lock` is one."""
+
+    def lock(self, key: str, *, blocking: bool = True,
+             timeout_s: float | None = None) -> contextlib.AbstractContextManager[bool]:
+        """Hold ``key``'s lock for the block; it yields whether the lock was taken."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,7 @@ class SamEngine:
         self.cache: ByteBoundedLRU[ImageEmbedding] = ByteBoundedLRU(cache_bytes, lambda e: e.nbytes)
         self.images_encoded = 0  # images this process ran the encoder on (store and memory hits excluded)
         self._count_lock = threading.Lock()
+        self.encode_locks: EncodeLocks | None = None  # None: the store's own file locks
 
     def _device_scope(self):
         import keras
@@ -126,15 +137,30 @@ class SamEngine:
         """Whether ``key`` would be served without encoding (memory or store)."""
         return key in self.cache or (self.store is not None and self.store.contains(key))
 
-    def wait_while_encoded_elsewhere(self, key: str) -> None:
-        """If another process holds ``key``'s encode lock, wait until it is done (then the store has it)."""
-        if self.store is None:
-            return
-        with self.store.lock(key, blocking=False) as free:
-            if free:
-                return
-        with self.store.lock(key):
-            pass
+    def _locks(self) -> EncodeLocks | None:
+        """The encode locks, when there is a store for the encoding process to leave the embedding in."""
+        return None if self.store is None else self.encode_locks or self.store
+
+    def encoding_elsewhere(self, key: str) -> bool:
+        """Whether another process (or replica) holds ``key``'s encode lock now."""
+        if (locks := self._locks()) is None:
+            return False
+        with locks.lock(key, blocking=False) as free:
+            return not free
+
+    def wait_for_encode_elsewhere(self, key: str) -> None:
+        """Wait until no one holds ``key``'s encode lock (then the store has the embedding, unless its holder died
+        or the locks' bound on waiting ran out)."""
+        if (locks := self._locks()) is not None:
+            with locks.lock(key):
+                pass
+
+    @contextlib.contextmanager
+    def _encode_lock(self, key: str) -> Iterator[None]:
+        with self._locks().lock(key) as held:
+            if not held:
+                logger.warning("image %s: its encode lock was not free in time; encoding it here as well", key[:12])
+            yield
 
     def _stored_or_encoded(self, key: str, image: np.ndarray) -> ImageEmbedding:
         if self.store is None:
@@ -142,7 +168,7 @@ class SamEngine:
         embedding = self._from_store(key)
         if embedding is not None:
             return embedding
-        with self.store.lock(key):
+        with self._encode_lock(key):
             embedding = self._from_store(key)  # another process may have encoded it while we waited
             if embedding is not None:
                 return embedding

@@ -1,12 +1,14 @@
 """The annotator's hands in Label Studio 1.23.2's editor (Selenium on Debian's Chromium): open a task, switch
 Auto-Annotation on, choose labels and smart tools, click and drag at image pixels, accept suggestions, submit;
-each interactive step waits for its ``/predict`` on the :class:`RecordingProxy` and for the editor to show it."""
+each interactive step waits for its ``/predict`` on the :class:`RecordingProxy` and for the editor to show it.
+:func:`editing` sets up a project with one image, opens it and keeps the record of the session."""
 
 from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -14,15 +16,18 @@ import numpy as np
 
 from e2e.browser import WAIT_S, wait
 from e2e.recording_proxy import RecordingProxy
+from e2e.servers import LabelStudio
 from ml_backend.formats import region_mask
 
 
 class Editor:
     """The annotator's hands: labels, smart tools, clicks at image pixels; a screenshot after each step."""
 
-    def __init__(self, driver, folder: Path, proxy: RecordingProxy, config: str, size: tuple[int, int]) -> None:
+    def __init__(self, driver, folder: Path, proxy: RecordingProxy, config: str, size: tuple[int, int], *,
+                 label_studio: LabelStudio, project_id: int, task_id: int) -> None:
         self.driver, self.folder, self.proxy, self.config = driver, folder, proxy, config
         self.width, self.height = size  # the task image's
+        self.label_studio, self.project_id, self.task_id = label_studio, project_id, task_id
         self.steps: list[tuple[str, dict, int, dict]] = []
         self.accepted = np.zeros((self.height, self.width), bool)  # what the accepted suggestions cover
         self._shots = 0
@@ -185,15 +190,14 @@ class Editor:
     def suggestions_shown(self, count: int, what: str) -> None:
         wait(self.driver, lambda d: self.js("return Htx.annotationStore.selected.suggestions.size") == count, what)
 
-    def submit(self) -> None:
+    def submit(self) -> list[dict]:
+        """Submit; the result of the task's first annotation, read back once Label Studio has stored it."""
         [button] = self.find("[data-testid=bottombar-submit-button]")
         button.click()
         self.shot("submit")
 
-    def submitted(self, label_studio, task_id: int) -> list[dict]:
-        """The result of the task's first annotation, once Label Studio has stored the submission."""
         def stored() -> list | None:
-            annotations = label_studio.ok("GET", f"/api/tasks/{task_id}/annotations")
+            annotations = self.label_studio.ok("GET", f"/api/tasks/{self.task_id}/annotations")
             return annotations[0]["result"] if annotations else None
 
         return wait(self.driver, lambda d: stored(), "the submitted annotation")
@@ -204,3 +208,27 @@ class Editor:
         (self.folder / "requests.json").write_text(json.dumps([
             {"step": name, "request": request, "status": status, "answer": answer}
             for name, request, status, answer in self.steps], indent=1))
+
+
+@contextmanager
+def editing(driver, proxy: RecordingProxy, label_studio: LabelStudio, folder: Path, *, title: str, config: str,
+            image: tuple[str, bytes], size: tuple[int, int], backend_title: str = "sam") -> Iterator[Editor]:
+    """A new project ``title`` connected to the backend through ``proxy``, with one task of ``image`` (file name,
+    bytes; ``size`` pixels), opened in the editor with Auto-Annotation on. A failure inside leaves a screenshot;
+    the console and the recorded requests are saved either way."""
+    project = label_studio.ok("POST", "/api/projects", json={"title": title, "label_config": config})
+    label_studio.ok("POST", "/api/ml", json={"url": proxy.url, "project": project["id"], "is_interactive": True,
+                                             "title": backend_title})
+    [task_id] = label_studio.ok("POST", f"/api/projects/{project['id']}/import?return_task_ids=true",
+                                files={"image": image})["task_ids"]
+    editor = Editor(driver, folder, proxy, config, size, label_studio=label_studio, project_id=project["id"],
+                    task_id=task_id)
+    try:
+        editor.open_task(f"{label_studio.url}/projects/{project['id']}/data?task={task_id}")
+        editor.auto_annotation()
+        yield editor
+    except Exception:
+        editor.shot("failure")
+        raise
+    finally:
+        editor.save_record()

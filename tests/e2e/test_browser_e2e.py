@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from e2e.editor import Editor
+from e2e.editor import editing
 from e2e.recording_proxy import RecordingProxy
 from e2e.servers import Backend, LabelStudio
 from ml_backend.formats import (
@@ -128,17 +128,8 @@ def test_an_annotator_segments_two_objects_in_the_editor(
     mask_format: str, driver, proxy: RecordingProxy, label_studio: LabelStudio, engine: SamEngine, tmp_path: Path,
 ) -> None:
     data = png(seed=len(mask_format))
-    project = label_studio.ok("POST", "/api/projects", json={"title": f"browser {mask_format}",
-                                                            "label_config": config_for(mask_format)})
-    label_studio.ok("POST", "/api/ml", json={"url": proxy.url, "project": project["id"], "is_interactive": True,
-                                             "title": "sam"})
-    [task_id] = label_studio.ok("POST", f"/api/projects/{project['id']}/import?return_task_ids=true",
-                                files={"image": ("objects.png", data)})["task_ids"]
-    config = config_for(mask_format)
-    editor = Editor(driver, tmp_path, proxy, config, (WIDTH, HEIGHT))
-    try:
-        editor.open_task(f"{label_studio.url}/projects/{project['id']}/data?task={task_id}")
-        editor.auto_annotation()
+    with editing(driver, proxy, label_studio, tmp_path, title=f"browser {mask_format}",
+                 config=config_for(mask_format), image=("objects.png", data), size=(WIDTH, HEIGHT)) as editor:
         mask_tag = "mask"
 
         # The rectangle first: in 1.23.2 the rectangle tool draws nothing once a bitmask region exists.
@@ -160,16 +151,10 @@ def test_an_annotator_segments_two_objects_in_the_editor(
         editor.label("Cat", "click")
         editor.click("keypoint_after_background", 200, 150)
         editor.accept("cat")
-        editor.submit()
-        result = editor.submitted(label_studio, task_id)
-    except Exception:
-        editor.shot("failure")
-        raise
-    finally:
-        editor.save_record()
+        result = editor.submit()
 
     steps = {name: request for name, request, _, _ in editor.steps}
-    assert [request["project"].split(".")[0] for request in steps.values()] == [str(project["id"])] * len(steps)
+    assert [request["project"].split(".")[0] for request in steps.values()] == [str(editor.project_id)] * len(steps)
     mask_type = MASK_TAGS[mask_format].lower()
     regions = [item for item in result if item["type"] == mask_type and item["from_name"] == mask_tag]
     assert {label for item in regions for label in item["value"][mask_type]} == {"Cat", "Dog"}, result

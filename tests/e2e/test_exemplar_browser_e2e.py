@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 from sam3_fixture import checkpoint, sam3_engine  # noqa: F401  (fixtures)
 
-from e2e.editor import Editor
+from e2e.editor import editing
 from e2e.recording_proxy import RecordingProxy
 from e2e.servers import Backend, LabelStudio
 from ml_backend.formats import region_mask
@@ -121,16 +121,9 @@ def test_an_exemplar_rectangle_in_the_editor_gives_every_similar_instance(
     tmp_path: Path,
 ) -> None:
     data = png()
-    project = label_studio.ok("POST", "/api/projects", json={"title": "browser exemplar", "label_config": CONFIG})
-    label_studio.ok("POST", "/api/ml", json={"url": proxy.url, "project": project["id"], "is_interactive": True,
-                                             "title": "sam3"})
-    [task_id] = label_studio.ok("POST", f"/api/projects/{project['id']}/import?return_task_ids=true",
-                                files={"image": ("cats.png", data)})["task_ids"]
     image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    editor = Editor(driver, tmp_path, proxy, CONFIG, (WIDTH, HEIGHT))
-    try:
-        editor.open_task(f"{label_studio.url}/projects/{project['id']}/data?task={task_id}")
-        editor.auto_annotation()
+    with editing(driver, proxy, label_studio, tmp_path, title="browser exemplar", config=CONFIG,
+                 image=("cats.png", data), size=(WIDTH, HEIGHT), backend_title="sam3") as editor:
         editor.smart_tool("rectangle-tool")
         editor.label("Cat", "box")
         editor.drag("exemplar", (22, 72), (98, 168))
@@ -173,13 +166,7 @@ def test_an_exemplar_rectangle_in_the_editor_gives_every_similar_instance(
         assert dog_answer["results"][0]["model_version"] == f"sam-{tiny_sam_preset.name}"
         assert [r["value"]["brushlabels"] for r in dog_answer["results"][0]["result"]] == [["Dog"]]
         editor.accept("dog")
-        editor.submit()
-        result = editor.submitted(label_studio, task_id)
-    except Exception:
-        editor.shot("failure")
-        raise
-    finally:
-        editor.save_record()
+        result = editor.submit()
 
     assert not [item for item in result if item["type"] == "rectanglelabels"], "smart prompts must not be submitted"
     assert {item["value"]["brushlabels"][0] for item in result} == {"Cat", "Dog"}, result

@@ -179,6 +179,37 @@ def test_local_file_storage_images(label_studio, project, engine) -> None:
     np.testing.assert_array_equal(mask, engine.segment(image, Prompts.from_lists([(60, 40)])).mask)
 
 
+def test_a_task_never_reads_another_projects_local_file(label_studio, project, backend) -> None:
+    """Issue 21, item 8, with the real Label Studio: two projects, two local storages (``images`` and ``images-b``,
+    one name a prefix of the other). A task of the first project naming the second's file is refused by the
+    backend, although Label Studio serves that file to the backend's token; the first project's own file works."""
+    other = label_studio.ok("POST", "/api/projects", json={"title": "other team", "label_config": LABEL_CONFIG})
+    folder = label_studio.document_root / "images-b"
+    folder.mkdir()
+    (folder / "secret.png").write_bytes(png_bytes(64, 48, 11))
+    label_studio.ok("POST", "/api/storages/localfiles", json={
+        "project": other["id"], "title": "other", "path": str(folder), "use_blob_urls": True})
+    own = label_studio.document_root / "images" / "own.png"
+    own.write_bytes(png_bytes(120, 80, 12))
+    storages = label_studio.ok("GET", f"/api/storages/localfiles?project={project['id']}")
+    if not any(s["path"] == str(own.parent) for s in storages):  # test_local_file_storage_images made one
+        label_studio.ok("POST", "/api/storages/localfiles", json={
+            "project": project["id"], "title": "local", "path": str(own.parent), "use_blob_urls": True})
+    secret_url = "/data/local-files/?d=images-b/secret.png"
+    # Label Studio itself serves the file to the backend's token (an administrator's): no fallback may ask it.
+    assert label_studio.api("GET", secret_url).status_code == 200
+    imported = label_studio.ok("POST", f"/api/projects/{project['id']}/import?return_task_ids=true", json=[
+        {"data": {"image": secret_url}}, {"data": {"image": "/data/local-files/?d=images/own.png"}}])
+    stolen, mine = imported["task_ids"]
+    answer = label_studio.ok("POST", f"/api/ml/{project['ml']}/interactive-annotating",
+                             json={"task": stolen, "context": {"result": [keypoint(50, 50, 64, 48)]}})
+    assert "errors" in answer and "403" in str(answer["errors"]), answer  # Label Studio keeps only the status
+    assert f"d=images-b/secret.png: the file is not inside any local storage of project {project['id']}" in \
+        backend.log.read_text()
+    [(_, mask)] = brush_masks(interactive(label_studio, project, {"id": mine}, [keypoint(50, 50, 120, 80)]))
+    assert mask.shape == (80, 120)
+
+
 def test_batch_retrieve_predictions_stores_one_prediction_per_task(label_studio, project) -> None:
     label_studio.ok("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project['id']}",
                     json={"selectedItems": {"all": True, "excluded": []}})

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from e2e.editor import Editor
+from e2e.editor import editing
 from e2e.recording_proxy import RecordingProxy
 from e2e.servers import Backend, LabelStudio
 from e2e.test_exemplar_browser_e2e import HEIGHT, WIDTH, assert_same_masks, masks_of, png, scores
@@ -86,17 +86,9 @@ def test_a_typed_phrase_in_the_editor_gives_every_instance(
     driver, proxy: RecordingProxy, label_studio: LabelStudio, checkpoint: Path, sam3_engine, tmp_path: Path,
 ) -> None:
     data = png()
-    project = label_studio.ok("POST", "/api/projects", json={"title": "browser phrase", "label_config": CONFIG})
-    label_studio.ok("POST", "/api/ml", json={"url": proxy.url, "project": project["id"], "is_interactive": True,
-                                             "title": "sam3"})
-    [task_id] = label_studio.ok("POST", f"/api/projects/{project['id']}/import?return_task_ids=true",
-                                files={"image": ("bus.png", data)})["task_ids"]
     image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-    editor = Editor(driver, tmp_path, proxy, CONFIG, (WIDTH, HEIGHT))
-    try:
-        editor.open_task(f"{label_studio.url}/projects/{project['id']}/data?task={task_id}")
-        editor.auto_annotation()
-
+    with editing(driver, proxy, label_studio, tmp_path, title="browser phrase", config=CONFIG,
+                 image=("bus.png", data), size=(WIDTH, HEIGHT), backend_title="sam3") as editor:
         # What the editor really sends for a typed phrase: the TextArea's result alone.
         editor.type_phrase("bus", "phrase", "yellow school bus")
         _, first, _, first_answer = editor.steps[-1]
@@ -120,13 +112,7 @@ def test_a_typed_phrase_in_the_editor_gives_every_instance(
         assert_answer_is(second_answer, checkpoint, "Object", apples, "second answer")
         editor.suggestions_shown(len(apples), "the second phrase's instances shown")
         editor.accept("apples")
-        editor.submit()
-        result = editor.submitted(label_studio, task_id)
-    except Exception:
-        editor.shot("failure")
-        raise
-    finally:
-        editor.save_record()
+        result = editor.submit()
 
     masks = [item for item in result if item["type"] == "brushlabels"]
     assert {item["value"]["brushlabels"][0] for item in masks} == {"Bus", "Object"}, result
