@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import keras
 from keras.layers import Conv2DTranspose
 
-MIN_STEPS = 60  # optimizer steps every fit of a small training set gets at least
+MIN_STEPS = 150  # optimizer steps every fit of a small training set gets at least
 FINETUNE, DECODER, SCRATCH = "finetune", "decoder", "scratch"
 STARTS = (FINETUNE, DECODER, SCRATCH)  # also the order of preference on a full tie
 TIE = 0.005  # validation IoUs this close count as equal
