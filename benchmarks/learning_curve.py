@@ -37,7 +37,7 @@ ARMS = ("before", "finetune", "decoder", "scratch", "rule")
 @dataclass(frozen=True)
 class CurveConfig:
     image_size: int = 32
-    width: int = 64  # the served model's filters; narrower runs faster but learns too little in 60 steps
+    width: int = 64  # the served model's filters; narrower runs faster but learns too little in the step budget
     batch_size: int = 4
     points: tuple[int, ...] = (5, 10, 20, 50)
     test_images: int = 20

@@ -132,7 +132,7 @@ def run(config: ScoreConfig, workdir: Path) -> dict[str, Any]:
     write_synthetic(workdir / "same", config.test_images, config.image_size, seed=config.seed + 2)
     write_synthetic(workdir / "other", config.test_images, config.image_size, seed=config.seed + 3, kind="muted")
     keras.utils.set_random_seed(config.seed)
-    # A project's first version, fitted as a training job fits it (the small-data budget: 60 steps).
+    # A project's first version, fitted as a training job fits it (the small-data step budget).
     report = fit(workdir / "train", workdir / "store", epochs=config.epochs, image_size=config.image_size,
                  batch_size=config.batch_size, width=config.width, seed=config.seed, verbose=0, workers=1)
     model = ModelStore(workdir / "store").load_model(report.version_id)

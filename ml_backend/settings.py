@@ -117,7 +117,7 @@ class Settings:
     retrain_epochs: int = 30
     retrain_image_size: int = 200
     retrain_batch_size: int = 16
-    # Training pairs up to which a fit gets at least 60 steps and fits three starts (fine-tune, fresh decoder,
+    # Training pairs up to which a fit gets at least 150 steps and fits three starts (fine-tune, fresh decoder,
     # from scratch), keeping the best on the validation split (0: never; see training/selection.py).
     retrain_compare_max_train: int = 64
     retrain_job_timeout_s: int = 6 * 3600
