@@ -108,7 +108,7 @@ def measure(data: Path, model_dir: Path, project: int | None, sam3_source: str, 
         started = time.perf_counter()
         predicted = trimaps.predict_mask(image, include_boundary=settings.trimap_include_boundary, project=project)
         trimap_seconds = time.perf_counter() - started
-        version, mask = predicted
+        version, mask, trimap_score = predicted
         foreground = mask if mask is not None else np.zeros((height, width), bool)
         totals["trimap"]["iou"].append(_iou(foreground, truth))
         totals["trimap"]["regions"].append(int(foreground.any()))
@@ -118,7 +118,7 @@ def measure(data: Path, model_dir: Path, project: int | None, sam3_source: str, 
             before = engine.seconds
             started = time.perf_counter()
             prediction = preannotator.predict(image, label_config, config,
-                                              (version, foreground) if mode == "both" else None, trimap_label=label)
+                                              (version, foreground, trimap_score) if mode == "both" else None, trimap_label=label)
             elapsed = time.perf_counter() - started
             sam3_seconds += engine.seconds - before
             extra = trimap_seconds + sam3_seconds if mode == "both" else 0.0  # what serving "both" would run

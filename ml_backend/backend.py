@@ -153,8 +153,8 @@ class SegmentationBackend(LabelStudioMLBase):
             if self.runtime.concepts.with_trimap:
                 trimap = self.runtime.trimaps.predict_mask(image, include_boundary=settings.trimap_include_boundary,
                                                            project=self.project)
-                if trimap is not None and trimap[1] is None:  # below MIN_MASK_AREA: no trimap foreground
-                    trimap = (trimap[0], np.zeros(image.shape[:2], bool))
+                if trimap is not None and trimap.mask is None:  # below MIN_MASK_AREA: no trimap foreground
+                    trimap = trimap._replace(mask=np.zeros(image.shape[:2], bool))
             return self.runtime.concepts.predict(image, self.label_config, self.config, trimap,
                                                  trimap_label=self._foreground_label())
         predicted = self.runtime.trimaps.predict_mask(image, include_boundary=settings.trimap_include_boundary,
@@ -163,11 +163,10 @@ class SegmentationBackend(LabelStudioMLBase):
             logger.info("task %s: no trimap model for project %s and no base model; empty prediction",
                         task.get("id"), self.project)
             return labeling.build_prediction([], 0.0, NO_TRIMAP_VERSION)
-        version, mask = predicted
+        version, mask, score = predicted
         if mask is None:  # an empty region would only be noise for the annotator
             logger.info("task %s: the predicted object is smaller than MIN_MASK_AREA; no region", task.get("id"))
             return labeling.build_prediction([], 0.0, trimap_model_version(version))
-        score = 1.0
         if settings.trimap_sam_refine and (box := mask_bounding_box(mask)) is not None:
             refined = self.runtime.sam().segment(image, Prompts.from_lists(box=box))
             mask, score = refined.mask, refined.score

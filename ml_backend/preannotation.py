@@ -4,6 +4,9 @@ A project is served by its own store's current version (``MODEL_DIR/projects/<id
 without one, or a request without a project, by the base model: ``BASE_MODEL``, else the current
 version of a single store of an older release at ``MODEL_DIR`` itself (so an upgrade serves what it
 served before). Without either there is nothing to serve, and predictions are empty.
+
+Each mask comes with a score in [0, 1], how sure the model is along the mask's edge
+(:func:`training.predict.edge_confidence`), so Label Studio can sort tasks by it.
 """
 
 from __future__ import annotations
@@ -13,12 +16,12 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
 
-FOREGROUND, BACKGROUND, BOUNDARY = 0, 1, 2  # class ids of training's trimap model
 NO_TRIMAP_VERSION = "trimap-none"  # the model version of a prediction no trimap model served
 
 
@@ -37,6 +40,14 @@ class ModelSource:
     version: str
     path: Path
     project_version: bool  # the project's own promoted version (not the base model)
+
+
+class TrimapMask(NamedTuple):
+    """What the trimap model predicts for one image."""
+
+    version: str  # the version that served it
+    mask: np.ndarray | None  # the object at the image's size; None when smaller than the minimum area
+    score: float  # :func:`training.predict.edge_confidence` of ``mask``, 0 when there is none
 
 
 def resolve_base_model(model_dir: Path, base_model: str) -> Path | None:
@@ -121,21 +132,17 @@ class TrimapPredictor:
             return model
 
     def predict_mask(self, image: np.ndarray, *, include_boundary: bool,
-                     project: int | None = None) -> tuple[str, np.ndarray | None] | None:
-        """(version, boolean object mask at the image's size, or None when smaller than the minimum area);
-        None when nothing serves the project."""
-        from training.predict import predict_trimap
+                     project: int | None = None) -> TrimapMask | None:
+        """The object mask and its score; None when nothing serves the project."""
+        from training.predict import predict_object
 
         source = self.source(project)
         if source is None:
             return None
-        classes = predict_trimap(self._model(source), image)
-        mask = classes == FOREGROUND
-        if include_boundary:
-            mask |= classes == BOUNDARY
-        if int(mask.sum()) < max(1, self.min_area):
-            return source.version, None
-        return source.version, mask
+        predicted = predict_object(self._model(source), image, include_boundary=include_boundary)
+        if int(predicted.mask.sum()) < max(1, self.min_area):
+            return TrimapMask(source.version, None, 0.0)
+        return TrimapMask(source.version, predicted.mask, predicted.score)
 
 
 def mask_bounding_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:

@@ -117,6 +117,9 @@ class Settings:
     retrain_epochs: int = 30
     retrain_image_size: int = 200
     retrain_batch_size: int = 16
+    # Training pairs up to which a fit gets at least 150 steps and fits three starts (fine-tune, fresh decoder,
+    # from scratch), keeping the best on the validation split (0: never; see training/selection.py).
+    retrain_compare_max_train: int = 64
     retrain_job_timeout_s: int = 6 * 3600
     promotion_margin: float = 0.0
     boundary_width: int = 4
@@ -222,6 +225,7 @@ class Settings:
             retrain_epochs=_int(env, "RETRAIN_EPOCHS", d.retrain_epochs),
             retrain_image_size=_int(env, "RETRAIN_IMAGE_SIZE", d.retrain_image_size),
             retrain_batch_size=_int(env, "RETRAIN_BATCH_SIZE", d.retrain_batch_size),
+            retrain_compare_max_train=_int(env, "RETRAIN_COMPARE_MAX_TRAIN", d.retrain_compare_max_train),
             retrain_job_timeout_s=_int(env, "RETRAIN_JOB_TIMEOUT_S", d.retrain_job_timeout_s),
             promotion_margin=_float(env, "PROMOTION_MARGIN", d.promotion_margin),
             boundary_width=_int(env, "BOUNDARY_WIDTH", d.boundary_width),
@@ -393,6 +397,9 @@ MEANINGS: dict[str, str] = {
     "retrain_epochs": "fine-tuning epochs",
     "retrain_image_size": "fine-tuning image size in pixels (a multiple of 8)",
     "retrain_batch_size": "fine-tuning batch size",
+    "retrain_compare_max_train": "training images up to which a fit follows the small-data rule (a minimum step "
+                                 "budget and the better of several starts; see [First annotations]"
+                                 "(first-annotations.md)); 0: never",
     "retrain_job_timeout_s": "a training job is stopped and recorded as failed after this long (RQ's job timeout; "
                              "in-process, the fit stops at its next batch)",
     "promotion_margin": "a new version must beat the current foreground IoU by this much",

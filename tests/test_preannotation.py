@@ -18,7 +18,7 @@ from ml_backend.runtime import Runtime
 from ml_backend.sam import Prompts, SamEngine
 from ml_backend.settings import Settings
 from training.model import build_model
-from training.predict import predict_trimap
+from training.predict import predict_object, predict_trimap
 from training.layout import project_store_dir
 from training.store import MODEL_FILE, ModelStore
 
@@ -78,6 +78,11 @@ def test_the_promoted_trimap_becomes_a_brush_region_and_reloads_after_promotion(
     expected = (classes == 0) | (classes == 2)
     assert 0 < expected.sum() < expected.size  # a mask with both sides, so the comparison means something
     np.testing.assert_array_equal(decode_rle(item["value"]["rle"], 50, 70), expected)
+    # The score is the model's edge confidence for that mask (docs/active-learning.md), the same on the region.
+    model = ModelStore(project_store_dir(settings.model_dir, 1)).load_model(first)
+    score = predict_object(model, image, include_boundary=True).score
+    assert 0.0 < score < 1.0
+    assert answer["results"][0]["score"] == item["score"] == pytest.approx(score, abs=1e-6)
 
     second = store_random_model(settings.model_dir, seed=2)
     assert batch(client, [task(image)])["results"][0]["model_version"] == f"trimap-{second}"

@@ -167,7 +167,8 @@ def test_sigkill_during_a_training_leaves_current_serving_and_nothing_stuck(fitt
     with fake_label_studio(n_tasks=6) as ls:
         env = {"MODEL_DIR": str(model_dir), "SAM_MODEL": str(tiny_sam_preset), "LABEL_STUDIO_URL": ls.url,
                "LABEL_STUDIO_API_KEY": TOKEN, "TMPDIR": str(temp), "IMAGE_CACHE_DIR": str(tmp_path / "cache"),
-               "RETRAIN_EPOCHS": "500", "RETRAIN_IMAGE_SIZE": "16", "RETRAIN_BATCH_SIZE": "2"}
+               "RETRAIN_EPOCHS": "500", "RETRAIN_IMAGE_SIZE": "16", "RETRAIN_BATCH_SIZE": "2",
+               "RETRAIN_COMPARE_MAX_TRAIN": "0"}  # straight into a long fit: no comparison of starts first
         backend, url = _backend(env, log)
         try:
             assert requests.post(url + "/train", json={"project": 1}, timeout=10).json()["status"] == "started"

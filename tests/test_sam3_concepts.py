@@ -146,15 +146,18 @@ def test_both_mode_filters_by_trimap_and_falls_back_to_its_mask() -> None:
     predictor = _predictor(engine, PREANNOTATE="both")
     config = parse_label_config(CONFIG)
     image = np.zeros((*shape, 3), np.uint8)
-    prediction = predictor.predict(image, CONFIG, config, trimap=("v3", dog))
+    prediction = predictor.predict(image, CONFIG, config, trimap=("v3", dog, 0.64))
     assert prediction["model_version"] == "sam3-sam3-tiny+trimap-v3"
     assert [r["value"]["brushlabels"] for r in prediction["result"]] == [["Dog"]]
+    assert prediction["score"] == pytest.approx((0.7 * 0.64) ** 0.5)  # SAM 3's and the trimap's, both
     nothing_inside = _mask(shape, 0, 1, 48, 50)
-    fallback = predictor.predict(image, CONFIG, config, trimap=("v3", nothing_inside), trimap_label="Cat")
+    fallback = predictor.predict(image, CONFIG, config, trimap=("v3", nothing_inside, 0.3), trimap_label="Cat")
     assert [r["value"]["brushlabels"] for r in fallback["result"]] == [["Cat"]]
     assert np.array_equal(decode_rle(fallback["result"][0]["value"]["rle"], 30, 50) > 0, nothing_inside)
+    assert fallback["score"] == fallback["result"][0]["score"] == pytest.approx(0.3)  # the trimap's own score
     alone = predictor.predict(image, CONFIG, config, trimap=None)  # no trimap version promoted yet
     assert alone["model_version"] == "sam3-sam3-tiny+trimap-none" and len(alone["result"]) == 2
+    assert alone["score"] == pytest.approx(0.8)  # SAM 3's alone
 
 
 def test_a_config_with_only_background_asks_nothing() -> None:

@@ -132,6 +132,10 @@ def test_validation_count_rule():
     assert validation_count(7390) == 1000
     assert validation_count(100) == 20
     assert validation_count(3) == 1
+    assert validation_count(4) == 1
+    assert validation_count(5) == 2  # a first version is never chosen on one image when five pairs can spare two
+    assert validation_count(10) == 2
+    assert validation_count(15) == 3
     assert validation_count(1) == 0
 
 

@@ -66,8 +66,8 @@ def test_fine_tuning_starts_from_the_parents_weights(fitted_store, tiny_data):
     parent_weights = store.load_model(parent).get_weights()
     # With a learning rate of 0 the weights stay where fitting started.
     tuned = fit(tiny_data, fitted_store, from_version="current", epochs=1, batch_size=8, learning_rate=0.0,
-                verbose=0)
-    assert tuned.parent == parent
+                verbose=0, start="finetune")  # not left to the small-data rule, which may pick from scratch
+    assert tuned.parent == parent and tuned.start == "finetune"
     for before, after in zip(parent_weights, store.load_model(tuned.version_id).get_weights()):
         np.testing.assert_array_equal(before, after)
     # Equal weights give an equal score, which is not better: no promotion.
@@ -85,7 +85,7 @@ def test_fine_tuning_at_another_image_size_reuses_the_weights(fitted_store, tiny
     store = ModelStore(fitted_store)
     parent_weights = store.load_model().get_weights()
     tuned = fit(tiny_data, fitted_store, from_version=store.current_version_id(), image_size=24, epochs=1,
-                batch_size=8, learning_rate=0.0, verbose=0)
+                batch_size=8, learning_rate=0.0, verbose=0, start="finetune")
     model = store.load_model(tuned.version_id)
     assert model.input_shape == (None, 24, 24, 3)
     np.testing.assert_array_equal(model.get_weights()[-2], parent_weights[-2])

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from training.errors import TrainingError
+from training.synthetic import KINDS
 
 log = logging.getLogger("training")
 
@@ -56,7 +57,7 @@ def _project(text: str) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from training.synthetic import write_synthetic
 
-    stems = write_synthetic(args.out_dir, args.count, args.size, args.seed)
+    stems = write_synthetic(args.out_dir, args.count, args.size, args.seed, kind=args.kind)
     print(f"wrote {len(stems)} image/trimap pairs to {args.out_dir}")
     return 0
 
@@ -193,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--count", type=_positive, required=True, help="number of image/trimap pairs")
     sub.add_argument("--size", type=_positive, default=128, help="longest image side in pixels (default 128)")
     sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--kind", choices=KINDS, default="shapes",
+                     help="shapes: a saturated subject on a greyish background; muted: the reverse (default shapes)")
     sub.set_defaults(run=cmd_synth)
 
     sub = commands.add_parser("fit", help="fit a new version and promote it if it beats the current one")

@@ -34,6 +34,7 @@ TRIMAP_SUFFIXES = {".png"}
 TRIMAP_VALUES = (1, 2, 3)
 MAX_VALIDATION = 1000
 VALIDATION_FRACTION = 0.2
+MIN_SMALL_VALIDATION, MIN_SMALL_VALIDATION_FROM = 2, 5  # two validation images once five pairs can spare them
 # Decoding errors Pillow raises for broken files (truncated data, bad headers, bombs).
 DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -208,10 +209,13 @@ def load_pair(pair: Pair, size: int | None) -> tuple[np.ndarray, np.ndarray]:
 
 
 def validation_count(total: int) -> int:
-    """1,000 validation images for a large set (as the book), 20 % of a small one, at least 1."""
+    """1,000 validation images for a large set (as the book), 20 % of a small one, at least 1, and at least
+    :data:`MIN_SMALL_VALIDATION` from :data:`MIN_SMALL_VALIDATION_FROM` pairs: a project's first versions are
+    chosen and promoted on these images, and one image makes that a coin toss."""
     if total < 2:
         return 0
-    return max(1, min(MAX_VALIDATION, math.floor(total * VALIDATION_FRACTION)))
+    floor = MIN_SMALL_VALIDATION if total >= MIN_SMALL_VALIDATION_FROM else 1
+    return max(floor, min(MAX_VALIDATION, math.floor(total * VALIDATION_FRACTION)))
 
 
 def _rank(stem: str, seed: int) -> str:

@@ -6,6 +6,9 @@ predicting all foreground, which scores the foreground's share of the pixels) an
 version's, measured now on the same validation images at their original size, by more than
 ``promotion_margin``. So a version that learned nothing is never served. Otherwise it is stored
 with ``promotion.promoted = false`` and the reason.
+
+While the training split is small, how long to fit and from which start (fine-tuning the parent,
+its encoder with a fresh decoder, or from scratch) is decided by the rule in :mod:`training.selection`.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,39 +27,27 @@ import keras
 import numpy as np
 
 from training.data import (
-    DECODE_ERRORS, Pair, Problem, dataset_fingerprint, files_fingerprint, load_image, load_trimap, scan_dataset,
+    DECODE_ERRORS, Pair, Split, dataset_fingerprint, files_fingerprint, load_image, load_trimap, scan_dataset,
     split_pairs,
 )
 from training.errors import DatasetError, FitInterrupted
+from training.evaluation import EvalReport, evaluate_model
 from training.model import (
-    CLASS_NAMES, DEFAULT_IMAGE_SIZE, FOREGROUND, NUM_CLASSES, build_model, check_image_size, compile_model,
-    model_image_size, rebuild_at_size,
+    DEFAULT_IMAGE_SIZE, DEFAULT_WIDTH, build_model, check_image_size, compile_model, model_image_size, model_width,
+    rebuild_at_size,
 )
 from training.pipeline import SkipLog, TrimapDataset
+from training.selection import (
+    DECODER, FINETUNE, SCRATCH, STARTS, Budget, Candidate, choose, small_data_budget, starts_to_try,
+    with_fresh_decoder,
+)
 from training.plots import plot_history, plot_predictions
-from training.predict import predict_trimaps, probabilities, upsample
+from training.predict import predict_trimaps
 from training.store import MODEL_FILE, SPLIT_FILE, ModelStore
 
 log = logging.getLogger(__name__)
 
 PREVIEW_IMAGES = 6
-
-
-@dataclass
-class EvalReport:
-    """Metrics at the images' original size. ``per_class_iou`` is keyed by class name."""
-
-    foreground_iou: float
-    per_class_iou: dict[str, float]
-    pixel_accuracy: float
-    images: int
-    version: str | None = None
-    skipped: list[str] = field(default_factory=list)
-    # Foreground IoU of the trivial predictions on the same pixels: all background scores 0.
-    all_foreground_iou: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -77,6 +68,8 @@ class FitReport:
     path: Path
     promotion_reason: str = ""
     base_model: str | None = None
+    start: str = "scratch"  # "finetune", "decoder" or "scratch": where the weights came from
+    start_choice: dict[str, Any] | None = None  # every candidate's validation figures, when several were fitted
 
     @property
     def skipped_count(self) -> int:
@@ -84,69 +77,6 @@ class FitReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "path": str(self.path), "skipped_count": self.skipped_count}
-
-
-def _confusion_metrics(confusion: np.ndarray) -> tuple[dict[str, float], float]:
-    """Per-class IoU (NaN-free: a class absent from both truth and prediction scores 0) and accuracy."""
-    true_positive = np.diag(confusion).astype(np.float64)
-    union = confusion.sum(axis=0) + confusion.sum(axis=1) - true_positive
-    iou = np.divide(true_positive, union, out=np.zeros_like(true_positive), where=union > 0)
-    accuracy = float(true_positive.sum() / max(1, confusion.sum()))
-    return {name: float(iou[i]) for i, name in enumerate(CLASS_NAMES)}, accuracy
-
-
-def evaluate_model(
-    model: keras.Model, pairs: Sequence[Pair], *, batch_size: int = 16, skipped: SkipLog | None = None,
-    verbose: int = 0,
-) -> EvalReport:
-    """Foreground IoU, per-class IoU and pixel accuracy, measured at each image's original size.
-
-    Predictions are resized back to the trimap's size before comparing, so models with different
-    input sizes are compared on exactly the same pixels.
-    """
-    skipped = skipped if skipped is not None else SkipLog()
-    size = model_image_size(model)
-    # A confusion matrix by np.bincount: keras.metrics.IoU.update_state took 2.5 s per 500×375 image.
-    confusion = np.zeros(NUM_CLASSES * NUM_CLASSES, dtype=np.int64)
-    progress = keras.utils.Progbar(len(pairs), unit_name="image") if verbose else None
-    counted = 0
-    for start in range(0, len(pairs), batch_size):
-        inputs, truths = [], []
-        for pair in pairs[start : start + batch_size]:
-            if pair.stem in skipped:
-                continue
-            try:
-                image = load_image(pair.image, size)
-            except DECODE_ERRORS as exc:
-                skipped.add(pair.stem, Problem(pair.image, f"unreadable image ({exc})"))
-                continue
-            try:
-                truth = load_trimap(pair.trimap)
-            except DECODE_ERRORS as exc:
-                skipped.add(pair.stem, Problem(pair.trimap, f"unusable trimap ({exc})"))
-                continue
-            inputs.append(image)
-            truths.append(truth)
-        if inputs:
-            for prob, truth in zip(probabilities(model, np.stack(inputs)), truths):
-                predicted = upsample(prob, truth.shape[1], truth.shape[0]).argmax(axis=-1)
-                confusion += np.bincount(truth.ravel().astype(np.int64) * NUM_CLASSES + predicted.ravel(),
-                                         minlength=NUM_CLASSES * NUM_CLASSES)
-            counted += len(inputs)
-        if progress is not None:
-            progress.update(min(len(pairs), start + batch_size))
-    if counted == 0:
-        raise DatasetError("no validation image could be evaluated; see the warnings above")
-    matrix = confusion.reshape(NUM_CLASSES, NUM_CLASSES)
-    per_class, accuracy = _confusion_metrics(matrix)
-    return EvalReport(
-        all_foreground_iou=float(matrix[FOREGROUND].sum() / max(1, matrix.sum())),
-        foreground_iou=per_class[CLASS_NAMES[FOREGROUND]],
-        per_class_iou=per_class,
-        pixel_accuracy=accuracy,
-        images=counted,
-        skipped=[str(p) for p in skipped.problems],
-    )
 
 
 class _BestCheckpoint(keras.callbacks.Callback):
@@ -221,6 +151,66 @@ def _preview(model: keras.Model, pairs: Sequence[Pair], path: Path) -> None:
         plot_predictions(images, truths, predict_trimaps(model, images), path, titles)
 
 
+@dataclass
+class _Fitted:
+    """A candidate fitted on the training split: its best checkpoint (by validation loss) and its figures."""
+
+    candidate: Candidate
+    model: keras.Model
+    result: EvalReport
+    checkpoint: _BestCheckpoint
+    stopper: keras.callbacks.EarlyStopping
+    interrupted: bool
+
+
+def _candidate_models(starts: Sequence[str], parent: keras.Model | None, size: int,
+                      width: int) -> list[tuple[str, keras.Model]]:
+    """The untrained model of each start, all made before any is trained (fine-tuning changes ``parent``)."""
+    width = model_width(parent) if parent is not None else width
+    models = []
+    for name in starts:
+        if name == SCRATCH or parent is None:
+            models.append((SCRATCH, build_model(size, width=width)))
+        elif name == DECODER:
+            models.append((DECODER, with_fresh_decoder(parent, build_model(size, width=width))))
+        else:
+            models.append((FINETUNE, parent))
+    return models
+
+
+def _start_text(start: str, parent: str | None, base: str | None) -> str:
+    source = f"version {parent}" if parent else f"base model {base}"
+    return {SCRATCH: "from scratch", FINETUNE: f"fine-tuning {source}",
+            DECODER: f"the encoder of {source} with a fresh decoder"}[start]
+
+
+def _fit_candidate(model: keras.Model, name: str, staged: Path, split: Split, *, size: int, budget: Budget,
+                   epochs: int, learning_rate: float, seed: int, flip: bool, workers: int | None, verbose: int,
+                   callbacks: Sequence[keras.callbacks.Callback], skipped: SkipLog) -> _Fitted | None:
+    """Fit one candidate, keep its best epoch by validation loss, evaluate it; None if stopped before an epoch ended."""
+    compile_model(model, learning_rate)
+    train_data = TrimapDataset(split.train, size, budget.batch_size, shuffle=True, flip=flip, seed=seed,
+                               skipped=skipped, workers=workers, repeat=budget.repeat)
+    val_data = TrimapDataset(split.val, size, budget.batch_size, skipped=skipped, workers=workers)
+    checkpoint = _BestCheckpoint(staged / f".candidate-{name}.keras")
+    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=budget.patience)
+    interrupted = False
+    try:
+        model.fit(train_data, validation_data=val_data, epochs=epochs, verbose=verbose,
+                  callbacks=[checkpoint, stopper, *callbacks])
+    except KeyboardInterrupt:
+        interrupted = True
+        log.warning("interrupted: keeping the best checkpoint so far (epoch %d)", checkpoint.best_epoch)
+    if not checkpoint.path.is_file():
+        return None
+    best = keras.saving.load_model(checkpoint.path, compile=False)
+    best.save(checkpoint.path)  # uncompiled: drops the optimizer state (2/3 of the file)
+    result = evaluate_model(best, split.val, batch_size=budget.batch_size, skipped=skipped, verbose=verbose)
+    log.info("%s: validation foreground IoU %.4f, loss %.4f", name, result.foreground_iou, checkpoint.best)
+    candidate = Candidate(name, result.foreground_iou, checkpoint.best, checkpoint.best_epoch)
+    return _Fitted(candidate, best, result, checkpoint, stopper, interrupted)
+
+
 def load_base_model(path: str | Path) -> keras.Model:
     """A base model: a ``.keras`` file, or a version directory holding ``model.keras``."""
     from training.errors import StoreError
@@ -267,6 +257,10 @@ def fit(
     workers: int | None = None,
     verbose: int = 1,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    compare_max_train: int = 64,
+    start: str = "auto",
+    on_candidate: Callable[[str, keras.Model], None] | None = None,
+    width: int = DEFAULT_WIDTH,
 ) -> FitReport:
     """Fit a new version on ``data_dir``, store it in ``model_dir`` and promote it by the rule.
 
@@ -276,11 +270,19 @@ def fit(
     ``image_size`` defaults to the parent's input size (200 from scratch). ``seed`` fixes the
     split, the shuffling and the flips (not the initial weights: that would reseed the caller's
     global random state). Ctrl-C stops fitting and keeps the best checkpoint so far (the
-    version is then marked ``interrupted``).
+    version is then marked ``interrupted``). Up to ``compare_max_train`` training pairs the
+    small-data rule of :mod:`training.selection` applies (0: never): at least its number of
+    steps, and when there is a parent, the best of fine-tuning it, its encoder with a fresh
+    decoder, and from scratch. ``start``: ``"auto"`` by that rule (else fine-tune when there is a
+    parent); ``"finetune"``, ``"decoder"`` or ``"scratch"`` force one. ``on_candidate(start, model)``
+    is called with each candidate once fitted (the learning-curve benchmark measures them all).
+    ``width``: the filters of a model built from scratch without a parent (a parent's own otherwise).
     """
     started = time.perf_counter()
-    if epochs < 1 or batch_size < 1 or patience < 0 or learning_rate < 0:
-        raise ValueError("epochs and batch_size must be >= 1, patience and learning_rate >= 0")
+    if epochs < 1 or batch_size < 1 or patience < 0 or learning_rate < 0 or compare_max_train < 0:
+        raise ValueError("epochs and batch_size must be >= 1, patience, learning_rate and compare_max_train >= 0")
+    if start not in ("auto", *STARTS):
+        raise ValueError(f"start must be auto, {', '.join(STARTS)} (got {start!r})")
     store = ModelStore(model_dir)
     dataset = scan_dataset(data_dir)
 
@@ -294,15 +296,13 @@ def fit(
             log.info("no current version in %s: training from scratch", store.root)
     elif from_version is not None:
         parent = store.resolve(from_version)
+    model: keras.Model | None = None
     if parent is not None or base is not None:
         parent_model = store.load_model(parent) if parent is not None else load_base_model(base)
         size = check_image_size(image_size or model_image_size(parent_model))
         model = rebuild_at_size(parent_model, size)
-        log.info("fine-tuning %s at %d×%d", f"version {parent}" if parent else f"base model {base}", size, size)
     else:
         size = check_image_size(image_size or DEFAULT_IMAGE_SIZE)
-        model = build_model(size)
-    compile_model(model, learning_rate)
 
     references = {v for v in (parent, store.current_version_id()) if v is not None}
     previous_val, previous_train = _previous_split(store, references)
@@ -315,31 +315,45 @@ def fit(
     log.info("%d training and %d validation images at %d×%d", len(split.train), len(split.val), size, size)
 
     skipped = SkipLog()
-    train_data = TrimapDataset(split.train, size, batch_size, shuffle=True, flip=flip, seed=seed,
-                               skipped=skipped, workers=workers)
-    val_data = TrimapDataset(split.val, size, batch_size, skipped=skipped, workers=workers)
+    small = len(split.train) <= compare_max_train
+    budget = small_data_budget(len(split.train), batch_size, epochs) if small else Budget(batch_size, 1, patience)
+    starts = starts_to_try(start, small=small, has_parent=model is not None)
+    candidates = _candidate_models(starts, model, size, width)
+    if len(starts) > 1:
+        log.info("small training set: fitting %s and keeping the best on the validation split", ", ".join(starts))
 
     version_id = store.new_version_id()
     with store.staging(version_id) as staged:
-        checkpoint = _BestCheckpoint(staged / MODEL_FILE)
-        stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience)
+        fitted: list[_Fitted] = []
         interrupted = False
         fit_started = time.perf_counter()
-        try:
-            model.fit(train_data, validation_data=val_data, epochs=epochs, verbose=verbose,
-                      callbacks=[checkpoint, stopper, *callbacks])
-        except KeyboardInterrupt:
-            interrupted = True
-            log.warning("interrupted: keeping the best checkpoint so far (epoch %d)", checkpoint.best_epoch)
+        for name, candidate in candidates:
+            log.info("%s at %d×%d", _start_text(name, parent, base), size, size)
+            outcome = _fit_candidate(candidate, name, staged, split, size=size, budget=budget, epochs=epochs,
+                                     learning_rate=learning_rate, seed=seed, flip=flip, workers=workers,
+                                     verbose=verbose, callbacks=callbacks, skipped=skipped)
+            if outcome is not None:
+                fitted.append(outcome)
+                if on_candidate is not None:
+                    on_candidate(name, outcome.model)
+            if outcome is None or outcome.interrupted:
+                interrupted = True  # Ctrl-C: no further candidate; keep the best one so far
+                break
         fit_seconds = time.perf_counter() - fit_started
-        if not checkpoint.path.is_file():
+        if not fitted:
             raise FitInterrupted("interrupted before the first epoch ended: no version was written")
+        chosen = choose([f.candidate for f in fitted])
+        kept = next(f for f in fitted if f.candidate.start == chosen.start)
+        checkpoint, stopper, best, result = kept.checkpoint, kept.stopper, kept.model, kept.result
+        for outcome in fitted:
+            if outcome is not kept:
+                outcome.checkpoint.path.unlink(missing_ok=True)
+        os.replace(checkpoint.path, staged / MODEL_FILE)
+        start = chosen.start
+        choice = ({"start": start, "candidates": {f.candidate.start: f.candidate.to_dict() for f in fitted}}
+                  if len(starts) > 1 else None)
         epochs_run = len(checkpoint.history.get("loss", []))
-
-        best = keras.saving.load_model(checkpoint.path, compile=False)
-        best.save(checkpoint.path)  # uncompiled: drops the optimizer state (2/3 of the file)
         eval_started = time.perf_counter()
-        result = evaluate_model(best, split.val, batch_size=batch_size, skipped=skipped, verbose=verbose)
         plot_history(checkpoint.history, staged / "curves.png")
         _preview(best, split.val, staged / "predictions.png")
         (staged / SPLIT_FILE).write_text(json.dumps(
@@ -364,6 +378,8 @@ def fit(
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "parent": parent,
                 "base_model": base,
+                "start": start,
+                "start_choice": choice,
                 "val_foreground_iou": result.foreground_iou,
                 "val_per_class_iou": result.per_class_iou,
                 "val_pixel_accuracy": result.pixel_accuracy,
@@ -373,8 +389,9 @@ def fit(
                 "early_stopped": bool(stopper.stopped_epoch),
                 "interrupted": interrupted,
                 "history": checkpoint.history,
-                "params": {"image_size": size, "batch_size": batch_size, "learning_rate": learning_rate,
-                           "epochs": epochs, "patience": patience, "seed": seed, "flip": flip},
+                "params": {"image_size": size, "batch_size": budget.batch_size, "learning_rate": learning_rate,
+                           "epochs": epochs, "patience": budget.patience, "seed": seed, "flip": flip,
+                           "repeat": budget.repeat, "small_data_rule": small, "compare_max_train": compare_max_train},
                 "data": {
                     "dir": str(dataset.root.resolve()),
                     "size": len(dataset.pairs),
@@ -397,7 +414,7 @@ def fit(
                     "fit_s": round(fit_seconds, 2),
                     "eval_s": round(eval_seconds, 2),
                     "total_s": round(time.perf_counter() - started, 2),
-                    "train_images_per_s": round(len(split.train) * epochs_run / max(fit_seconds, 1e-9), 2),
+                    "train_images_per_s": round(len(split.train) * budget.repeat * epochs_run / max(fit_seconds, 1e-9), 2),
                 },
                 "device": _device(),
                 "libraries": _library_versions(),
@@ -412,6 +429,7 @@ def fit(
         train_count=len(split.train), val_count=len(split.val), skipped=metrics["data"]["skipped"],
         epochs_run=epochs_run, best_epoch=checkpoint.best_epoch, early_stopped=bool(stopper.stopped_epoch),
         interrupted=interrupted, path=info.path, promotion_reason=promotion_reason, base_model=base,
+        start=start, start_choice=metrics["start_choice"],
     )
 
 

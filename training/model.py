@@ -8,7 +8,9 @@ from keras.layers import Conv2D, Conv2DTranspose, Rescaling
 NUM_CLASSES = 3
 CLASS_NAMES = ("foreground", "background", "boundary")  # class id = trimap value - 1
 FOREGROUND = 0
+BOUNDARY = 2
 DEFAULT_IMAGE_SIZE = 200
+DEFAULT_WIDTH = 64  # the book's first layer's filters; the others have 2× and 4× as many
 DOWNSAMPLING = 8  # three stride-2 convolutions: the input size must be a multiple of this
 
 
@@ -19,8 +21,12 @@ def check_image_size(image_size: int) -> int:
     return image_size
 
 
-def build_model(image_size: int = DEFAULT_IMAGE_SIZE, num_classes: int = NUM_CLASSES) -> keras.Model:
+def build_model(image_size: int = DEFAULT_IMAGE_SIZE, num_classes: int = NUM_CLASSES,
+                width: int = DEFAULT_WIDTH) -> keras.Model:
     """The book's ``get_model`` layer for layer, except the head (see below).
+
+    ``width`` scales every layer's filters (the book's is 64); benchmarks that must run in minutes
+    on a CPU use a narrower model.
 
     The book ends with ``Conv2D(num_classes, 3, activation="softmax")`` and trains with
     ``sparse_categorical_crossentropy``; on the torch backend (keras >= 3.14) that crashes
@@ -31,19 +37,19 @@ def build_model(image_size: int = DEFAULT_IMAGE_SIZE, num_classes: int = NUM_CLA
     check_image_size(image_size)
     inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
     x = Rescaling(1.0 / 255)(inputs)
-    x = Conv2D(64, 3, strides=2, activation="relu", padding="same")(x)
-    x = Conv2D(64, 3, activation="relu", padding="same")(x)
-    x = Conv2D(128, 3, strides=2, activation="relu", padding="same")(x)
-    x = Conv2D(128, 3, activation="relu", padding="same")(x)
-    x = Conv2D(256, 3, strides=2, activation="relu", padding="same")(x)
-    x = Conv2D(256, 3, activation="relu", padding="same")(x)
+    x = Conv2D(width, 3, strides=2, activation="relu", padding="same")(x)
+    x = Conv2D(width, 3, activation="relu", padding="same")(x)
+    x = Conv2D(2 * width, 3, strides=2, activation="relu", padding="same")(x)
+    x = Conv2D(2 * width, 3, activation="relu", padding="same")(x)
+    x = Conv2D(4 * width, 3, strides=2, activation="relu", padding="same")(x)
+    x = Conv2D(4 * width, 3, activation="relu", padding="same")(x)
 
-    x = Conv2DTranspose(256, 3, activation="relu", padding="same")(x)
-    x = Conv2DTranspose(256, 3, strides=2, activation="relu", padding="same")(x)
-    x = Conv2DTranspose(128, 3, activation="relu", padding="same")(x)
-    x = Conv2DTranspose(128, 3, strides=2, activation="relu", padding="same")(x)
-    x = Conv2DTranspose(64, 3, activation="relu", padding="same")(x)
-    x = Conv2DTranspose(64, 3, strides=2, activation="relu", padding="same")(x)
+    x = Conv2DTranspose(4 * width, 3, activation="relu", padding="same")(x)
+    x = Conv2DTranspose(4 * width, 3, strides=2, activation="relu", padding="same")(x)
+    x = Conv2DTranspose(2 * width, 3, activation="relu", padding="same")(x)
+    x = Conv2DTranspose(2 * width, 3, strides=2, activation="relu", padding="same")(x)
+    x = Conv2DTranspose(width, 3, activation="relu", padding="same")(x)
+    x = Conv2DTranspose(width, 3, strides=2, activation="relu", padding="same")(x)
 
     # Logits, not softmax: see the docstring.
     outputs = Conv2D(num_classes, 3, padding="same", name="logits")(x)
@@ -54,9 +60,14 @@ def rebuild_at_size(model: keras.Model, image_size: int) -> keras.Model:
     """The same weights in a model taking ``image_size`` inputs (all layers are size-independent)."""
     if model_image_size(model) == image_size:
         return model
-    resized = build_model(image_size, num_classes=int(model.output_shape[-1]))
+    resized = build_model(image_size, num_classes=int(model.output_shape[-1]), width=model_width(model))
     resized.set_weights(model.get_weights())
     return resized
+
+
+def model_width(model: keras.Model) -> int:
+    """The filters of the model's first convolution: the ``width`` it was built with."""
+    return next(int(layer.filters) for layer in model.layers if isinstance(layer, Conv2D))
 
 
 def model_image_size(model: keras.Model) -> int:

@@ -54,6 +54,8 @@ class TrimapDataset(keras.utils.PyDataset):
 
     A pair that fails to decode is skipped (recorded in ``skipped``) and replaced by the next
     usable pair, so batches keep their size. Shuffling and flips are seeded per epoch.
+    ``repeat`` > 1 makes an epoch go over the pairs that many times (each time with its own
+    flips): a handful of pairs then still gives enough steps per epoch.
     """
 
     def __init__(
@@ -68,11 +70,15 @@ class TrimapDataset(keras.utils.PyDataset):
         skipped: SkipLog | None = None,
         workers: int | None = None,
         max_queue_size: int = 8,
+        repeat: int = 1,
     ) -> None:
         super().__init__(workers=workers or default_workers(), use_multiprocessing=False, max_queue_size=max_queue_size)
         if not pairs:
             raise DatasetError("no image/trimap pair to load")
+        if repeat < 1:
+            raise ValueError(f"repeat must be at least 1 (got {repeat})")
         self.pairs = list(pairs)
+        self.repeat = repeat
         self.image_size = image_size
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -84,11 +90,12 @@ class TrimapDataset(keras.utils.PyDataset):
 
     def _epoch_order(self) -> np.ndarray:
         if not self.shuffle:
-            return np.arange(len(self.pairs))
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.pairs))
+            return np.tile(np.arange(len(self.pairs)), self.repeat)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        return np.concatenate([rng.permutation(len(self.pairs)) for _ in range(self.repeat)])
 
     def __len__(self) -> int:
-        return -(-len(self.pairs) // self.batch_size)
+        return -(-len(self._order) // self.batch_size)
 
     def on_epoch_end(self) -> None:
         self.epoch += 1
@@ -96,8 +103,8 @@ class TrimapDataset(keras.utils.PyDataset):
 
     def _load(self, position: int) -> tuple[np.ndarray, np.ndarray]:
         """The pair at ``position`` in this epoch's order, or the next usable one."""
-        for step in range(len(self.pairs)):
-            pair = self.pairs[self._order[(position + step) % len(self.pairs)]]
+        for step in range(len(self._order)):
+            pair = self.pairs[self._order[(position + step) % len(self._order)]]
             if pair.stem in self.skipped:
                 continue
             try:
@@ -108,7 +115,7 @@ class TrimapDataset(keras.utils.PyDataset):
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         start = index * self.batch_size
-        stop = min(start + self.batch_size, len(self.pairs))
+        stop = min(start + self.batch_size, len(self._order))
         images = np.empty((stop - start, self.image_size, self.image_size, 3), dtype=np.float32)
         trimaps = np.empty((stop - start, self.image_size, self.image_size), dtype=np.uint8)
         rng = np.random.default_rng([self.seed, self.epoch, index]) if self.flip else None

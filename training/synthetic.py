@@ -3,12 +3,19 @@
 Each image is one soft-edged shape (ellipse, polygon or rounded box) with its own colour
 and texture on a textured background; its trimap marks the shape 1, the background 2 and
 a band along the edge 3, like the Oxford trimaps.
+
+Two kinds of image, two domains for the same task: ``shapes`` (a saturated subject on a
+greyish background) and ``muted`` (the reverse: a dark, greyish subject on a saturated,
+bright background). A model trained on one kind alone learns "the colourful part is the
+object" or its opposite, so it fails on the other kind: the situation of a project whose
+images are unlike the base model's (see ``benchmarks/learning_curve.py``).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -17,6 +24,8 @@ log = logging.getLogger(__name__)
 
 IMAGES_SUBDIR = Path("images")
 TRIMAPS_SUBDIR = Path("annotations") / "trimaps"
+Kind = Literal["shapes", "muted"]
+KINDS: tuple[str, ...] = ("shapes", "muted")
 
 
 def _texture(rng: np.random.Generator, height: int, width: int, base: np.ndarray, strength: float) -> np.ndarray:
@@ -61,7 +70,7 @@ def _shape_mask(rng: np.random.Generator, width: int, height: int) -> Image.Imag
     return mask
 
 
-def synthetic_pair(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_pair(rng: np.random.Generator, size: int, kind: Kind = "shapes") -> tuple[np.ndarray, np.ndarray]:
     """One RGB uint8 image (longest side ``size``, aspect 3:4..4:3) and its trimap (values 1/2/3)."""
     aspect = rng.uniform(0.75, 1.0)
     width, height = (size, round(size * aspect)) if rng.random() < 0.5 else (round(size * aspect), size)
@@ -73,19 +82,30 @@ def synthetic_pair(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.
     trimap[np.asarray(shrunk) > 127] = 1
     trimap[(np.asarray(grown) > 127) & (np.asarray(shrunk) <= 127)] = 3
 
-    # A greyish background and a saturated subject: learnable in a few epochs, yet both textured.
-    background = _texture(rng, height, width, rng.uniform(70, 180) + rng.uniform(-15, 15, 3), rng.uniform(15, 40))
-    foreground = _texture(rng, height, width, _saturated_colour(rng), strength=rng.uniform(10, 30))
+    if kind == "shapes":
+        # A greyish background and a saturated subject: learnable in a few epochs, yet both textured.
+        background = _texture(rng, height, width, rng.uniform(70, 180) + rng.uniform(-15, 15, 3), rng.uniform(15, 40))
+        foreground = _texture(rng, height, width, _saturated_colour(rng), strength=rng.uniform(10, 30))
+    elif kind == "muted":
+        # The reverse: a bright saturated background and a dark greyish subject.
+        background = _texture(rng, height, width, _saturated_colour(rng), strength=rng.uniform(10, 30))
+        foreground = _texture(rng, height, width, rng.uniform(20, 90) + rng.uniform(-10, 10, 3), rng.uniform(10, 25))
+    else:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)} (got {kind!r})")
     alpha = np.asarray(mask.filter(ImageFilter.GaussianBlur(band)), dtype=np.float32)[..., None] / 255.0
     image = alpha * foreground + (1 - alpha) * background + rng.normal(0, 4, (height, width, 3))
     return np.clip(image, 0, 255).astype(np.uint8), trimap
 
 
-def write_synthetic(out_dir: str | Path, count: int, size: int = 128, seed: int = 0) -> list[str]:
-    """Write ``count`` pairs as ``images/shape_NNNNN.jpg`` and ``annotations/trimaps/shape_NNNNN.png``.
+def write_synthetic(out_dir: str | Path, count: int, size: int = 128, seed: int = 0,
+                    kind: Kind = "shapes") -> list[str]:
+    """Write ``count`` pairs as ``images/shape_NNNNN.jpg`` and ``annotations/trimaps/shape_NNNNN.png``
+    (``muted_NNNNN`` for the ``muted`` kind).
 
-    Deterministic for a given ``seed``; returns the stems written.
+    Deterministic for a given ``seed`` and ``kind``; returns the stems written.
     """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)} (got {kind!r})")
     if count < 1:
         raise ValueError(f"count must be at least 1 (got {count})")
     if size < 16:
@@ -96,8 +116,8 @@ def write_synthetic(out_dir: str | Path, count: int, size: int = 128, seed: int 
     rng = np.random.default_rng(seed)
     stems = []
     for index in range(count):
-        image, trimap = synthetic_pair(rng, size)
-        stem = f"shape_{index:05d}"
+        image, trimap = synthetic_pair(rng, size, kind)
+        stem = f"{'shape' if kind == 'shapes' else kind}_{index:05d}"
         Image.fromarray(image).save(root / IMAGES_SUBDIR / f"{stem}.jpg", quality=90)
         Image.fromarray(trimap, mode="L").save(root / TRIMAPS_SUBDIR / f"{stem}.png")
         stems.append(stem)

@@ -39,6 +39,7 @@ def spec_factory(settings: Settings, access: Callable[[], tuple[str, str]]) -> C
             background_labels=settings.background_labels, boundary_labels=settings.boundary_labels,
             redis_url=settings.redis_url, timeout_s=settings.retrain_job_timeout_s,
             keep_versions=settings.keep_versions, base_model=str(base.resolve()) if base else "",
+            compare_max_train=settings.retrain_compare_max_train,
         )
 
     return make

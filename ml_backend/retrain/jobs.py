@@ -127,7 +127,8 @@ def execute_training(spec: JobSpec, cancel: threading.Event | None = None) -> di
             # "current": fine-tune the current version, else the base model, else from scratch.
             fitted = fit(data_dir, spec.model_dir, from_version="current", base_model=spec.base_model or None,
                          epochs=spec.epochs, image_size=spec.image_size, batch_size=spec.batch_size,
-                         promotion_margin=spec.promotion_margin, verbose=2, callbacks=[_cancel_callback(cancel)])
+                         promotion_margin=spec.promotion_margin, verbose=2, callbacks=[_cancel_callback(cancel)],
+                         compare_max_train=spec.compare_max_train)
             pruned = ModelStore(spec.model_dir).prune(spec.keep_versions)
     finally:
         loader.close()
@@ -135,7 +136,8 @@ def execute_training(spec: JobSpec, cancel: threading.Event | None = None) -> di
             "val_foreground_iou": fitted.val_foreground_iou, "parent": fitted.parent, "base_model": fitted.base_model,
             "baseline_val_foreground_iou": fitted.baseline_val_foreground_iou, "train_count": fitted.train_count,
             "val_count": fitted.val_count, "skipped_count": fitted.skipped_count, "export": report.summary(),
-            "usable": usable, "tasks": tasks, "pruned": pruned, "promotion": fitted.promotion_reason}
+            "usable": usable, "tasks": tasks, "pruned": pruned, "promotion": fitted.promotion_reason,
+            "start": fitted.start, "start_choice": fitted.start_choice}
 
 
 def _task_ids(stems: list[str]) -> list[int]:

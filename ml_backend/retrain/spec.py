@@ -50,6 +50,7 @@ class JobSpec:
     timeout_s: int = 6 * 3600
     keep_versions: int = 0  # 0: never prune
     base_model: str = ""  # what a store without a current version starts from ("" : from scratch)
+    compare_max_train: int = 64  # training pairs up to which training/selection.py's small-data rule applies
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,6 +1,11 @@
 """One image to one Label Studio prediction with SAM 3 concepts (and, with ``PREANNOTATE=both``, the trimap model).
 
 The rules are in :mod:`ml_backend.sam3.concepts`; this joins them to the engine and the result builder.
+
+The prediction's score (what Label Studio's "Prediction score" column shows): with SAM 3 alone, the mean score
+of the kept instances (0 with none); with ``both``, the geometric mean of that and the trimap mask's score (its
+edge confidence) when SAM 3's instances are kept, the trimap's score when its mask is the prediction, and SAM 3's
+alone before any trimap version serves the project.
 """
 
 from __future__ import annotations
@@ -43,9 +48,9 @@ class ConceptPreannotator:
                                         phrases=dict(s.sam3_phrases), skip=s.background_labels + s.boundary_labels)
 
     def predict(self, image: np.ndarray, label_config: str, config: LabelConfig,
-                trimap: tuple[str, np.ndarray] | None, trimap_label: str | None = None) -> dict:
-        """The prediction for one image; ``trimap`` is (version, foreground) when the trimap model ran, and
-        ``trimap_label`` the label its mask goes under when it is the prediction."""
+                trimap: tuple[str, np.ndarray, float] | None, trimap_label: str | None = None) -> dict:
+        """The prediction for one image; ``trimap`` is (version, foreground, score) when the trimap model ran,
+        and ``trimap_label`` the label its mask goes under when it is the prediction."""
         s = self.settings
         prompts = self.prompts(label_config, config)
         version = self.model_version(trimap[0] if trimap else None)
@@ -61,9 +66,12 @@ class ConceptPreannotator:
             kept = concepts.filter_by_trimap(kept, trimap[1], s.sam3_trimap_min_overlap)
             if not kept and trimap[1].any():
                 label = labeling.choose_brush_label(config, trimap_label, s.brush_label or None)
-                results = labeling.build_mask_results(trimap[1], config=config, label=label, score=1.0,
+                results = labeling.build_mask_results(trimap[1], config=config, label=label, score=trimap[2],
                                                       polygon=polygon)
-                return labeling.build_prediction(results, 1.0, version)
+                return labeling.build_prediction(results, trimap[2], version)
+            prediction = instances_prediction(kept, config, polygon, version)
+            prediction["score"] = float(np.sqrt(prediction["score"] * trimap[2]))  # both must be right
+            return prediction
         return instances_prediction(kept, config, polygon, version)
 
 

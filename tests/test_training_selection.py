@@ -1,0 +1,137 @@
+"""The small-data rule (training/selection.py): the budget, the candidates, the choice, and its wiring in fit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import training  # noqa: F401  (selects the torch backend before keras)
+from training.data import scan_dataset, write_synthetic
+from training.fit import fit
+from training.model import build_model
+from training.pipeline import TrimapDataset
+from training.predict import predict_trimaps
+from training.selection import (
+    DECODER, FINETUNE, MIN_STEPS, SCRATCH, STARTS, TIE, Candidate, choose, small_data_budget, starts_to_try,
+    with_fresh_decoder,
+)
+from training.store import ModelStore
+
+from conftest_training import one_torch_thread
+
+SIZE, WIDTH = 32, 8  # a narrow model: seconds per fit
+
+
+@pytest.mark.parametrize("train, batch, epochs", [(4, 16, 30), (8, 16, 1), (40, 16, 10), (3, 2, 500)])
+def test_the_budget_gives_at_least_the_minimum_steps_in_batches_no_larger_than_the_set(train, batch, epochs):
+    budget = small_data_budget(train, batch, epochs)
+    assert budget.batch_size == min(batch, train)
+    steps = epochs * -(-train * budget.repeat // budget.batch_size)
+    assert steps >= MIN_STEPS
+    assert budget.patience == epochs  # no early stopping on a validation split of one or two images
+
+
+def test_a_repeated_epoch_goes_over_every_pair_that_many_times_with_its_own_flips(tmp_path):
+    write_synthetic(tmp_path, count=3, size=24, seed=2)
+    pairs = scan_dataset(tmp_path).pairs
+    data = TrimapDataset(pairs, 16, 4, shuffle=True, flip=True, seed=5, repeat=4, workers=1)
+    assert len(data) == 3  # 12 items in batches of 4
+    images = np.concatenate([data[i][0] for i in range(len(data))])
+    assert len(images) == 12
+    distinct = {image.tobytes() for image in images}
+    assert 3 < len(distinct) <= 6  # each pair appears, flipped and not: more than the three originals
+
+
+def test_three_starts_only_for_a_small_set_with_a_parent_and_a_forced_start_alone():
+    assert starts_to_try("auto", small=True, has_parent=True) == (FINETUNE, DECODER, SCRATCH)
+    assert starts_to_try("auto", small=False, has_parent=True) == (FINETUNE,)
+    assert starts_to_try("auto", small=True, has_parent=False) == (SCRATCH,)
+    assert starts_to_try(DECODER, small=True, has_parent=True) == (DECODER,)
+    assert starts_to_try(FINETUNE, small=True, has_parent=False) == (SCRATCH,)  # nothing to fine-tune
+
+
+def test_the_choice_is_the_best_validation_iou_and_a_tie_goes_to_the_lower_loss():
+    clear = [Candidate(FINETUNE, 0.40, 0.2, 3), Candidate(SCRATCH, 0.60, 0.9, 5), Candidate(DECODER, 0.50, 0.1, 4)]
+    assert choose(clear).start == SCRATCH  # the IoU decides, not the loss
+    tied = [Candidate(FINETUNE, 0.60, 0.5, 3), Candidate(SCRATCH, 0.60 + TIE / 2, 0.9, 5),
+            Candidate(DECODER, 0.60 - TIE / 2, 0.3, 4)]
+    assert choose(tied).start == DECODER  # all within TIE: the lowest validation loss
+    same = [Candidate(s, 0.5, 0.5, 1) for s in reversed(STARTS)]
+    assert choose(same).start == FINETUNE
+    with pytest.raises(ValueError):
+        choose([])
+
+
+def test_a_fresh_decoder_keeps_the_parents_encoder_and_nothing_of_its_decoder():
+    import keras
+
+    keras.utils.set_random_seed(1)
+    parent, fresh = build_model(16, width=4), build_model(16, width=4)
+    fresh_weights = [w.copy() for w in fresh.get_weights()]
+    mixed = with_fresh_decoder(parent, fresh)
+    encoder = 12  # six convolutions, kernel and bias each
+    for got, want in zip(mixed.get_weights()[:encoder], parent.get_weights()[:encoder]):
+        np.testing.assert_array_equal(got, want)
+    for got, want, old in zip(mixed.get_weights()[encoder:], fresh_weights[encoder:], parent.get_weights()[encoder:]):
+        np.testing.assert_array_equal(got, want)
+        if got.ndim > 1:  # kernels (biases start at zero in both)
+            assert not np.array_equal(got, old)
+
+
+def _dead(model):
+    """Every kernel zero: ReLU passes no gradient, so fine-tuning it (or its encoder) can only learn a constant."""
+    model.set_weights([np.zeros_like(w) for w in model.get_weights()])
+    return model
+
+
+@pytest.mark.slow
+def test_the_rule_fits_every_start_and_keeps_the_one_that_learns_where_fine_tuning_cannot(tmp_path):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    base = tmp_path / "dead.keras"
+    _dead(build_model(SIZE, width=WIDTH)).save(base)
+    write_synthetic(tmp_path / "project", count=12, size=SIZE, seed=4)
+    seen: dict[str, list[np.ndarray]] = {}
+    images = [np.asarray(np.random.default_rng(3).integers(0, 255, (SIZE, SIZE, 3)), np.uint8)]
+
+    with one_torch_thread():  # the same fit on any number of cores
+        report = fit(tmp_path / "project", tmp_path / "store", from_version="current", base_model=base, epochs=10,
+                     batch_size=4, verbose=0, workers=1,
+                     on_candidate=lambda start, model: seen.setdefault(start, predict_trimaps(model, images)))
+    choice = report.start_choice
+    assert list(seen) == list(STARTS) and set(choice["candidates"]) == set(STARTS)
+    figures = choice["candidates"]
+    # Content: a dead parent can only learn a constant (the class shares); from scratch learns more than that,
+    # which the validation split sees (by the IoU, or on a tie of IoUs by the loss), and the rule keeps it.
+    assert report.start == SCRATCH
+    assert figures[SCRATCH]["val_loss"] < min(figures[FINETUNE]["val_loss"], figures[DECODER]["val_loss"])
+    assert figures[SCRATCH]["val_foreground_iou"] >= max(figures[FINETUNE]["val_foreground_iou"],
+                                                         figures[DECODER]["val_foreground_iou"]) - TIE
+    assert report.val_foreground_iou == figures[SCRATCH]["val_foreground_iou"]
+    for dead in (FINETUNE, DECODER):  # a constant prediction: the same class for every pixel
+        assert len(np.unique(seen[dead][0])) == 1
+    # The stored version is the kept candidate itself, not a refit.
+    stored = ModelStore(tmp_path / "store").load_model(report.version_id)
+    np.testing.assert_array_equal(predict_trimaps(stored, images)[0], seen[SCRATCH][0])
+    metrics = json.loads((report.path / "metrics.json").read_text())
+    assert metrics["start"] == SCRATCH and metrics["params"]["small_data_rule"] is True
+    assert not list(report.path.glob(".candidate-*"))  # the other candidates are not kept
+
+
+@pytest.mark.slow
+def test_the_learning_curve_benchmark_runs_every_start_side_by_side(monkeypatch, capsys):
+    from benchmarks import learning_curve as bench
+    from training import selection
+
+    monkeypatch.setattr(selection, "MIN_STEPS", 4)  # a smoke test: the code paths, not the figures
+    assert bench.main(["--quick", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    [row] = result["rows"]
+    assert row["annotations"] == 4
+    assert all(0.0 <= row[arm] <= 1.0 for arm in (*bench.ARMS, "all_fg"))
+    assert row["rule"] == row[row["rule_detail"]["start"]]  # the rule's figure is its kept candidate's
+    assert set(row["rule_detail"]["start_choice"]["candidates"]) == set(STARTS)
+    assert set(result["targets"]) == {"rule_at_least_the_better_start_everywhere", "rule_beats_all_foreground_from_10"}
