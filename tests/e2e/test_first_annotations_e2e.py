@@ -9,7 +9,11 @@ fits three starts, keeps the best on the validation images, and its version must
 through "Retrieve Predictions" on tasks nobody annotated, brush masks that beat predicting all foreground
 and beat the base model on the same tasks (checked by content).
 
-With the rule off (``RETRAIN_COMPARE_MAX_TRAIN=0``: fine-tuning only, epochs as given) this test fails.
+With the rule off (``RETRAIN_COMPARE_MAX_TRAIN=0``: fine-tuning only, epochs as given) this test fails, on the
+rule's record (no ``start_choice``), not on content: this fixture's base (validation IoU about 0.72 on its own
+kind, where the issue's was 0.94) is weak enough that the old 30-step fine-tune, judged on the two validation
+images the data split now keeps, was also promoted and served about as well (held-out 0.515 against the
+rule's 0.510, all foreground 0.410, on 2026-12-07).
 """
 
 from __future__ import annotations
@@ -151,6 +155,7 @@ def test_seven_annotations_of_a_new_domain_give_a_promoted_version_that_beats_al
     metrics = json.loads((setup["model_dir"] / "projects" / str(project["id"]) / "versions" / last["version"]
                           / "metrics.json").read_text())
     choice = metrics["start_choice"]
+    assert choice is not None, f"one start fitted, no choice: the small-data rule did not run ({metrics['params']})"
     assert choice == last["start_choice"] and set(choice["candidates"]) == {"finetune", "decoder", "scratch"}
     assert metrics["start"] == choice["start"] and metrics["params"]["small_data_rule"] is True
     figures = [c["val_foreground_iou"] for c in choice["candidates"].values()]
