@@ -44,10 +44,9 @@ CONFIG = """<View><Image name="image" value="$image"/>
 ACCEPTED = 7  # what the issue's project had when Start Training was clicked
 HELD_OUT = 5  # tasks never annotated: what "Retrieve Predictions" is checked on
 PROJECT_SEED = 9  # the project's images: write_synthetic(kind="muted", seed=PROJECT_SEED)
-# The RQ worker with its random state seeded: each job is forked from it, so the fresh weights of the "decoder"
-# and "scratch" candidates are one fixed draw, and the fit, on one torch thread, is the same on every run.
-SEEDED_WORKER = ("import training, keras; keras.utils.set_random_seed(0); "
-                 "from ml_backend.retrain.worker import main; raise SystemExit(main())")
+# The job's fit is not seeded (the fresh weights of the "decoder" and "scratch" candidates are a random draw).
+# In-process, the same fit on these images kept a version with held-out IoU 0.49, 0.55 and 0.59 in three draws
+# (all foreground: 0.41); the old fine-tune alone 0.25.
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +72,10 @@ def setup(e2e_dir: Path, backend_factory, redis_server, base_of_another_domain) 
            "RETRAIN_IMAGE_SIZE": str(DOMAIN_SIZE), "BOUNDARY_WIDTH": "1", "MIN_MASK_AREA": "4"}
     backend = backend_factory(**env)
     log = e2e_dir / "first-annotations-worker.log"
-    # One torch thread: the same fit on a 2-core VM and a many-core CI runner (tests/conftest_training.py).
+    # One torch thread: less spread between a 2-core VM and a many-core CI runner (tests/conftest_training.py),
+    # and no threads fighting over a shared machine's cores.
     worker = subprocess.Popen(
-        [sys.executable, "-c", SEEDED_WORKER], cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "ml_backend.retrain.worker"], cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT,
         env={**os.environ, **env, "OMP_NUM_THREADS": "1", "IMAGE_CACHE_DIR": str(e2e_dir / "first-annotations-cache")})
     try:
         yield {"backend": backend, "model_dir": model_dir, "worker_log": log, "base": base}
