@@ -177,27 +177,28 @@ def _pack_bits(codes: np.ndarray, widths: np.ndarray, first_bit: int,
     Each code is shifted into the 64-bit window of the two words it starts in; codes never overlap,
     so a word's bits are the sum of its window's codes, found as differences of one running sum
     (wrapping uint64 arithmetic is exact). A code is narrower than a word, so every word from the
-    first code's on has a code starting in it.
+    first code's on has a code starting in it, and a code is the last to start in its word when it
+    reaches the next one.
     """
     ends = np.cumsum(widths, dtype=_U64, out=spare[0])
     ends += _U64(first_bit)
     total_bits = int(ends[-1])
     shift = np.subtract(ends, widths, out=spare[1])  # where each code starts
-    word = shift >> _U64(5)
     shift &= _U64(31)
-    shift += widths  # where it ends in its window
-    np.subtract(_U64(64), shift, out=shift)
+    shift += widths  # where it ends, from the start of its word
+    np.subtract(_U64(64), shift, out=shift)  # the shift that puts it there in a 64-bit window
     codes <<= shift
     np.cumsum(codes, out=codes)
-    last = np.flatnonzero(word[1:] != word[:-1])  # each word's last code (but the last word's)
-    window = np.empty(last.size + 2, _U64)
-    window[0] = 0
-    np.take(codes, last, out=window[1:-1])
-    window[-1] = codes[-1]
-    window = np.diff(window)
-    first_word = int(word[0])
-    words = np.zeros(first_word + window.size + 1, _U64)
-    np.right_shift(window, _U64(32), out=words[first_word:-1])
+    last = np.flatnonzero(shift[:-1] <= _U64(32))  # each word's last code (but the last word's)
+    first_word = first_bit >> 5
+    words = np.zeros(first_word + last.size + 2, _U64)
+    sums = words[first_word:-1]  # the running sum after each word's last code, then each word's window
+    np.take(codes, last, out=sums[:-1])
+    sums[-1] = codes[-1]
+    window = codes[:sums.size]  # codes are no longer needed: their memory holds the windows
+    window[0] = sums[0]
+    np.subtract(sums[1:], sums[:-1], out=window[1:])
+    np.right_shift(window, _U64(32), out=sums)
     window &= _U64(0xFFFFFFFF)
     words[first_word + 1:] |= window
     return words, total_bits
