@@ -40,6 +40,9 @@ from pathlib import Path
 
 import ml_backend  # noqa: F401  (selects the torch backend before keras is imported)
 from benchmarks.common import size_argument
+from ml_backend.gunicorn_hooks import huge_page_tensors
+
+huge_page_tensors()  # the engine's click here allocates as the servers' workers do (before torch allocates)
 
 LABEL_CONFIG = """<View><Image name="image" value="$image"/>
 <BrushLabels name="mask" toName="image"><Label value="Object"/></BrushLabels>

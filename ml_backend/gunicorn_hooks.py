@@ -8,6 +8,12 @@ With no master to report to, the orphan goes at once instead (tests/test_faults_
 
 When the master exits, the prompt state's folder in ``/dev/shm`` (memory) goes with it.
 
+Large torch tensors on transparent huge pages (torch's ``THP_MEM_ALLOC_ENABLE``, set for the workers
+unless the environment sets it): a click's logits upsampled to the image's size (48 MB at 4000x3000)
+are too large for malloc to keep between clicks, so each click maps them afresh, and on 4 KiB pages
+that is ~12 000 page faults: 25-30 ms of a worker's CPU per click on a VM, a fifth of the whole click.
+On 2 MiB pages it is a few hundred; peak memory did not grow (measured: docs/answer-path.md).
+
 Prometheus metrics of several workers (:mod:`ml_backend.metrics`): the master makes a private folder and
 names it in ``PROMETHEUS_MULTIPROC_DIR`` before forking any worker (a value inherited from the environment
 is replaced: files left by another run would add its counts to ours); a worker's live gauges go when it
@@ -37,10 +43,19 @@ control_socket_disable = True
 
 
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's variable (ml_backend.metrics.MULTIPROC_ENV)
+HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"  # torch's CPU allocator: madvise(MADV_HUGEPAGE) on allocations >= 2 MiB
+
+
+def huge_page_tensors() -> None:
+    """Have torch put this process's (and its children's) large CPU tensors on transparent huge pages,
+    unless the environment says otherwise. Takes effect only before torch's first allocation: torch reads
+    the variable once."""
+    os.environ.setdefault(HUGE_PAGES_ENV, "1")
 
 
 def on_starting(server) -> None:
-    """A private folder for the workers' metrics (mode 0700), before the first fork."""
+    """A private folder for the workers' metrics (mode 0700), and huge-page tensors, before the first fork."""
+    huge_page_tensors()
     folder = tempfile.mkdtemp(prefix="sam-trimap-metrics-")
     if os.environ.get(METRICS_DIR_ENV):
         logger.info("%s=%s replaced by the backend's own %s", METRICS_DIR_ENV, os.environ[METRICS_DIR_ENV], folder)

@@ -29,7 +29,7 @@ log "installing runtime dependencies"
 "${PIP[@]}" "keras>=3.15" absl-py numpy packaging regex rich "kagglehub!=1.0.1" "kagglesdk==0.1.28" \
     sentencepiece tokenizers "flask>=3" requests label-studio-tools lxml attrs appdirs colorama \
     "rq>=1.16" "redis>=5" "gunicorn>=22" "pillow>=10" "matplotlib>=3.8" tqdm safetensors "prometheus-client>=0.20" \
-    "opencv-python-headless>=4.12,<4.13" "orjson>=3.9"  # opencv: what the tests run with (label-studio-sdk pins the same); orjson: the /predict answer
+    "opencv-python-headless>=4.12,<4.13" "orjson>=3.9" "isal>=1.6"  # opencv: what the tests run with (label-studio-sdk pins the same); orjson: the /predict answer; isal: the bitmask PNG's deflate
 "${PIP[@]}" --no-deps "keras-hub==0.32.0" "label-studio-ml==1.0.9"
 [ "$DEPS_ONLY" = 1 ] || "${PIP[@]}" --no-deps --no-build-isolation -e .
 

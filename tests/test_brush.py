@@ -73,6 +73,28 @@ def test_long_runs_split_like_the_sdk() -> None:
     np.testing.assert_array_equal(decode_rle(encode_rle(mask), 300, 300), mask)
 
 
+@pytest.mark.parametrize("offset", [0, 3, 8])
+def test_every_pattern_of_changes_within_eight_pixels_is_encoded_like_the_sdk(offset: int) -> None:
+    # The encoder finds changes eight pixels (one packed byte) at a time: the first from a byte's value,
+    # any further ones bit by bit. Every 8-pixel pattern, at byte-aligned and unaligned offsets, with a
+    # mask size that leaves a partial last byte.
+    patterns = np.unpackbits(np.arange(256, dtype=np.uint8)).astype(bool)
+    flat = np.concatenate([np.zeros(offset, bool), patterns, np.ones(5, bool)])
+    mask = flat.reshape(1, -1)
+    assert encode_rle(mask) == sdk_encode(mask)
+    np.testing.assert_array_equal(decode_rle(encode_rle(mask), *mask.shape), mask)
+
+
+def test_long_runs_between_short_ones_keep_their_values_like_the_sdk() -> None:
+    # Runs longer than one token holds are split into several tokens of the same value, so the values no
+    # longer alternate token by token; also a mask that starts inside and one that starts outside.
+    mask = np.zeros((400, 700), bool)
+    mask[:100] = True
+    mask[250, ::3] = True
+    for candidate in (mask, ~mask):
+        assert encode_rle(candidate) == sdk_encode(candidate)
+
+
 def test_big_object_mask_round_trips_both_ways() -> None:
     mask = ellipse(3000, 4000)
     mask[100:200, 100:3900] = True
