@@ -387,9 +387,10 @@ def test_start_training_runs_on_the_worker_and_the_backend_serves_the_promoted_v
     for index, task in zip(range(ACCEPTED, ACCEPTED + HELD_OUT), tasks[ACCEPTED:], strict=True):
         [prediction] = api.ok("GET", f"/api/predictions?task={task}")
         assert prediction["model_version"] == f"trimap-{last['version']}", prediction
-        version, expected = predictor.predict_mask(decode_image(png(index), max_pixels=10**6),
-                                                   include_boundary=True, project=project)
-        assert version == last["version"]
+        predicted = predictor.predict_mask(decode_image(png(index), max_pixels=10**6),
+                                           include_boundary=True, project=project)
+        assert predicted.version == last["version"]
+        expected = predicted.mask
         [region] = prediction["result"]
         assert region["value"]["brushlabels"] == ["Pet"]
         np.testing.assert_array_equal(decode_rle(region["value"]["rle"], SIZE, SIZE), expected)

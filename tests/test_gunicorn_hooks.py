@@ -13,7 +13,11 @@ from ml_backend import gunicorn_hooks
 @pytest.fixture
 def started(monkeypatch):
     """Run ``on_starting`` as gunicorn's master does; remove the metrics folder it makes."""
-    monkeypatch.delenv(gunicorn_hooks.METRICS_DIR_ENV, raising=False)
+    # setenv before delenv: monkeypatch then restores both after on_starting sets them (a delenv of an absent
+    # variable records nothing, and the removed metrics folder leaked into every later test and subprocess)
+    for name in (gunicorn_hooks.METRICS_DIR_ENV, "THP_MEM_ALLOC_ENABLE"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
 
     def start() -> None:
         gunicorn_hooks.on_starting(None)
@@ -22,8 +26,7 @@ def started(monkeypatch):
     return start
 
 
-def test_workers_get_huge_page_tensors(monkeypatch, started) -> None:
-    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+def test_workers_get_huge_page_tensors(started) -> None:
     started()
     assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
 
