@@ -20,7 +20,7 @@ from test_prompt_state import Clock, body, items
 
 from ml_backend.errors import InvalidPromptError
 from ml_backend.labeling import parse_label_config, read_context
-from ml_backend.prompt_state import MemoryStorage, PromptMemory, task_key
+from ml_backend.prompt_state import MemoryStorage, Plan, PromptMemory, task_key
 from ml_backend.prompt_state.files import SUFFIX, FileStorage, encode, state_directory
 from ml_backend.settings import Settings, SettingsError
 
@@ -50,8 +50,9 @@ def files(directory: Path) -> list[Path]:
     return sorted(directory.glob("*" + SUFFIX))
 
 
-def test_a_rectangle_in_one_process_and_keypoints_in_another_build_one_object(tmp_path: Path) -> None:
-    first, second = shared(tmp_path), shared(tmp_path)  # two workers' memories on one folder
+def one_object_from_two_memories(first: PromptMemory, second: PromptMemory) -> Plan:
+    """The editor's clicks on one object, alternating between two memories (workers, replicas) that share a
+    storage: each click must see the other's. Returns the last click's plan."""
     send(first, body("rectangle"), 1.0)
     plan, _ = send(second, body("keypoint_after_rectangle"), 2.0)
     assert plan.reason == "same object: same label, within reach"
@@ -65,6 +66,11 @@ def test_a_rectangle_in_one_process_and_keypoints_in_another_build_one_object(tm
     assert plan.reason == "same object: negative-label keypoints"
     [region] = plan.regions
     assert region.prompts.labels.tolist() == [1, 0, 0] and float(region.prompts.mask_logits.flat[0]) == 4.0
+    return plan
+
+
+def test_a_rectangle_in_one_process_and_keypoints_in_another_build_one_object(tmp_path: Path) -> None:
+    one_object_from_two_memories(shared(tmp_path), shared(tmp_path))  # two workers' memories on one folder
 
 
 def test_in_memory_the_other_process_knows_nothing(tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from redis import Redis
 from redis_fixture import redis_server  # noqa: F401  (fixture)
-from test_prompt_state_shared import holders_at_once, send
-from test_prompt_state import body, items
+from test_prompt_state_shared import holders_at_once, one_object_from_two_memories, send
+from test_prompt_state import body
 
 from ml_backend.embeddings.redis_shared import RedisEncodeLocks, RedisUrlRecords
 from ml_backend.embeddings.urls import UrlIndex
@@ -47,19 +47,7 @@ def replica(url: str, prefix: str, **limits) -> PromptMemory:
 
 def test_clicks_on_two_replicas_build_one_object(redis_server: str, prefix: str) -> None:  # noqa: F811
     first, second = replica(redis_server, prefix), replica(redis_server, prefix)
-    send(first, body("rectangle"), 1.0)
-    plan, _ = send(second, body("keypoint_after_rectangle"), 2.0)
-    assert plan.reason == "same object: same label, within reach"
-    [region] = plan.regions
-    assert region.prompts.box is not None and len(region.prompts.points) == len(items("keypoint_after_rectangle"))
-    assert float(region.prompts.mask_logits.flat[0]) == 1.0 and region.prompts.mask_logits.shape == (256, 256)
-
-    send(first, body("keypoint"), 3.0)
-    send(second, body("alt_click"), 4.0)
-    plan, _ = send(first, body("background_alone"), 5.0)  # 422 "click the object first" with per-replica state
-    assert plan.reason == "same object: negative-label keypoints"
-    [region] = plan.regions
-    assert region.prompts.labels.tolist() == [1, 0, 0] and float(region.prompts.mask_logits.flat[0]) == 4.0
+    plan = one_object_from_two_memories(first, second)
     stored = second.get(plan.key)
     assert stored.groups == plan.state.groups and float(stored.regions[0].answered.flat[0]) == 5.0
 
