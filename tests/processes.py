@@ -62,12 +62,16 @@ def start_gunicorn_backend(env: Mapping[str, str], log: Path, *, port: int | Non
 
 
 class PngServer:
-    """Label Studio's /data/upload/ as far as a backend needs it: every GET answers the PNG ``pick(path)`` gives."""
+    """Label Studio's /data/upload/ as far as a backend needs it: every GET answers the PNG ``pick(path)`` gives,
+    or 404 when it gives None."""
 
-    def __init__(self, pick: Callable[[str], bytes]) -> None:
+    def __init__(self, pick: Callable[[str], bytes | None]) -> None:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 data = pick(self.path)
+                if data is None:
+                    self.send_error(404)
+                    return
                 self.send_response(200)
                 self.send_header("Content-Type", "image/png")
                 self.send_header("Content-Length", str(len(data)))

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import pytest
 import requests
 import yaml
 from PIL import Image
-from processes import free_port, start_gunicorn_backend, wait_for
+from processes import PngServer, free_port, start_gunicorn_backend, wait_for
 
 from ml_backend.app import create_app
 from ml_backend.brush import decode_rle
@@ -49,34 +48,18 @@ class SlowLabelStudio:
         self.hold = threading.Event()
         self.requested = threading.Event()
         self.released = threading.Event()
-        server = self
+        self.server = PngServer(self._pick)
+        self.url = self.server.url
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                server.requested.set()
-                if server.hold.is_set():
-                    server.released.wait(60)
-                if self.path.split("?")[0] != IMAGE_PATH:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(len(server.png)))
-                self.end_headers()
-                self.wfile.write(server.png)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+    def _pick(self, path: str) -> bytes | None:
+        self.requested.set()
+        if self.hold.is_set():
+            self.released.wait(60)
+        return self.png if path.split("?")[0] == IMAGE_PATH else None
 
     def close(self) -> None:
         self.released.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.close()
 
 
 @pytest.fixture
