@@ -7,6 +7,14 @@ an annotator can act on; the web layer turns them into 4xx JSON answers.
 from __future__ import annotations
 
 
+def redis_errors() -> tuple[type[BaseException], ...]:
+    """What a Redis call raises when the server is unreachable or refuses (redis is imported on first use: a
+    backend without REDIS_URL never loads it)."""
+    from redis.exceptions import RedisError
+
+    return (RedisError, OSError)
+
+
 class BackendError(Exception):
     """Base class for errors caused by input; ``status_code`` is the HTTP answer."""
 

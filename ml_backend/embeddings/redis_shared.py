@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ml_backend.embeddings.urls import REMOTE
+from ml_backend.errors import redis_errors
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +38,6 @@ EXPIRY_S = 15.0  # an encode lock outlives its holder by at most this long
 POLL_S = 0.05  # a waiter asks this often whether the lock is free
 RECORD_TTL_S = 7 * 24 * 3600  # URL records with a validator of their own (local files, data: URIs)
 _KEY = re.compile(r"[0-9a-f]{1,128}")
-
-
-def redis_errors() -> tuple[type[BaseException], ...]:
-    from redis.exceptions import RedisError
-
-    return (RedisError, OSError)
 
 
 class RedisEncodeLocks:

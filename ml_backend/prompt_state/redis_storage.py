@@ -29,6 +29,7 @@ import contextlib
 import logging
 from typing import Any
 
+from ml_backend.errors import redis_errors
 from ml_backend.prompt_state.files import decode, encode, key_digest
 from ml_backend.prompt_state.locking import Release, hold_or_go_on, unheld
 from ml_backend.prompt_state.types import ObjectState, TaskKey
@@ -73,12 +74,6 @@ while redis.call('ZCARD', KEYS[2]) > tonumber(ARGV[4])
 end
 return {redis.call('ZCARD', KEYS[2]), tonumber(redis.call('GET', KEYS[4]) or '0')}
 """
-
-
-def redis_errors() -> tuple[type[BaseException], ...]:
-    from redis.exceptions import RedisError
-
-    return (RedisError, OSError)
 
 
 class RedisStorage:

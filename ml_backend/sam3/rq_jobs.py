@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 
-from ml_backend.errors import BackendError
+from ml_backend.errors import BackendError, redis_errors
 from ml_backend.security.jobs import FINISHED_JOB_TTL_S
 from ml_backend.sam3.job import MAX_QUEUED_PROJECTS, ProjectProgress, queue_full_error
 
@@ -55,12 +55,6 @@ def progress_key(project: int) -> str:
 
 def owner_key(project: int) -> str:
     return f"{PREFIX}owner:{project}"
-
-
-def redis_errors() -> tuple[type[BaseException], ...]:
-    from redis import RedisError
-
-    return RedisError, OSError
 
 
 @contextlib.contextmanager
