@@ -42,8 +42,6 @@ import ml_backend  # noqa: F401  (selects the torch backend before keras is impo
 from benchmarks.common import size_argument
 from ml_backend.gunicorn_hooks import huge_page_tensors
 
-huge_page_tensors()  # the engine's click here allocates as the servers' workers do (before torch allocates)
-
 LABEL_CONFIG = """<View><Image name="image" value="$image"/>
 <BrushLabels name="mask" toName="image"><Label value="Object"/></BrushLabels>
 <KeyPointLabels name="click" toName="image" smart="true"><Label value="Object"/></KeyPointLabels></View>"""
@@ -555,6 +553,9 @@ def format_http(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The engine's click here allocates as the servers' workers do; before torch's first allocation, and in main
+    # rather than at import, so that a process importing this module (the test session) keeps its environment.
+    huge_page_tensors()
     parser = argparse.ArgumentParser(prog="python -m benchmarks.click", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="a small model and small images (HTTP: 320x240 shapes, a 640x480 photo; "

@@ -99,6 +99,9 @@ def huge_architecture():
 
 def run(quick: bool) -> dict:
     from benchmarks import click, sam, session
+    from ml_backend.gunicorn_hooks import huge_page_tensors
+
+    huge_page_tensors()  # as benchmarks.click's main does: its engine click allocates as the servers' workers do
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
