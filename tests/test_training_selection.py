@@ -129,9 +129,61 @@ def test_the_learning_curve_benchmark_runs_every_start_side_by_side(monkeypatch,
     monkeypatch.setattr(selection, "MIN_STEPS", 4)  # a smoke test: the code paths, not the figures
     assert bench.main(["--quick", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    [row] = result["rows"]
-    assert row["annotations"] == 4
-    assert all(0.0 <= row[arm] <= 1.0 for arm in (*bench.ARMS, "all_fg"))
-    assert row["rule"] == row[row["rule_detail"]["start"]]  # the rule's figure is its kept candidate's
-    assert set(row["rule_detail"]["start_choice"]["candidates"]) == set(STARTS)
-    assert set(result["targets"]) == {"rule_at_least_the_better_start_everywhere", "rule_beats_all_foreground_from_10"}
+    assert [d["seed"] for d in result["draws"]] == [0, bench.DRAW_SPACING]  # two draws by default in --quick
+    for draw in result["draws"]:
+        [row] = draw["rows"]
+        assert row["annotations"] == 4
+        assert all(0.0 <= row[arm] <= 1.0 for arm in (*bench.ARMS, "all_fg"))
+        assert row["rule"] == row[row["rule_detail"]["start"]]  # the rule's figure is its kept candidate's
+        assert set(row["rule_detail"]["start_choice"]["candidates"]) == set(STARTS)
+    [mean] = result["rows"]
+    firsts = [d["rows"][0] for d in result["draws"]]
+    for arm in (*bench.ARMS, "all_fg"):
+        assert mean[arm] == pytest.approx((firsts[0][arm] + firsts[1][arm]) / 2)
+    assert result["draws"][0]["rows"][0]["all_fg"] != result["draws"][1]["rows"][0]["all_fg"]  # other images
+    assert result["targets"] == bench.targets(result["rows"])
+
+
+def _draw(seed: int, *points: tuple[int, float, float, float, float, float]) -> dict:
+    """A draw's result as :func:`benchmarks.learning_curve.run_draw` gives it, from (N, finetune, decoder,
+    scratch, all_fg, rule) per point; the rule's kept start is whichever candidate matches its figure."""
+    rows = []
+    for count, finetune, decoder, scratch, all_fg, rule in points:
+        figures = {FINETUNE: finetune, DECODER: decoder, SCRATCH: scratch}
+        kept = next(start for start, value in figures.items() if value == rule)
+        rows.append({"annotations": count, "before": 0.0, **figures, "rule": rule, "all_fg": all_fg,
+                     "rule_detail": {"start": kept}})
+    return {"seed": seed, "rows": rows}
+
+
+def test_the_learning_curve_is_the_mean_over_draws_and_its_targets_are_judged_on_that_mean():
+    from benchmarks import learning_curve as bench
+
+    # Draw 0 keeps a worse start at 10 (short of the better start there); draw 1 keeps the best everywhere.
+    draws = [_draw(0, (5, 0.0, 0.0, 0.30, 0.20, 0.30), (10, 0.60, 0.50, 0.40, 0.20, 0.50)),
+             _draw(5, (5, 0.40, 0.50, 0.10, 0.20, 0.50), (10, 0.50, 0.90, 0.60, 0.20, 0.90))]
+    curve = bench.mean_curve(draws)
+    assert [r["annotations"] for r in curve] == [5, 10]
+    assert curve[1]["rule"] == pytest.approx(0.70) and curve[1]["finetune"] == pytest.approx(0.55)
+    assert curve[1]["scratch"] == pytest.approx(0.50) and curve[1]["rule_sd"] == pytest.approx(0.2 * 2 ** 0.5)
+    assert curve[0]["rule_kept"] == {DECODER: 1, SCRATCH: 1}
+    assert bench.targets(curve) == {"rule_at_least_the_better_start_everywhere": True,
+                                    "rule_beats_all_foreground_from_10": True}
+    assert bench.per_draw_counts(draws) == {"rule_at_least_the_better_start_everywhere": [3, 4],
+                                            "rule_beats_all_foreground_from_10": [2, 2]}
+    assert bench.targets(draws[0]["rows"])["rule_at_least_the_better_start_everywhere"] is False
+
+    # A mean the rule falls below: the better start's mean at 10 is above the rule's.
+    worse = [_draw(0, (10, 0.80, 0.30, 0.10, 0.20, 0.30)), _draw(5, (10, 0.80, 0.90, 0.10, 0.20, 0.90))]
+    assert bench.targets(bench.mean_curve(worse))["rule_at_least_the_better_start_everywhere"] is False
+    # Below all foreground from 10 on the mean, though one draw is above it.
+    blind = [_draw(0, (10, 0.05, 0.0, 0.0, 0.30, 0.05)), _draw(5, (10, 0.40, 0.0, 0.0, 0.30, 0.40))]
+    assert bench.targets(bench.mean_curve(blind))["rule_beats_all_foreground_from_10"] is False
+    assert bench.per_draw_counts(blind)["rule_beats_all_foreground_from_10"] == [1, 2]
+
+
+def test_the_learning_curve_refuses_draws_that_measured_different_points():
+    from benchmarks import learning_curve as bench
+
+    with pytest.raises(ValueError, match="disagree on the points"):
+        bench.mean_curve([_draw(0, (5, 0.1, 0.1, 0.1, 0.1, 0.1)), _draw(5, (10, 0.1, 0.1, 0.1, 0.1, 0.1))])
