@@ -187,3 +187,13 @@ def test_the_learning_curve_refuses_draws_that_measured_different_points():
 
     with pytest.raises(ValueError, match="disagree on the points"):
         bench.mean_curve([_draw(0, (5, 0.1, 0.1, 0.1, 0.1, 0.1)), _draw(5, (10, 0.1, 0.1, 0.1, 0.1, 0.1))])
+
+
+@pytest.mark.parametrize("flag", ["--draws", "--jobs"])
+def test_the_learning_curve_refuses_fewer_than_one_draw_or_job_before_fitting_anything(flag, capsys):
+    from benchmarks import learning_curve as bench
+
+    with pytest.raises(SystemExit) as refused:
+        bench.main([flag, "0"])
+    assert refused.value.code == 2
+    assert f"argument {flag}: must be at least 1, not 0" in capsys.readouterr().err
