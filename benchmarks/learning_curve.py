@@ -11,7 +11,8 @@ measured by its foreground IoU on held-out ``muted`` images:
   decoder, and from scratch, each with the small-data step budget. These are the candidates the
   rule itself fits (:mod:`training.selection`), measured as it fits them (``fit(on_candidate=...)``),
   so the figures compare the rule's choice with each start on the very same models;
-* ``rule``: the candidate the rule kept (by the validation split), i.e. what a training job serves;
+* ``rule``: the version the rule kept (by the validation split: the average of the two best
+  candidates, or the best alone), loaded from its store as a training job serves it;
 * ``all_fg``: predicting all foreground, for reference.
 
 A run repeats all of this for several **draws** (``--draws``, default 6): each draw has its own base
@@ -93,7 +94,8 @@ def _point(data: Path, workdir: Path, base: Path, test_pairs: list, config: Curv
     started = time.perf_counter()
     rule = fit(data, workdir / f"{data.name}-rule", start="auto", on_candidate=measure, **common)
     row.update(held_out)
-    row["rule"] = held_out[rule.start]
+    kept = ModelStore(workdir / f"{data.name}-rule").load_model(rule.version_id)  # as served: one fit or an average
+    row["rule"] = evaluate_model(kept, test_pairs).foreground_iou
     row["rule_detail"] = {"start": rule.start, "val_foreground_iou": rule.val_foreground_iou,
                           "promoted": rule.promoted, "start_choice": rule.start_choice,
                           "train_count": rule.train_count, "val_count": rule.val_count,

@@ -33,12 +33,12 @@ from training.data import (
 from training.errors import DatasetError, FitInterrupted
 from training.evaluation import EvalReport, evaluate_model
 from training.model import (
-    DEFAULT_IMAGE_SIZE, DEFAULT_WIDTH, build_model, check_image_size, compile_model, model_image_size, model_width,
-    rebuild_at_size,
+    DEFAULT_IMAGE_SIZE, DEFAULT_WIDTH, average_of, build_model, check_image_size, compile_model, members,
+    model_image_size, model_width, rebuild_at_size,
 )
 from training.pipeline import SkipLog, TrimapDataset
 from training.selection import (
-    DECODER, FINETUNE, SCRATCH, STARTS, Budget, Candidate, choose, small_data_budget, starts_to_try,
+    DECODER, FINETUNE, SCRATCH, STARTS, Budget, Candidate, kept_name, small_data_budget, starts_to_try, to_keep,
     with_fresh_decoder,
 )
 from training.plots import plot_history, plot_predictions
@@ -165,14 +165,15 @@ class _Fitted:
 
 def _candidate_models(starts: Sequence[str], parent: keras.Model | None, size: int,
                       width: int) -> list[tuple[str, keras.Model]]:
-    """The untrained model of each start, all made before any is trained (fine-tuning changes ``parent``)."""
+    """The untrained model of each start, all made before any is trained (fine-tuning changes ``parent``).
+    The fresh decoder of an averaged parent goes on its first (best) member's encoder."""
     width = model_width(parent) if parent is not None else width
     models = []
     for name in starts:
         if name == SCRATCH or parent is None:
             models.append((SCRATCH, build_model(size, width=width)))
         elif name == DECODER:
-            models.append((DECODER, with_fresh_decoder(parent, build_model(size, width=width))))
+            models.append((DECODER, with_fresh_decoder(members(parent)[0], build_model(size, width=width))))
         else:
             models.append((FINETUNE, parent))
     return models
@@ -207,8 +208,25 @@ def _fit_candidate(model: keras.Model, name: str, staged: Path, split: Split, *,
     best.save(checkpoint.path)  # uncompiled: drops the optimizer state (2/3 of the file)
     result = evaluate_model(best, split.val, batch_size=budget.batch_size, skipped=skipped, verbose=verbose)
     log.info("%s: validation foreground IoU %.4f, loss %.4f", name, result.foreground_iou, checkpoint.best)
-    candidate = Candidate(name, result.foreground_iou, checkpoint.best, checkpoint.best_epoch)
+    candidate = Candidate(name, result.foreground_iou, checkpoint.best, checkpoint.best_epoch,
+                          averaged=len(members(best)) > 1)
     return _Fitted(candidate, best, result, checkpoint, stopper, interrupted)
+
+
+def _average(kept: Sequence[_Fitted], split: Split, *, size: int, budget: Budget, skipped: SkipLog,
+             verbose: int) -> tuple[keras.Model, EvalReport, float]:
+    """The average of the kept fits (:func:`training.model.average_of`), its validation figures and loss."""
+    model = average_of([f.model for f in kept])
+    result = evaluate_model(model, split.val, batch_size=budget.batch_size, skipped=skipped, verbose=verbose)
+    # The loss as Keras reports a fit's validation loss: cross-entropy at the model's input size, per pixel.
+    val_data = TrimapDataset(split.val, size, budget.batch_size, skipped=skipped, workers=1)
+    cross_entropy = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
+    total, pixels = 0.0, 0
+    for index in range(len(val_data)):
+        images, trimaps = val_data[index]
+        total += float(cross_entropy(trimaps, model.predict_on_batch(images)))
+        pixels += trimaps.size
+    return model, result, total / max(1, pixels)
 
 
 def load_base_model(path: str | Path) -> keras.Model:
@@ -342,16 +360,23 @@ def fit(
         fit_seconds = time.perf_counter() - fit_started
         if not fitted:
             raise FitInterrupted("interrupted before the first epoch ended: no version was written")
-        chosen = choose([f.candidate for f in fitted])
-        kept = next(f for f in fitted if f.candidate.start == chosen.start)
-        checkpoint, stopper, best, result = kept.checkpoint, kept.stopper, kept.model, kept.result
-        for outcome in fitted:
-            if outcome is not kept:
-                outcome.checkpoint.path.unlink(missing_ok=True)
-        os.replace(checkpoint.path, staged / MODEL_FILE)
-        start = chosen.start
+        kept = [next(f for f in fitted if f.candidate is c) for c in to_keep([f.candidate for f in fitted])]
+        # History, best epoch and early stopping are the first (best) kept fit's.
+        checkpoint, stopper, best, result = kept[0].checkpoint, kept[0].stopper, kept[0].model, kept[0].result
+        start = kept_name([f.candidate for f in kept])
         choice = ({"start": start, "candidates": {f.candidate.start: f.candidate.to_dict() for f in fitted}}
                   if len(starts) > 1 else None)
+        val_loss = checkpoint.best
+        if len(kept) > 1:
+            best, result, val_loss = _average(kept, split, size=size, budget=budget, skipped=skipped, verbose=verbose)
+            best.save(staged / MODEL_FILE)
+            choice["average"] = {"val_foreground_iou": result.foreground_iou, "val_loss": val_loss}
+            log.info("keeping the average of %s: validation foreground IoU %.4f, loss %.4f",
+                     " and ".join(f.candidate.start for f in kept), result.foreground_iou, val_loss)
+        else:
+            os.replace(checkpoint.path, staged / MODEL_FILE)
+        for outcome in fitted:
+            outcome.checkpoint.path.unlink(missing_ok=True)
         epochs_run = len(checkpoint.history.get("loss", []))
         eval_started = time.perf_counter()
         plot_history(checkpoint.history, staged / "curves.png")
@@ -383,7 +408,7 @@ def fit(
                 "val_foreground_iou": result.foreground_iou,
                 "val_per_class_iou": result.per_class_iou,
                 "val_pixel_accuracy": result.pixel_accuracy,
-                "val_loss": checkpoint.best,
+                "val_loss": val_loss,
                 "best_epoch": checkpoint.best_epoch,
                 "epochs_run": epochs_run,
                 "early_stopped": bool(stopper.stopped_epoch),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import keras
-from keras.layers import Conv2D, Conv2DTranspose, Rescaling
+from keras.layers import Average, Conv2D, Conv2DTranspose, Rescaling
 
 NUM_CLASSES = 3
 CLASS_NAMES = ("foreground", "background", "boundary")  # class id = trimap value - 1
@@ -12,6 +14,8 @@ BOUNDARY = 2
 DEFAULT_IMAGE_SIZE = 200
 DEFAULT_WIDTH = 64  # the book's first layer's filters; the others have 2× and 4× as many
 DOWNSAMPLING = 8  # three stride-2 convolutions: the input size must be a multiple of this
+AVERAGE_NAME = "trimap_average"  # the name of an :func:`average_of` model
+MEMBER_PREFIX = "member_"
 
 
 def check_image_size(image_size: int) -> int:
@@ -56,18 +60,45 @@ def build_model(image_size: int = DEFAULT_IMAGE_SIZE, num_classes: int = NUM_CLA
     return keras.Model(inputs, outputs, name="trimap_segmenter")
 
 
+def average_of(models: Sequence[keras.Model]) -> keras.Model:
+    """One model whose logits are the mean of ``models``' logits (same input size): an average of fits.
+
+    The members keep their weights and are renamed ``member_0``, ``member_1``, ... (Keras needs unique
+    names). It saves, loads and predicts like a single model; :func:`members` takes it apart again.
+    """
+    if len(models) < 2:
+        raise ValueError("an average needs at least two models")
+    size = model_image_size(models[0])
+    for index, member in enumerate(models):
+        member.name = f"{MEMBER_PREFIX}{index}"
+    inputs = keras.Input(shape=(size, size, 3), name="image")
+    outputs = Average(name="logits")([member(inputs) for member in models])
+    return keras.Model(inputs, outputs, name=AVERAGE_NAME)
+
+
+def members(model: keras.Model) -> list[keras.Model]:
+    """The fits an :func:`average_of` model averages, in order; ``[model]`` for a single model."""
+    if model.name != AVERAGE_NAME:
+        return [model]
+    return [layer for layer in model.layers if isinstance(layer, keras.Model)]
+
+
 def rebuild_at_size(model: keras.Model, image_size: int) -> keras.Model:
     """The same weights in a model taking ``image_size`` inputs (all layers are size-independent)."""
     if model_image_size(model) == image_size:
         return model
+    parts = members(model)
+    if len(parts) > 1:
+        return average_of([rebuild_at_size(part, image_size) for part in parts])
     resized = build_model(image_size, num_classes=int(model.output_shape[-1]), width=model_width(model))
     resized.set_weights(model.get_weights())
     return resized
 
 
 def model_width(model: keras.Model) -> int:
-    """The filters of the model's first convolution: the ``width`` it was built with."""
-    return next(int(layer.filters) for layer in model.layers if isinstance(layer, Conv2D))
+    """The filters of the (first member's) first convolution: the ``width`` it was built with."""
+    first = members(model)[0]
+    return next(int(layer.filters) for layer in first.layers if isinstance(layer, Conv2D))
 
 
 def model_image_size(model: keras.Model) -> int:

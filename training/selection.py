@@ -14,10 +14,18 @@ same few steps learn little either. So, while the training split is small (at mo
    are fitted on the training split with that budget: fine-tuning the parent (:data:`FINETUNE`),
    the parent's encoder with a freshly initialised decoder (:data:`DECODER`: keeps the generic
    features, forgets what the old domain's object looked like), and from scratch (:data:`SCRATCH`).
-3. **Choice.** The candidate with the highest foreground IoU on the validation split that the
-   promotion rule uses is kept; candidates within :data:`TIE` of the best count as tied, and the
-   tie goes to the lowest validation loss (a smoother measure than the IoU of one or two images).
-   The kept candidate then meets the promotion rule (:mod:`training.fit`) like any other version.
+3. **Choice.** Candidates are ranked by foreground IoU on the validation split that the promotion
+   rule uses; candidates within :data:`TIE` of the best count as tied, and the tie goes to the
+   lowest validation loss (a smoother measure than the IoU of one or two images). The version kept
+   is the **average of the two best** (:func:`training.model.average_of`: the mean of their
+   logits), or the best alone when either of the two learned nothing on the validation split
+   (IoU 0) or is itself an average (an average never holds more than two fits). It then meets the
+   promotion rule (:mod:`training.fit`) like any other version.
+
+Why the average: on a handful of images two fits of the same start differ by more than the starts
+do, so which candidate a one- or two-image validation split ranks first is partly luck. Averaging
+the two best halves that luck instead of betting on it; the price is serving and fine-tuning two
+fits instead of one (the trimap model is small beside SAM). Measured in ``docs/first-annotations.md``.
 
 Why this and not cross-validation: a 2-fold estimate on ten images judges every start by models
 trained on five, a different problem from the one the final fit solves, and costs two extra fits
@@ -86,6 +94,7 @@ class Candidate:
     val_foreground_iou: float
     val_loss: float
     best_epoch: int
+    averaged: bool = False  # the fit is already an average (fine-tuning an averaged parent)
 
     def to_dict(self) -> dict[str, float | int]:
         return {"val_foreground_iou": self.val_foreground_iou, "val_loss": self.val_loss,
@@ -99,3 +108,22 @@ def choose(candidates: Sequence[Candidate]) -> Candidate:
     best = max(c.val_foreground_iou for c in candidates)
     tied = [c for c in candidates if c.val_foreground_iou >= best - TIE]
     return min(tied, key=lambda c: (c.val_loss, STARTS.index(c.start)))
+
+
+def to_keep(candidates: Sequence[Candidate]) -> tuple[Candidate, ...]:
+    """The candidates whose average is kept, best first: the two best by :func:`choose`, or the best alone
+    when there is one candidate, when either of the two scored 0 on the validation split, or when either is
+    already an average."""
+    best = choose(candidates)
+    rest = [c for c in candidates if c is not best]
+    if not rest:
+        return (best,)
+    second = choose(rest)
+    if best.averaged or second.averaged or min(best.val_foreground_iou, second.val_foreground_iou) <= 0:
+        return (best,)
+    return best, second
+
+
+def kept_name(kept: Sequence[Candidate]) -> str:
+    """The ``start`` a version reports: one start, or the averaged starts joined by ``+`` (best first)."""
+    return "+".join(c.start for c in kept)
