@@ -23,9 +23,10 @@ same few steps learn little either. So, while the training split is small (at mo
    promotion rule (:mod:`training.fit`) like any other version.
 
 Why the average: on a handful of images two fits of the same start differ by more than the starts
-do, so which candidate a one- or two-image validation split ranks first is partly luck. Averaging
-the two best halves that luck instead of betting on it; the price is serving and fine-tuning two
-fits instead of one (the trimap model is small beside SAM). Measured in ``docs/first-annotations.md``.
+do, so which candidate a one- or two-image validation split ranks first is partly luck. Keeping the
+best alone stakes everything on that ranking; averaging the two best spreads the stake over two fits,
+and an average of two fits is steadier than either. The price is serving and fine-tuning two fits
+instead of one (the trimap model is small beside SAM). Measured in ``docs/first-annotations.md``.
 
 Why this and not cross-validation: a 2-fold estimate on ten images judges every start by models
 trained on five, a different problem from the one the final fit solves, and costs two extra fits
