@@ -5,9 +5,9 @@ image (``shapes``) and is confidently wrong on the project's kind (``muted``: it
 held-out images overlap the objects less than predicting all foreground). Seven accepted annotations of the
 new kind, then Start Training (``POST /api/ml/{id}/train``, what the button does). Before the small-data rule
 (training/selection.py) that fine-tuned the base for 30 optimizer steps and nothing was promoted; now the job
-fits three starts, keeps the average of the two best on the validation images, and its version must be promoted and must serve,
-through "Retrieve Predictions" on tasks nobody annotated, brush masks that beat predicting all foreground
-and beat the base model on the same tasks (checked by content).
+fits three starts, keeps the average of the two best on the validation images, and its version must be
+promoted and must serve, through "Retrieve Predictions" on tasks nobody annotated, brush masks that beat
+predicting all foreground and beat the base model on the same tasks (checked by content).
 
 With the rule off (``RETRAIN_COMPARE_MAX_TRAIN=0``: fine-tuning only, epochs as given) this test fails, on the
 rule's record (no ``start_choice``), not on content: this fixture's base (validation IoU about 0.72 on its own
