@@ -2,19 +2,24 @@
 
 What an annotator waits for is the backend's answer, not the engine: this bench sends clicks over
 real HTTP to the backend under gunicorn (the flags ``python -m ml_backend serve`` uses, one worker),
-in one run, for the three result forms (brush RLE, bitmask PNG, polygons), and prints three tables:
+in one run, for the three result forms (brush RLE, bitmask PNG, polygons), and prints four tables:
 
 1. **Answer path, per stage** (in this process, wall and CPU time, median of ``--repeat``): what
    happens between the engine's mask and the bytes of the answer (label config, context, prompt
    state, result building, JSON), beside what the same stage cost before (label config parsed again
    by label-studio-tools, the RLE as a Python list through Flask's JSON encoder, the bitmask as an
    RGBA PNG by Pillow) on the same mask.
-2. **Shaped masks through HTTP**: a server whose engine answers every click with a fixed mask drawn
-   from the image it was given (``ShapedEngine``: a stub decoder, so the mask's shape and size are
-   controlled: a compact blob, a thin long structure, a mask with many holes; 1024x768, 4000x3000,
-   8000x6000). Its further click costs ~0 ms in the engine, so the time is the answer path plus
-   HTTP, gunicorn and Flask: what the backend adds to any engine, on any device.
-3. **Real SAM through HTTP against the engine**: ``python -m ml_backend serve`` with a random-weight
+2. **Shaped masks through HTTP, no engine**: a server whose engine answers every click with a fixed
+   mask drawn from the image it was given (``ShapedEngine``: a stub decoder, so the mask's shape and
+   size are controlled: a compact blob, a thin long structure, a mask with many holes; 1024x768,
+   4000x3000, 8000x6000). Its further click costs ~0 ms in the engine, so the time is the answer
+   path plus HTTP, gunicorn and Flask: what the backend adds to any engine, on any device.
+3. **Shaped masks behind SAM's decoder**: the same shapes and sizes, but every click first runs the
+   real base-size SAM's decoder (upsampling and threshold included) on the shape image's embedding
+   and then answers the shape (``shaped_sam_app``); each click alternates with the engine's cached
+   click on the same embedding and point in this process. A row is the whole click of that mask in
+   that form, beside the engine's.
+4. **Real SAM through HTTP against the engine**: ``python -m ml_backend serve`` with a random-weight
    base-size SAM (vit_b shapes) on a 4000x3000 photo-like image, each further click alternating
    with the engine's cached click (``SamEngine.decode``, same embedding, same point, no HTTP) in
    this process: the ratio is what the backend adds on top of the engine.
@@ -194,9 +199,29 @@ def shaped_app():
     return create_app(settings, runtime=Runtime(settings, engine=shaped_engine(build_segmenter(quick_architecture()))))
 
 
-def shaped_engine(segmenter):
-    """A :class:`SamEngine` whose decoder is a stub: a click on an image answers the image's bright
-    pixels (red channel >= 128) as the mask, at no cost, so the bench controls the mask's shape."""
+def shaped_sam_app():
+    """gunicorn's app factory for shaped masks behind the real engine: SAM loaded as ``python -m ml_backend serve``
+    loads it (``SAM_MODEL``, device, embedding store), whose every click runs SAM's decoder and then answers the
+    image's own shape (:func:`shaped_engine` with ``decoded``)."""
+    import dataclasses as dc
+
+    from ml_backend.app import create_app
+    from ml_backend.runtime import Runtime
+    from ml_backend.sam.loading import load_engine
+    from ml_backend.settings import Settings
+
+    settings = dc.replace(Settings.from_env(), preencode=False)
+    sam = load_engine(settings)
+    engine = shaped_engine(sam.segmenter, decoded=True, cache_bytes=settings.embedding_cache_bytes, device=sam.device,
+                           source=sam.source, traced_decoder=settings.sam_trace_decoder, store=sam.store)
+    return create_app(settings, runtime=Runtime(settings, engine=engine))
+
+
+def shaped_engine(segmenter, *, decoded: bool = False, **engine_options):
+    """A :class:`SamEngine` that answers a click on an image with the image's bright pixels (red channel >= 128)
+    as the mask, so the bench controls the mask's shape. ``decoded``: the click first runs SAM's own decoder
+    (prompt encoder, mask decoder, upsampling and threshold, as a real click) and only then answers the shape;
+    otherwise the decoder is a stub and the click costs nothing in the engine."""
     import numpy as np
 
     from ml_backend.sam import SamEngine
@@ -207,15 +232,22 @@ def shaped_engine(segmenter):
             super().__init__(*args, **kwargs)
             self.masks: dict[str, np.ndarray] = {}  # image key -> the image's shape
 
-        def _run_encoder(self, key, image):
+        def cached(self, key):  # an image not seen yet is loaded, so that its shape is known
+            return super().cached(key) if key in self.masks else None
+
+        def _stored_or_encoded(self, key, image):  # encoded here or read from the shared store
             self.masks[key] = image[..., 0] >= 128
-            return super()._run_encoder(key, image)
+            return super()._stored_or_encoded(key, image)
 
         def decode(self, embedding, prompts):
+            if decoded:
+                result = super().decode(embedding, prompts)
+                return dataclasses.replace(result, mask=self.masks[embedding.key])
             return SegmentationResult(mask=self.masks[embedding.key], score=0.9,
                                       low_res_logits=np.zeros((256, 256), np.float32))
 
-    return ShapedEngine(segmenter, source="shaped-stub")
+    engine_options.setdefault("source", "shaped-stub")
+    return ShapedEngine(segmenter, **engine_options)
 
 
 def _stats(values: list[float]) -> float:
@@ -345,7 +377,7 @@ class _Server:
         import requests
 
         width, height = size
-        x, y = 30 + (index % 20), 40 + (index % 20) / 2  # percent; inside every shape's object
+        x, y = click_point(index)
         # No project: bare paths under LOCAL_FILES_DOCUMENT_ROOT, no Label Studio listing a project's local storages.
         body = {"tasks": [task], "label_config": label_config(form),
                 "params": {"context": {"result": [_keypoint(x, y, width, height)]}}}
@@ -387,6 +419,23 @@ class _Server:
                 self.process.wait()
 
 
+def click_point(index: int) -> tuple[float, float]:
+    """Further click ``index``'s keypoint, percent of the image (x, y): inside every shape's object."""
+    return 30 + (index % 20), 40 + (index % 20) / 2
+
+
+def _engine_click(engine, embedding, index: int, size: tuple[int, int]) -> tuple[float, float]:
+    """The engine's cached click at :func:`click_point` ``index`` (``SamEngine.decode``: mask on the host,
+    upsampling and threshold included): wall and CPU seconds."""
+    from ml_backend.sam import Prompts
+
+    width, height = size
+    x, y = click_point(index)
+    started, cpu = time.perf_counter(), time.process_time()
+    engine.decode(embedding, Prompts.from_lists(points=[(x * width / 100, y * height / 100)], labels=[1]))
+    return time.perf_counter() - started, time.process_time() - cpu
+
+
 def _free_port() -> int:
     import socket
 
@@ -412,6 +461,11 @@ def _answer_iou(answer: bytes, mask) -> float:
     return float((restored & mask).sum() / max(1, (restored | mask).sum()))
 
 
+def _answer_score(answer: bytes) -> float:
+    """The prediction's score in an HTTP answer: SAM's predicted IoU, or the stub decoder's fixed 0.9."""
+    return float(json.loads(answer)["results"][0]["score"])
+
+
 def _shape_image(root: Path, shape: str, size: tuple[int, int]) -> Path:
     """The shape drawn white on black (PNG: lossless, so the stub's mask is exactly the shape)."""
     import numpy as np
@@ -431,7 +485,7 @@ def run_http(*, quick: bool, clicks: int, sizes: tuple[tuple[int, int], ...], sh
     """The three tables of the module docstring, as one report; real SAM on ``device`` (SAM_DEVICE)."""
     from benchmarks.mask_formats import SHAPES
 
-    report: dict = {"answer_stages": {}, "shaped": [], "real": []}
+    report: dict = {"answer_stages": {}, "shaped": [], "shaped_sam": [], "real": []}
     stage_size = (4000, 3000) if (4000, 3000) in sizes else sizes[-1]
     for shape in shapes if shaped else ():
         mask = SHAPES[shape](stage_size[1], stage_size[0])
@@ -458,64 +512,114 @@ def run_http(*, quick: bool, clicks: int, sizes: tuple[tuple[int, int], ...], sh
                             cpus.append(server.last_cpu_s)
                         report["shaped"].append({"size": f"{size[0]}x{size[1]}", "shape": shape, "form": form,
                                                  "first_click_s": first, "further_click_ms": _stats(times),
-                                                 "further_click_cpu_ms": _stats(cpus), "answer_iou": iou})
+                                                 "further_click_cpu_ms": _stats(cpus), "answer_iou": iou,
+                                                 "answer_score": _answer_score(server.last_answer)})
                     path.unlink()
         finally:
             if server is not None:
                 server.stop()
         if real:
-            report["real"] = _real_rows(root, env, quick, clicks, forms, device)
+            engine, sam_env = _bench_engine(env, quick, device)
+            if shaped:
+                report["shaped_sam"] = _shaped_sam_rows(root, sam_env, engine, clicks, sizes, shapes, forms)
+            report["real"] = _real_rows(root, sam_env, engine, quick, clicks, forms)
     return report
 
 
-def _real_rows(root: Path, env: dict, quick: bool, clicks: int, forms: tuple[str, ...], device: str) -> list:
-    """Real SAM through ``python -m ml_backend serve``, each click alternating with the engine's cached click."""
+def _bench_engine(env: dict, quick: bool, device: str) -> tuple:
+    """This process's SAM (the preset the servers load, on ``device``), warmed as a server warms its own; and the
+    servers' environment for it (same ``SAM_MODEL``, same embedding store: a server reads the embeddings made here)."""
     import dataclasses as dc
 
-    from PIL import Image
-
-    from benchmarks.sam import synthetic_image
     from benchmarks.session import ensure_preset
-    from ml_backend.images import load_image_file
-    from ml_backend.sam import Prompts
     from ml_backend.sam.loading import load_engine
     from ml_backend.settings import Settings
 
+    env = {**env, "SAM_MODEL": str(ensure_preset(quick)), "SAM_DEVICE": device}
+    engine = load_engine(dc.replace(Settings.from_env(env), preencode=False))
+    engine.warm_up()  # as the server does after loading (the traced decoder settles over its first calls)
+    return engine, env
+
+
+def _alternating(server: "_Server", engine, embedding, task: dict, form: str, clicks: int,
+                 size: tuple[int, int]) -> dict:
+    """Further clicks through HTTP, each followed by the engine's cached click on the same embedding and point."""
+    http, http_cpu, direct, direct_cpu = [], [], [], []
+    for i in range(1, clicks + 1):
+        http.append(server.click(task, form, i, size))
+        http_cpu.append(server.last_cpu_s)
+        wall, cpu = _engine_click(engine, embedding, i, size)
+        direct.append(wall)
+        direct_cpu.append(cpu)
+    return {"further_click_ms": _stats(http), "further_click_cpu_ms": _stats(http_cpu),
+            "engine_cached_click_ms": _stats(direct), "engine_cached_click_cpu_ms": _stats(direct_cpu),
+            "http_over_engine": _stats(http) / _stats(direct),
+            "http_over_engine_cpu": _stats(http_cpu) / max(_stats(direct_cpu), 1e-9)}
+
+
+def _warm_server(server: "_Server", image: Path, form: str, size: tuple[int, int]) -> None:
+    """Four untimed further clicks on a task of its own: otherwise whichever row is timed first pays the fresh
+    worker's first allocations (measured: the first form 2.1x the engine, the same form 1.1x second)."""
+    warm_up = {"id": 999, "data": {"image": str(image)}}
+    for i in range(4):
+        server.click(warm_up, form, i, size)
+
+
+def _shaped_sam_rows(root: Path, env: dict, engine, clicks: int, sizes: tuple[tuple[int, int], ...],
+                     shapes: tuple[str, ...], forms: tuple[str, ...]) -> list:
+    """Shaped masks behind SAM's decoder (``shaped_sam_app``): every click runs the real decoder on the shape
+    image's embedding and answers the shape; each alternates with this process's cached click on the same
+    embedding and point, so a row is the whole click of that mask and form beside the engine's."""
+    from benchmarks.mask_formats import SHAPES
+    from ml_backend.images import load_image_file
+
+    server = _Server(root, "shaped-sam", env, app="benchmarks.click:shaped_sam_app()")
+    rows, task_id = [], 2000
+    try:
+        for size in sizes:
+            for shape in shapes:
+                path = _shape_image(root, shape, size)
+                embedding = engine.embed(load_image_file(path, max_pixels=size[0] * size[1]))  # into the store
+                _engine_click(engine, embedding, 0, size)  # the engine's first click at this size, untimed
+                if not rows:
+                    _warm_server(server, path, forms[0], size)
+                for form in forms:
+                    task_id += 1
+                    task = {"id": task_id, "data": {"image": str(path)}}
+                    first = server.click(task, form, 0, size)
+                    answer = {"answer_iou": _answer_iou(server.last_answer, SHAPES[shape](size[1], size[0])),
+                              "answer_score": _answer_score(server.last_answer)}
+                    rows.append({"size": f"{size[0]}x{size[1]}", "shape": shape, "form": form, "first_click_s": first,
+                                 **answer, **_alternating(server, engine, embedding, task, form, clicks, size)})
+                path.unlink()
+    finally:
+        server.stop()
+    return rows
+
+
+def _real_rows(root: Path, env: dict, engine, quick: bool, clicks: int, forms: tuple[str, ...]) -> list:
+    """Real SAM through ``python -m ml_backend serve``, each click alternating with the engine's cached click."""
+    from PIL import Image
+
+    from benchmarks.sam import synthetic_image
+    from ml_backend.images import load_image_file
+
     width, height = (640, 480) if quick else (4000, 3000)
-    preset = ensure_preset(quick)
-    env = {**env, "SAM_MODEL": str(preset), "SAM_DEVICE": device}
     Image.fromarray(synthetic_image(height, width)).save(root / "photo.jpg", quality=92)
     image = load_image_file(root / "photo.jpg", max_pixels=10**8)
-    engine = load_engine(dc.replace(Settings.from_env(env), preencode=False))
     embedding = engine.embed(image)  # into the shared store: the server reads it instead of encoding again
-    engine.warm_up()  # as the server does after loading (the traced decoder settles over its first calls)
-    for _ in range(3):
-        engine.decode(embedding, Prompts.from_lists(points=[(width / 2, height / 2)], labels=[1]))
+    for i in range(3):
+        _engine_click(engine, embedding, i, (width, height))
     server = _Server(root, "sam", env)
     rows = []
     try:
-        # The server warmed as the engine above was (three untimed clicks): otherwise whichever form is timed first
-        # pays the fresh worker's first allocations (measured: the first form 2.1x the engine, the same form 1.1x second).
-        warm_up = {"id": 999, "data": {"image": str(root / "photo.jpg")}}
-        for i in range(4):
-            server.click(warm_up, forms[0], i, (width, height))
+        _warm_server(server, root / "photo.jpg", forms[0], (width, height))
         for n, form in enumerate(forms, start=1):
             task = {"id": 1000 + n, "data": {"image": str(root / "photo.jpg")}}
             first = server.click(task, form, 0, (width, height))
-            http, http_cpu, direct, direct_cpu = [], [], [], []
-            for i in range(1, clicks + 1):
-                http.append(server.click(task, form, i, (width, height)))
-                http_cpu.append(server.last_cpu_s)
-                x, y = (30 + (i % 20)) * width / 100, (40 + (i % 20) / 2) * height / 100
-                started, cpu = time.perf_counter(), time.process_time()
-                engine.decode(embedding, Prompts.from_lists(points=[(x, y)], labels=[1]))  # mask on the host
-                direct.append(time.perf_counter() - started)
-                direct_cpu.append(time.process_time() - cpu)
             rows.append({"size": f"{width}x{height}", "form": form, "model": "quick" if quick else "base (vit_b shapes)",
-                         "first_click_s": first, "further_click_ms": _stats(http), "further_click_cpu_ms": _stats(http_cpu),
-                         "engine_cached_click_ms": _stats(direct), "engine_cached_click_cpu_ms": _stats(direct_cpu),
-                         "http_over_engine": _stats(http) / _stats(direct),
-                         "http_over_engine_cpu": _stats(http_cpu) / max(_stats(direct_cpu), 1e-9)})
+                         "first_click_s": first,
+                         **_alternating(server, engine, embedding, task, form, clicks, (width, height))})
     finally:
         server.stop()
     return rows
@@ -538,6 +642,20 @@ def format_http(report: dict) -> str:
                  if (row["size"], row["shape"]) in brush and row["form"] != "brush" else "")
         lines.append(f"  {row['size']:>10s} {row['shape']:6s} {row['form']:8s} {row['further_click_ms']:9.1f} / "
                      f"{row['further_click_cpu_ms']:7.1f}{ratio:8s}  read-back IoU {row['answer_iou']:.4f}")
+    if report["shaped_sam"]:
+        lines.append(f"Shaped masks behind SAM's decoder through HTTP, against the engine's cached click (same "
+                     f"embedding and point): further click median, wall ms / the worker's CPU ms; x engine (wall, CPU); "
+                     f"x brush of the same shape and size (wall, CPU; target <= {TARGET_FORM_OVER_BRUSH}x at 4000x3000)")
+        brush = {(r["size"], r["shape"]): r for r in report["shaped_sam"] if r["form"] == "brush"}
+        for row in report["shaped_sam"]:
+            base = brush.get((row["size"], row["shape"]))
+            ratio = (f"  x{row['further_click_ms'] / base['further_click_ms']:.2f} / "
+                     f"x{row['further_click_cpu_ms'] / max(base['further_click_cpu_ms'], 1e-9):.2f} brush"
+                     if base and row["form"] != "brush" else "")
+            lines.append(f"  {row['size']:>10s} {row['shape']:6s} {row['form']:8s} {row['further_click_ms']:8.1f} / "
+                         f"{row['further_click_cpu_ms']:7.1f}, engine {row['engine_cached_click_ms']:7.1f} / "
+                         f"{row['engine_cached_click_cpu_ms']:7.1f}: x{row['http_over_engine']:.2f} / "
+                         f"x{row['http_over_engine_cpu']:.2f}{ratio}  read-back IoU {row['answer_iou']:.4f}")
     if report["real"]:
         lines.append(f"Real SAM through HTTP against the engine's cached click (same embedding and point; wall ms, CPU "
                      f"ms), target for brush <= {TARGET_HTTP_OVER_ENGINE}x and for the other forms <= "
@@ -567,12 +685,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="(repeatable; default blob, thin, holes; noise: a random SAM's noise-like mask)")
     parser.add_argument("--form", choices=tuple(FORMS), action="append", help="(repeatable; default all)")
     parser.add_argument("--repeat", type=int, default=7, help="runs per answer-path stage (default 7)")
-    parser.add_argument("--no-real", action="store_true", help="skip the real-SAM rows")
+    parser.add_argument("--no-real", action="store_true", help="skip the tables that run real SAM (shapes behind its decoder, real SAM)")
     parser.add_argument("--device", default="cpu", help="SAM_DEVICE of the real-SAM rows (default cpu)")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="torch threads in the bench and the servers (OMP_NUM_THREADS; default: torch's own). "
                              "On an oversubscribed machine 2 threads spin-wait for each other: compare with 1")
-    parser.add_argument("--real-only", action="store_true", help="only the real-SAM rows (no stages, no shapes)")
+    parser.add_argument("--real-only", action="store_true", help="only the real-SAM photo rows (no stages, no shapes)")
     parser.add_argument("--in-process", action="store_true", help="the older Flask test-client bench (brush only)")
     parser.add_argument("--shared-prompt-state", action="store_true",
                         help="in-process: also time each further click with the prompt state shared by worker processes")

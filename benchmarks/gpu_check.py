@@ -8,7 +8,8 @@ Run by ``scripts/gpu_check.sh``. On a CUDA machine it runs, on the GPU:
   and a portrait image;
 * the SAM bench (``benchmarks.sam``) for base (vit_b) and huge (vit_h) shapes;
 * the click bench (``benchmarks.click``): clicks over HTTP against the backend under gunicorn for
-  the three result forms, beside the engine's cached click, and the answer path per stage;
+  the three result forms, beside the engine's cached click (on a photo, and on shaped masks behind
+  SAM's decoder), and the answer path per stage;
 * the session bench (``benchmarks.session``): annotators going through a project, pre-encoding on
   and off, so the first GPU machine records the whole click, not only the engine.
 
@@ -150,6 +151,11 @@ def format_table(report: dict) -> str:
             worst = max(row["shaped"], key=lambda r: r["further_click_ms"])
             text += (f"; slowest shaped answer (stub engine): {worst['size']} {worst['shape']} {worst['form']} "
                      f"{worst['further_click_ms']:.1f} ms")
+            if row["shaped_sam"]:
+                behind = max(row["shaped_sam"], key=lambda r: r["http_over_engine"])
+                text += (f"; shapes behind SAM's decoder, farthest from the engine: {behind['size']} {behind['shape']} "
+                         f"{behind['form']} HTTP {behind['further_click_ms']:.1f} ms, engine "
+                         f"{behind['engine_cached_click_ms']:.1f} ms (x{behind['http_over_engine']:.2f})")
         else:
             on, off = row["preencode_on"], row["preencode_off"]
             text = (f"{row['model']}, {row['images']} images of {row['size']}: first click p50 "
