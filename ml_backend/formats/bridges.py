@@ -101,16 +101,22 @@ class _Chunks:
             # that near to the chunk's box.
             gap_x = np.maximum(np.maximum(self.low[c, 0] - x, x - self.high[c, 0]), 0)
             gap_y = np.maximum(np.maximum(self.low[c, 1] - y, y - self.high[c, 1]), 0)
-            near = gap_x * gap_x + gap_y * gap_y <= np.minimum(reach[pair_owner] ** 2, best[pair_owner])
+            gap = gap_x * gap_x + gap_y * gap_y
+            near = gap <= np.minimum(reach[pair_owner] ** 2, best[pair_owner])
+            c, v, gap, pair_owner = c[near], v[near], gap[near], pair_owner[near]
+            # First one pair per candidate (with the chunk's middle vertex): a distance that is reached, so a
+            # candidate farther than it from the chunk's box cannot be nearest; only the others are paired in full.
+            middle = self.start[c] + self.size[c] // 2
+            dx, dy = index.x[middle] - index.x[v], index.y[middle] - index.y[v]
+            _lower(best, pair_owner, dx * dx + dy * dy)
+            near = gap <= best[pair_owner]
             c, v = c[near], v[near]
             size = self.size[c]
             pair_owner, v = np.repeat(self.owner[c], size), np.repeat(v, size)
             u = np.repeat(self.start[c], size) + _ramp(size)
             dx, dy = index.x[u] - index.x[v], index.y[u] - index.y[v]
             distance = dx * dx + dy * dy
-            if distance.size:  # pairs come by ascending owner (queries are in order): one minimum per run
-                runs = np.flatnonzero(np.r_[True, pair_owner[1:] != pair_owner[:-1]])
-                best[pair_owner[runs]] = np.minimum(best[pair_owner[runs]], np.minimum.reduceat(distance, runs))
+            _lower(best, pair_owner, distance)
             near = distance <= best[pair_owner]
             kept.append((pair_owner[near], u[near], v[near], distance[near]))
         if not kept:
@@ -138,7 +144,7 @@ class _VertexIndex:
         self.width = int(self.points[:, 0].max()) + 1
         self.bands = int(self.points[:, 1].max()) // _BAND + 1
         keys = self._key(self.component[self.ring_of], self.points[:, 1] // _BAND, self.points[:, 0])
-        self.order = np.argsort(keys, kind="stable")
+        self.order = np.argsort(keys)  # ties in any order: the nearest pair is chosen by its full key
         self.keys = keys[self.order]
 
     def _key(self, component: np.ndarray, band: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -164,6 +170,14 @@ class _VertexIndex:
             keep = ((y >= low[vertex_query, 1]) & (y <= high[vertex_query, 1])
                     & (self.vertex_rank[vertex] < self.rank[holes][vertex_query]))
             yield vertex_query[keep], vertex[keep]
+
+
+def _lower(best: np.ndarray, owner: np.ndarray, distance: np.ndarray) -> None:
+    """``best[o] = min(best[o], distances of o)`` for ``owner`` in ascending order (queries come in order):
+    one ``minimum.reduceat`` over the runs, faster than ``np.minimum.at``."""
+    if distance.size:
+        runs = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+        best[owner[runs]] = np.minimum(best[owner[runs]], np.minimum.reduceat(distance, runs))
 
 
 def _ramp(counts: np.ndarray) -> np.ndarray:
