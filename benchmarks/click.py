@@ -266,6 +266,7 @@ def answer_stages(mask, form: str, repeat: int) -> dict[str, dict[str, float]]:
     from ml_backend.formats.bitmask import DATA_URL_PREFIX
     from ml_backend.labeling.config import _parse
     from ml_backend.prompt_state import PromptMemory, task_key
+    from ml_backend.sam.transforms import threshold_logits
     from ml_backend.settings import Settings
 
     height, width = mask.shape
@@ -301,7 +302,7 @@ def answer_stages(mask, form: str, repeat: int) -> dict[str, dict[str, float]]:
         return DATA_URL_PREFIX.encode() + buffer.getvalue()
 
     ours = {
-        "threshold (inside the engine's click)": lambda: (logits > 0.0)[0].numpy(),
+        "threshold (inside the engine's click)": lambda: threshold_logits(logits)[0].numpy(),
         "label config (parsed once per text)": lambda: labeling.parse_label_config(xml),
         "context parsing": lambda: labeling.read_context(context, config),
         "prompt state (plan + remember)": prompt_state,

@@ -12,7 +12,7 @@ import torch
 from ml_backend.errors import InvalidImageError, InvalidPromptError, ModelSourceError
 from ml_backend.sam import Prompts, SamEngine, load_segmenter
 from ml_backend.sam.engine import image_key
-from ml_backend.sam.transforms import IMAGENET_MEAN, InputGeometry, logits_to_original, prepare_image
+from ml_backend.sam.transforms import IMAGENET_MEAN, InputGeometry, logits_to_mask, logits_to_original, prepare_image
 from sam_factory import TINY_IMAGE_SIZE
 
 
@@ -58,6 +58,19 @@ def test_logits_map_back_onto_the_same_original_region(height: int, width: int) 
     assert mask.shape == (height, width)
     iou = (mask & expected).sum() / (mask | expected).sum()
     assert iou > 0.97
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.7, -1.5])
+def test_the_cpu_threshold_is_torchs_comparison_of_the_upsampled_logits(threshold: float) -> None:
+    """The mask (compared by numpy on the CPU) is exactly torch's ``logits > threshold``, NaN and ties included."""
+    geometry = InputGeometry.for_image(301, 457, 1024)
+    low_res = torch.randn((2, 256, 256), generator=torch.Generator().manual_seed(3))
+    low_res[0, 10:20, 10:20] = threshold  # logits exactly at the threshold stay out
+    low_res[1, 30:40, 30:40] = float("nan")
+    mask = logits_to_mask(low_res, geometry, threshold)
+    expected = logits_to_original(low_res, geometry) > threshold
+    assert mask.dtype == torch.bool and mask.shape == (2, 301, 457)
+    assert torch.equal(mask, expected) and 0 < int(mask.sum()) < mask.numel()
 
 
 # --- decoding ------------------------------------------------------------------
