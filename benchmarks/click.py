@@ -382,16 +382,45 @@ class _Server:
         # No project: bare paths under LOCAL_FILES_DOCUMENT_ROOT, no Label Studio listing a project's local storages.
         body = {"tasks": [task], "label_config": label_config(form),
                 "params": {"context": {"result": [_keypoint(x, y, width, height)]}}}
-        cpu = self.cpu_s()
+        cpu, faults = self.cpu_s(), self.page_faults()
         started = time.perf_counter()
         response = requests.post(self.url + "/predict", json=body, timeout=600)
         content = response.content
         elapsed = time.perf_counter() - started
         self.last_cpu_s = self.cpu_s() - cpu
+        self.last_page_faults = self.page_faults() - faults
         if response.status_code != 200 or not content:
             raise RuntimeError(f"click failed: {response.status_code} {content[:300]!r}")
         self.last_answer = content
         return elapsed
+
+    def _workers(self) -> list[str]:
+        """The gunicorn worker processes' ids (Linux ``/proc``; none elsewhere)."""
+        try:
+            return Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        except OSError:
+            return []
+
+    def page_faults(self) -> int:
+        """Minor page faults the worker(s) have taken so far, every thread (``/proc/<pid>/stat``; 0 elsewhere)."""
+        total = 0
+        for pid in self._workers():
+            try:  # the fields after the command's closing parenthesis; minflt is the 10th of the line
+                total += int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+            except (OSError, ValueError, IndexError):
+                pass
+        return total
+
+    def peak_rss_mb(self) -> float:
+        """The largest peak resident memory of the worker(s) so far (``VmHWM``), MB; 0 where unknown."""
+        peak = 0
+        for pid in self._workers():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                peak = max(peak, int(status.split("VmHWM:", 1)[1].split()[0]))
+            except (OSError, ValueError, IndexError):
+                pass
+        return peak / 1024
 
     def cpu_s(self) -> float:
         """CPU seconds the gunicorn worker(s) have run so far, every thread (Linux ``schedstat``: ns; 0 elsewhere).
@@ -399,8 +428,7 @@ class _Server:
         On a shared machine the wall time of a click includes waiting for a core; this does not."""
         total = 0
         try:
-            children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
-            for pid in children:
+            for pid in self._workers():
                 for task in Path(f"/proc/{pid}/task").iterdir():
                     total += int((task / "schedstat").read_text().split()[0])
         except (OSError, ValueError):
@@ -486,7 +514,7 @@ def run_http(*, quick: bool, clicks: int, sizes: tuple[tuple[int, int], ...], sh
     """The three tables of the module docstring, as one report; real SAM on ``device`` (SAM_DEVICE)."""
     from benchmarks.mask_formats import SHAPES
 
-    report: dict = {"answer_stages": {}, "shaped": [], "shaped_sam": [], "real": []}
+    report: dict = {"answer_stages": {}, "shaped": [], "shaped_sam": [], "real": [], "worker_peak_rss_mb": {}}
     stage_size = (4000, 3000) if (4000, 3000) in sizes else sizes[-1]
     for shape in shapes if shaped else ():
         mask = SHAPES[shape](stage_size[1], stage_size[0])
@@ -507,23 +535,27 @@ def run_http(*, quick: bool, clicks: int, sizes: tuple[tuple[int, int], ...], sh
                         task = {"id": task_id, "data": {"image": str(path)}}
                         first = server.click(task, form, 0, size)
                         iou = _answer_iou(server.last_answer, SHAPES[shape](size[1], size[0]))
-                        times, cpus = [], []
+                        times, cpus, faults = [], [], []
                         for i in range(1, clicks + 1):
                             times.append(server.click(task, form, i, size))
                             cpus.append(server.last_cpu_s)
+                            faults.append(server.last_page_faults)
                         report["shaped"].append({"size": f"{size[0]}x{size[1]}", "shape": shape, "form": form,
                                                  "first_click_s": first, "further_click_ms": _stats(times),
-                                                 "further_click_cpu_ms": _stats(cpus), "answer_iou": iou,
-                                                 "answer_score": _answer_score(server.last_answer)})
+                                                 "further_click_cpu_ms": _stats(cpus),
+                                                 "further_click_page_faults": statistics.median(faults),
+                                                 "answer_iou": iou, "answer_score": _answer_score(server.last_answer)})
                     path.unlink()
         finally:
             if server is not None:
+                report["worker_peak_rss_mb"]["shaped"] = server.peak_rss_mb()
                 server.stop()
         if real:
             engine, sam_env = _bench_engine(env, quick, device)
             if shaped:
-                report["shaped_sam"] = _shaped_sam_rows(root, sam_env, engine, clicks, sizes, shapes, forms)
-            report["real"] = _real_rows(root, sam_env, engine, quick, clicks, forms)
+                report["shaped_sam"] = _shaped_sam_rows(root, sam_env, engine, clicks, sizes, shapes, forms,
+                                                        report["worker_peak_rss_mb"])
+            report["real"] = _real_rows(root, sam_env, engine, quick, clicks, forms, report["worker_peak_rss_mb"])
     return report
 
 
@@ -545,15 +577,16 @@ def _bench_engine(env: dict, quick: bool, device: str) -> tuple:
 def _alternating(server: "_Server", engine, embedding, task: dict, form: str, clicks: int,
                  size: tuple[int, int]) -> dict:
     """Further clicks through HTTP, each followed by the engine's cached click on the same embedding and point."""
-    http, http_cpu, direct, direct_cpu = [], [], [], []
+    http, http_cpu, faults, direct, direct_cpu = [], [], [], [], []
     for i in range(1, clicks + 1):
         http.append(server.click(task, form, i, size))
         http_cpu.append(server.last_cpu_s)
+        faults.append(server.last_page_faults)
         wall, cpu = _engine_click(engine, embedding, i, size)
         direct.append(wall)
         direct_cpu.append(cpu)
     return {"further_click_ms": _stats(http), "further_click_cpu_ms": _stats(http_cpu),
-            "engine_cached_click_ms": _stats(direct), "engine_cached_click_cpu_ms": _stats(direct_cpu),
+            "further_click_page_faults": statistics.median(faults), "engine_cached_click_ms": _stats(direct), "engine_cached_click_cpu_ms": _stats(direct_cpu),
             "http_over_engine": _stats(http) / _stats(direct),
             "http_over_engine_cpu": _stats(http_cpu) / max(_stats(direct_cpu), 1e-9)}
 
@@ -567,7 +600,7 @@ def _warm_server(server: "_Server", image: Path, form: str, size: tuple[int, int
 
 
 def _shaped_sam_rows(root: Path, env: dict, engine, clicks: int, sizes: tuple[tuple[int, int], ...],
-                     shapes: tuple[str, ...], forms: tuple[str, ...]) -> list:
+                     shapes: tuple[str, ...], forms: tuple[str, ...], peak_rss_mb: dict) -> list:
     """Shaped masks behind SAM's decoder (``shaped_sam_app``): every click runs the real decoder on the shape
     image's embedding and answers the shape; each alternates with this process's cached click on the same
     embedding and point, so a row is the whole click of that mask and form beside the engine's."""
@@ -594,11 +627,13 @@ def _shaped_sam_rows(root: Path, env: dict, engine, clicks: int, sizes: tuple[tu
                                  **answer, **_alternating(server, engine, embedding, task, form, clicks, size)})
                 path.unlink()
     finally:
+        peak_rss_mb["shaped_sam"] = server.peak_rss_mb()
         server.stop()
     return rows
 
 
-def _real_rows(root: Path, env: dict, engine, quick: bool, clicks: int, forms: tuple[str, ...]) -> list:
+def _real_rows(root: Path, env: dict, engine, quick: bool, clicks: int, forms: tuple[str, ...],
+               peak_rss_mb: dict) -> list:
     """Real SAM through ``python -m ml_backend serve``, each click alternating with the engine's cached click."""
     from PIL import Image
 
@@ -622,6 +657,7 @@ def _real_rows(root: Path, env: dict, engine, quick: bool, clicks: int, forms: t
                          "first_click_s": first,
                          **_alternating(server, engine, embedding, task, form, clicks, (width, height))})
     finally:
+        peak_rss_mb["real"] = server.peak_rss_mb()
         server.stop()
     return rows
 
@@ -642,7 +678,8 @@ def format_http(report: dict) -> str:
         ratio = (f"  x{row['further_click_ms'] / brush[(row['size'], row['shape'])]:.2f}"
                  if (row["size"], row["shape"]) in brush and row["form"] != "brush" else "")
         lines.append(f"  {row['size']:>10s} {row['shape']:6s} {row['form']:8s} {row['further_click_ms']:9.1f} / "
-                     f"{row['further_click_cpu_ms']:7.1f}{ratio:8s}  read-back IoU {row['answer_iou']:.4f}")
+                     f"{row['further_click_cpu_ms']:7.1f}{ratio:8s}  read-back IoU {row['answer_iou']:.4f}, "
+                     f"{row['further_click_page_faults']:.0f} page faults")
     if report["shaped_sam"]:
         lines.append(f"Shaped masks behind SAM's decoder through HTTP, against the engine's cached click (same "
                      f"embedding and point): further click median, wall ms / the worker's CPU ms; x engine (wall, CPU); "
@@ -656,7 +693,8 @@ def format_http(report: dict) -> str:
             lines.append(f"  {row['size']:>10s} {row['shape']:6s} {row['form']:8s} {row['further_click_ms']:8.1f} / "
                          f"{row['further_click_cpu_ms']:7.1f}, engine {row['engine_cached_click_ms']:7.1f} / "
                          f"{row['engine_cached_click_cpu_ms']:7.1f}: x{row['http_over_engine']:.2f} / "
-                         f"x{row['http_over_engine_cpu']:.2f}{ratio}  read-back IoU {row['answer_iou']:.4f}")
+                         f"x{row['http_over_engine_cpu']:.2f}{ratio}  read-back IoU {row['answer_iou']:.4f}, "
+                         f"{row['further_click_page_faults']:.0f} page faults")
     if report["real"]:
         lines.append(f"Real SAM through HTTP against the engine's cached click (same embedding and point; wall ms, CPU "
                      f"ms), target for brush <= {TARGET_HTTP_OVER_ENGINE}x and for the other forms <= "
@@ -667,7 +705,11 @@ def format_http(report: dict) -> str:
             lines.append(f"  {row['model']} {row['size']} {row['form']:8s}: HTTP {row['further_click_ms']:7.1f} "
                          f"(CPU {row['further_click_cpu_ms']:6.1f}), engine {row['engine_cached_click_ms']:7.1f} "
                          f"(CPU {row['engine_cached_click_cpu_ms']:6.1f}): x{row['http_over_engine']:.2f} wall, "
-                         f"x{row['http_over_engine_cpu']:.2f} CPU{form_ratio} (first click {row['first_click_s']:.2f} s)")
+                         f"x{row['http_over_engine_cpu']:.2f} CPU{form_ratio} (first click {row['first_click_s']:.2f} s, "
+                         f"{row['further_click_page_faults']:.0f} page faults)")
+    if report["worker_peak_rss_mb"]:
+        lines.append("Worker's peak resident memory (VmHWM): " + ", ".join(
+            f"{name} {mb:.0f} MB" for name, mb in report["worker_peak_rss_mb"].items()))
     return "\n".join(lines)
 
 

@@ -45,3 +45,6 @@ def test_click_bench_runs_shapes_behind_sams_decoder_beside_the_engine(capsys) -
     assert behind["brush"]["answer_iou"] == 1.0 and behind["bitmask"]["answer_iou"] == 1.0
     assert 0.6 < behind["polygon"]["answer_iou"] < 1.0  # the holes' polygons, simplified
     assert {row["form"] for row in report["real"]} == {"brush", "bitmask", "polygon"}
+    # every server's worker was found and read: its peak memory holds at least the model it serves
+    assert set(report["worker_peak_rss_mb"]) == {"shaped", "shaped_sam", "real"}
+    assert all(mb > 100 for mb in report["worker_peak_rss_mb"].values()), report["worker_peak_rss_mb"]
