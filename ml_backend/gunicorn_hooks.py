@@ -34,11 +34,7 @@ logger = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 M_ARENA_MAX = -8  # <malloc.h>
-M_MMAP_THRESHOLD = -3
-M_TRIM_THRESHOLD = -1
 MALLOC_ARENAS = 2
-MMAP_THRESHOLD = 4 << 20  # numpy puts arrays of 4 MiB and more on huge pages (madvise) itself
-TRIM_THRESHOLD = 32 << 20
 
 # gunicorn >= 25.1 opens a control socket at one path per user ($XDG_RUNTIME_DIR or ~/.gunicorn/gunicorn.ctl):
 # backends (or test servers) on one host would overwrite each other's, and nothing here uses it.
@@ -77,29 +73,19 @@ def child_exit(server, worker) -> None:
 
 
 def post_fork(server, worker) -> None:
-    """Ask the kernel to SIGKILL this worker when its master dies, and set glibc's malloc up for clicks
-    (Linux; elsewhere a no-op).
+    """Ask the kernel to SIGKILL this worker when its master dies, and cap glibc's malloc arenas (Linux;
+    elsewhere a no-op).
 
     The arenas: each of a worker's request threads otherwise gets its own malloc arena, and every arena
     keeps the pages of the images and masks its thread freed (megabytes per click), so a worker serving
     eight annotators grows by gigabytes that no cache setting accounts for. ``MALLOC_ARENA_MAX`` in the
     environment, when set, wins.
-
-    The thresholds: blocks under 4 MiB come from the arenas, which keep up to 32 MiB freed at their top
-    instead of giving it back at once. A click's answer makes and frees megabytes of such arrays (a
-    noise-like 4000x3000 mask's brush RLE: ~24 MB, ~6 000 page faults each time with glibc's own
-    thresholds, none with these); larger blocks (images, masks, logits) are mapped and unmapped as before.
-    ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` in the environment, when set, wins.
     """
     if not sys.platform.startswith("linux"):
         return
     libc = ctypes.CDLL(None, use_errno=True)
-    if hasattr(libc, "mallopt"):
-        if "MALLOC_ARENA_MAX" not in os.environ:
-            libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
-        if not {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ):
-            libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-            libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    if "MALLOC_ARENA_MAX" not in os.environ and hasattr(libc, "mallopt"):
+        libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         logger.warning("could not tie worker %d to its master (errno %d)", os.getpid(), ctypes.get_errno())
         return
