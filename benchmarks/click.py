@@ -511,7 +511,7 @@ def _shape_image(root: Path, shape: str, size: tuple[int, int]) -> Path:
 
 def run_http(*, quick: bool, clicks: int, sizes: tuple[tuple[int, int], ...], shapes: tuple[str, ...],
              forms: tuple[str, ...], repeat: int, real: bool = True, device: str = "cpu", shaped: bool = True) -> dict:
-    """The three tables of the module docstring, as one report; real SAM on ``device`` (SAM_DEVICE)."""
+    """The four tables of the module docstring, as one report; real SAM on ``device`` (SAM_DEVICE)."""
     from benchmarks.mask_formats import SHAPES
 
     report: dict = {"answer_stages": {}, "shaped": [], "shaped_sam": [], "real": [], "worker_peak_rss_mb": {}}
@@ -535,16 +535,10 @@ def run_http(*, quick: bool, clicks: int, sizes: tuple[tuple[int, int], ...], sh
                         task = {"id": task_id, "data": {"image": str(path)}}
                         first = server.click(task, form, 0, size)
                         iou = _answer_iou(server.last_answer, SHAPES[shape](size[1], size[0]))
-                        times, cpus, faults = [], [], []
-                        for i in range(1, clicks + 1):
-                            times.append(server.click(task, form, i, size))
-                            cpus.append(server.last_cpu_s)
-                            faults.append(server.last_page_faults)
+                        timed = _further_clicks(server, task, form, clicks, size)
                         report["shaped"].append({"size": f"{size[0]}x{size[1]}", "shape": shape, "form": form,
-                                                 "first_click_s": first, "further_click_ms": _stats(times),
-                                                 "further_click_cpu_ms": _stats(cpus),
-                                                 "further_click_page_faults": statistics.median(faults),
-                                                 "answer_iou": iou, "answer_score": _answer_score(server.last_answer)})
+                                                 "first_click_s": first, **timed, "answer_iou": iou,
+                                                 "answer_score": _answer_score(server.last_answer)})
                     path.unlink()
         finally:
             if server is not None:
@@ -574,21 +568,27 @@ def _bench_engine(env: dict, quick: bool, device: str) -> tuple:
     return engine, env
 
 
-def _alternating(server: "_Server", engine, embedding, task: dict, form: str, clicks: int,
-                 size: tuple[int, int]) -> dict:
-    """Further clicks through HTTP, each followed by the engine's cached click on the same embedding and point."""
+def _further_clicks(server: "_Server", task: dict, form: str, clicks: int, size: tuple[int, int],
+                    engine=None, embedding=None) -> dict:
+    """Further clicks 1..``clicks`` through HTTP: medians of their wall ms, the worker's CPU ms and page faults.
+    With an ``engine``, each is followed by the engine's cached click on ``embedding`` at the same point, and the
+    row holds its medians and the ratios of the two."""
     http, http_cpu, faults, direct, direct_cpu = [], [], [], [], []
     for i in range(1, clicks + 1):
         http.append(server.click(task, form, i, size))
         http_cpu.append(server.last_cpu_s)
         faults.append(server.last_page_faults)
-        wall, cpu = _engine_click(engine, embedding, i, size)
-        direct.append(wall)
-        direct_cpu.append(cpu)
-    return {"further_click_ms": _stats(http), "further_click_cpu_ms": _stats(http_cpu),
-            "further_click_page_faults": statistics.median(faults), "engine_cached_click_ms": _stats(direct), "engine_cached_click_cpu_ms": _stats(direct_cpu),
-            "http_over_engine": _stats(http) / _stats(direct),
-            "http_over_engine_cpu": _stats(http_cpu) / max(_stats(direct_cpu), 1e-9)}
+        if engine is not None:
+            wall, cpu = _engine_click(engine, embedding, i, size)
+            direct.append(wall)
+            direct_cpu.append(cpu)
+    row = {"further_click_ms": _stats(http), "further_click_cpu_ms": _stats(http_cpu),
+           "further_click_page_faults": statistics.median(faults)}
+    if engine is not None:
+        row.update(engine_cached_click_ms=_stats(direct), engine_cached_click_cpu_ms=_stats(direct_cpu),
+                   http_over_engine=_stats(http) / _stats(direct),
+                   http_over_engine_cpu=_stats(http_cpu) / max(_stats(direct_cpu), 1e-9))
+    return row
 
 
 def _warm_server(server: "_Server", image: Path, form: str, size: tuple[int, int]) -> None:
@@ -624,7 +624,7 @@ def _shaped_sam_rows(root: Path, env: dict, engine, clicks: int, sizes: tuple[tu
                     answer = {"answer_iou": _answer_iou(server.last_answer, SHAPES[shape](size[1], size[0])),
                               "answer_score": _answer_score(server.last_answer)}
                     rows.append({"size": f"{size[0]}x{size[1]}", "shape": shape, "form": form, "first_click_s": first,
-                                 **answer, **_alternating(server, engine, embedding, task, form, clicks, size)})
+                                 **answer, **_further_clicks(server, task, form, clicks, size, engine, embedding)})
                 path.unlink()
     finally:
         peak_rss_mb["shaped_sam"] = server.peak_rss_mb()
@@ -655,7 +655,7 @@ def _real_rows(root: Path, env: dict, engine, quick: bool, clicks: int, forms: t
             first = server.click(task, form, 0, (width, height))
             rows.append({"size": f"{width}x{height}", "form": form, "model": "quick" if quick else "base (vit_b shapes)",
                          "first_click_s": first,
-                         **_alternating(server, engine, embedding, task, form, clicks, (width, height))})
+                         **_further_clicks(server, task, form, clicks, (width, height), engine, embedding)})
     finally:
         peak_rss_mb["real"] = server.peak_rss_mb()
         server.stop()
@@ -728,7 +728,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="(repeatable; default blob, thin, holes; noise: a random SAM's noise-like mask)")
     parser.add_argument("--form", choices=tuple(FORMS), action="append", help="(repeatable; default all)")
     parser.add_argument("--repeat", type=int, default=7, help="runs per answer-path stage (default 7)")
-    parser.add_argument("--no-real", action="store_true", help="skip the tables that run real SAM (shapes behind its decoder, real SAM)")
+    parser.add_argument("--no-real", action="store_true",
+                        help="skip the tables that run real SAM (shapes behind its decoder, real SAM)")
     parser.add_argument("--device", default="cpu", help="SAM_DEVICE of the real-SAM rows (default cpu)")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="torch threads in the bench and the servers (OMP_NUM_THREADS; default: torch's own). "
